@@ -1,0 +1,218 @@
+"""The checkpoint primitive: PyTorch's non-reentrant checkpoint, made state-safe.
+
+`checkpoint(fn, *args, **kwargs)` runs `fn` without keeping its intermediate
+activations and recomputes them in backward. It differs from
+`torch.utils.checkpoint.checkpoint(..., use_reentrant=False)` in three ways:
+
+* module state (BatchNorm running statistics, `num_batches_tracked`, spectral
+  norm's power-iteration vectors) is written once, by the forward, and never a
+  second time by the recomputation (see NOTE [state replay]);
+* in eval mode (when `fn` is a module or a module's method) and under
+  `torch.no_grad()` it is a plain call;
+* a region may span several calls (`Region`), which is how `segments:N` keeps
+  only the input of a run of blocks that the model's own loop calls one by one.
+
+Everything else is PyTorch's: kwargs, nested checkpoints, `torch.autograd.grad`,
+double backward, the CPU and accelerator RNG replay that makes dropout exact,
+and the autocast replay.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import threading
+
+import torch
+import torch.utils.checkpoint as tuc
+from torch import nn
+
+__all__ = ["checkpoint", "Region"]
+
+
+def checkpoint(fn, *args, **kwargs):
+    """Run ``fn(*args, **kwargs)``, recomputing its activations in backward.
+
+    All keyword arguments go to ``fn``; none are reserved.
+    """
+    return run(fn, args, kwargs)
+
+
+def run(fn, args, kwargs, policy=None):
+    """`checkpoint` with an optional selective policy (see `memfit.strategies`)."""
+    if not _recomputes(fn):
+        return fn(*args, **kwargs)
+    region = Region(fn, args, kwargs, policy, owner=_owner(fn))
+    try:
+        out = fn(*args, **kwargs)
+    except BaseException as e:
+        region.fail(e)
+        raise
+    region.close()
+    return out
+
+
+def _recomputes(fn) -> bool:
+    """Checkpointing only happens where a backward can follow: grad mode, and a
+    module (if `fn` is one or belongs to one) in training mode."""
+    if not torch.is_grad_enabled():
+        return False
+    owner = _owner(fn)
+    return owner is None or owner.training
+
+
+def _owner(fn):
+    """The module `fn` is, or is a method of."""
+    owner = fn if isinstance(fn, nn.Module) else getattr(fn, "__self__", None)
+    return owner if isinstance(owner, nn.Module) else None
+
+
+# NOTE [state replay]
+# PyTorch's checkpoint re-runs the region in backward, so a module that writes a
+# buffer in its forward writes it twice: BatchNorm's running_mean/running_var move
+# two momentum steps and num_batches_tracked counts 2 per step (pytorch#96136).
+# While the region's forward runs, a global module pre-hook (this thread only)
+# snapshots the buffers of every module the region calls, before that module
+# first runs. When the forward ends, the snapshots of buffers the forward did
+# not write are dropped. "Written" means the version counter moved or the
+# values changed: BatchNorm's kernel updates running_mean/var in place without
+# bumping their version counters, so the version alone misses them. During
+# each recompute the written buffers are swapped for fresh copies of their
+# snapshots, and swapped back after:
+# the recompute sees exactly the state the forward saw (which matters for
+# modules whose output depends on the state, like spectral norm), its writes
+# land in copies that are thrown away, and the real buffers keep the values the
+# forward gave them. The cost is a copy of the buffers of the modules in one
+# region while it runs forward, and a copy of the written ones (for BatchNorm,
+# 2 x channels floats) until backward.
+# Limit: state written by plain functions, not held in a module's buffers
+# (F.batch_norm on tensors the caller owns), is not seen.
+
+class _StateReplay:
+    def __init__(self, owner):
+        self._owner = owner
+        self._thread = threading.get_ident()
+        self._seen: dict = {}
+        self._handle = None
+        self.written: list = []  # (module, buffer name, snapshot)
+
+    def _snapshot(self, module, args=None):
+        if threading.get_ident() != self._thread:
+            return
+        for name, buf in module._buffers.items():
+            key = (id(module), name)
+            if buf is not None and key not in self._seen:
+                self._seen[key] = (module, name, buf, buf._version, buf.detach().clone())
+
+    def enter_forward(self):
+        if self._owner is not None:
+            self._snapshot(self._owner)
+        self._handle = nn.modules.module.register_module_forward_pre_hook(self._snapshot)
+
+    def exit_forward(self):
+        self._handle.remove()
+        self.written = [(m, n, snap) for m, n, buf, v, snap in self._seen.values()
+                        if buf._version != v or not torch.equal(buf, snap)]
+        self._seen = {}
+
+    def enter_recompute(self):
+        self._live = [(m, n, m._buffers[n]) for m, n, _ in self.written]
+        for m, n, snap in self.written:
+            m._buffers[n] = snap.clone()
+
+    def exit_recompute(self):
+        for m, n, buf in self._live:
+            m._buffers[n] = buf
+
+
+class _Context:
+    """A re-enterable context: a memfit hook around an optional torch context
+    (the selective-checkpoint dispatch modes). Recompute may run more than once
+    (retain_graph=True), so generator-based context managers would not do."""
+
+    def __init__(self, enter, exit, inner):
+        self._enter, self._exit, self._inner = enter, exit, inner
+
+    def __enter__(self):
+        self._enter()
+        self._inner.__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return self._inner.__exit__(*exc)
+        finally:
+            self._exit()
+
+
+def _context_fn(owner, policy):
+    if torch.compiler.is_compiling():
+        # Under torch.compile the region is traced as one graph; only dispatch
+        # modes are allowed as contexts there.
+        if policy is None:
+            return tuc.noop_context_fn
+        return lambda: tuc.create_selective_checkpoint_contexts(policy)
+
+    def context_fn():
+        replay = _StateReplay(owner)
+        if policy is None:
+            fwd, rec = contextlib.nullcontext(), contextlib.nullcontext()
+        else:
+            fwd, rec = tuc.create_selective_checkpoint_contexts(policy)
+        return (_Context(replay.enter_forward, replay.exit_forward, fwd),
+                _Context(replay.enter_recompute, replay.exit_recompute, rec))
+
+    return context_fn
+
+
+def _generator_args():
+    """The positional parameters of torch's private checkpoint generator before
+    its *args, with their defaults: they differ between torch releases."""
+    params = inspect.signature(tuc._checkpoint_without_reentrant_generator).parameters
+    names = []
+    for p in params.values():
+        if p.kind is p.VAR_POSITIONAL:
+            break
+        names.append(p)
+    return names
+
+
+_GEN_PARAMS = _generator_args()
+
+
+class Region:
+    """A checkpointed region opened before a call and closed after a later one.
+
+    `replay(*args, **kwargs)` must recompute, from the region's inputs, every
+    tensor the region saved for backward: for one call it is the called
+    function, for a segment it runs the segment's blocks in order.
+
+    NOTE: this drives `torch.utils.checkpoint._checkpoint_without_reentrant_generator`,
+    the generator that `torch.utils.checkpoint.checkpoint` itself is built on
+    (it yields once before the forward and once after). Using it directly lets
+    a region span several `forward` calls issued by the model's own loop.
+
+    `owner` is the module whose forward opens the region: its own buffers are
+    snapshotted too, since its pre-hooks ran before the region opened.
+    """
+
+    def __init__(self, replay, args, kwargs, policy=None, owner=None):
+        values = {"fn": lambda *a: replay(*a, **kwargs),
+                  "context_fn": _context_fn(owner, policy),
+                  "preserve_rng_state": True}
+        positional = [values.get(p.name, p.default) for p in _GEN_PARAMS]
+        self._gen = tuc._checkpoint_without_reentrant_generator(*positional, *args)
+        next(self._gen)
+
+    def close(self):
+        try:
+            next(self._gen)
+        except StopIteration:
+            return
+        raise AssertionError("torch's checkpoint generator yielded more than twice")
+
+    def fail(self, exc):
+        """Close the region after `exc` was raised inside it."""
+        try:
+            self._gen.throw(exc)
+        except BaseException as e:
+            if e is not exc:
+                raise

@@ -1,0 +1,197 @@
+"""Peak memory of a training step, the same kind of number on every device.
+
+    with memfit.track_memory(model, optimizer, batch) as mem:
+        loss_fn(model(batch)).backward(); optimizer.step()
+    mem.peak_bytes, mem.activation_bytes, mem.static_bytes, mem.source
+
+The number is bytes of live tensor storage.
+
+* CUDA: the caching allocator (`torch.cuda.max_memory_allocated`), reset on
+  entry. Static bytes are everything allocated on the device at entry.
+* Any other device (CPU, MPS, meta): a dispatch-level tracker. Every storage an
+  op creates is counted when it appears and uncounted when it dies (a weakref
+  on the storage, whose Python object PyTorch keeps alive exactly as long as
+  the storage). Static bytes are the storages of the objects passed in
+  (modules: parameters, buffers, gradients; optimizers: their state; tensors and
+  containers of them). The same step gives the same peak, to the byte, on
+  every run and at any thread count.
+
+The end of the forward is found without help: it is the moment the autograd
+engine runs its first op. `forward_end_bytes` is what was live then, and
+`activation_bytes` is that minus the static bytes: what the forward kept for
+backward (plus the loss and outputs).
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+__all__ = ["track_memory", "MemoryTracker", "CPU_SOURCE", "CUDA_SOURCE"]
+
+CPU_SOURCE = "storage-tracker"
+CUDA_SOURCE = "cuda-allocator"
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+@dataclass
+class MemoryTracker:
+    """What `track_memory` measured. All sizes in bytes."""
+
+    source: str
+    device: str
+    static_bytes: int = 0
+    peak_bytes: int = 0
+    forward_end_bytes: int | None = None
+    end_bytes: int = 0
+    # (label, live bytes): one point per op on the storage tracker ("forward",
+    # "backward", "other"); on CUDA the entry, forward end, marks and exit.
+    timeline: list = field(default_factory=list)
+
+    @property
+    def activation_bytes(self) -> int:
+        """Bytes live at the end of the forward beyond the static ones."""
+        return (self.forward_end_bytes if self.forward_end_bytes is not None else self.end_bytes) - self.static_bytes
+
+    def mark(self, label: str) -> None:
+        """Add a labelled point to the timeline, with the bytes live now."""
+        self.timeline.append((label, self._live()))
+
+    def _live(self) -> int:  # overridden by the implementations
+        raise NotImplementedError
+
+
+class _StorageCounter(TorchDispatchMode):
+    def __init__(self, tracker: "_TrackerCPU"):
+        super().__init__()
+        self.t = tracker
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        t = self.t
+        backward = _in_backward()
+        if backward and t.forward_end_bytes is None:
+            t.forward_end_bytes = t.live  # before this op's outputs are counted
+        for x in tree_leaves(out):
+            if isinstance(x, torch.Tensor):
+                t.add(x)
+        t.timeline.append(("backward" if backward else "forward" if t.forward_end_bytes is None else "other", t.live))
+        return out
+
+
+@dataclass
+class _TrackerCPU(MemoryTracker):
+    live: int = 0
+
+    def __post_init__(self):
+        self._sizes: dict[int, int] = {}
+        self._refs: dict[int, weakref.ref] = {}
+
+    def add(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = id(storage)
+        if key in self._sizes:
+            return
+        n = storage.nbytes()
+        self._sizes[key] = n
+        self._refs[key] = weakref.ref(storage, lambda _, key=key: self._free(key))
+        self.live += n
+        if self.live > self.peak_bytes:
+            self.peak_bytes = self.live
+
+    def _free(self, key: int) -> None:
+        self.live -= self._sizes.pop(key)
+        del self._refs[key]
+
+    def _live(self) -> int:
+        return self.live
+
+
+@dataclass
+class _TrackerCUDA(MemoryTracker):
+    def _live(self) -> int:
+        return torch.cuda.memory_allocated(self.device)
+
+
+class _ForwardEnd(TorchDispatchMode):
+    """Reads the allocator once, at the first op the autograd engine runs."""
+
+    def __init__(self, tracker: _TrackerCUDA):
+        super().__init__()
+        self.t = tracker
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.t.forward_end_bytes is None and _in_backward():
+            self.t.forward_end_bytes = self.t._live()
+            self.t.timeline.append(("forward end", self.t.forward_end_bytes))
+        return func(*args, **(kwargs or {}))
+
+
+def static_tensors(*objects):
+    """The tensors held by modules (parameters, buffers, gradients), optimizers
+    (state) and (nested containers of) tensors."""
+    out = []
+    for obj in objects:
+        if isinstance(obj, nn.Module):
+            for p in obj.parameters():
+                out.append(p)
+                if p.grad is not None:
+                    out.append(p.grad)
+            out.extend(obj.buffers())
+        elif isinstance(obj, torch.optim.Optimizer):
+            out.extend(x for x in tree_leaves(list(obj.state.values())) if isinstance(x, torch.Tensor))
+        else:
+            out.extend(x for x in tree_leaves(obj) if isinstance(x, torch.Tensor))
+    return out
+
+
+class track_memory:
+    """Context manager measuring the peak memory of what runs inside it.
+
+    `objects` (modules, optimizers, tensors) count as static bytes on the
+    storage tracker; on CUDA everything allocated at entry does. `device`
+    defaults to the device of the first tensor among `objects`, else CPU.
+    """
+
+    def __init__(self, *objects, device=None):
+        tensors = static_tensors(*objects)
+        if device is None:
+            device = tensors[0].device if tensors else torch.device("cpu")
+        self.device = torch.device(device)
+        self._tensors = tensors
+
+    def __enter__(self) -> MemoryTracker:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            t = _TrackerCUDA(CUDA_SOURCE, str(self.device))
+            t.static_bytes = t.peak_bytes = t._live()
+            self._mode = _ForwardEnd(t)
+        else:
+            t = _TrackerCPU(CPU_SOURCE, str(self.device))
+            for x in self._tensors:
+                t.add(x)
+            t.static_bytes = t.live
+            self._mode = _StorageCounter(t)
+        del self._tensors
+        t.timeline.append(("start", t.static_bytes))
+        self.tracker = t
+        self._mode.__enter__()
+        return t
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+        t = self.tracker
+        if isinstance(t, _TrackerCUDA):
+            torch.cuda.synchronize(self.device)
+            t.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+        t.end_bytes = t._live()
+        t.timeline.append(("end", t.end_bytes))
+        return False

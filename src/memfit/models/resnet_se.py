@@ -1,0 +1,86 @@
+"""The residual conv net of seed 003: residual blocks with BatchNorm and
+squeeze-excitation on a 15x15 board, with policy and value heads (a Gomoku net).
+
+Shapes: B batch, c channels, 15x15 board; input planes: own stones, opponent's
+stones, side to move.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BOARD = 15
+SIZES = {  # (blocks, channels)
+    "tiny": (3, 16),
+    "small": (10, 48),
+    "full": (30, 192),   # seed 003's model
+}
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, c, reduction=4):
+        super().__init__()
+        self.fc1 = nn.Linear(c, c // reduction)
+        self.fc2 = nn.Linear(c // reduction, c)
+
+    def forward(self, x):                                                  # (B, c, H, W)
+        s = x.mean(dim=(2, 3))                                             # (B, c)
+        s = torch.sigmoid(self.fc2(F.relu(self.fc1(s))))
+        return x * s[:, :, None, None]
+
+
+class ResidualBlock(nn.Module):
+    """conv -> BN -> ReLU -> conv -> BN -> SE -> + input -> ReLU"""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.se = SqueezeExcite(c)
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = self.se(self.bn2(self.conv2(y)))
+        return F.relu(x + y)
+
+
+class ResNetSE(nn.Module):
+    def __init__(self, n_blocks=30, channels=192, planes=3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(planes, channels, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(channels), nn.ReLU())
+        self.blocks = nn.Sequential(*[ResidualBlock(channels) for _ in range(n_blocks)])
+        self.policy = nn.Sequential(nn.Conv2d(channels, 2, 1, bias=False), nn.BatchNorm2d(2), nn.ReLU(),
+                                    nn.Flatten(), nn.Linear(2 * BOARD * BOARD, BOARD * BOARD))
+        self.value = nn.Sequential(nn.Conv2d(channels, 1, 1, bias=False), nn.BatchNorm2d(1), nn.ReLU(),
+                                   nn.Flatten(), nn.Linear(BOARD * BOARD, 64), nn.ReLU(), nn.Linear(64, 1), nn.Tanh())
+
+    def forward(self, x):                                                  # (B, planes, 15, 15)
+        x = self.blocks(self.stem(x))                                      # (B, c, 15, 15)
+        return self.policy(x), self.value(x).squeeze(1)                    # (B, 225), (B,)
+
+
+def loss_fn(model, batch):
+    boards, moves, outcomes = batch
+    logits, value = model(boards)
+    return F.cross_entropy(logits, moves) + F.mse_loss(value, outcomes)
+
+
+def random_batch(batch_size, seed=0):
+    """Random positions: stones of both sides, a move and an outcome for each."""
+    g = torch.Generator().manual_seed(seed)
+    stones = torch.randint(3, (batch_size, BOARD, BOARD), generator=g)
+    side = torch.randint(2, (batch_size, 1, 1), generator=g).float().expand(-1, BOARD, BOARD)
+    boards = torch.stack([(stones == 1).float(), (stones == 2).float(), side], dim=1)
+    moves = torch.randint(BOARD * BOARD, (batch_size,), generator=g)
+    outcomes = torch.randint(3, (batch_size,), generator=g).float() - 1
+    return boards, moves, outcomes
+
+
+def build(size="small", batch_size=32, seed=0):
+    n_blocks, channels = SIZES[size]
+    torch.manual_seed(seed)
+    return ResNetSE(n_blocks, channels), random_batch(batch_size, seed + 1), loss_fn

@@ -1,0 +1,101 @@
+"""What can be done to the blocks of a chain, and the strategy strings that say it.
+
+A strategy resolves to units: runs of consecutive blocks, each with a mode.
+
+* `keep`: run normally, keep every activation.
+* `recompute`: keep only the unit's input; recompute everything in backward.
+  A unit of several blocks is a segment: it stores the input of its first block
+  only, and recomputes all its blocks at once in backward.
+* `selective`: inside the block keep the outputs of matmuls, convolutions and
+  attention (the expensive ops) and recompute the rest (norms, activations,
+  dropout, softmax): most of the memory for a few percent of the FLOPs.
+
+Strategy strings: `none`, `blocks`, `every:K`, `segments:N`, `sqrt`, `selective`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import CheckpointPolicy
+
+from memfit.errors import MemfitError
+
+KEEP, RECOMPUTE, SELECTIVE = "keep", "recompute", "selective"
+MODES = (KEEP, RECOMPUTE, SELECTIVE)
+NAMES = ("none", "blocks", "every:K", "segments:N", "sqrt", "selective")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Blocks `start` to `stop - 1` of the chain, handled as one unit."""
+
+    start: int
+    stop: int
+    mode: str
+
+
+def parse(strategy: str, n_blocks: int) -> list[Unit]:
+    """Units for a strategy string on a chain of `n_blocks` blocks."""
+    text = str(strategy).strip().lower()
+    name, _, arg = text.partition(":")
+    accepted = f"accepted: {', '.join(NAMES)} (K, N positive integers)"
+    if name in ("none", "blocks", "sqrt", "selective") and arg:
+        raise MemfitError(f"strategy {strategy!r} takes no argument; {accepted}.")
+    if name == "none":
+        return [Unit(0, n_blocks, KEEP)]
+    if name == "blocks":
+        return [Unit(i, i + 1, RECOMPUTE) for i in range(n_blocks)]
+    if name == "selective":
+        return [Unit(i, i + 1, SELECTIVE) for i in range(n_blocks)]
+    if name == "sqrt":
+        return segments(n_blocks, max(1, round(math.sqrt(n_blocks))))
+    if name in ("every", "segments"):
+        try:
+            k = int(arg)
+        except ValueError:
+            k = 0
+        if k < 1 or str(k) != arg:
+            raise MemfitError(f"{name}:{arg} needs a positive integer, like {name}:2; {accepted}.")
+        if name == "every":
+            return [Unit(i, i + 1, RECOMPUTE if i % k == 0 else KEEP) for i in range(n_blocks)]
+        if k > n_blocks:
+            raise MemfitError(f"segments:{k} asks for more segments than the {n_blocks} blocks found; "
+                              f"use segments:1 to segments:{n_blocks}.")
+        return segments(n_blocks, k)
+    raise MemfitError(f"unknown strategy {strategy!r}; {accepted}.")
+
+
+def segments(n_blocks: int, n: int) -> list[Unit]:
+    """`n` recomputed runs of consecutive blocks, as even as possible
+    (the first `n_blocks % n` one block longer)."""
+    size, extra = divmod(n_blocks, n)
+    units, start = [], 0
+    for i in range(n):
+        stop = start + size + (i < extra)
+        units.append(Unit(start, stop, RECOMPUTE))
+        start = stop
+    return units
+
+
+def recomputed_blocks(units: list[Unit]) -> int:
+    return sum(u.stop - u.start for u in units if u.mode != KEEP)
+
+
+aten = torch.ops.aten
+# The ops whose outputs `selective` keeps: the matmuls, convolutions and
+# attention kernels that cost most of a block's FLOPs.
+SAVED_OPS = {
+    aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
+    aten.convolution.default, aten._convolution.default,
+    aten._scaled_dot_product_flash_attention.default,
+    aten._scaled_dot_product_efficient_attention.default,
+    aten._scaled_dot_product_cudnn_attention.default,
+    aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+
+
+def selective_policy(ctx, op, *args, **kwargs):
+    """Keep the outputs of `SAVED_OPS`, recompute everything else."""
+    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE

@@ -39,14 +39,16 @@ from memfit.strategies import KEEP, SELECTIVE, Unit
 __all__ = ["apply", "remove", "wrapped_blocks"]
 
 
-def apply(model: nn.Module, strategy="blocks", blocks=None) -> nn.Module:
+def apply(model: nn.Module, strategy="blocks", blocks=None, state_replay=True) -> nn.Module:
     """Checkpoint the blocks of `model` according to `strategy`; returns `model`.
 
     `strategy`: a strategy string (`none`, `blocks`, `every:K`, `segments:N`,
     `sqrt`, `selective`) or a list of `strategies.Unit`. `blocks`: which modules
     form the chain (see `memfit.find_blocks`). Applying again replaces the
     previous strategy. Recomputation only happens in training mode with grad
-    enabled; in eval mode a wrapped block is a plain call.
+    enabled; in eval mode a wrapped block is a plain call. `state_replay=False`
+    reproduces PyTorch's own checkpoint, which writes BatchNorm statistics
+    twice: only for showing the difference.
     """
     remove(model)
     chain = find_blocks(model, blocks)
@@ -59,7 +61,8 @@ def apply(model: nn.Module, strategy="blocks", blocks=None) -> nn.Module:
         segment = _Segment([n for n, _ in members]) if len(members) > 1 else None
         policy = strategies.selective_policy if unit.mode == SELECTIVE else None
         for index, (name, block) in enumerate(members):
-            block._memfit = _Spec(name, unit.mode, policy, segment, index, block.__dict__.get("forward"))
+            block._memfit = _Spec(name, unit.mode, policy, segment, index, block.__dict__.get("forward"),
+                                  state_replay)
             block.forward = types.MethodType(_forward, block)
     return model
 
@@ -94,17 +97,18 @@ def _check_units(units, n):
 
 
 class _Spec:
-    def __init__(self, name, mode, policy, segment, index, prev_forward):
+    def __init__(self, name, mode, policy, segment, index, prev_forward, state_replay):
         self.name, self.mode, self.policy = name, mode, policy
         self.segment, self.index, self.prev_forward = segment, index, prev_forward
+        self.state_replay = state_replay
 
 
 def _forward(self, *args, **kwargs):
     spec = self._memfit
     fn = spec.prev_forward or types.MethodType(type(self).forward, self)
     if spec.segment is None:
-        return run(fn, args, kwargs, policy=spec.policy)
-    return spec.segment.call(spec.index, self, fn, args, kwargs)
+        return run(fn, args, kwargs, policy=spec.policy, state_replay=spec.state_replay)
+    return spec.segment.call(spec.index, self, fn, args, kwargs, spec.state_replay)
 
 
 def _first(out):
@@ -118,7 +122,7 @@ class _Segment:
         self.names = names
         self.region = None
 
-    def call(self, index, block, fn, args, kwargs):
+    def call(self, index, block, fn, args, kwargs, state_replay):
         last = index == len(self.names) - 1
         if index == 0:
             if self.region is not None:  # the previous forward stopped inside the segment
@@ -127,7 +131,7 @@ class _Segment:
             if not _recomputes(fn):
                 return fn(*args, **kwargs)
             self.calls = [(fn, args[1:], kwargs)]
-            self.region = Region(self._replay(self.calls), args, kwargs, owner=block)
+            self.region = Region(self._replay(self.calls), args, kwargs, owner=block, state_replay=state_replay)
         elif self.region is None:
             return fn(*args, **kwargs)
         else:

@@ -37,11 +37,15 @@ def checkpoint(fn, *args, **kwargs):
     return run(fn, args, kwargs)
 
 
-def run(fn, args, kwargs, policy=None):
-    """`checkpoint` with an optional selective policy (see `memfit.strategies`)."""
+def run(fn, args, kwargs, policy=None, state_replay=True):
+    """`checkpoint` with an optional selective policy (see `memfit.strategies`).
+
+    `state_replay=False` gives PyTorch's own semantics (buffers written again
+    by the recompute), for comparison only.
+    """
     if not _recomputes(fn):
         return fn(*args, **kwargs)
-    region = Region(fn, args, kwargs, policy, owner=_owner(fn))
+    region = Region(fn, args, kwargs, policy, owner=_owner(fn), state_replay=state_replay)
     try:
         out = fn(*args, **kwargs)
     except BaseException as e:
@@ -143,8 +147,8 @@ class _Context:
             self._exit()
 
 
-def _context_fn(owner, policy):
-    if torch.compiler.is_compiling():
+def _context_fn(owner, policy, state_replay=True):
+    if torch.compiler.is_compiling() or not state_replay:
         # Under torch.compile the region is traced as one graph; only dispatch
         # modes are allowed as contexts there.
         if policy is None:
@@ -194,9 +198,9 @@ class Region:
     snapshotted too, since its pre-hooks ran before the region opened.
     """
 
-    def __init__(self, replay, args, kwargs, policy=None, owner=None):
+    def __init__(self, replay, args, kwargs, policy=None, owner=None, state_replay=True):
         values = {"fn": lambda *a: replay(*a, **kwargs),
-                  "context_fn": _context_fn(owner, policy),
+                  "context_fn": _context_fn(owner, policy, state_replay),
                   "preserve_rng_state": True}
         positional = [values.get(p.name, p.default) for p in _GEN_PARAMS]
         self._gen = tuc._checkpoint_without_reentrant_generator(*positional, *args)

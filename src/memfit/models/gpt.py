@@ -14,7 +14,7 @@ from torch import nn
 @dataclass
 class GPTConfig:
     vocab_size: int = 65
-    block_size: int = 128     # longest sequence
+    block_size: int = 256     # longest sequence
     n_layer: int = 6
     n_head: int = 4
     n_embd: int = 256

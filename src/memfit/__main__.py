@@ -1,0 +1,4 @@
+from memfit.cli import main
+import sys
+
+sys.exit(main())

@@ -1,0 +1,231 @@
+"""Did checkpointing change the training, and what did it buy? One report.
+
+`verify` trains two copies of the same model from the same seed on the same
+batch, one plain and one with a strategy applied, step by step and
+interleaved, and compares:
+
+* memory: the peak of one steady-state step (after a warm-up step created the
+  optimizer state), from `memfit.track_memory`;
+* time: the median of the timed steps, the two runs alternating which goes
+  first;
+* FLOPs: one step of each, so the recomputation shows as extra forward FLOPs;
+* sameness: gradients after every step, losses, and at the end the buffers
+  (BatchNorm running statistics) and parameters.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.utils._pytree import tree_map
+
+from memfit import strategies
+from memfit.apply import apply, wrapped_blocks
+from memfit.blocks import find_blocks
+from memfit.errors import MemfitError
+from memfit.flops import counting_flops
+from memfit.memory import static_tensors, track_memory
+
+__all__ = ["verify", "resolve_device", "parse_expected_reduction"]
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if device not in available:
+        raise MemfitError(f"unknown device {device!r}; use auto, cpu, cuda or mps.")
+    if not available[device]:
+        raise MemfitError(f"{device} is not available on this machine; use --device auto or cpu.")
+    return torch.device(device)
+
+
+def parse_expected_reduction(text: str | None) -> tuple[float, float] | None:
+    """'20:40' (percent) -> (0.2, 0.4). None -> None (the default check)."""
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(x.strip().rstrip("%")) / 100 for x in text.split(":"))
+    except ValueError:
+        lo = hi = float("nan")
+    if not (0 <= lo <= hi <= 100):
+        raise MemfitError(f"--expect-reduction {text!r} must be MIN:MAX in percent with 0 <= MIN <= MAX <= 100, "
+                          f"like 20:40.")
+    return lo, hi
+
+
+@dataclass
+class _Run:
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    times: list
+    losses: list
+    mem: object = None
+    flops: int = 0
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _step(run: _Run, batch, loss_fn, seed, measure=contextlib.nullcontext):
+    """One training step; `measure()` wraps forward, backward and optimizer
+    step (the gradients of the previous step are freed before it)."""
+    torch.manual_seed(seed)  # the same dropout masks for both runs
+    run.opt.zero_grad(set_to_none=True)
+    with measure() as result:
+        loss = loss_fn(run.model, batch)
+        loss.backward()
+        run.opt.step()
+    run.losses.append(loss.detach())
+    return result
+
+
+def _storage_bytes(tensors) -> int:
+    seen = {}
+    for t in tensors:
+        s = t.untyped_storage()
+        seen[id(s)] = s.nbytes()
+    return sum(seen.values())
+
+
+def _max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    scale = a.abs().max().item() if a.numel() else 0.0
+    diff = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+    return diff / scale if scale > 0 else diff
+
+
+def verify(model, batch, loss_fn, strategy="blocks", *, steps=5, device="cpu", seed=0, blocks=None,
+           expect_reduction=None, grad_tol=None, state_replay=True, name=None) -> dict:
+    """Run the comparison and return the report (a JSON-ready dict).
+
+    `expect_reduction`: (min, max) fraction of the baseline peak that must be
+    saved; by default any saving (> 0), and for strategy `none` no check.
+    `grad_tol`: the largest relative gradient difference that passes; 0
+    (bitwise) on CPU, 1e-4 on accelerators, whose kernels may not be
+    deterministic even without checkpointing.
+    """
+    if steps < 1:
+        raise MemfitError(f"--steps must be at least 1, got {steps}.")
+    device = torch.device(device)
+    n_blocks = len(find_blocks(model, blocks))
+    units = strategies.parse(strategy, n_blocks) if isinstance(strategy, str) else strategy
+    if grad_tol is None:
+        grad_tol = 0.0 if device.type == "cpu" else 1e-4
+
+    model = model.to(device).train()
+    batch = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, batch)
+    runs = {}
+    for label in ("baseline", "checkpointed"):
+        m = copy.deepcopy(model)
+        if label == "checkpointed":
+            apply(m, units, blocks=blocks, state_replay=state_replay)
+        runs[label] = _Run(m, torch.optim.AdamW(m.parameters(), lr=1e-3), [], [])
+    base, ckpt = runs["baseline"], runs["checkpointed"]
+
+    grad_rel, grads_bitwise = 0.0, True
+
+    def compare_grads():
+        nonlocal grad_rel, grads_bitwise
+        for (name_, p), q in zip(base.model.named_parameters(), ckpt.model.parameters()):
+            if (p.grad is None) != (q.grad is None):
+                raise MemfitError(f"parameter {name_} got a gradient in one run and not the other.")
+            if p.grad is not None:
+                grads_bitwise &= torch.equal(p.grad, q.grad)
+                grad_rel = max(grad_rel, _max_rel_diff(p.grad, q.grad))
+
+    # Step 0 warms up and creates the optimizer state; step 1 is measured for
+    # memory, step 2 for FLOPs (FlopCounterMode holds tensors: not in step 1).
+    for run in (base, ckpt):
+        _step(run, batch, loss_fn, seed)
+    compare_grads()
+    for run, other in ((base, ckpt), (ckpt, base)):
+        _sync(device)
+        mem = _step(run, batch, loss_fn, seed + 1, functools.partial(track_memory, run.model, run.opt, batch,
+                                                                      device=device))
+        if device.type == "cuda":  # the allocator also counts the other run's model and optimizer
+            held = _storage_bytes(static_tensors(other.model, other.opt))
+            mem.peak_bytes -= held
+            mem.static_bytes -= held
+            if mem.forward_end_bytes is not None:
+                mem.forward_end_bytes -= held
+        run.mem = mem
+    compare_grads()
+    for run in (base, ckpt):
+        run.flops = _step(run, batch, loss_fn, seed + 2, counting_flops).get_total_flops()
+    compare_grads()
+    for i in range(steps):
+        order = (base, ckpt) if i % 2 == 0 else (ckpt, base)
+        for run in order:
+            _sync(device)
+            t0 = time.perf_counter()
+            _step(run, batch, loss_fn, seed + 3 + i)
+            _sync(device)
+            run.times.append(time.perf_counter() - t0)
+        compare_grads()
+
+    loss_diff = max((a - b).abs().item() for a, b in zip(base.losses, ckpt.losses))
+    buffers = list(zip(base.model.named_buffers(), ckpt.model.buffers()))
+    buffers_equal = all(torch.equal(a, b) for (_, a), b in buffers)
+    buffer_diff = max((_max_rel_diff(a.double(), b.double()) for (_, a), b in buffers), default=0.0)
+    params_equal = all(torch.equal(p, q) for p, q in zip(base.model.parameters(), ckpt.model.parameters()))
+
+    def summary(run):
+        return {"peak_bytes": run.mem.peak_bytes, "static_bytes": run.mem.static_bytes,
+                "activation_bytes": run.mem.activation_bytes,
+                "step_time_s": statistics.median(run.times), "step_times_s": run.times, "flops": run.flops}
+
+    reduction = 1 - ckpt.mem.peak_bytes / base.mem.peak_bytes
+    slowdown = statistics.median(ckpt.times) / statistics.median(base.times) - 1
+    is_none = all(u.mode == strategies.KEEP for u in units)
+    failures = []
+    if expect_reduction is not None:
+        lo, hi = expect_reduction
+        if not lo <= reduction <= hi:
+            failures.append(f"memory reduction {reduction:.1%} is outside the expected {lo:.0%}..{hi:.0%}")
+    elif not is_none and reduction <= 0:
+        failures.append(f"no memory saved (reduction {reduction:.1%})")
+    if grad_rel > grad_tol:
+        failures.append(f"gradients differ (max relative difference {grad_rel:.3g} > {grad_tol:g})")
+    if buffer_diff > grad_tol:
+        failures.append(f"buffers differ (max relative difference {buffer_diff:.3g})")
+    if loss_diff > grad_tol * max(1.0, abs(base.losses[0].item())):
+        failures.append(f"losses differ (max difference {loss_diff:.3g})")
+
+    recomputed = [n for n, mode in wrapped_blocks(ckpt.model)]
+    return {
+        "model": name or type(model).__name__,
+        "strategy": strategy if isinstance(strategy, str) else "custom",
+        "device": str(device),
+        "memory_source": base.mem.source,
+        "torch_version": torch.__version__,
+        "steps": steps,
+        "blocks": {"found": n_blocks, "checkpointed": len(recomputed)},
+        "state_replay": state_replay,
+        "baseline": summary(base),
+        "checkpointed": summary(ckpt),
+        "memory_reduction": reduction,
+        "slowdown": slowdown,
+        "recompute_flops": ckpt.flops / base.flops - 1 if base.flops else 0.0,
+        "grads_bitwise_equal": grads_bitwise,
+        "grads_max_rel_diff": grad_rel,
+        "grad_tolerance": grad_tol,
+        "buffers_equal": buffers_equal,
+        "buffers_max_rel_diff": buffer_diff,
+        "losses_equal": loss_diff == 0,
+        "loss_max_abs_diff": loss_diff,
+        "params_equal": params_equal,
+        "expect_reduction": list(expect_reduction) if expect_reduction else None,
+        "failures": failures,
+        "passed": not failures,
+    }

@@ -1,6 +1,12 @@
-"""memfit: make PyTorch training fit in memory by recomputing activations."""
+"""memfit: make PyTorch training fit in memory by recomputing activations,
+and prove it is the same training."""
+from memfit.apply import apply, remove, wrapped_blocks
+from memfit.blocks import find_blocks
 from memfit.checkpoint import checkpoint
 from memfit.errors import MemfitError
+from memfit.memory import track_memory
+from memfit.verify import verify
 
 __version__ = "0.1.0"
-__all__ = ["checkpoint", "MemfitError"]
+__all__ = ["checkpoint", "apply", "remove", "wrapped_blocks", "find_blocks", "track_memory", "verify",
+           "MemfitError"]

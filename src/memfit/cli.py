@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     try:
         return args.run(args, out)
     except MemfitError as e:
-        Console(stderr=True).print(f"memfit: error: {e}", markup=False, highlight=False)
+        print(f"memfit: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -1,0 +1,122 @@
+"""`memfit verify`, through the library and the command line."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from memfit import models, verify
+
+STRATEGIES = ["blocks", "every:2", "segments:2", "sqrt", "selective", "none"]
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "memfit", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=600)
+
+
+def test_default_gpt_blocks_halves_the_peak(tmp_path):
+    """The issue's own check: `memfit verify --model gpt --strategy blocks --json r.json`."""
+    out = tmp_path / "r.json"
+    r = cli("verify", "--model", "gpt", "--strategy", "blocks", "--json", str(out), "--device", "cpu")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "PASS" in r.stdout
+    report = json.loads(out.read_text())
+    for key in ("model", "strategy", "device", "memory_source", "memory_reduction", "slowdown", "recompute_flops",
+                "grads_bitwise_equal", "grads_max_rel_diff", "buffers_equal", "passed"):
+        assert key in report
+    assert report["memory_source"] == "storage-tracker"
+    assert report["checkpointed"]["peak_bytes"] <= 0.5 * report["baseline"]["peak_bytes"]
+    assert report["grads_bitwise_equal"] and report["passed"]
+    assert report["recompute_flops"] > 0.2  # one extra forward per block
+
+
+def test_resnet_se_batchnorm_equal_and_torch_checkpoint_is_not(tmp_path):
+    ours, theirs = tmp_path / "ours.json", tmp_path / "torch.json"
+    r = cli("verify", "--model", "resnet-se", "--strategy", "blocks", "--steps", "2", "--json", str(ours))
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads(ours.read_text())
+    assert report["buffers_equal"] and report["grads_bitwise_equal"]
+    r = cli("verify", "--model", "resnet-se", "--strategy", "blocks", "--steps", "2", "--torch-checkpoint",
+            "--json", str(theirs))
+    assert r.returncode == 1 and "FAIL" in r.stdout and "buffers differ" in r.stdout
+    assert not json.loads(theirs.read_text())["buffers_equal"]
+
+
+def test_mlp_with_dropout_bitwise():
+    model, batch, loss_fn = models.load("mlp")
+    assert any(getattr(m, "p", 0) > 0 for m in model.modules())  # dropout is active
+    report = verify(model, batch, loss_fn, "blocks", steps=1)
+    assert report["grads_bitwise_equal"] and report["passed"] and report["memory_reduction"] > 0
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("name", ["gpt", "resnet-se", "mlp"])
+def test_every_strategy_passes_on_every_model(name, strategy):
+    model, batch, loss_fn = models.load(name, size="tiny" if name == "gpt" else None)
+    report = verify(model, batch, loss_fn, strategy, steps=1, name=name)
+    assert report["passed"], report["failures"]
+    assert report["grads_bitwise_equal"] and report["buffers_equal"] and report["losses_equal"]
+    if strategy == "none":
+        assert report["memory_reduction"] == 0
+    elif strategy == "selective":  # recomputes only norms, activations, dropout: no matmul FLOPs
+        assert report["memory_reduction"] > 0 and report["recompute_flops"] == 0
+    else:
+        assert report["memory_reduction"] > 0 and report["recompute_flops"] > 0
+
+
+def test_expect_reduction_range_decides_pass_or_fail():
+    model, batch, loss_fn = models.load("gpt", size="tiny")
+    report = verify(model, batch, loss_fn, "blocks", steps=1, expect_reduction=(0.99, 1.0))
+    assert not report["passed"] and "outside the expected" in report["failures"][0]
+
+
+def test_user_factory(tmp_path):
+    (tmp_path / "mymodel.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        def make(batch_size=16):
+            torch.manual_seed(0)
+            model = nn.Sequential(*[nn.Sequential(nn.Linear(64, 64), nn.GELU()) for _ in range(4)])
+            x = torch.randn(batch_size, 64)
+            return model, x, lambda m, batch: m(batch).pow(2).mean()
+    """))
+    r = cli("verify", "--model", "mymodel:make", "--strategy", "every:2", "--steps", "1", "--batch-size", "64",
+            cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "(2 of 4 blocks)" in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "gpt3"], "unknown model 'gpt3'"),
+    (["--strategy", "everything"], "unknown strategy"),
+    (["--strategy", "every:0"], "every:0 needs a positive integer"),
+    (["--strategy", "segments:-1"], "segments:-1 needs a positive integer"),
+    (["--model", "no_such_pkg.mod:make"], "cannot import 'no_such_pkg.mod'"),
+    (["--model", "badfactory:wrong"], "not (model, batch, loss_fn)"),
+    (["--model", "badfactory:missing"], "has no function 'missing'"),
+    (["--model", "badfactory:noblocks"], "no chain of repeated blocks"),
+    (["--size", "huge"], "unknown size 'huge'"),
+    (["--batch-size", "0"], "batch size must be a positive integer"),
+    (["--expect-reduction", "40:20"], "MIN:MAX"),
+    (["--json", "/no/such/dir/r.json"], "cannot write"),
+    (["--device", "tpu"], "unknown device"),
+])
+def test_bad_input_is_one_sentence_and_exit_2(tmp_path, args, message):
+    (tmp_path / "badfactory.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        def wrong():
+            return nn.Linear(2, 2)
+
+        def noblocks():
+            return nn.Linear(2, 2), torch.randn(1, 2), lambda m, b: m(b).sum()
+    """))
+    r = cli("verify", "--steps", "1", *args, cwd=tmp_path)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -25,6 +25,7 @@ import threading
 import torch
 import torch.utils.checkpoint as tuc
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 __all__ = ["checkpoint", "Region"]
 
@@ -91,6 +92,14 @@ def _owner(fn):
 # Limit: state written by plain functions, not held in a module's buffers
 # (F.batch_norm on tensors the caller owns), is not seen.
 
+def _written(buf, version, snapshot) -> bool:
+    if buf._version != version:
+        return True
+    if buf.is_meta or isinstance(buf, FakeTensor):
+        return True  # no data to compare in a simulated step: assume written
+    return not torch.equal(buf, snapshot)
+
+
 class _StateReplay:
     def __init__(self, owner):
         self._owner = owner
@@ -114,8 +123,7 @@ class _StateReplay:
 
     def exit_forward(self):
         self._handle.remove()
-        self.written = [(m, n, snap) for m, n, buf, v, snap in self._seen.values()
-                        if buf._version != v or not torch.equal(buf, snap)]
+        self.written = [(m, n, snap) for m, n, buf, v, snap in self._seen.values() if _written(buf, v, snap)]
         self._seen = {}
 
     def enter_recompute(self):

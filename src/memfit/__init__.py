@@ -5,8 +5,10 @@ from memfit.blocks import find_blocks
 from memfit.checkpoint import checkpoint
 from memfit.errors import MemfitError
 from memfit.memory import track_memory
+from memfit.planner import Plan, plan
+from memfit.profile import profile
 from memfit.verify import verify
 
 __version__ = "0.1.0"
-__all__ = ["checkpoint", "apply", "remove", "wrapped_blocks", "find_blocks", "track_memory", "verify",
-           "MemfitError"]
+__all__ = ["checkpoint", "apply", "remove", "wrapped_blocks", "find_blocks", "track_memory", "plan", "Plan",
+           "profile", "verify", "MemfitError"]

@@ -36,23 +36,39 @@ from memfit.checkpoint import Region, _recomputes, run
 from memfit.errors import MemfitError
 from memfit.strategies import KEEP, SELECTIVE, Unit
 
-__all__ = ["apply", "remove", "wrapped_blocks"]
+__all__ = ["apply", "remove", "wrapped_blocks", "applied_strategy"]
 
 
-def apply(model: nn.Module, strategy="blocks", blocks=None, state_replay=True) -> nn.Module:
+def apply(model: nn.Module, strategy="blocks", blocks=None, state_replay=True, *, budget=None, batch=None,
+          loss_fn=None, cost="time") -> nn.Module:
     """Checkpoint the blocks of `model` according to `strategy`; returns `model`.
 
     `strategy`: a strategy string (`none`, `blocks`, `every:K`, `segments:N`,
-    `sqrt`, `selective`) or a list of `strategies.Unit`. `blocks`: which modules
-    form the chain (see `memfit.find_blocks`). Applying again replaces the
-    previous strategy. Recomputation only happens in training mode with grad
+    `sqrt`, `selective`), a `memfit.Plan`, or a list of `strategies.Unit`.
+    With `budget=` ('60%', '8GiB', 'auto') and `batch`, `loss_fn`, it plans
+    first (`memfit.plan`, cached by shapes) and applies the plan. `blocks`:
+    which modules form the chain (see `memfit.find_blocks`). Applying again
+    replaces the previous strategy. Recomputation only happens in training mode with grad
     enabled; in eval mode a wrapped block is a plain call. `state_replay=False`
     reproduces PyTorch's own checkpoint, which writes BatchNorm statistics
     twice: only for showing the difference.
     """
+    from memfit.planner import Plan, plan
+
+    if budget is not None:
+        if batch is None or loss_fn is None:
+            raise MemfitError("apply(model, budget=...) needs batch= and loss_fn= to plan with.")
+        strategy = plan(model, batch, loss_fn, budget, blocks=blocks, cost=cost)
+        applied = applied_strategy(model)
+        if applied and applied["units"] == strategy.units:
+            return model  # the same plan is already in place
     remove(model)
     chain = find_blocks(model, blocks)
-    units = strategies.parse(strategy, len(chain)) if isinstance(strategy, str) else list(strategy)
+    if isinstance(strategy, Plan):
+        strategy.check([n for n, _ in chain])
+        units = strategy.units
+    else:
+        units = strategies.parse(strategy, len(chain)) if isinstance(strategy, str) else list(strategy)
     _check_units(units, len(chain))
     for unit in units:
         if unit.mode == KEEP:
@@ -64,11 +80,14 @@ def apply(model: nn.Module, strategy="blocks", blocks=None, state_replay=True) -
             block._memfit = _Spec(name, unit.mode, policy, segment, index, block.__dict__.get("forward"),
                                   state_replay)
             block.forward = types.MethodType(_forward, block)
+    model.__dict__["_memfit_applied"] = {"units": units, "blocks": blocks, "state_replay": state_replay,
+                                         "n_blocks": len(chain)}
     return model
 
 
 def remove(model: nn.Module) -> nn.Module:
     """Undo `apply`: every block gets its own forward back."""
+    model.__dict__.pop("_memfit_applied", None)
     for m in model.modules():
         spec = m.__dict__.pop("_memfit", None)
         if spec is None:
@@ -83,6 +102,11 @@ def remove(model: nn.Module) -> nn.Module:
 def wrapped_blocks(model: nn.Module) -> list[tuple[str, str]]:
     """(block name, mode) for each block `apply` wrapped, in model order."""
     return [(m._memfit.name, m._memfit.mode) for m in model.modules() if "_memfit" in m.__dict__]
+
+
+def applied_strategy(model: nn.Module) -> dict | None:
+    """What `apply` did to `model` (units, blocks, state_replay, n_blocks), or None."""
+    return model.__dict__.get("_memfit_applied")
 
 
 def _check_units(units, n):

@@ -160,15 +160,16 @@ class track_memory:
     defaults to the device of the first tensor among `objects`, else CPU.
     """
 
-    def __init__(self, *objects, device=None):
+    def __init__(self, *objects, device=None, storage_tracker=False):
         tensors = static_tensors(*objects)
+        self._storage_tracker = storage_tracker  # also on CUDA (simulated steps have no allocator)
         if device is None:
             device = tensors[0].device if tensors else torch.device("cpu")
         self.device = torch.device(device)
         self._tensors = tensors
 
     def __enter__(self) -> MemoryTracker:
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and not self._storage_tracker:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             t = _TrackerCUDA(CUDA_SOURCE, str(self.device))

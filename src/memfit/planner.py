@@ -1,0 +1,322 @@
+"""The fastest checkpointing plan that fits a memory budget.
+
+    plan = memfit.plan(model, batch, loss_fn, budget="60%")
+    print(plan)                     # one line a block: what, how many bytes, what it costs
+    memfit.apply(model, plan)
+
+The planner chooses, for each block of the chain, `keep`, `selective` or
+`recompute`, and groups consecutive recomputed blocks into segments where that
+saves memory, to minimise the recomputation cost under the budget.
+
+NOTE [exact, then checked]
+It solves the choice exactly by dynamic programming over the blocks and the
+bytes kept through the forward, discretised into 1000 bins rounded up (as in
+Beaumont et al. 2019, "Optimal checkpointing for heterogeneous chains"), with
+the peak model of `memfit.profile.Profile`. That model is additive and
+therefore approximate where blocks interact; so the chosen plan's peak is then
+simulated exactly (fake tensors, see `memfit.profile`). If the simulation
+exceeds the budget, the planner solves again with the budget lowered by the
+excess, until the simulated peak fits. The predicted peak it reports is the
+simulated one: on CPU it is what the step will measure, to the byte.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from memfit.blocks import find_blocks
+from memfit.errors import MemfitError
+from memfit.profile import Profile, profile, simulate
+from memfit.report import fmt_bytes
+from memfit.strategies import KEEP, RECOMPUTE, SELECTIVE, Unit
+
+__all__ = ["plan", "Plan", "parse_budget", "solve"]
+
+BINS = 1000
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_BUDGET = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
+BUDGET_HELP = "a size like 20GiB or 800MB, a percentage of the plain run's peak like 60%, or auto"
+
+
+def available_bytes(device) -> int:
+    """Free memory on `device`, minus a 10% safety margin."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_allocated(device)  # what this process holds is ours to plan with
+    else:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        free = int(info["MemAvailable"].split()[0]) * 1024
+    return int(free * 0.9)
+
+
+def parse_budget(budget, baseline_peak: int | None = None, device="cpu") -> int:
+    """Bytes for a budget: bytes (int), '20GiB', '800MB', '60%' of `baseline_peak`, or 'auto'."""
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        if budget > 0:
+            return int(budget)
+        raise MemfitError(f"budget {budget} must be positive; give {BUDGET_HELP}.")
+    text = str(budget).strip()
+    if text.lower() == "auto":
+        return available_bytes(device)
+    if text.endswith("%"):
+        try:
+            pct = float(text[:-1])
+        except ValueError:
+            pct = float("nan")
+        if not 0 < pct <= 100:
+            raise MemfitError(f"budget {text} must be a percentage above 0% and at most 100% of the plain "
+                              f"run's peak; give {BUDGET_HELP}.")
+        if baseline_peak is None:
+            raise MemfitError("a percentage budget needs the plain run's peak; give a size like 20GiB instead.")
+        return int(baseline_peak * pct / 100)
+    m = _BUDGET.match(text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise MemfitError(f"cannot read budget {text!r}; give {BUDGET_HELP}.")
+    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if value <= 0:
+        raise MemfitError(f"budget {text} must be positive; give {BUDGET_HELP}.")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    start: int
+    stop: int
+    mode: str
+    kept: float
+    need: float       # bytes above `start` + kept-before that the unit's peak needs
+    cost: float
+
+
+def _candidates(prof: Profile, kind: str) -> list[_Candidate]:
+    """Every unit the plan may use: each block alone in each mode, and every
+    segment of two or more consecutive recomputed blocks."""
+    n, kept, work, tr, other = len(prof.names), prof.kept, prof.work, prof.transient, prof.other
+    out = []
+    for b in range(1, n + 1):
+        i = b - 1
+        for mode in (KEEP, SELECTIVE, RECOMPUTE):
+            need = max(other[i] + kept[mode][i] + work[mode][i], tr[mode][i])
+            out.append(_Candidate(i, b, mode, kept[mode][i], need, prof.cost(mode, i, kind)))
+        # Segments [a, b): the recompute materialises the blocks' activations as in `keep`, then
+        # backward walks down them: at block k, blocks a..k are live and k's backward rises on top.
+        running, cost, transient = None, prof.cost(RECOMPUTE, i, kind), tr[RECOMPUTE][i]
+        for a in range(b - 1, -1, -1):
+            at_a = kept[KEEP][a] + work[KEEP][a] + other[a]
+            running = at_a if running is None else max(running + kept[KEEP][a], at_a)
+            if a == b - 1:
+                continue
+            cost += prof.cost(RECOMPUTE, a, kind)
+            transient = max(transient, tr[RECOMPUTE][a])
+            need = max(kept[RECOMPUTE][i] + running, transient)
+            out.append(_Candidate(a, b, RECOMPUTE, kept[RECOMPUTE][i], need, cost))
+    return out
+
+
+def solve(prof: Profile, budget: float, kind: str = "time", bins: int = BINS):
+    """The cheapest units whose modelled peak fits `budget`, with their cost,
+    or None if none fits. Exact for the model, up to the rounding of kept
+    bytes up to `bins` bins."""
+    n = len(prof.names)
+    avail = budget - prof.start
+    if prof.tail > budget or avail <= 0:
+        return None
+    step = avail / bins
+    inf = float("inf")
+    best = [torch.full((bins + 1,), inf, dtype=torch.float64) for _ in range(n + 1)]
+    came = [torch.full((bins + 1,), -1, dtype=torch.long) for _ in range(n + 1)]
+    best[0][0] = 0.0
+    cands = _candidates(prof, kind)
+    for idx, c in enumerate(cands):
+        limit = math.floor((avail - c.need) / step)  # the most kept-before bins this unit tolerates
+        kb = math.ceil(c.kept / step) if c.kept > 0 else 0
+        if limit < 0 or kb > bins:
+            continue
+        limit = min(limit, bins - kb)
+        src = best[c.start][:limit + 1] + c.cost
+        dst = best[c.stop][kb:kb + limit + 1]
+        better = src < dst
+        dst[better] = src[better]
+        came[c.stop][kb:kb + limit + 1][better] = idx
+    last = math.floor((avail - prof.head) / step)
+    if last < 0:
+        return None
+    final = best[n][:min(last, bins) + 1]
+    k = int(torch.argmin(final))
+    if final[k] == inf:
+        return None
+    units, j = [], n
+    while j > 0:
+        c = cands[int(came[j][k])]
+        units.append(Unit(c.start, c.stop, c.mode))
+        k -= math.ceil(c.kept / step) if c.kept > 0 else 0
+        j = c.start
+    return units[::-1], float(final.min())
+
+
+@dataclass
+class BlockChoice:
+    name: str
+    mode: str                 # keep, selective or recompute
+    segment: list | None      # [first, last] block names of its segment, if recomputed with others
+    kept_bytes: int           # what it keeps through the forward
+    cost: float               # its share of the plan's overhead (fraction of a plain step)
+
+
+@dataclass
+class Plan:
+    """Per block, the strategy chosen, the bytes it keeps and what it costs;
+    for the step, the predicted peak and overhead. Data: `to_json` /
+    `from_json`, and `memfit.apply(model, plan)` on any model of the same shape."""
+
+    blocks: list
+    budget_bytes: int
+    predicted_peak_bytes: int
+    baseline_peak_bytes: int
+    predicted_overhead: float   # recomputation cost as a fraction of a plain step's
+    cost: str                   # "time" or "flops"
+    predicted_recompute_flops: float  # matmul FLOPs recomputed, fraction of a plain step's
+    signature: dict = field(default_factory=dict)
+
+    @property
+    def units(self) -> list[Unit]:
+        units, i = [], 0
+        while i < len(self.blocks):
+            b = self.blocks[i]
+            size = 1
+            if b.segment:
+                size = 1 + next(k for k in range(i, len(self.blocks)) if self.blocks[k].name == b.segment[1]) - i
+            units.append(Unit(i, i + size, b.mode))
+            i += size
+        return units
+
+    def __str__(self) -> str:
+        kind = "time" if self.cost == "time" else "FLOPs"
+        width = max(len(b.name) for b in self.blocks)
+        lines = [f"plan for a budget of {fmt_bytes(self.budget_bytes)} (plain run: "
+                 f"{fmt_bytes(self.baseline_peak_bytes)}): predicted peak {fmt_bytes(self.predicted_peak_bytes)}, "
+                 f"+{self.predicted_overhead:.1%} {kind}"]
+        for b in self.blocks:
+            line = f"  {b.name:<{width}}  {b.mode:<9}  keeps {fmt_bytes(b.kept_bytes):>10}"
+            if b.cost:
+                line += f"  +{b.cost:.1%} {kind}"
+            if b.segment:
+                line += f"  (segment {b.segment[0]}..{b.segment[1]})"
+            lines.append(line)
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        try:
+            data = json.loads(text)
+            data["blocks"] = [BlockChoice(**b) for b in data["blocks"]]
+            return cls(**data)
+        except (ValueError, TypeError, KeyError) as e:
+            raise MemfitError(f"not a memfit plan ({e}); make one with `memfit plan --json PATH` "
+                              f"or Plan.to_json().") from None
+
+    @classmethod
+    def load(cls, path) -> "Plan":
+        try:
+            with open(path) as f:
+                return cls.from_json(f.read())
+        except OSError as e:
+            raise MemfitError(f"cannot read plan {path}: {e.strerror}; give the path of a plan JSON file.") from None
+
+    def check(self, names: list[str]) -> None:
+        """Raise unless this plan was made for a chain with these block names."""
+        mine = [b.name for b in self.blocks]
+        if mine != names:
+            raise MemfitError(f"this plan was made for a model with {len(mine)} blocks ({mine[0]}..{mine[-1]}), "
+                              f"not this one with {len(names)} ({names[0]}..{names[-1]}); make a plan for this "
+                              f"model with memfit.plan or `memfit plan`.")
+
+
+def _choices(prof: Profile, units, kind) -> list[BlockChoice]:
+    step = prof.step_cost(kind)
+    out = []
+    for u in units:
+        segment = [prof.names[u.start], prof.names[u.stop - 1]] if u.stop - u.start > 1 else None
+        for i in range(u.start, u.stop):
+            kept = prof.kept[u.mode][i] if (segment is None or i == u.stop - 1) else 0
+            out.append(BlockChoice(prof.names[i], u.mode, segment, int(kept), prof.cost(u.mode, i, kind) / step))
+    return out
+
+
+def _minimum_budget(prof: Profile, kind: str) -> float:
+    """The smallest budget the peak model finds a plan for (bisection)."""
+    lo, hi = max(prof.tail, prof.start), prof.baseline_peak_bytes * 2
+    if solve(prof, hi, kind, bins=200) is None:
+        return hi
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if solve(prof, mid, kind, bins=200) is not None else (mid, hi)
+    return hi
+
+
+def signature(model, batch, blocks=None) -> dict:
+    """What a plan depends on: the chain, the parameters' and inputs' shapes."""
+    from torch.utils._pytree import tree_leaves
+    return {"model": type(model).__name__,
+            "blocks": [n for n, _ in find_blocks(model, blocks)],
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "inputs": [[list(t.shape), str(t.dtype)] for t in tree_leaves(batch) if isinstance(t, torch.Tensor)]}
+
+
+_CACHE: dict = {}
+
+
+def plan(model, batch, loss_fn, budget, *, blocks=None, cost="time", optimizer=None) -> Plan:
+    """The cheapest plan whose predicted peak fits `budget`.
+
+    `budget`: bytes, '20GiB', '800MB', '60%' (of the plain run's peak, with
+    the same batch and optimizer), or 'auto' (free device memory less 10%).
+    `cost`: 'time' (measured, the default) or 'flops' (deterministic).
+    `optimizer`: the optimizer class whose state counts (default AdamW).
+    Plans are cached by model shape, input shapes, budget and cost, so calling
+    this every step re-plans only when the shapes change.
+    """
+    if cost not in ("time", "flops"):
+        raise MemfitError(f"unknown cost {cost!r}; use time (measured) or flops (deterministic).")
+    sig = signature(model, batch, blocks)
+    key = json.dumps([sig, str(budget), cost, str(blocks), getattr(optimizer, "__name__", None)], sort_keys=True)
+    if key in _CACHE:
+        return _CACHE[key]
+    device = next(model.parameters()).device
+    if not isinstance(budget, str) or not budget.strip().endswith("%"):
+        budget_bytes = parse_budget(budget, device=device)  # check the budget before profiling
+    prof = profile(model, batch, loss_fn, blocks=blocks, optimizer=optimizer, timing=cost == "time")
+    budget_bytes = parse_budget(budget, prof.baseline_peak_bytes, device)
+    target = budget_bytes
+    for _ in range(8):
+        solution = solve(prof, target, cost)
+        if solution is None:
+            break
+        units, total = solution
+        sim = simulate(model, batch, loss_fn, units, blocks=blocks, optimizer=optimizer)
+        if sim.peak_bytes <= budget_bytes:
+            step = prof.step_cost(cost)
+            recomputed = sum(prof.flops[i] for u in units if u.mode == RECOMPUTE for i in range(u.start, u.stop))
+            result = Plan(_choices(prof, units, cost), budget_bytes, sim.peak_bytes, prof.baseline_peak_bytes,
+                          total / step, cost, recomputed / prof.step_flops, sig)
+            _CACHE[key] = result
+            return result
+        target -= sim.peak_bytes - budget_bytes + 1
+    minimum = _minimum_budget(prof, cost)
+    solution = solve(prof, minimum, cost, bins=200)
+    reachable = simulate(model, batch, loss_fn, solution[0], blocks=blocks, optimizer=optimizer).peak_bytes \
+        if solution else minimum
+    raise MemfitError(f"budget {fmt_bytes(budget_bytes)} is below the smallest peak checkpointing reaches for this "
+                      f"model and batch, about {fmt_bytes(max(reachable, minimum))} (plain run: "
+                      f"{fmt_bytes(prof.baseline_peak_bytes)}); give a budget of at least that, or a smaller batch.")

@@ -1,0 +1,294 @@
+"""What each block costs under each strategy: bytes kept through the forward,
+bytes needed at its backward, FLOPs and time. The planner's input.
+
+NOTE [simulated steps]
+Memory is profiled on a copy of the model whose parameters, buffers and batch
+are fake tensors (`torch._subclasses.fake_tensor.FakeTensorMode`): every op
+produces tensors with the right shapes, dtypes and storages but computes
+nothing. The storage tracker counts exactly the storages a real step
+allocates, so a simulated step's peak equals the real step's peak on CPU, to
+the byte (tested), for a fraction of the compute, on any device, and without
+touching the device's memory. The planner predicts the peak of the plan it
+chose with the same simulation.
+
+Times are measured on real forward+backward passes of the model (its
+gradients, buffers and RNG state are restored afterwards): the extra time of
+all-`blocks` and all-`selective` over plain, split between blocks in
+proportion to their FLOPs and elementwise work.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves, tree_map
+
+from memfit import strategies
+from memfit.apply import applied_strategy, apply, remove
+from memfit.blocks import find_blocks
+from memfit.flops import counting_flops
+from memfit.memory import track_memory
+from memfit.strategies import KEEP, RECOMPUTE, SELECTIVE
+
+__all__ = ["profile", "simulate", "Profile"]
+
+MODES = (KEEP, RECOMPUTE, SELECTIVE)
+UNIFORM = {KEEP: "none", RECOMPUTE: "blocks", SELECTIVE: "selective"}
+
+
+def _fake_copy(model, batch, mode: FakeTensorMode):
+    """A copy of `model` and `batch` made of fake tensors (no real memory)."""
+    memo = {}
+    for p in model.parameters():
+        memo[id(p)] = torch.nn.Parameter(mode.from_tensor(p.detach()), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = mode.from_tensor(b)
+    fake_model = copy.deepcopy(model, memo)
+    fake_batch = tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, batch)
+    return fake_model, fake_batch
+
+
+class _Marks:
+    """Marks each block's forward start "f<i" and end "f>i" in the tracker's
+    timeline, and, through a hook on its output's gradient, the start of its
+    backward "b<i". Only for the forward: `remove()` before backward."""
+
+    def __init__(self, chain, mem):
+        self.mem = mem
+        self.handles = []
+        for i, m in enumerate(chain):
+            self.handles.append(m.register_forward_pre_hook(functools.partial(self._pre, i)))
+            self.handles.append(m.register_forward_hook(functools.partial(self._post, i)))
+
+    def _pre(self, i, module, args):
+        self.mem.mark(f"f<{i}")
+
+    def _post(self, i, module, args, out):
+        self.mem.mark(f"f>{i}")
+        t = next((t for t in tree_leaves(out) if isinstance(t, torch.Tensor)), None)
+        if t is not None and t.requires_grad:
+            t.register_hook(lambda grad: self.mem.mark(f"b<{i}"))
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+@dataclass
+class Simulation:
+    peak_bytes: int
+    static_bytes: int
+    timeline: list  # (label, live bytes)
+
+
+def simulate(model, batch, loss_fn, strategy, *, blocks=None, optimizer=None, marks=False) -> Simulation:
+    """Peak memory of one training step with `strategy` applied, after a
+    warm-up step that creates the optimizer state, computed on fake tensors.
+    The model itself is not touched."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fmodel, fbatch = _fake_copy(model, batch, mode)
+    fmodel.train()
+    apply(fmodel, strategy, blocks=blocks)
+    opt = (optimizer or torch.optim.AdamW)(fmodel.parameters())
+    with mode:
+        loss_fn(fmodel, fbatch).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with track_memory(fmodel, opt, fbatch, storage_tracker=True) as mem:
+            hooks = _Marks([m for _, m in find_blocks(fmodel, blocks)], mem) if marks else None
+            loss = loss_fn(fmodel, fbatch)
+            if hooks:
+                hooks.remove()
+            loss.backward()
+            mem.mark("backward done")
+            opt.step()
+    return Simulation(mem.peak_bytes, mem.static_bytes, mem.timeline)
+
+
+class _Elementwise(TorchDispatchMode):
+    """Counts the elements produced by the ops `selective` recomputes (all but
+    matmuls, convolutions, attention and views): their cost, 1 per element."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func not in strategies.SAVED_OPS and not func.is_view:
+            self.count += sum(t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+        return out
+
+
+def count_flops(model, batch, loss_fn, *, blocks=None):
+    """Per block: (forward FLOPs of matmuls/convolutions/attention, elements
+    produced by other ops); and the FLOPs of a whole plain training step.
+    Counted on fake tensors, so deterministic and cheap."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fmodel, fbatch = _fake_copy(model, batch, mode)
+    remove(fmodel)
+    fmodel.train()
+    chain = [m for _, m in find_blocks(fmodel, blocks)]
+    flops, elementwise = counting_flops(), _Elementwise()
+    per_block, start = [None] * len(chain), {}
+
+    def totals():
+        return flops.get_total_flops(), elementwise.count
+
+    handles = [h for i, m in enumerate(chain) for h in (
+        m.register_forward_pre_hook(lambda mod, args, i=i: start.__setitem__(i, totals())),
+        m.register_forward_hook(lambda mod, args, out, i=i: per_block.__setitem__(
+            i, tuple(b - a for a, b in zip(start[i], totals())))))]
+    with mode, flops, elementwise:
+        loss = loss_fn(fmodel, fbatch)
+        for h in handles:
+            h.remove()
+        loss.backward()
+    return per_block, flops.get_total_flops()
+
+
+@contextlib.contextmanager
+def _untouched(model):
+    """Run training passes on `model` and leave no trace: gradients, buffers
+    (BatchNorm statistics) and the RNG state are put back."""
+    grads = [(p, p.grad) for p in model.parameters()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    was_training = model.training
+    devices = [d for d in {p.device for p in model.parameters()} if d.type == "cuda"]
+    with torch.random.fork_rng(devices=devices):
+        try:
+            model.train()
+            yield
+        finally:
+            for p, g in grads:
+                p.grad = g
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+            model.train(was_training)
+
+
+def time_strategies(model, batch, loss_fn, *, blocks=None, repeats=1) -> dict:
+    """Median time of a forward+backward pass with each uniform strategy,
+    after one warm-up round."""
+    device = next(model.parameters()).device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = {m: [] for m in MODES}
+    applied = applied_strategy(model)
+    with _untouched(model):
+        for r in range(repeats + 1):  # the first round warms up
+            for m in MODES:
+                apply(model, UNIFORM[m], blocks=blocks)
+                for p in model.parameters():
+                    p.grad = None
+                sync()
+                t0 = time.perf_counter()
+                loss_fn(model, batch).backward()
+                sync()
+                if r:
+                    times[m].append(time.perf_counter() - t0)
+        remove(model)
+        if applied:
+            apply(model, applied["units"], blocks=applied["blocks"], state_replay=applied["state_replay"])
+    return {m: statistics.median(t) for m, t in times.items()}
+
+
+@dataclass
+class Profile:
+    """Per-block costs, as the planner's peak model uses them (bytes, FLOPs, seconds).
+
+    The peak model, for units u (a block, or a segment of blocks [a, b)):
+      forward end:   start + sum(kept) + head <= budget
+      backward of u: start + sum(kept of units before u) + other[b-1] + work(u) <= budget
+      after:         tail <= budget
+    `start` is what is live when the first block starts (static bytes, batch,
+    the stem's activations); `other[i]` what else is live when block i's
+    backward starts (gradients of later blocks' parameters, the gradient
+    flowing back); `kept[m][i]` what block i adds to the live bytes in its
+    forward under mode m; `work[m][i]` how far the live bytes rise during its
+    backward; `head` the rise between the last block and the start of
+    backward; `tail` the peak after the blocks' backward (the stem's backward
+    and the optimizer step).
+    """
+
+    names: list
+    device: str
+    baseline_peak_bytes: int
+    static_bytes: int
+    start: int
+    head: int
+    tail: int
+    other: list
+    kept: dict
+    work: dict
+    transient: dict       # rise inside each block's forward, per mode
+    flops: list           # forward FLOPs of matmuls, convolutions, attention per block
+    elementwise: list     # elements produced by the other ops per block
+    step_flops: int       # FLOPs of a plain training step
+    step_time_s: float | None = None
+    extra_time_s: dict | None = None  # extra time of all-blocks / all-selective over plain
+
+    def cost(self, mode: str, i: int, kind: str) -> float:
+        """What recomputing block i under `mode` costs: FLOPs (matmul FLOPs
+        plus one per elementwise element) or seconds."""
+        if mode == KEEP:
+            return 0.0
+        if kind == "flops":
+            return float(self.elementwise[i] + (self.flops[i] if mode == RECOMPUTE else 0))
+        weights = [f + e for f, e in zip(self.flops, self.elementwise)] if mode == RECOMPUTE else self.elementwise
+        return max(self.extra_time_s[mode], 0.0) * weights[i] / max(sum(weights), 1)
+
+    def step_cost(self, kind: str) -> float:
+        return float(self.step_flops) if kind == "flops" else self.step_time_s
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _read(sim: Simulation, n: int):
+    """Per-block quantities out of a simulated step's timeline of marks."""
+    at = {label: k for k, (label, _) in enumerate(sim.timeline)}
+    live = [v for _, v in sim.timeline]
+    kept = [live[at[f"f>{i}"]] - live[at[f"f<{i}"]] for i in range(n)]
+    transient = [max(live[at[f"f<{i}"]:at[f"f>{i}"] + 1]) - live[at[f"f<{i}"]] for i in range(n)]
+    backward_start = [live[at[f"b<{i}"]] for i in range(n)]
+    ends = [at[f"b<{i - 1}"] if i else at["backward done"] for i in range(n)]
+    work = [max(live[at[f"b<{i}"]:ends[i] + 1]) - backward_start[i] for i in range(n)]
+    start = live[at["f<0"]]
+    head = max(live[at[f"f>{n - 1}"]:at[f"b<{n - 1}"] + 1]) - live[at[f"f>{n - 1}"]]
+    tail = max(live[at["backward done"]:])
+    return dict(kept=kept, transient=transient, backward_start=backward_start, work=work, start=start,
+                head=head, tail=tail)
+
+
+def profile(model, batch, loss_fn, *, blocks=None, optimizer=None, timing=True) -> Profile:
+    """Profile each block of `model`'s chain under keep, recompute and
+    selective. Memory and FLOPs are simulated; with `timing`, real
+    forward+backward passes of each kind are timed after a warm-up round."""
+    names = [n for n, _ in find_blocks(model, blocks)]
+    n = len(names)
+    sims = {m: simulate(model, batch, loss_fn, UNIFORM[m], blocks=blocks, optimizer=optimizer, marks=True)
+            for m in MODES}
+    reads = {m: _read(sim, n) for m, sim in sims.items()}
+    keep, baseline = reads[KEEP], sims[KEEP]
+    other = [keep["backward_start"][i] - keep["start"] - sum(keep["kept"][:i + 1]) for i in range(n)]
+    per_block, step_flops = count_flops(model, batch, loss_fn, blocks=blocks)
+    prof = Profile(
+        names=names, device=str(next(model.parameters()).device),
+        baseline_peak_bytes=baseline.peak_bytes, static_bytes=baseline.static_bytes,
+        start=keep["start"], head=keep["head"], tail=keep["tail"], other=other,
+        kept={m: r["kept"] for m, r in reads.items()}, work={m: r["work"] for m, r in reads.items()},
+        transient={m: r["transient"] for m, r in reads.items()},
+        flops=[f for f, _ in per_block], elementwise=[e for _, e in per_block], step_flops=step_flops)
+    if timing:
+        t = time_strategies(model, batch, loss_fn, blocks=blocks)
+        prof.step_time_s = t[KEEP]
+        prof.extra_time_s = {RECOMPUTE: t[RECOMPUTE] - t[KEEP], SELECTIVE: t[SELECTIVE] - t[KEEP]}
+    return prof

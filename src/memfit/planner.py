@@ -40,7 +40,7 @@ __all__ = ["plan", "Plan", "parse_budget", "solve"]
 BINS = 1000
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-_BUDGET = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
+_BUDGET = re.compile(r"^\s*(-?\s*(?:\d+(?:\.\d*)?|\.\d+))\s*([a-z]*)\s*$", re.IGNORECASE)
 BUDGET_HELP = "a size like 20GiB or 800MB, a percentage of the plain run's peak like 60%, or auto"
 
 
@@ -80,7 +80,7 @@ def parse_budget(budget, baseline_peak: int | None = None, device="cpu") -> int:
     m = _BUDGET.match(text)
     if not m or m.group(2).lower() not in _UNITS:
         raise MemfitError(f"cannot read budget {text!r}; give {BUDGET_HELP}.")
-    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    value = float(m.group(1).replace(" ", "")) * _UNITS[m.group(2).lower()]
     if value <= 0:
         raise MemfitError(f"budget {text} must be positive; give {BUDGET_HELP}.")
     return int(value)
@@ -221,7 +221,7 @@ class Plan:
         try:
             data = json.loads(text)
             data["blocks"] = [BlockChoice(**b) for b in data["blocks"]]
-            return cls(**data)
+            return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
         except (ValueError, TypeError, KeyError) as e:
             raise MemfitError(f"not a memfit plan ({e}); make one with `memfit plan --json PATH` "
                               f"or Plan.to_json().") from None
@@ -265,6 +265,34 @@ def _minimum_budget(prof: Profile, kind: str) -> float:
     return hi
 
 
+def _fit(prof: Profile, budget: int, kind: str, peak_of):
+    """Solve, simulate, and correct: (units, cost, simulated peak) of the
+    cheapest plan found whose simulated peak fits `budget`, or None.
+
+    If a plan's simulated peak exceeds the budget, solve again with the target
+    lowered by the excess. Once a plan fits, try once more with the unused
+    slack added back (the model rounds kept bytes up), and keep the cheaper
+    plan that fits."""
+    target, best, raised = budget, None, False
+    for _ in range(8):
+        solution = solve(prof, target, kind)
+        if solution is None:
+            return best
+        units, total = solution
+        peak = peak_of(units)
+        if peak <= budget:
+            if best is None or total < best[1]:
+                best = (units, total, peak)
+            if raised or peak == budget:
+                return best
+            target, raised = target + (budget - peak), True
+        elif best is not None:
+            return best
+        else:
+            target -= peak - budget + 1
+    return best
+
+
 def signature(model, batch, blocks=None) -> dict:
     """What a plan depends on: the chain, the parameters' and inputs' shapes."""
     from torch.utils._pytree import tree_leaves
@@ -294,25 +322,22 @@ def plan(model, batch, loss_fn, budget, *, blocks=None, cost="time", optimizer=N
     if key in _CACHE:
         return _CACHE[key]
     device = next(model.parameters()).device
-    if not isinstance(budget, str) or not budget.strip().endswith("%"):
-        budget_bytes = parse_budget(budget, device=device)  # check the budget before profiling
+    parse_budget(budget, baseline_peak=1, device=device)  # a bad budget fails before profiling
     prof = profile(model, batch, loss_fn, blocks=blocks, optimizer=optimizer, timing=cost == "time")
     budget_bytes = parse_budget(budget, prof.baseline_peak_bytes, device)
-    target = budget_bytes
-    for _ in range(8):
-        solution = solve(prof, target, cost)
-        if solution is None:
-            break
-        units, total = solution
-        sim = simulate(model, batch, loss_fn, units, blocks=blocks, optimizer=optimizer)
-        if sim.peak_bytes <= budget_bytes:
-            step = prof.step_cost(cost)
-            recomputed = sum(prof.flops[i] for u in units if u.mode == RECOMPUTE for i in range(u.start, u.stop))
-            result = Plan(_choices(prof, units, cost), budget_bytes, sim.peak_bytes, prof.baseline_peak_bytes,
-                          total / step, cost, recomputed / prof.step_flops, sig)
-            _CACHE[key] = result
-            return result
-        target -= sim.peak_bytes - budget_bytes + 1
+    if prof.baseline_peak_bytes <= budget_bytes:  # the plain run fits: recompute nothing
+        units = [Unit(i, i + 1, KEEP) for i in range(len(prof.names))]
+        found = (units, 0.0, prof.baseline_peak_bytes)
+    else:
+        found = _fit(prof, budget_bytes, cost, lambda units: simulate(
+            model, batch, loss_fn, units, blocks=blocks, optimizer=optimizer).peak_bytes)
+    if found is not None:
+        units, total, peak = found
+        recomputed = sum(prof.flops[i] for u in units if u.mode == RECOMPUTE for i in range(u.start, u.stop))
+        result = Plan(_choices(prof, units, cost), budget_bytes, peak, prof.baseline_peak_bytes,
+                      total / prof.step_cost(cost), cost, recomputed / prof.step_flops, sig)
+        _CACHE[key] = result
+        return result
     minimum = _minimum_budget(prof, cost)
     solution = solve(prof, minimum, cost, bins=200)
     reachable = simulate(model, batch, loss_fn, solution[0], blocks=blocks, optimizer=optimizer).peak_bytes \

@@ -55,6 +55,9 @@ def verify_table(r: dict) -> Table:
     t.add_column("change", justify="right")
     t.add_row(f"peak memory ({r['memory_source']})", fmt_bytes(b["peak_bytes"]), fmt_bytes(c["peak_bytes"]),
               f"{-r['memory_reduction']:+.1%}")
+    if "predicted_peak_bytes" in c:
+        t.add_row("  predicted by the plan", "", fmt_bytes(c["predicted_peak_bytes"]),
+                  f"budget {fmt_bytes(c['budget_bytes'])}")
     t.add_row("  static (params, optimizer state, batch)", fmt_bytes(b["static_bytes"]), fmt_bytes(c["static_bytes"]), "")
     t.add_row("  kept for backward at end of forward", fmt_bytes(b["activation_bytes"]),
               fmt_bytes(c["activation_bytes"]),
@@ -68,3 +71,64 @@ def verify_table(r: dict) -> Table:
               f"max rel diff {r['buffers_max_rel_diff']:.2g}", "")
     t.add_row("losses", "", "equal" if r["losses_equal"] else f"max diff {r['loss_max_abs_diff']:.2g}", "")
     return t
+
+
+def plan_table(plan, measured: dict | None) -> Table:
+    t = Table(title="predicted and measured")
+    t.add_column("")
+    t.add_column("predicted", justify="right")
+    t.add_column("measured", justify="right")
+    t.add_column("error", justify="right")
+    if measured:
+        err = measured["peak_bytes"] / plan.predicted_peak_bytes - 1
+        t.add_row(f"peak memory ({measured['memory_source']})", fmt_bytes(plan.predicted_peak_bytes),
+                  fmt_bytes(measured["peak_bytes"]), f"{err:+.2%}")
+        t.add_row("recomputed FLOPs (of a plain step)", f"{plan.predicted_recompute_flops:+.1%}",
+                  f"{measured['recompute_flops']:+.1%}", "")
+        t.add_row("budget", fmt_bytes(plan.budget_bytes), "fits" if measured["peak_bytes"] <= plan.budget_bytes
+                  else "EXCEEDED", "")
+    else:
+        t.add_row("peak memory", fmt_bytes(plan.predicted_peak_bytes), "", "")
+    return t
+
+
+def bench_table(rows) -> Table:
+    t = Table(title="memory / time frontier")
+    for col in ("strategy", "budget", "predicted peak", "measured peak", "step time", "slowdown",
+                "recomputed FLOPs"):
+        t.add_column(col, justify="left" if col == "strategy" else "right")
+    for r in rows:
+        if not r["feasible"]:
+            t.add_row(r["strategy"], "", "", "infeasible", "", "", "")
+            continue
+        t.add_row(r["strategy"], fmt_bytes(r["budget_bytes"]) if r["budget_bytes"] else "",
+                  fmt_bytes(r["predicted_peak_bytes"]), fmt_bytes(r["peak_bytes"]),
+                  f"{r['step_time_s'] * 1e3:.0f} ms", f"{r['slowdown']:+.1%}", f"{r['recompute_flops']:+.1%}")
+    return t
+
+
+def plot_frontier(rows, path, title="") -> None:
+    """Peak memory against slowdown: planned runs as a line, uniform
+    strategies as labelled points."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    planned = sorted((r for r in rows if r["feasible"] and r["strategy"].startswith("plan:")),
+                     key=lambda r: r["peak_bytes"])
+    ax.plot([r["peak_bytes"] / 2**20 for r in planned], [100 * r["slowdown"] for r in planned], "o-",
+            label="memfit plan at each budget")
+    for r in rows:
+        if r["feasible"] and not r["strategy"].startswith("plan:"):
+            x, y = r["peak_bytes"] / 2**20, 100 * r["slowdown"]
+            ax.plot(x, y, "s", color="tab:red")
+            ax.annotate(r["strategy"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel(f"peak memory (MiB, {rows[0].get('memory_source', '')})")
+    ax.set_ylabel("slowdown over no checkpointing (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

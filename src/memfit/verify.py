@@ -30,8 +30,41 @@ from memfit.blocks import find_blocks
 from memfit.errors import MemfitError
 from memfit.flops import counting_flops
 from memfit.memory import static_tensors, track_memory
+from memfit.planner import Plan, plan
 
-__all__ = ["verify", "resolve_device", "parse_expected_reduction"]
+__all__ = ["verify", "measure", "resolve_device", "resolve_plan", "parse_expected_reduction"]
+
+
+def resolve_plan(strategy, model, batch, loss_fn, blocks=None):
+    """A `Plan` for `plan:BUDGET` (planned now, cost measured in time),
+    `plan:FILE.json` (loaded) or a Plan; None for other strategies."""
+    if isinstance(strategy, Plan):
+        return strategy
+    if not isinstance(strategy, str) or not strategy.startswith("plan:"):
+        return None
+    arg = strategy[len("plan:"):]
+    if arg.endswith(".json"):
+        return Plan.load(arg)
+    return plan(model, batch, loss_fn, arg, blocks=blocks)
+
+
+def measure(model, batch, loss_fn, strategy, *, blocks=None, optimizer=None, timed_steps=2) -> dict:
+    """One strategy on a copy of `model`, as verify measures it: peak bytes
+    of a steady-state step, median step time, and FLOPs of a step."""
+    device = next(model.parameters()).device
+    m = apply(copy.deepcopy(model).train(), strategy, blocks=blocks)
+    run = _Run(m, (optimizer or torch.optim.AdamW)(m.parameters()), [], [])
+    _step(run, batch, loss_fn, 0)
+    mem = _step(run, batch, loss_fn, 1, functools.partial(track_memory, m, run.opt, batch, device=device))
+    flops = _step(run, batch, loss_fn, 2, counting_flops).get_total_flops()
+    for i in range(timed_steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        _step(run, batch, loss_fn, 3 + i)
+        _sync(device)
+        run.times.append(time.perf_counter() - t0)
+    return {"peak_bytes": mem.peak_bytes, "activation_bytes": mem.activation_bytes, "memory_source": mem.source,
+            "step_time_s": statistics.median(run.times) if run.times else None, "flops": flops}
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -118,13 +151,19 @@ def verify(model, batch, loss_fn, strategy="blocks", *, steps=5, device="cpu", s
     if steps < 1:
         raise MemfitError(f"--steps must be at least 1, got {steps}.")
     device = torch.device(device)
-    n_blocks = len(find_blocks(model, blocks))
-    units = strategies.parse(strategy, n_blocks) if isinstance(strategy, str) else strategy
+    model = model.to(device).train()
+    batch = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, batch)
+    names = [n for n, _ in find_blocks(model, blocks)]
+    n_blocks = len(names)
+    the_plan = resolve_plan(strategy, model, batch, loss_fn, blocks)
+    if the_plan is not None:
+        the_plan.check(names)
+        units = the_plan.units
+    else:
+        units = strategies.parse(strategy, n_blocks) if isinstance(strategy, str) else strategy
     if grad_tol is None:
         grad_tol = 0.0 if device.type == "cpu" else 1e-4
 
-    model = model.to(device).train()
-    batch = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, batch)
     runs = {}
     for label in ("baseline", "checkpointed"):
         m = copy.deepcopy(model)
@@ -203,9 +242,13 @@ def verify(model, batch, loss_fn, strategy="blocks", *, steps=5, device="cpu", s
         failures.append(f"losses differ (max difference {loss_diff:.3g})")
 
     recomputed = [n for n, mode in wrapped_blocks(ckpt.model)]
+    checkpointed = summary(ckpt)
+    if the_plan is not None:
+        checkpointed["predicted_peak_bytes"] = the_plan.predicted_peak_bytes
+        checkpointed["budget_bytes"] = the_plan.budget_bytes
     return {
         "model": name or type(model).__name__,
-        "strategy": strategy if isinstance(strategy, str) else "custom",
+        "strategy": strategy if isinstance(strategy, str) else "plan" if the_plan else "custom",
         "device": str(device),
         "memory_source": base.mem.source,
         "torch_version": torch.__version__,
@@ -213,7 +256,7 @@ def verify(model, batch, loss_fn, strategy="blocks", *, steps=5, device="cpu", s
         "blocks": {"found": n_blocks, "checkpointed": len(recomputed)},
         "state_replay": state_replay,
         "baseline": summary(base),
-        "checkpointed": summary(ckpt),
+        "checkpointed": checkpointed,
         "memory_reduction": reduction,
         "slowdown": slowdown,
         "recompute_flops": ckpt.flops / base.flops - 1 if base.flops else 0.0,

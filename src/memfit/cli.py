@@ -163,7 +163,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, a in enumerate(argv[:-1]):  # `--budget -5GiB` is a (bad) budget, not an option
+        if a == "--budget":
+            argv[i:i + 2] = [f"--budget={argv[i + 1]}", ""]
+    args = parser().parse_args([a for a in argv if a != ""])
     out = Console()
     try:
         return args.run(args, out)

@@ -163,11 +163,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    for i, a in enumerate(argv[:-1]):  # `--budget -5GiB` is a (bad) budget, not an option
-        if a == "--budget":
-            argv[i:i + 2] = [f"--budget={argv[i + 1]}", ""]
-    args = parser().parse_args([a for a in argv if a != ""])
+    words, joined = iter(sys.argv[1:] if argv is None else argv), []
+    for word in words:  # `--budget -5GiB` is a (bad) budget, not an option
+        joined.append(f"--budget={next(words, '')}" if word == "--budget" else word)
+    args = parser().parse_args(joined)
     out = Console()
     try:
         return args.run(args, out)

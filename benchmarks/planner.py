@@ -60,9 +60,11 @@ def half_activation(model, batch, loss_fn):
             fitting[s] = m["flops"] / base["flops"] - 1
     cost = planned["flops"] / base["flops"] - 1
     cheapest = min(fitting.values()) if fitting else None
+    whole = [v for k, v in fitting.items() if k != "selective"]
     return {"budget_bytes": budget, "plan_recompute_flops": cost, "plan_peak_bytes": planned["peak_bytes"],
             "plan_activation_bytes": planned["activation_bytes"], "baseline_activation_bytes": base["activation_bytes"],
             "uniform_fitting": fitting, "ratio_to_cheapest_uniform": cost / cheapest if cheapest else None,
+            "ratio_to_cheapest_whole_block_uniform": cost / min(whole) if whole else None,
             "plan": [[b.name, b.mode] for b in p.blocks]}
 
 
@@ -117,13 +119,26 @@ def main():
             results["gpt_half_activation"] = half_activation(model, batch, loss_fn)
     results["planning_time"] = planning_time()
     out.print(summary)
-    h = results["gpt_half_activation"]
+    h, t = results["gpt_half_activation"], results["planning_time"]
+    checks = [m["checks"] for m in results["models"].values()]
+    targets = {
+        "prediction within 5% for every plan": all(c["worst_prediction_error"] <= 0.05 for c in checks),
+        "no plan over its budget": not any(c["over_budget"] for c in checks),
+        "no plan beaten by a fitting uniform strategy": not any(c["dominated_by"] for c in checks),
+        "gpt, half activations: plan <= 10% of step FLOPs": h["plan_recompute_flops"] <= 0.10,
+        "gpt, half activations: plan <= 0.6x cheapest fitting uniform": (h["ratio_to_cheapest_uniform"] or 0) <= 0.6,
+        "48 blocks: solve under 2 s on one core": t["solve_s"] < 2,
+    }
+    results["targets"] = targets
     out.print(f"gpt at half the activation memory (budget {h['budget_bytes'] / 2**20:.1f} MiB): plan recomputes "
-              f"{h['plan_recompute_flops']:.1%} of the step's FLOPs; cheapest fitting uniform: "
-              f"{min(h['uniform_fitting'].values()):.1%} -> ratio {h['ratio_to_cheapest_uniform']:.2f}")
-    t = results["planning_time"]
+              f"{h['plan_recompute_flops']:.1%} of the step's FLOPs; fitting uniform strategies: "
+              + ", ".join(f"{k} {v:.1%}" for k, v in h["uniform_fitting"].items())
+              + f"; ratio to the cheapest {h['ratio_to_cheapest_uniform']:.2f}, to the cheapest whole-block one "
+              f"{h['ratio_to_cheapest_whole_block_uniform'] or float('nan'):.2f}")
     out.print(f"48 blocks, one core: solve {t['solve_s']:.2f} s after a {t['profile_s']:.1f} s profile; "
               f"plan() with profile and simulated check {t['plan_including_profile_and_simulated_check_s']:.1f} s")
+    for name, ok in targets.items():
+        out.print(f"  {'met' if ok else 'NOT MET'}: {name}")
     path = Path(args.out) / f"planner-cpu-{date}.json"
     write_json(path, results)
     out.print(f"written to {path}")

@@ -53,6 +53,7 @@ def profiles(draw):
                    start=draw(st.integers(0, 500)), head=draw(ints), tail=draw(st.integers(0, 3000)),
                    other=[draw(ints) for _ in range(n)], kept=per_mode(), work=per_mode(), transient=per_mode(),
                    flops=[draw(st.integers(1, 100)) for _ in range(n)],
+                   selective_flops=[draw(st.integers(0, 10)) for _ in range(n)],
                    elementwise=[draw(st.integers(1, 100)) for _ in range(n)], step_flops=1000)
 
 

@@ -60,8 +60,9 @@ def test_every_strategy_passes_on_every_model(name, strategy):
     assert report["grads_bitwise_equal"] and report["buffers_equal"] and report["losses_equal"]
     if strategy == "none":
         assert report["memory_reduction"] == 0
-    elif strategy == "selective":  # recomputes only norms, activations, dropout: no matmul FLOPs
-        assert report["memory_reduction"] > 0 and report["recompute_flops"] == 0
+    elif strategy == "selective":  # recomputes norms, activations, dropout, batched-matmul attention only
+        assert report["memory_reduction"] > 0 and 0 <= report["recompute_flops"] < 0.1
+        assert (report["recompute_flops"] > 0) == (name == "gpt")  # gpt's attention runs bmm (dropout on CPU)
     else:
         assert report["memory_reduction"] > 0 and report["recompute_flops"] > 0
 

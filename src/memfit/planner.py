@@ -333,7 +333,7 @@ def plan(model, batch, loss_fn, budget, *, blocks=None, cost="time", optimizer=N
             model, batch, loss_fn, units, blocks=blocks, optimizer=optimizer).peak_bytes)
     if found is not None:
         units, total, peak = found
-        recomputed = sum(prof.flops[i] for u in units if u.mode == RECOMPUTE for i in range(u.start, u.stop))
+        recomputed = sum(prof.recomputed_flops(u.mode, i) for u in units for i in range(u.start, u.stop))
         result = Plan(_choices(prof, units, cost), budget_bytes, peak, prof.baseline_peak_bytes,
                       total / prof.step_cost(cost), cost, recomputed / prof.step_flops, sig)
         _CACHE[key] = result

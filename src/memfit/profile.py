@@ -127,10 +127,17 @@ class _Elementwise(TorchDispatchMode):
         return out
 
 
+def _recomputed_by_selective(counter) -> int:
+    """FLOPs counted so far for ops `selective` does not keep (batched matmuls)."""
+    kept = {op.overloadpacket for op in strategies.SAVED_OPS}
+    return sum(n for op, n in counter.get_flop_counts()["Global"].items() if op not in kept)
+
+
 def count_flops(model, batch, loss_fn, *, blocks=None):
-    """Per block: (forward FLOPs of matmuls/convolutions/attention, elements
-    produced by other ops); and the FLOPs of a whole plain training step.
-    Counted on fake tensors, so deterministic and cheap."""
+    """Per block: (forward FLOPs of matmuls, convolutions and attention; those
+    of them that `selective` recomputes; elements produced by the other ops);
+    and the FLOPs of a whole plain training step. Counted on fake tensors, so
+    deterministic and cheap."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fmodel, fbatch = _fake_copy(model, batch, mode)
     remove(fmodel)
@@ -140,7 +147,7 @@ def count_flops(model, batch, loss_fn, *, blocks=None):
     per_block, start = [None] * len(chain), {}
 
     def totals():
-        return flops.get_total_flops(), elementwise.count
+        return flops.get_total_flops(), _recomputed_by_selective(flops), elementwise.count
 
     handles = [h for i, m in enumerate(chain) for h in (
         m.register_forward_pre_hook(lambda mod, args, i=i: start.__setitem__(i, totals())),
@@ -230,20 +237,26 @@ class Profile:
     work: dict
     transient: dict       # rise inside each block's forward, per mode
     flops: list           # forward FLOPs of matmuls, convolutions, attention per block
+    selective_flops: list  # those of them that `selective` recomputes (batched-matmul attention)
     elementwise: list     # elements produced by the other ops per block
     step_flops: int       # FLOPs of a plain training step
     step_time_s: float | None = None
     extra_time_s: dict | None = None  # extra time of all-blocks / all-selective over plain
 
+    def recomputed_flops(self, mode: str, i: int) -> int:
+        """Matmul / convolution / attention FLOPs recomputed for block i."""
+        return {KEEP: 0, RECOMPUTE: self.flops[i], SELECTIVE: self.selective_flops[i]}[mode]
+
     def cost(self, mode: str, i: int, kind: str) -> float:
         """What recomputing block i under `mode` costs: FLOPs (matmul FLOPs
-        plus one per elementwise element) or seconds."""
+        plus one per elementwise element) or seconds (the measured extra time
+        of the mode, split between blocks in proportion to their FLOP cost)."""
         if mode == KEEP:
             return 0.0
+        flop_cost = [self.recomputed_flops(mode, j) + self.elementwise[j] for j in range(len(self.names))]
         if kind == "flops":
-            return float(self.elementwise[i] + (self.flops[i] if mode == RECOMPUTE else 0))
-        weights = [f + e for f, e in zip(self.flops, self.elementwise)] if mode == RECOMPUTE else self.elementwise
-        return max(self.extra_time_s[mode], 0.0) * weights[i] / max(sum(weights), 1)
+            return float(flop_cost[i])
+        return max(self.extra_time_s[mode], 0.0) * flop_cost[i] / max(sum(flop_cost), 1)
 
     def step_cost(self, kind: str) -> float:
         return float(self.step_flops) if kind == "flops" else self.step_time_s
@@ -286,7 +299,8 @@ def profile(model, batch, loss_fn, *, blocks=None, optimizer=None, timing=True) 
         start=keep["start"], head=keep["head"], tail=keep["tail"], other=other,
         kept={m: r["kept"] for m, r in reads.items()}, work={m: r["work"] for m, r in reads.items()},
         transient={m: r["transient"] for m, r in reads.items()},
-        flops=[f for f, _ in per_block], elementwise=[e for _, e in per_block], step_flops=step_flops)
+        flops=[f for f, _, _ in per_block], selective_flops=[f for _, f, _ in per_block],
+        elementwise=[e for _, _, e in per_block], step_flops=step_flops)
     if timing:
         t = time_strategies(model, batch, loss_fn, blocks=blocks)
         prof.step_time_s = t[KEEP]

@@ -6,9 +6,11 @@ A strategy resolves to units: runs of consecutive blocks, each with a mode.
 * `recompute`: keep only the unit's input; recompute everything in backward.
   A unit of several blocks is a segment: it stores the input of its first block
   only, and recomputes all its blocks at once in backward.
-* `selective`: inside the block keep the outputs of matmuls, convolutions and
-  attention (the expensive ops) and recompute the rest (norms, activations,
-  dropout, softmax): most of the memory for a few percent of the FLOPs.
+* `selective`: inside the block keep the outputs of linear layers (`mm`,
+  `addmm`), convolutions and fused attention kernels, and recompute the rest:
+  norms, activations, dropout, and an attention core computed with batched
+  matmuls (scores, softmax, dropout, scores x values), whose T x T tensors
+  are the largest and cheapest to recompute (Korthikanti et al. 2022).
 
 Strategy strings: `none`, `blocks`, `every:K`, `segments:N`, `sqrt`, `selective`.
 """
@@ -84,10 +86,14 @@ def recomputed_blocks(units: list[Unit]) -> int:
 
 
 aten = torch.ops.aten
-# The ops whose outputs `selective` keeps: the matmuls, convolutions and
-# attention kernels that cost most of a block's FLOPs.
+# The ops whose outputs `selective` keeps: linear layers (which reach the
+# dispatcher as mm / addmm, whatever the input's rank), convolutions and fused
+# attention kernels, whose outputs are small for their cost. Batched matmuls
+# (bmm, baddbmm) are not kept: in a transformer they compute the attention
+# scores and their product with the values, whose B x heads x T x T tensors are
+# the "5as/h" term of Korthikanti et al. 2022 that selective recomputation removes.
 SAVED_OPS = {
-    aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
+    aten.mm.default, aten.addmm.default,
     aten.convolution.default, aten._convolution.default,
     aten._scaled_dot_product_flash_attention.default,
     aten._scaled_dot_product_efficient_attention.default,

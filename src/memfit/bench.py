@@ -16,9 +16,10 @@ def frontier(model, batch, loss_fn, budgets=(20, 30, 40, 50, 60, 70, 80, 90, 100
     over the plain step, as a fraction), `feasible`. `budgets` are percentages
     of the plain run's peak."""
     rows = []
+    measure(model, batch, loss_fn, "none", blocks=blocks, timed_steps=1)  # warm-up: the first run is slower
 
     def row(strategy, predicted, budget=None):
-        m = measure(model, batch, loss_fn, strategy, blocks=blocks)
+        m = measure(model, batch, loss_fn, strategy, blocks=blocks, timed_steps=3)
         return {"strategy": strategy if isinstance(strategy, str) else f"plan:{budget}%",
                 "budget_bytes": None, "predicted_peak_bytes": predicted, "peak_bytes": m["peak_bytes"],
                 "step_time_s": m["step_time_s"], "flops": m["flops"], "feasible": True,

@@ -89,13 +89,14 @@ class Simulation:
 
 
 def simulate(model, batch, loss_fn, strategy, *, blocks=None, optimizer=None, marks=False) -> Simulation:
-    """Peak memory of one training step with `strategy` applied, after a
-    warm-up step that creates the optimizer state, computed on fake tensors.
-    The model itself is not touched."""
+    """Peak memory of one training step with `strategy` applied (None: as the
+    model is wrapped now), after a warm-up step that creates the optimizer
+    state, computed on fake tensors. The model itself is not touched."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fmodel, fbatch = _fake_copy(model, batch, mode)
     fmodel.train()
-    apply(fmodel, strategy, blocks=blocks)
+    if strategy is not None:
+        apply(fmodel, strategy, blocks=blocks)
     opt = (optimizer or torch.optim.AdamW)(fmodel.parameters())
     with mode:
         loss_fn(fmodel, fbatch).backward()

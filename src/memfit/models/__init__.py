@@ -15,10 +15,34 @@ import sys
 from torch import nn
 
 from memfit.errors import MemfitError
-from memfit.models import gpt, mlp, resnet_se
+from memfit.models import gpt, mlp, resnet_se, video, vit_jepa
 
-REGISTRY = {"gpt": gpt, "mlp": mlp, "resnet-se": resnet_se}
+REGISTRY = {"gpt": gpt, "mlp": mlp, "resnet-se": resnet_se, "vit-jepa": vit_jepa, "video": video}
 DEFAULT = "gpt"
+OFF = (None, False, "false", "off", "none", "no", "0")
+
+
+def checkpointing(module: nn.Module, value, blocks=None) -> nn.Module:
+    """Apply a `gradient_checkpointing` setting to `module`: False/True
+    (every block), a strategy string, a `memfit.Plan`, or "plan:FILE.json".
+    Budgets (`budget:60%`) need a batch to plan with: `memfit train` and
+    `memfit.apply(model, budget=..., batch=..., loss_fn=...)` take them."""
+    from memfit.apply import apply, remove
+    from memfit.planner import Plan
+
+    if isinstance(value, str):
+        value = value.strip().lower() if value.strip().lower() in [*map(str, OFF), "true", "on", "yes", "1"] \
+            else value.strip()
+    if value in OFF:
+        return remove(module)
+    if value in (True, "true", "on", "yes", "1"):
+        return apply(module, "blocks", blocks=blocks)
+    if isinstance(value, str) and value.startswith("plan:") and value.endswith(".json"):
+        value = Plan.load(value[len("plan:"):])
+    if isinstance(value, str) and value.startswith(("budget:", "plan:")):
+        raise MemfitError(f"gradient_checkpointing {value!r} needs a batch to plan with; use it with memfit train, "
+                          f"or call memfit.apply(model, budget=..., batch=..., loss_fn=...).")
+    return apply(module, value, blocks=blocks)
 
 
 def load(name: str, size: str | None = None, batch_size: int | None = None, seed: int = 0):

@@ -114,11 +114,21 @@ def loss_fn(model, batch):
     return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
 
 
-def build(size="small", batch_size=8, seed=0):
-    """Model, a random batch of token ids, and the loss function."""
+def create_gpt(cfg: GPTConfig | dict, gradient_checkpointing=False) -> GPT:
+    """The model, with `gradient_checkpointing` (bool, strategy, Plan) applied to its layers."""
+    from memfit.models import checkpointing
+
+    return checkpointing(GPT(GPTConfig(**cfg) if isinstance(cfg, dict) else cfg), gradient_checkpointing)
+
+
+def batch(size="small", batch_size=8, seed=0):
+    """Random token ids and their next tokens, (B, T) each."""
     cfg = SIZES[size]
+    data = torch.randint(cfg.vocab_size, (batch_size, cfg.block_size + 1), generator=torch.Generator().manual_seed(seed))
+    return data[:, :-1].contiguous(), data[:, 1:].contiguous()
+
+
+def build(size="small", batch_size=8, seed=0, gradient_checkpointing=False):
+    """Model, a random batch of token ids, and the loss function."""
     torch.manual_seed(seed)
-    model = GPT(cfg)
-    g = torch.Generator().manual_seed(seed + 1)
-    data = torch.randint(cfg.vocab_size, (batch_size, cfg.block_size + 1), generator=g)
-    return model, (data[:, :-1].contiguous(), data[:, 1:].contiguous()), loss_fn
+    return create_gpt(SIZES[size], gradient_checkpointing), batch(size, batch_size, seed + 1), loss_fn

@@ -41,9 +41,24 @@ def loss_fn(model, batch):
     return F.cross_entropy(model(x), y)
 
 
-def build(size="small", batch_size=1024, seed=0):
+def create_mlp(cfg: dict, gradient_checkpointing=False) -> MLP:
+    """MLP(**cfg) (n_in, hidden, n_out, n_hidden, dropout) with `gradient_checkpointing` applied."""
+    from memfit.models import checkpointing
+
+    return checkpointing(MLP(**cfg), gradient_checkpointing)
+
+
+def batch(size="small", batch_size=1024, seed=0):
+    """Points around one random centre per class, and their classes."""
+    n_in, _, n_out = SIZES[size]
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(n_out, n_in, generator=torch.Generator().manual_seed(12345))
+    y = torch.randint(n_out, (batch_size,), generator=g)
+    return centres[y] + torch.randn(batch_size, n_in, generator=g), y
+
+
+def build(size="small", batch_size=1024, seed=0, gradient_checkpointing=False):
     n_in, hidden, n_out = SIZES[size]
     torch.manual_seed(seed)
-    model = MLP(n_in, hidden, n_out)
-    g = torch.Generator().manual_seed(seed + 1)
-    return model, (torch.randn(batch_size, n_in, generator=g), torch.randint(n_out, (batch_size,), generator=g)), loss_fn
+    model = create_mlp(dict(n_in=n_in, hidden=hidden, n_out=n_out), gradient_checkpointing)
+    return model, batch(size, batch_size, seed + 1), loss_fn

@@ -69,18 +69,30 @@ def loss_fn(model, batch):
     return F.cross_entropy(logits, moves) + F.mse_loss(value, outcomes)
 
 
-def random_batch(batch_size, seed=0):
-    """Random positions: stones of both sides, a move and an outcome for each."""
+def batch(size="small", batch_size=32, seed=0):
+    """Random positions with learnable targets: the move is the empty point with
+    the most own stones around it, the outcome the sign of the stone balance."""
     g = torch.Generator().manual_seed(seed)
     stones = torch.randint(3, (batch_size, BOARD, BOARD), generator=g)
     side = torch.randint(2, (batch_size, 1, 1), generator=g).float().expand(-1, BOARD, BOARD)
-    boards = torch.stack([(stones == 1).float(), (stones == 2).float(), side], dim=1)
-    moves = torch.randint(BOARD * BOARD, (batch_size,), generator=g)
-    outcomes = torch.randint(3, (batch_size,), generator=g).float() - 1
+    own, other = (stones == 1).float(), (stones == 2).float()
+    boards = torch.stack([own, other, side], dim=1)
+    around = F.conv2d(own[:, None], torch.ones(1, 1, 3, 3), padding=1)[:, 0]
+    moves = (around - 10 * (stones != 0).float()).flatten(1).argmax(1)
+    outcomes = torch.sign(own.sum((1, 2)) - other.sum((1, 2)))
     return boards, moves, outcomes
 
 
-def build(size="small", batch_size=32, seed=0):
+def create_resnet_se(cfg: dict, gradient_checkpointing=False) -> ResNetSE:
+    """ResNetSE(**cfg) (n_blocks, channels, planes) with `gradient_checkpointing`
+    applied: seed 003's `use_checkpoint=True` is gradient_checkpointing=True."""
+    from memfit.models import checkpointing
+
+    return checkpointing(ResNetSE(**cfg), gradient_checkpointing)
+
+
+def build(size="small", batch_size=32, seed=0, gradient_checkpointing=False):
     n_blocks, channels = SIZES[size]
     torch.manual_seed(seed)
-    return ResNetSE(n_blocks, channels), random_batch(batch_size, seed + 1), loss_fn
+    return (create_resnet_se(dict(n_blocks=n_blocks, channels=channels), gradient_checkpointing),
+            batch(size, batch_size, seed + 1), loss_fn)

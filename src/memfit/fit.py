@@ -1,0 +1,115 @@
+"""The largest batch that fits a memory budget, with each strategy.
+
+Peaks come from simulated steps (fake tensors, counted by the storage
+tracker: exactly what a CPU step allocates), so the search costs no compute.
+Peak memory grows almost linearly with the batch size: two probes give the
+slope, and a bracketing search around the estimate finds the exact largest
+batch. On CUDA the batch found is then confirmed with real steps, stepping
+down after an out-of-memory error (the failed step's tensors are released
+and the allocator's cache emptied, so nothing leaks).
+"""
+from __future__ import annotations
+
+import gc
+
+import torch
+
+from memfit.errors import MemfitError
+from memfit.planner import plan
+from memfit.profile import simulate
+from memfit.verify import measure
+
+STRATEGIES = ("none", "blocks", "sqrt", "selective", "plan")
+LIMIT = 1 << 20
+
+
+def largest_batch(model, make_batch, loss_fn, strategy, budget: int, *, blocks=None, optimizer=None):
+    """(largest batch size whose peak fits `budget`, its peak bytes); (0, peak
+    at batch 1) if not even one sample fits. `strategy` "plan" plans for the
+    budget at each batch size tried; None keeps the model as it is wrapped."""
+    cache = {}
+
+    def peak(b):
+        if b not in cache:
+            batch = make_batch(b)
+            if strategy == "plan":
+                try:
+                    cache[b] = memfit_plan_peak(model, batch, loss_fn, budget, blocks, optimizer)
+                except MemfitError:
+                    cache[b] = float("inf")
+            else:
+                cache[b] = simulate(model, batch, loss_fn, strategy, blocks=blocks, optimizer=optimizer).peak_bytes
+        return cache[b]
+
+    def fits(b):
+        return peak(b) <= budget
+
+    if not fits(1):
+        return 0, peak(1)
+    slope = (peak(8) - peak(1)) / 7 if fits(8) else 0
+    guess = int(1 + (budget - peak(1)) / slope) if slope > 0 else 8
+    lo, hi, step = 1, None, 1               # lo fits; hi, once known, does not
+    probe = max(1, min(guess, LIMIT))
+    if fits(probe):                         # gallop up from the estimate
+        lo = probe
+        while hi is None and lo < LIMIT:
+            nxt = min(LIMIT, lo + step)
+            lo, hi = (nxt, None) if fits(nxt) else (lo, nxt)
+            step *= 2
+        if hi is None:
+            return lo, peak(lo)
+    else:                                   # gallop down from the estimate
+        hi = probe
+        while hi - step > lo and not fits(hi - step):
+            hi -= step
+            step *= 2
+        lo = max(lo, hi - step)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo, peak(lo)
+
+
+def memfit_plan_peak(model, batch, loss_fn, budget, blocks, optimizer):
+    return plan(model, batch, loss_fn, budget, blocks=blocks, cost="flops", optimizer=optimizer).predicted_peak_bytes
+
+
+def _confirm_on_cuda(model, make_batch, loss_fn, strategy, size, budget, blocks):
+    """Real steps at `size`, stepping down 5% after each out-of-memory error."""
+    while size > 0:
+        try:
+            return size, measure(model, make_batch(size), loss_fn, _strategy(model, make_batch(size), loss_fn,
+                                                                             strategy, budget, blocks),
+                                 blocks=blocks, timed_steps=1)
+        except torch.cuda.OutOfMemoryError:
+            gc.collect()
+            torch.cuda.empty_cache()
+            size = int(size * 0.95)
+    return 0, None
+
+
+def _strategy(model, batch, loss_fn, strategy, budget, blocks):
+    return plan(model, batch, loss_fn, budget, blocks=blocks, cost="flops") if strategy == "plan" else strategy
+
+
+def fit(model, make_batch, loss_fn, budget: int, strategies=STRATEGIES, *, blocks=None, timing=True) -> list[dict]:
+    """One row per strategy: `strategy`, `batch_size`, `peak_bytes`,
+    `time_per_sample_s` (one real step at that batch, after a warm-up step;
+    None without `timing`), `memory_source`."""
+    device = next(model.parameters()).device
+    rows = []
+    for s in strategies:
+        size, peak = largest_batch(model, make_batch, loss_fn, s, budget, blocks=blocks)
+        row = {"strategy": s, "batch_size": size, "peak_bytes": peak if size else None,
+               "time_per_sample_s": None, "memory_source": "simulated storage-tracker"}
+        if size and device.type == "cuda":
+            size, measured = _confirm_on_cuda(model, make_batch, loss_fn, s, size, budget, blocks)
+            row.update(batch_size=size, peak_bytes=measured and measured["peak_bytes"],
+                       time_per_sample_s=measured and measured["step_time_s"] / size, memory_source="cuda-allocator")
+        elif size and timing:
+            batch = make_batch(size)
+            m = measure(model, batch, loss_fn, _strategy(model, batch, loss_fn, s, budget, blocks), blocks=blocks,
+                        timed_steps=1)
+            row["time_per_sample_s"] = m["step_time_s"] / size
+        rows.append(row)
+    return rows

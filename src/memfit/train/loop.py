@@ -1,0 +1,160 @@
+"""The training loop of the recipes: memory monitor, startup report, metrics.
+
+The library does not print: `train` calls `callback(event, data)` with
+("start", startup report), ("step", metrics or None) after every step
+(metrics on log steps), and ("end", summary). `memfit train` renders them.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch.utils._pytree import tree_map
+
+from memfit.apply import apply, applied_strategy, wrapped_blocks
+from memfit.blocks import find_blocks
+from memfit.errors import MemfitError
+from memfit.fit import largest_batch
+from memfit.memory import track_memory
+from memfit.planner import parse_budget, plan
+from memfit.profile import simulate
+from memfit.train.config import dump
+from memfit.train.recipes import RECIPES
+from memfit.verify import resolve_device
+
+GB = 1e9
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_loss(loss_fn, device, precision):
+    """`loss_fn` under autocast for bf16 / fp16; unchanged for fp32."""
+    if precision == "fp32":
+        return loss_fn
+
+    def loss(model, batch):
+        with torch.autocast(device.type, dtype=DTYPES[precision]):
+            return loss_fn(model, batch)
+    return loss
+
+
+def checkpointing_status(model) -> str:
+    """"ENABLED (blocks: 12 of 12)", "ENABLED (selective: 5, recompute: 1 of 6)" or "DISABLED"."""
+    wrapped = wrapped_blocks(model)
+    if not wrapped:
+        return "DISABLED"
+    chains = [m for m in model.modules() if applied_strategy(m)]
+    total = sum(applied_strategy(m)["n_blocks"] for m in chains)
+    modes = {}
+    for _, mode in wrapped:
+        modes[mode] = modes.get(mode, 0) + 1
+    if list(modes) == ["recompute"]:
+        return f"ENABLED (blocks: {len(wrapped)} of {total})"
+    return "ENABLED (" + ", ".join(f"{m}: {n}" for m, n in modes.items()) + f" of {total} blocks)"
+
+
+def _to(batch, device):
+    return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, batch)
+
+
+def _memory(device, model, opt, batch, step):
+    """Run `step()`; return the memory monitor's metrics (GB) for it."""
+    if device.type == "cuda":
+        step()
+        return {"memory/allocated": torch.cuda.memory_allocated(device) / GB,
+                "memory/reserved": torch.cuda.memory_reserved(device) / GB,
+                "memory/max_allocated": torch.cuda.max_memory_allocated(device) / GB}
+    with track_memory(model, opt, batch, device=device) as mem:
+        step()
+    return {"memory/live": mem.end_bytes / GB, "memory/peak": mem.peak_bytes / GB}
+
+
+def train(cfg: dict, *, callback=lambda event, data: None, out_dir=None, metrics_path=None) -> dict:
+    """Train a recipe from a resolved config (see `memfit.train.config.resolve`)."""
+    t, name = cfg["training"], cfg["model"]["name"]
+    recipe = RECIPES[name]
+    device = resolve_device(t["device"])
+    if t["precision"] == "fp16" and device.type != "cuda":
+        raise MemfitError("fp16 training needs CUDA (a gradient scaler against underflow); use --precision bf16 "
+                          "or fp32 on this device.")
+    torch.manual_seed(t["seed"])
+    arch = {k: v for k, v in cfg["model"].items() if k != "name"}
+    data = recipe.data(arch, cfg["data"], t["seed"])
+    arch.update(data.model_overrides)
+    gc = t["gradient_checkpointing"]
+    budget = gc[len("budget:"):] if isinstance(gc, str) and gc.startswith("budget:") else None
+    model = recipe.create(arch, False if budget else gc).to(device).train()
+    loss_fn = autocast_loss(recipe.loss_fn, device, t["precision"])
+    first = _to(data.batch("train", t["batch_size"]), device)
+    if budget:
+        apply(model, plan(model, first, loss_fn, budget, cost="flops"))
+
+    predicted = simulate(model, first, loss_fn, None).peak_bytes
+    memory_budget = parse_budget(t["memory_budget"] or "auto", baseline_peak=predicted, device=device)
+    recommended, _ = largest_batch(model, lambda b: _to(data.batch("train", b), device), loss_fn, None,
+                                   memory_budget)
+    report = {"model": name, "parameters": sum(p.numel() for p in model.parameters()), "device": str(device),
+              "precision": t["precision"], "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+              "gradient_checkpointing": checkpointing_status(model), "batch_size": t["batch_size"],
+              "predicted_peak_bytes": predicted, "memory_budget_bytes": memory_budget,
+              "memory_budget_source": "--memory-budget" if t["memory_budget"] else "free device memory less 10%",
+              "recommended_batch_size": recommended}
+    if hasattr(data, "unigram_entropy"):
+        report["unigram_entropy"] = data.unigram_entropy
+    callback("start", report)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=t["learning_rate"], weight_decay=t["weight_decay"])
+    scaler = torch.amp.GradScaler("cuda") if t["precision"] == "fp16" else None
+    metrics_file = open(metrics_path, "w") if metrics_path else contextlib.nullcontext()
+    history, val_loss = [], None
+    with metrics_file as mf:
+        for it in range(1, t["max_iters"] + 1):
+            batch = first if it == 1 else _to(data.batch("train", t["batch_size"]), device)
+            result = {}
+
+            def step():
+                opt.zero_grad(set_to_none=True)
+                loss = loss_fn(model, batch)
+                if scaler:
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    opt.step()
+                recipe.after_step(model, t)
+                result["loss"] = loss.item()
+
+            log = it % t["log_interval"] == 0 or it in (1, t["max_iters"])
+            t0 = time.perf_counter()
+            memory = _memory(device, model, opt, batch, step) if log else step()
+            elapsed = time.perf_counter() - t0
+            metrics = None
+            if log:
+                metrics = {"iter": it, "loss": result["loss"], "step_time_s": elapsed, **memory}
+                if it % t["eval_interval"] == 0 or it == t["max_iters"]:
+                    val_loss = evaluate(model, data, loss_fn, t, device)
+                    metrics["val_loss"] = val_loss
+                history.append(metrics)
+                if mf:
+                    mf.write(json.dumps(metrics) + "\n")
+                    mf.flush()
+            callback("step", metrics)
+    summary = {"report": report, "final_loss": history[-1]["loss"], "val_loss": val_loss,
+               "peak_gb": max(m.get("memory/peak", m.get("memory/max_allocated", 0)) for m in history)}
+    if out_dir:
+        out = Path(out_dir)
+        torch.save(model.state_dict(), out / "model.pt")
+        (out / "config.yaml").write_text(dump(cfg))
+    callback("end", summary)
+    return summary
+
+
+@torch.no_grad()
+def evaluate(model, data, loss_fn, t, device) -> float:
+    model.eval()
+    losses = [loss_fn(model, _to(data.batch("val", t["batch_size"]), device)).item() for _ in range(t["eval_iters"])]
+    model.train()
+    return sum(losses) / len(losses)

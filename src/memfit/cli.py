@@ -102,6 +102,116 @@ def _bench(args, out: Console) -> int:
     return 0
 
 
+def _train(args, out: Console) -> int:
+    import os
+    from pathlib import Path
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from memfit.report import check_writable, fmt_bytes, write_json
+    from memfit.train.config import resolve
+    from memfit.train.loop import train
+
+    overrides = {f"training.{k}": v for k, v in (
+        ("gradient_checkpointing", args.gradient_checkpointing), ("max_iters", args.max_iters),
+        ("batch_size", args.batch_size), ("precision", args.precision), ("device", args.device),
+        ("memory_budget", args.memory_budget), ("log_interval", args.log_interval), ("seed", args.seed)) if v is not None}
+    if args.data is not None:
+        overrides["data.path"] = args.data
+    for item in args.set or []:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise MemfitError(f"--set {item!r} must be KEY=VALUE, like training.learning_rate=3e-4.")
+        overrides[key.strip()] = value
+    cfg = resolve(args.config, overrides)
+    out_dir = None
+    if args.out:
+        out_dir = Path(args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        check_writable(out_dir / "model.pt")
+    metrics_path = args.metrics or (out_dir / "metrics.jsonl" if out_dir else None)
+    partial = Path(f"{metrics_path}.partial") if metrics_path else None
+    if partial:
+        check_writable(partial)
+    progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        TextColumn("{task.fields[status]}"), console=out)
+    task = None
+
+    def callback(event, data):
+        nonlocal task
+        if event == "start":
+            r = data
+            out.print(f"memfit train: {r['model']} ({r['parameters']:,} parameters) on {r['device']}, "
+                      f"{r['precision']} ({r['dtype']} weights)")
+            mark = "[green]✓[/]" if r["gradient_checkpointing"] != "DISABLED" else "[yellow]✗[/]"
+            out.print(f"{mark} Gradient checkpointing: {r['gradient_checkpointing']}")
+            out.print(f"  Predicted peak memory for batch {r['batch_size']}: {fmt_bytes(r['predicted_peak_bytes'])}")
+            out.print(f"  Recommended batch size for {fmt_bytes(r['memory_budget_bytes'])} "
+                      f"({r['memory_budget_source']}): {r['recommended_batch_size']}")
+            if "unigram_entropy" in r:
+                out.print(f"  Unigram entropy of the data: {r['unigram_entropy']:.3f} nats")
+            progress.start()
+            task = progress.add_task("train", total=cfg["training"]["max_iters"], status="")
+        elif event == "step":
+            if data:
+                mem = " ".join(f"{k.split('/')[1]} {v:.3f} GB" for k, v in data.items() if k.startswith("memory/"))
+                status = f"loss {data['loss']:.4f}  {data['step_time_s'] * 1e3:.0f} ms/step  {mem}"
+                if "val_loss" in data:
+                    status += f"  val {data['val_loss']:.4f}"
+                progress.update(task, status=status)
+                progress.console.print(f"iter {data['iter']}: {status}", highlight=False)
+            progress.advance(task)
+        else:
+            progress.stop()
+
+    try:
+        summary = train(cfg, callback=callback, out_dir=out_dir, metrics_path=partial)
+    finally:
+        progress.stop()
+    if partial:
+        os.replace(partial, metrics_path)
+        out.print(f"metrics written to {metrics_path}")
+    if out_dir:
+        write_json(out_dir / "summary.json", summary)
+        out.print(f"weights, resolved config and metrics written to {out_dir}")
+    out.print(f"final loss {summary['final_loss']:.4f}" + (f", validation loss {summary['val_loss']:.4f}"
+                                                            if summary["val_loss"] is not None else ""))
+    return 0
+
+
+def _fit(args, out: Console) -> int:
+    from rich.table import Table
+
+    from memfit.fit import STRATEGIES, fit
+    from memfit.planner import parse_budget
+    from memfit.report import check_writable, fmt_bytes, write_json
+
+    budget = parse_budget(args.budget)
+    strategies = [s.strip() for s in args.strategies.split(",")] if args.strategies else list(STRATEGIES)
+    json_path = check_writable(args.json) if args.json else None
+    device, model, _, loss_fn = _load(args)
+    module = models.REGISTRY.get(args.model)
+    if module is None:
+        raise MemfitError("memfit fit works on the built-in models; for your own, call memfit.fit.fit(model, "
+                          "make_batch, loss_fn, budget) from Python.")
+    size = args.size or "small"
+    make_batch = lambda b: tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t,  # noqa: E731
+                                    module.batch(size, b, args.seed))
+    rows = fit(model, make_batch, loss_fn, budget, strategies, blocks=args.blocks, timing=not args.no_time)
+    t = Table(title=f"largest batch in {fmt_bytes(budget)}: {args.model} on {device}")
+    for col in ("strategy", "batch size", "peak", "time per sample"):
+        t.add_column(col, justify="left" if col == "strategy" else "right")
+    for r in rows:
+        t.add_row(r["strategy"], str(r["batch_size"]), fmt_bytes(r["peak_bytes"]) if r["peak_bytes"] else "-",
+                  f"{r['time_per_sample_s'] * 1e3:.2f} ms" if r["time_per_sample_s"] else "-")
+    out.print(t)
+    if json_path:
+        write_json(json_path, {"model": args.model, "size": size, "device": str(device), "budget_bytes": budget,
+                               "rows": rows})
+        out.print(f"rows written to {json_path}")
+    return 0
+
+
 def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=models.DEFAULT,
                    help=f"{', '.join(models.REGISTRY)}, or package.module:factory (default: {models.DEFAULT})")
@@ -159,6 +269,33 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--json", metavar="PATH", help="write the rows as JSON")
     b.add_argument("--plot", metavar="PNG", help="plot peak memory against slowdown (needs matplotlib)")
     b.set_defaults(run=_bench)
+
+    t = sub.add_parser("train", help="train a recipe from a YAML config, with a memory monitor",
+                       description="Train one of the seeds' systems from a YAML config (configs/). Every key "
+                       "can be overridden: the flags below, or --set section.key=value.")
+    t.add_argument("--config", help="YAML config, e.g. configs/gpt-char.yaml (default: the gpt recipe's defaults)")
+    t.add_argument("--gradient-checkpointing", metavar="VALUE",
+                   help="true, false, a strategy (blocks, selective, every:2, ...) or budget:60%% / budget:8GiB")
+    t.add_argument("--max-iters", type=str)
+    t.add_argument("--batch-size", type=str)
+    t.add_argument("--precision", help="fp32, bf16 or fp16 (fp16 with a gradient scaler, on CUDA)")
+    t.add_argument("--device", help="auto, cpu, cuda or mps")
+    t.add_argument("--memory-budget", help="memory for the recommended batch size (default: free device memory)")
+    t.add_argument("--log-interval", type=str)
+    t.add_argument("--seed", type=str)
+    t.add_argument("--data", help="text file for the gpt recipe (default: the corpus shipped with memfit)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, e.g. model.n_layer=8")
+    t.add_argument("--out", metavar="DIR", help="save final weights, resolved config, metrics and summary here")
+    t.add_argument("--metrics", metavar="PATH", help="JSONL metrics file (default: DIR/metrics.jsonl with --out)")
+    t.set_defaults(run=_train)
+
+    f = sub.add_parser("fit", help="the largest batch that fits a memory budget, with each strategy")
+    _model_options(f)
+    f.add_argument("--budget", required=True, help="20GiB, 800MB, or auto")
+    f.add_argument("--strategies", help="comma-separated (default: none,blocks,sqrt,selective,plan)")
+    f.add_argument("--no-time", action="store_true", help="skip timing a step at each batch size")
+    f.add_argument("--json", metavar="PATH", help="write rows strategy, batch_size, peak_bytes, time_per_sample_s")
+    f.set_defaults(run=_fit)
     return p
 
 

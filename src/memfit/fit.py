@@ -14,29 +14,27 @@ import gc
 
 import torch
 
-from memfit.errors import MemfitError
-from memfit.planner import plan
+from memfit.planner import Plan, plan, plan_or_none
 from memfit.profile import simulate
-from memfit.verify import measure
+from memfit.verify import measure, time_step
 
 STRATEGIES = ("none", "blocks", "sqrt", "selective", "plan")
 LIMIT = 1 << 20
 
 
-def largest_batch(model, make_batch, loss_fn, strategy, budget: int, *, blocks=None, optimizer=None):
+def largest_batch(model, make_batch, loss_fn, strategy, budget: int, *, blocks=None, optimizer=None, at_least=1):
     """(largest batch size whose peak fits `budget`, its peak bytes); (0, peak
     at batch 1) if not even one sample fits. `strategy` "plan" plans for the
-    budget at each batch size tried; None keeps the model as it is wrapped."""
+    budget at each batch size tried; None keeps the model as it is wrapped.
+    `at_least`: a batch size known to fit (the search starts there)."""
     cache = {}
 
     def peak(b):
         if b not in cache:
             batch = make_batch(b)
             if strategy == "plan":
-                try:
-                    cache[b] = memfit_plan_peak(model, batch, loss_fn, budget, blocks, optimizer)
-                except MemfitError:
-                    cache[b] = float("inf")
+                p = plan_or_none(model, batch, loss_fn, budget, blocks=blocks, cost="flops", optimizer=optimizer)
+                cache[b] = p.predicted_peak_bytes if isinstance(p, Plan) else float("inf")
             else:
                 cache[b] = simulate(model, batch, loss_fn, strategy, blocks=blocks, optimizer=optimizer).peak_bytes
         return cache[b]
@@ -46,8 +44,11 @@ def largest_batch(model, make_batch, loss_fn, strategy, budget: int, *, blocks=N
 
     if not fits(1):
         return 0, peak(1)
-    slope = (peak(8) - peak(1)) / 7 if fits(8) else 0
-    guess = int(1 + (budget - peak(1)) / slope) if slope > 0 else 8
+    if at_least > 1:
+        guess = at_least
+    else:
+        slope = (peak(8) - peak(1)) / 7 if fits(8) else 0
+        guess = int(1 + (budget - peak(1)) / slope) if slope > 0 else 8
     lo, hi, step = 1, None, 1               # lo fits; hi, once known, does not
     probe = max(1, min(guess, LIMIT))
     if fits(probe):                         # gallop up from the estimate
@@ -68,10 +69,6 @@ def largest_batch(model, make_batch, loss_fn, strategy, budget: int, *, blocks=N
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo, peak(lo)
-
-
-def memfit_plan_peak(model, batch, loss_fn, budget, blocks, optimizer):
-    return plan(model, batch, loss_fn, budget, blocks=blocks, cost="flops", optimizer=optimizer).predicted_peak_bytes
 
 
 def _confirm_on_cuda(model, make_batch, loss_fn, strategy, size, budget, blocks):
@@ -95,11 +92,14 @@ def _strategy(model, batch, loss_fn, strategy, budget, blocks):
 def fit(model, make_batch, loss_fn, budget: int, strategies=STRATEGIES, *, blocks=None, timing=True) -> list[dict]:
     """One row per strategy: `strategy`, `batch_size`, `peak_bytes`,
     `time_per_sample_s` (one real step at that batch, after a warm-up step;
-    None without `timing`), `memory_source`."""
+    None without `timing`), `memory_source`. For "plan", the largest batch
+    for which a plan fits."""
     device = next(model.parameters()).device
     rows = []
     for s in strategies:
-        size, peak = largest_batch(model, make_batch, loss_fn, s, budget, blocks=blocks)
+        best = max((r["batch_size"] for r in rows), default=1)  # a plan fits at least what a strategy fits
+        size, peak = largest_batch(model, make_batch, loss_fn, s, budget, blocks=blocks,
+                                   at_least=best if s == "plan" else 1)
         row = {"strategy": s, "batch_size": size, "peak_bytes": peak if size else None,
                "time_per_sample_s": None, "memory_source": "simulated storage-tracker"}
         if size and device.type == "cuda":
@@ -108,8 +108,7 @@ def fit(model, make_batch, loss_fn, budget: int, strategies=STRATEGIES, *, block
                        time_per_sample_s=measured and measured["step_time_s"] / size, memory_source="cuda-allocator")
         elif size and timing:
             batch = make_batch(size)
-            m = measure(model, batch, loss_fn, _strategy(model, batch, loss_fn, s, budget, blocks), blocks=blocks,
-                        timed_steps=1)
-            row["time_per_sample_s"] = m["step_time_s"] / size
+            row["time_per_sample_s"] = time_step(model, batch, loss_fn, _strategy(model, batch, loss_fn, s, budget,
+                                                                                blocks), blocks=blocks) / size
         rows.append(row)
     return rows

@@ -306,6 +306,20 @@ _CACHE: dict = {}
 
 
 def plan(model, batch, loss_fn, budget, *, blocks=None, cost="time", optimizer=None) -> Plan:
+    result = plan_or_none(model, batch, loss_fn, budget, blocks=blocks, cost=cost, optimizer=optimizer)
+    if isinstance(result, Plan):
+        return result
+    prof, budget_bytes = result
+    minimum = _minimum_budget(prof, cost)
+    solution = solve(prof, minimum, cost, bins=200)
+    reachable = simulate(model, batch, loss_fn, solution[0], blocks=blocks, optimizer=optimizer).peak_bytes \
+        if solution else minimum
+    raise MemfitError(f"budget {fmt_bytes(budget_bytes)} is below the smallest peak checkpointing reaches for this "
+                      f"model and batch, about {fmt_bytes(max(reachable, minimum))} (plain run: "
+                      f"{fmt_bytes(prof.baseline_peak_bytes)}); give a budget of at least that, or a smaller batch.")
+
+
+def plan_or_none(model, batch, loss_fn, budget, *, blocks=None, cost="time", optimizer=None):
     """The cheapest plan whose predicted peak fits `budget`.
 
     `budget`: bytes, '20GiB', '800MB', '60%' (of the plain run's peak, with
@@ -313,7 +327,8 @@ def plan(model, batch, loss_fn, budget, *, blocks=None, cost="time", optimizer=N
     `cost`: 'time' (measured, the default) or 'flops' (deterministic).
     `optimizer`: the optimizer class whose state counts (default AdamW).
     Plans are cached by model shape, input shapes, budget and cost, so calling
-    this every step re-plans only when the shapes change.
+    this every step re-plans only when the shapes change. `plan_or_none`
+    returns (profile, budget bytes) instead of raising when no plan fits.
     """
     if cost not in ("time", "flops"):
         raise MemfitError(f"unknown cost {cost!r}; use time (measured) or flops (deterministic).")
@@ -338,10 +353,4 @@ def plan(model, batch, loss_fn, budget, *, blocks=None, cost="time", optimizer=N
                       total / prof.step_cost(cost), cost, recomputed / prof.step_flops, sig)
         _CACHE[key] = result
         return result
-    minimum = _minimum_budget(prof, cost)
-    solution = solve(prof, minimum, cost, bins=200)
-    reachable = simulate(model, batch, loss_fn, solution[0], blocks=blocks, optimizer=optimizer).peak_bytes \
-        if solution else minimum
-    raise MemfitError(f"budget {fmt_bytes(budget_bytes)} is below the smallest peak checkpointing reaches for this "
-                      f"model and batch, about {fmt_bytes(max(reachable, minimum))} (plain run: "
-                      f"{fmt_bytes(prof.baseline_peak_bytes)}); give a budget of at least that, or a smaller batch.")
+    return prof, budget_bytes

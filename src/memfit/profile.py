@@ -90,8 +90,8 @@ class Simulation:
 
 def simulate(model, batch, loss_fn, strategy, *, blocks=None, optimizer=None, marks=False) -> Simulation:
     """Peak memory of one training step with `strategy` applied (None: as the
-    model is wrapped now), after a warm-up step that creates the optimizer
-    state, computed on fake tensors. The model itself is not touched."""
+    model is wrapped now), with the optimizer state in place as after a first
+    step, computed on fake tensors. The model itself is not touched."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fmodel, fbatch = _fake_copy(model, batch, mode)
     fmodel.train()
@@ -99,7 +99,9 @@ def simulate(model, batch, loss_fn, strategy, *, blocks=None, optimizer=None, ma
         apply(fmodel, strategy, blocks=blocks)
     opt = (optimizer or torch.optim.AdamW)(fmodel.parameters())
     with mode:
-        loss_fn(fmodel, fbatch).backward()
+        for p in fmodel.parameters():  # create the optimizer state without a warm-up step
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
         opt.step()
         opt.zero_grad(set_to_none=True)
         with track_memory(fmodel, opt, fbatch, storage_tracker=True) as mem:

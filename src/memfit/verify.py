@@ -32,7 +32,7 @@ from memfit.flops import counting_flops
 from memfit.memory import static_tensors, track_memory
 from memfit.planner import Plan, plan
 
-__all__ = ["verify", "measure", "resolve_device", "resolve_plan", "parse_expected_reduction"]
+__all__ = ["verify", "measure", "time_step", "resolve_device", "resolve_plan", "parse_expected_reduction"]
 
 
 def resolve_plan(strategy, model, batch, loss_fn, blocks=None):
@@ -65,6 +65,19 @@ def measure(model, batch, loss_fn, strategy, *, blocks=None, optimizer=None, tim
         run.times.append(time.perf_counter() - t0)
     return {"peak_bytes": mem.peak_bytes, "activation_bytes": mem.activation_bytes, "memory_source": mem.source,
             "step_time_s": statistics.median(run.times) if run.times else None, "flops": flops}
+
+
+def time_step(model, batch, loss_fn, strategy, *, blocks=None) -> float:
+    """Seconds of one training step of a copy of `model` with `strategy`, after a warm-up step."""
+    device = next(model.parameters()).device
+    m = apply(copy.deepcopy(model).train(), strategy, blocks=blocks)
+    run = _Run(m, torch.optim.AdamW(m.parameters()), [], [])
+    _step(run, batch, loss_fn, 0)
+    _sync(device)
+    t0 = time.perf_counter()
+    _step(run, batch, loss_fn, 1)
+    _sync(device)
+    return time.perf_counter() - t0
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -86,9 +86,6 @@ def resolve(path: str | None, overrides: dict) -> dict:
     """The config file merged over the defaults, then the `overrides`
     ({"training.batch_size": "64", ...}); checked key by key."""
     raw = load(path)
-    unknown = set(raw) - {"model", "data", "training"}
-    if unknown:
-        raise MemfitError(f"unknown config section {sorted(unknown)[0]!r}; sections: model, data, training.")
     name = overrides.get("model.name") or (raw.get("model") or {}).get("name") or "gpt"
     defaults = {"model": {"name": "gpt", **model_keys(name)}, "data": {"path": None},
                 "training": copy.deepcopy(TRAINING)}
@@ -97,9 +94,10 @@ def resolve(path: str | None, overrides: dict) -> dict:
     items += list(overrides.items())
     for key, value in items:
         section, _, field = key.partition(".")
-        if section not in defaults or field not in defaults[section]:
-            known = ", ".join(defaults.get(section, {})) or "model, data, training"
-            raise MemfitError(f"unknown config key {key!r}; keys of {section or 'the config'}: {known}.")
+        if section not in defaults:
+            raise MemfitError(f"unknown config section {section!r} in {key!r}; sections: model, data, training.")
+        if field not in defaults[section]:
+            raise MemfitError(f"unknown config key {key!r}; keys of {section}: {', '.join(defaults[section])}.")
         default = defaults[section][field]
         cfg[section][field] = value if field in FLEXIBLE or key == "data.path" else _coerce(key, value, default)
     t = cfg["training"]

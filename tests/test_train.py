@@ -1,0 +1,159 @@
+"""Recipes: configs, `memfit train`, the memory monitor, the startup report and `memfit fit`."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import memfit
+from memfit import MemfitError, models
+from memfit.fit import largest_batch
+from memfit.memory import track_memory
+from memfit.train.config import resolve
+from memfit.train.loop import train
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SMALL = {  # keeps each recipe's CPU run to seconds
+    "gpt-char": {"model.n_layer": 2, "model.n_embd": 32, "model.block_size": 32},
+    "mlp": {"model.hidden": 64, "model.n_in": 32, "training.batch_size": 64},
+    "resnet-se": {"model.n_blocks": 4, "model.channels": 16, "training.batch_size": 8},
+    "vit-jepa": {"model.embed_dim": 32, "model.depth": 2, "model.num_heads": 2, "model.pred_dim": 16,
+                 "model.pred_depth": 2, "model.pred_heads": 2, "training.batch_size": 8},
+    "video": {"model.frames": 8, "model.size": 16, "model.width": 8, "model.dim": 16, "model.heads": 2,
+              "training.batch_size": 4},
+}
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "memfit", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=900)
+
+
+@pytest.mark.parametrize("recipe", list(SMALL))
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_each_recipe_trains_from_its_config(recipe, checkpointing):
+    overrides = {**SMALL[recipe], "training.max_iters": "10", "training.log_interval": "5",
+                 "training.gradient_checkpointing": str(checkpointing).lower(), "training.memory_budget": "1GiB"}
+    events = []
+    summary = train(resolve(CONFIGS / f"{recipe}.yaml", overrides), callback=lambda e, d: events.append((e, d)))
+    report = events[0][1]
+    assert report["gradient_checkpointing"].startswith("ENABLED" if checkpointing else "DISABLED")
+    logged = [d for e, d in events if e == "step" and d]
+    assert [m["iter"] for m in logged] == [1, 5, 10]
+    assert all("memory/peak" in m and "memory/live" in m for m in logged)
+    assert torch.isfinite(torch.tensor(summary["final_loss"]))
+
+
+def test_checkpointing_lowers_the_monitored_peak_and_the_prediction_holds():
+    peaks = {}
+    for gc in ("true", "false"):
+        events = []
+        train(resolve(CONFIGS / "gpt-char.yaml", {"training.max_iters": "4", "training.log_interval": "2",
+                                                   "training.gradient_checkpointing": gc}),
+              callback=lambda e, d: events.append((e, d)))
+        report = events[0][1]
+        measured = [d["memory/peak"] for e, d in events if e == "step" and d][-1] * 1e9
+        assert measured == pytest.approx(report["predicted_peak_bytes"], rel=0.01)
+        peaks[gc] = measured
+    assert peaks["true"] < 0.6 * peaks["false"]
+
+
+def test_gpt_recipe_learns():
+    """300 iterations of the default config: validation loss clearly below the corpus's unigram entropy."""
+    events = []
+    summary = train(resolve(CONFIGS / "gpt-char.yaml", {"training.log_interval": "100"}),
+                    callback=lambda e, d: events.append((e, d)))
+    entropy = events[0][1]["unigram_entropy"]
+    assert summary["val_loss"] < entropy - 0.5, (summary["val_loss"], entropy)  # half a nat below, or more
+
+
+def test_budget_checkpointing_plans_for_the_first_batch():
+    events = []
+    train(resolve(CONFIGS / "gpt-char.yaml", {**SMALL["gpt-char"], "training.max_iters": "2",
+                                               "training.gradient_checkpointing": "budget:70%"}),
+          callback=lambda e, d: events.append((e, d)))
+    assert events[0][1]["gradient_checkpointing"].startswith("ENABLED")
+
+
+def test_jepa_checkpoints_encoder_or_predictor():
+    model = models.vit_jepa.create_jepa(models.vit_jepa.SIZES["tiny"], {"encoder": True, "predictor": False})
+    wrapped = [n for n, _ in memfit.wrapped_blocks(model)]
+    assert wrapped and all(n.startswith("blocks.") for n in wrapped)
+    assert memfit.wrapped_blocks(model.encoder) and not memfit.wrapped_blocks(model.predictor)
+    assert not memfit.wrapped_blocks(model.target_encoder)
+
+
+def test_cli_train_prints_the_startup_report_and_saves(tmp_path):
+    out = tmp_path / "run"
+    r = cli("train", "--config", str(CONFIGS / "gpt-char.yaml"), "--max-iters", "10", "--gradient-checkpointing",
+            "true", "--set", "model.n_layer=2", "--set", "model.n_embd=32", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "Gradient checkpointing: ENABLED (blocks: 2 of 2)" in r.stdout
+    assert "Recommended batch size for" in r.stdout and "Predicted peak memory for batch 32" in r.stdout
+    assert "iter 10:" in r.stdout and "peak" in r.stdout
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iter"] for m in lines] == [1, 10] and "memory/peak" in lines[0]
+    assert (out / "model.pt").exists() and "n_layer: 2" in (out / "config.yaml").read_text()
+    state = torch.load(out / "model.pt", weights_only=True)
+    assert "transformer.h.0.attn.c_attn.weight" in state
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "missing.yaml"], "cannot read config missing.yaml"),
+    (["--set", "training.lrr=3"], "unknown config key 'training.lrr'"),
+    (["--set", "model.n_layers=3"], "unknown config key 'model.n_layers'"),
+    (["--batch-size", "abc"], "training.batch_size must be an integer"),
+    (["--batch-size", "0"], "training.batch_size must be at least 1"),
+    (["--data", "no/such/file.txt"], "cannot read data file"),
+    (["--precision", "fp8"], "not one of fp32, bf16, fp16"),
+    (["--set", "nonsense"], "must be KEY=VALUE"),
+])
+def test_cli_train_bad_input(args, message):
+    r = cli("train", "--max-iters", "1", *args)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_fit_finds_the_largest_batch_that_fits():
+    """At the batch `fit` reports a real step fits the budget; one sample more does not."""
+    model, _, loss_fn = models.load("resnet-se", "tiny")
+    make = lambda b: models.resnet_se.batch("tiny", b)  # noqa: E731
+    budget = 24 * 2**20
+    sizes = {}
+    for strategy in ("none", "blocks"):
+        size, _ = largest_batch(model, make, loss_fn, strategy, budget)
+        sizes[strategy] = size
+        for b, fits in ((size, True), (size + 1, False)):
+            m = memfit.apply(__import__("copy").deepcopy(model), strategy)
+            opt = torch.optim.AdamW(m.parameters())
+            for p in m.parameters():
+                p.grad = torch.zeros_like(p)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            batch = make(b)
+            with track_memory(m, opt, batch) as mem:
+                loss_fn(m, batch).backward()
+                opt.step()
+            assert (mem.peak_bytes <= budget) == fits, (strategy, b, mem.peak_bytes)
+    assert sizes["blocks"] > sizes["none"]
+
+
+def test_cli_fit(tmp_path):
+    path = tmp_path / "fit.json"
+    r = cli("fit", "--model", "resnet-se", "--size", "tiny", "--budget", "32MiB", "--strategies", "none,blocks",
+            "--json", str(path))
+    assert r.returncode == 0, r.stderr
+    rows = {row["strategy"]: row for row in json.loads(path.read_text())["rows"]}
+    assert rows["blocks"]["batch_size"] > rows["none"]["batch_size"] > 0
+    assert {"strategy", "batch_size", "peak_bytes", "time_per_sample_s"} <= set(rows["none"])
+    r = cli("fit", "--model", "resnet-se", "--budget", "0")
+    assert r.returncode == 2 and "must be positive" in r.stderr
+
+
+def test_config_errors_in_library():
+    with pytest.raises(MemfitError, match="unknown config section"):
+        resolve(None, {"optim.lr": 1})
+    cfg = resolve(CONFIGS / "vit-jepa.yaml", {})
+    assert cfg["training"]["gradient_checkpointing"] == {"encoder": True, "predictor": False}

@@ -90,6 +90,9 @@ def resolve(path: str | None, overrides: dict) -> dict:
     defaults = {"model": {"name": "gpt", **model_keys(name)}, "data": {"path": None},
                 "training": copy.deepcopy(TRAINING)}
     cfg = copy.deepcopy(defaults)
+    for section, values in raw.items():
+        if values is not None and not isinstance(values, dict):
+            raise MemfitError(f"config section {section!r} must be a mapping of keys to values, got {values!r}.")
     items = [(f"{section}.{k}", v) for section, values in raw.items() for k, v in (values or {}).items()]
     items += list(overrides.items())
     for key, value in items:

@@ -60,6 +60,21 @@ def test_checkpointing_lowers_the_monitored_peak_and_the_prediction_holds():
     assert peaks["true"] < 0.6 * peaks["false"]
 
 
+@pytest.mark.parametrize("recipe, strategy", [("gpt-char", "blocks"), ("resnet-se", "sqrt"),
+                                              ("vit-jepa", "selective"), ("video", "blocks")])
+def test_checkpointing_on_or_off_is_the_same_training(recipe, strategy):
+    """Same seed, same losses to the bit, whether or not checkpointing is on
+    (and whatever the startup report probed)."""
+    losses = {}
+    for gc in (strategy, "false"):
+        events = []
+        train(resolve(CONFIGS / f"{recipe}.yaml", {**SMALL[recipe], "training.max_iters": "6",
+                                                    "training.log_interval": "1", "training.gradient_checkpointing": gc}),
+              callback=lambda e, d: events.append((e, d)))
+        losses[gc] = [d["loss"] for e, d in events if e == "step" and d]
+    assert losses[strategy] == losses["false"]
+
+
 def test_gpt_recipe_learns():
     """300 iterations of the default config: validation loss clearly below the corpus's unigram entropy."""
     events = []

@@ -89,12 +89,18 @@ def train(cfg: dict, *, callback=lambda event, data: None, out_dir=None, metrics
     loss_fn = autocast_loss(recipe.loss_fn, device, t["precision"])
     first = _to(data.batch("train", t["batch_size"]), device)
     if budget:
-        apply(model, plan(model, first, loss_fn, budget, cost="flops"))
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            apply(model, plan(model, first, loss_fn, budget, cost="flops"))
 
-    predicted = simulate(model, first, loss_fn, None).peak_bytes
-    memory_budget = parse_budget(t["memory_budget"] or "auto", baseline_peak=predicted, device=device)
-    recommended, _ = largest_batch(model, lambda b: _to(data.batch("train", b), device), loss_fn, None,
-                                   memory_budget)
+    # The report must not change the training: its probes run on set-aside RNG and data generators.
+    saved = {k: g.get_state() for k, g in data.generators.items()}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        predicted = simulate(model, first, loss_fn, None).peak_bytes
+        memory_budget = parse_budget(t["memory_budget"] or "auto", baseline_peak=predicted, device=device)
+        recommended, _ = largest_batch(model, lambda b: _to(data.batch("train", b), device), loss_fn, None,
+                                       memory_budget)
+    for k, g in data.generators.items():
+        g.set_state(saved[k])
     report = {"model": name, "parameters": sum(p.numel() for p in model.parameters()), "device": str(device),
               "precision": t["precision"], "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
               "gradient_checkpointing": checkpointing_status(model), "batch_size": t["batch_size"],

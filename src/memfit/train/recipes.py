@@ -1,5 +1,11 @@
 """The seeds' systems as recipes: per model, its architecture keys, factory,
-data, loss and what runs after each optimizer step."""
+data, loss and what runs after each optimizer step.
+
+Every data source draws from its own generators, one per split
+(`.generators`), so the training loop can set them aside while it builds
+probe batches for the startup report: the batches a run trains on do not
+depend on what was probed.
+"""
 from __future__ import annotations
 
 import math
@@ -68,12 +74,12 @@ class Clips:
 
     def __init__(self, cfg, seed=0):
         self.splits = {"train": video.moving_clips(512, cfg, seed), "val": video.moving_clips(128, cfg, seed + 1)}
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generators = {"train": torch.Generator().manual_seed(seed), "val": torch.Generator().manual_seed(seed + 1)}
         self.model_overrides = {}
 
     def batch(self, split, batch_size):
         clips, labels = self.splits[split]
-        i = torch.randint(len(labels), (batch_size,), generator=self.generator)
+        i = torch.randint(len(labels), (batch_size,), generator=self.generators[split])
         return clips[i], labels[i]
 
 

@@ -15,7 +15,7 @@ import gc
 import torch
 
 from memfit.planner import Plan, plan, plan_or_none
-from memfit.profile import simulate
+from memfit.profile import batch_dims, simulate
 from memfit.verify import measure, time_step
 
 STRATEGIES = ("none", "blocks", "sqrt", "selective", "plan")
@@ -28,15 +28,18 @@ def largest_batch(model, make_batch, loss_fn, strategy, budget: int, *, blocks=N
     budget at each batch size tried; None keeps the model as it is wrapped.
     `at_least`: a batch size known to fit (the search starts there)."""
     cache = {}
+    template = make_batch(1)
+    dims = batch_dims(template, make_batch(2))
 
     def peak(b):
         if b not in cache:
-            batch = make_batch(b)
-            if strategy == "plan":
-                p = plan_or_none(model, batch, loss_fn, budget, blocks=blocks, cost="flops", optimizer=optimizer)
+            if strategy == "plan":  # plans are made on real batches
+                p = plan_or_none(model, make_batch(b), loss_fn, budget, blocks=blocks, cost="flops",
+                                 optimizer=optimizer)
                 cache[b] = p.predicted_peak_bytes if isinstance(p, Plan) else float("inf")
-            else:
-                cache[b] = simulate(model, batch, loss_fn, strategy, blocks=blocks, optimizer=optimizer).peak_bytes
+            else:                   # other strategies on a batch of b fake rows: no data is made
+                cache[b] = simulate(model, template, loss_fn, strategy, blocks=blocks, optimizer=optimizer,
+                                    resize=(b, dims)).peak_bytes
         return cache[b]
 
     def fits(b):

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 from memfit import strategies
 from memfit.apply import applied_strategy, apply, remove
@@ -43,16 +43,32 @@ MODES = (KEEP, RECOMPUTE, SELECTIVE)
 UNIFORM = {KEEP: "none", RECOMPUTE: "blocks", SELECTIVE: "selective"}
 
 
-def _fake_copy(model, batch, mode: FakeTensorMode):
-    """A copy of `model` and `batch` made of fake tensors (no real memory)."""
+def _fake_copy(model, batch, mode: FakeTensorMode, resize=None):
+    """A copy of `model` and `batch` made of fake tensors (no real memory).
+    `resize` = (batch size, positions of the batch's tensors whose first
+    dimension is the batch): those get that many rows."""
     memo = {}
     for p in model.parameters():
         memo[id(p)] = torch.nn.Parameter(mode.from_tensor(p.detach()), requires_grad=p.requires_grad)
     for b in model.buffers():
         memo[id(b)] = mode.from_tensor(b)
     fake_model = copy.deepcopy(model, memo)
-    fake_batch = tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, batch)
-    return fake_model, fake_batch
+    leaves, spec = tree_flatten(batch)
+    fake = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in leaves]
+    if resize:
+        size, dims = resize
+        with mode:
+            for i in dims:
+                fake[i] = torch.empty((size, *leaves[i].shape[1:]), dtype=leaves[i].dtype, device=leaves[i].device)
+    return fake_model, tree_unflatten(fake, spec)
+
+
+def batch_dims(small, larger) -> list[int]:
+    """Positions of the tensors whose first dimension differs between two
+    batches of different sizes: the ones that carry the batch dimension."""
+    a, b = tree_leaves(small), tree_leaves(larger)
+    return [i for i, (x, y) in enumerate(zip(a, b))
+            if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] != y.shape[0]]
 
 
 class _Marks:
@@ -88,12 +104,14 @@ class Simulation:
     timeline: list  # (label, live bytes)
 
 
-def simulate(model, batch, loss_fn, strategy, *, blocks=None, optimizer=None, marks=False) -> Simulation:
+def simulate(model, batch, loss_fn, strategy, *, blocks=None, optimizer=None, marks=False,
+             resize=None) -> Simulation:
     """Peak memory of one training step with `strategy` applied (None: as the
     model is wrapped now), with the optimizer state in place as after a first
-    step, computed on fake tensors. The model itself is not touched."""
+    step, computed on fake tensors. The model itself is not touched.
+    `resize`: see `_fake_copy` (a batch of any size, without making one)."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fmodel, fbatch = _fake_copy(model, batch, mode)
+    fmodel, fbatch = _fake_copy(model, batch, mode, resize)
     fmodel.train()
     if strategy is not None:
         apply(fmodel, strategy, blocks=blocks)

@@ -13,7 +13,6 @@ Costs are FLOPs (--cost flops) so the comparisons are deterministic.
 """
 import argparse
 import datetime
-import json
 import platform
 import time
 from pathlib import Path

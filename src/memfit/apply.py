@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import types
 
-import torch
 from torch import nn
 
 from memfit import strategies
 from memfit.blocks import find_blocks
 from memfit.checkpoint import Region, _recomputes, run
 from memfit.errors import MemfitError
-from memfit.strategies import KEEP, SELECTIVE, Unit
+from memfit.strategies import KEEP, SELECTIVE
 
 __all__ = ["apply", "remove", "wrapped_blocks", "applied_strategy"]
 

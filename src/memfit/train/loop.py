@@ -15,7 +15,6 @@ import torch
 from torch.utils._pytree import tree_map
 
 from memfit.apply import apply, applied_strategy, wrapped_blocks
-from memfit.blocks import find_blocks
 from memfit.errors import MemfitError
 from memfit.fit import largest_batch
 from memfit.memory import track_memory

@@ -39,7 +39,7 @@ __all__ = ["apply", "remove", "wrapped_blocks", "applied_strategy"]
 
 
 def apply(model: nn.Module, strategy="blocks", blocks=None, state_replay=True, *, budget=None, batch=None,
-          loss_fn=None, cost="time") -> nn.Module:
+          loss_fn=None, cost="time", training_only=True) -> nn.Module:
     """Checkpoint the blocks of `model` according to `strategy`; returns `model`.
 
     `strategy`: a strategy string (`none`, `blocks`, `every:K`, `segments:N`,
@@ -50,7 +50,8 @@ def apply(model: nn.Module, strategy="blocks", blocks=None, state_replay=True, *
     replaces the previous strategy. Recomputation only happens in training mode with grad
     enabled; in eval mode a wrapped block is a plain call. `state_replay=False`
     reproduces PyTorch's own checkpoint, which writes BatchNorm statistics
-    twice: only for showing the difference.
+    twice: only for showing the difference. `training_only=False` also
+    recomputes in eval mode, for gradients of an eval-mode model (attribution).
     """
     from memfit.planner import Plan, plan
 
@@ -77,7 +78,7 @@ def apply(model: nn.Module, strategy="blocks", blocks=None, state_replay=True, *
         policy = strategies.selective_policy if unit.mode == SELECTIVE else None
         for index, (name, block) in enumerate(members):
             block._memfit = _Spec(name, unit.mode, policy, segment, index, block.__dict__.get("forward"),
-                                  state_replay)
+                                  state_replay, training_only)
             block.forward = types.MethodType(_forward, block)
     model.__dict__["_memfit_applied"] = {"units": units, "blocks": blocks, "state_replay": state_replay,
                                          "n_blocks": len(chain)}
@@ -120,18 +121,19 @@ def _check_units(units, n):
 
 
 class _Spec:
-    def __init__(self, name, mode, policy, segment, index, prev_forward, state_replay):
+    def __init__(self, name, mode, policy, segment, index, prev_forward, state_replay, training_only):
         self.name, self.mode, self.policy = name, mode, policy
         self.segment, self.index, self.prev_forward = segment, index, prev_forward
-        self.state_replay = state_replay
+        self.state_replay, self.training_only = state_replay, training_only
 
 
 def _forward(self, *args, **kwargs):
     spec = self._memfit
     fn = spec.prev_forward or types.MethodType(type(self).forward, self)
     if spec.segment is None:
-        return run(fn, args, kwargs, policy=spec.policy, state_replay=spec.state_replay)
-    return spec.segment.call(spec.index, self, fn, args, kwargs, spec.state_replay)
+        return run(fn, args, kwargs, policy=spec.policy, state_replay=spec.state_replay,
+                   training_only=spec.training_only)
+    return spec.segment.call(spec.index, self, fn, args, kwargs, spec)
 
 
 def _first(out):
@@ -145,16 +147,16 @@ class _Segment:
         self.names = names
         self.region = None
 
-    def call(self, index, block, fn, args, kwargs, state_replay):
+    def call(self, index, block, fn, args, kwargs, spec):
         last = index == len(self.names) - 1
         if index == 0:
             if self.region is not None:  # the previous forward stopped inside the segment
                 self.region.fail(_abandoned)
                 self.region = None
-            if not _recomputes(fn):
+            if not _recomputes(fn, spec.training_only):
                 return fn(*args, **kwargs)
             self.calls = [(fn, args[1:], kwargs)]
-            self.region = Region(self._replay(self.calls), args, kwargs, owner=block, state_replay=state_replay)
+            self.region = Region(self._replay(self.calls), args, kwargs, owner=block, state_replay=spec.state_replay)
         elif self.region is None:
             return fn(*args, **kwargs)
         else:

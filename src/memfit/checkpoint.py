@@ -38,13 +38,14 @@ def checkpoint(fn, *args, **kwargs):
     return run(fn, args, kwargs)
 
 
-def run(fn, args, kwargs, policy=None, state_replay=True):
+def run(fn, args, kwargs, policy=None, state_replay=True, training_only=True):
     """`checkpoint` with an optional selective policy (see `memfit.strategies`).
 
     `state_replay=False` gives PyTorch's own semantics (buffers written again
-    by the recompute), for comparison only.
+    by the recompute), for comparison only. `training_only=False` recomputes
+    in eval mode too (gradients of an eval-mode model: attribution).
     """
-    if not _recomputes(fn):
+    if not _recomputes(fn, training_only):
         return fn(*args, **kwargs)
     region = Region(fn, args, kwargs, policy, owner=_owner(fn), state_replay=state_replay)
     try:
@@ -56,13 +57,14 @@ def run(fn, args, kwargs, policy=None, state_replay=True):
     return out
 
 
-def _recomputes(fn) -> bool:
+def _recomputes(fn, training_only=True) -> bool:
     """Checkpointing only happens where a backward can follow: grad mode, and a
-    module (if `fn` is one or belongs to one) in training mode."""
+    module (if `fn` is one or belongs to one) in training mode, unless
+    `training_only` is False."""
     if not torch.is_grad_enabled():
         return False
     owner = _owner(fn)
-    return owner is None or owner.training
+    return owner is None or owner.training or not training_only
 
 
 def _owner(fn):

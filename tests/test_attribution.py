@@ -1,0 +1,109 @@
+"""Per-frame importance: exact with checkpointing equals exact without, and the
+cache survives kills and corruption."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from memfit import MemfitError
+from memfit.attribution import Cache, attribute, checkpoint_model, compare_scores
+from memfit.attribution.cache import weights_hash
+from memfit.memory import track_memory
+from memfit.models import video
+
+
+def tiny(n=3):
+    model, (clips, _), _ = video.build("tiny", batch_size=n)
+    return model, {f"video_{i:03d}": clips[i] for i in range(n)}
+
+
+def test_exact_with_checkpointing_is_identical_and_smaller():
+    model, videos = tiny(2)
+    clip = {"video_000": videos["video_000"]}
+    with track_memory(model) as plain_mem:
+        plain = attribute(model, clip)
+    checkpoint_model(model)
+    with track_memory(model) as ckpt_mem:
+        ckpt = attribute(model, clip)
+    assert ckpt["video_000"]["scores"] == plain["video_000"]["scores"]  # bitwise, CPU fp32
+    assert ckpt_mem.peak_bytes < plain_mem.peak_bytes
+    assert sum(plain["video_000"]["scores"]) == pytest.approx(1.0)
+
+
+def test_chunked_is_an_approximation_and_is_measured():
+    model, videos = tiny(1)
+    exact = attribute(model, videos)["video_000"]
+    chunked = attribute(model, videos, mode="chunked", chunk_size=2)["video_000"]
+    assert chunked["chunks"] == 4 and exact["target"] == chunked["target"]
+    c = compare_scores(exact["scores"], chunked["scores"], k=3)
+    assert c["max_rel_error"] > 0 and -1 <= c["pearson"] <= 1 and 0 <= c["top_k_agreement"] <= 1
+    assert compare_scores(exact["scores"], exact["scores"])["max_rel_error"] == 0
+
+
+def make_cache(root, model, mode="chunked"):
+    return Cache(root, "video-tiny", weights_hash(model), {"mode": mode, "chunk_size": 2})
+
+
+def test_a_killed_run_resumes_from_the_cache(tmp_path):
+    script = textwrap.dedent("""
+        import os, signal, sys
+        from memfit.attribution import Cache, attribute
+        from memfit.attribution.cache import weights_hash
+        from memfit.models import video
+        model, (clips, _), _ = video.build("tiny", batch_size=3)
+        videos = {f"video_{i:03d}": clips[i] for i in range(3)}
+        cache = Cache(sys.argv[1], "video-tiny", weights_hash(model), {"mode": "chunked", "chunk_size": 2})
+        done = []
+        def progress(video, chunk, total):
+            done.append(chunk)
+            if len(done) == 5:                 # killed between chunks, mid-video
+                os.kill(os.getpid(), signal.SIGKILL)
+        attribute(model, videos, mode="chunked", chunk_size=2, cache=cache, progress=progress)
+    """)
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "cache")], capture_output=True, timeout=300)
+    assert r.returncode == -9, r.stderr
+    model, videos = tiny()
+    cache = make_cache(tmp_path / "cache", model)
+    assert len(cache.files) == 5
+    resumed = attribute(model, videos, mode="chunked", chunk_size=2, cache=cache)
+    assert len(cache.reused) == 5 and not cache.corrupt
+    fresh = attribute(model, videos, mode="chunked", chunk_size=2, cache=make_cache(tmp_path / "fresh", model))
+    assert resumed == fresh
+    assert not list((tmp_path / "cache").rglob("*.tmp"))
+
+
+def test_a_corrupt_file_is_detected_and_recomputed(tmp_path):
+    model, videos = tiny(1)
+    first = attribute(model, videos, mode="chunked", chunk_size=2, cache=make_cache(tmp_path, model))
+    cache = make_cache(tmp_path, model)
+    victim = cache.dir / "video_000_chunk_001.pt"
+    victim.write_bytes(victim.read_bytes()[:50])           # truncated
+    again = attribute(model, videos, mode="chunked", chunk_size=2, cache=cache)
+    assert cache.corrupt == ["video_000_chunk_001"] and again == first
+    assert make_cache(tmp_path, model).get("video_000_chunk_001") is not None  # rewritten, valid again
+
+
+def test_changed_weights_or_config_do_not_reuse_the_cache(tmp_path):
+    model, videos = tiny(1)
+    attribute(model, videos, mode="chunked", chunk_size=2, cache=make_cache(tmp_path, model))
+    with torch.no_grad():
+        model.head.weight.add_(1.0)
+    changed = make_cache(tmp_path, model)
+    assert not changed.files
+    other = Cache(tmp_path, "video-tiny", weights_hash(model), {"mode": "chunked", "chunk_size": 4})
+    assert other.dir != changed.dir and len(list(tmp_path.iterdir())) == 3  # the old cache is kept
+
+
+def test_bad_input(tmp_path):
+    model, videos = tiny(1)
+    for size in (0, 9):
+        with pytest.raises(MemfitError, match="chunk size"):
+            attribute(model, videos, mode="chunked", chunk_size=size)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(MemfitError, match="cannot write the cache directory"):
+        make_cache(blocker / "cache", model)
+    with pytest.raises(MemfitError, match="unknown reduction"):
+        attribute(model, videos, reduce="l3")

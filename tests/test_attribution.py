@@ -107,3 +107,82 @@ def test_bad_input(tmp_path):
         make_cache(blocker / "cache", model)
     with pytest.raises(MemfitError, match="unknown reduction"):
         attribute(model, videos, reduce="l3")
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "memfit", "attribute", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+
+
+def write_frames(directory, n, sizes=None, skip=None):
+    from PIL import Image
+    import numpy as np
+    directory.mkdir()
+    for i in range(n):
+        if i != skip:
+            size = (sizes or {}).get(i, 16)
+            Image.fromarray((np.random.rand(size, size, 3) * 255).astype("uint8")).save(directory / f"frame_{i:03d}.png")
+
+
+def test_cli_on_files_with_cache_and_outputs(tmp_path):
+    import numpy as np
+    _, videos = tiny(2)
+    paths = []
+    for vid, clip in videos.items():
+        np.save(tmp_path / f"{vid}.npy", clip.numpy())
+        paths.append(str(tmp_path / f"{vid}.npy"))
+    write_frames(tmp_path / "clip_dir", 8)
+    args = [*paths, str(tmp_path / "clip_dir"), "--size", "tiny", "--mode", "chunked", "--chunk-size", "4",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), "--json", str(tmp_path / "r.json")]
+    r = cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert "0 chunks reused" in r.stdout
+    assert (tmp_path / "out" / "video_000.csv").exists() and (tmp_path / "out" / "classes.png").exists()
+    again = cli(*args)
+    assert "6 chunks reused" in again.stdout
+    import json
+    assert len(json.loads((tmp_path / "r.json").read_text())["clip_dir"]["scores"]) == 8
+
+
+def test_cli_compare_json(tmp_path):
+    import numpy as np
+    _, videos = tiny(1)
+    np.save(tmp_path / "v.npy", videos["video_000"].numpy())
+    r = cli(str(tmp_path / "v.npy"), "--size", "tiny", "--compare", "--chunk-size", "4", "--json",
+            str(tmp_path / "c.json"))
+    assert r.returncode == 0, r.stderr
+    import json
+    report = json.loads((tmp_path / "c.json").read_text())
+    assert set(report["modes"]) == {"exact", "exact_nockpt", "chunked"}
+    assert all({"peak_bytes", "time_s"} <= set(m) for m in report["modes"].values())
+    pairs = {(c["a"], c["b"]): c for c in report["comparisons"]}
+    assert pairs[("exact", "exact_nockpt")]["max_rel_error"] == 0
+    assert report["modes"]["exact"]["peak_bytes"] < report["modes"]["exact_nockpt"]["peak_bytes"]
+    assert {"max_rel_error", "pearson", "top_k_agreement"} <= set(pairs[("chunked", "exact")])
+
+
+def test_cli_bad_input_keeps_the_cache(tmp_path):
+    import numpy as np
+    _, videos = tiny(1)
+    np.save(tmp_path / "v.npy", videos["video_000"].numpy())
+    np.save(tmp_path / "flat.npy", np.zeros((8, 16, 16), dtype="float32"))
+    ok = cli(str(tmp_path / "v.npy"), "--size", "tiny", "--cache-dir", str(tmp_path / "cache"))
+    assert ok.returncode == 0
+    cached = sorted(p.name for p in (tmp_path / "cache").rglob("*"))
+    write_frames(tmp_path / "gaps", 5, skip=2)
+    write_frames(tmp_path / "mixed", 4, sizes={3: 20})
+    (tmp_path / "file").write_text("x")
+    for args, message in [
+        (["missing.npy"], "does not exist"),
+        ([str(tmp_path / "flat.npy")], "must be 4-dimensional"),
+        ([str(tmp_path / "gaps")], "gaps (missing number 2)"),
+        ([str(tmp_path / "mixed")], "mixed sizes"),
+        ([str(tmp_path / "v.npy"), "--mode", "chunked", "--chunk-size", "0"], "--chunk-size 0"),
+        ([str(tmp_path / "v.npy"), "--mode", "chunked", "--chunk-size", "9"], "--chunk-size 9"),
+        ([str(tmp_path / "v.npy"), "--cache-dir", str(tmp_path / "file" / "c")], "cannot write the cache"),
+    ]:
+        r = cli(*args, "--size", "tiny", "--cache-dir", str(tmp_path / "cache")) if "--cache-dir" not in args \
+            else cli(*args, "--size", "tiny")
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert sorted(p.name for p in (tmp_path / "cache").rglob("*")) == cached

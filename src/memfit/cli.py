@@ -212,6 +212,94 @@ def _fit(args, out: Console) -> int:
     return 0
 
 
+def _attribute(args, out: Console) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from rich.table import Table
+
+    from memfit.attribution import Cache, attribute, checkpoint_model
+    from memfit.attribution.cache import weights_hash
+    from memfit.attribution.io import load_video
+    from memfit.attribution.run import compare, demo, write_outputs
+    from memfit.report import check_writable, fmt_bytes, write_json
+
+    if not args.videos and not args.demo:
+        raise MemfitError("give videos (.npy / .pt files or directories of numbered frames) or --demo.")
+    json_path = check_writable(args.json) if args.json else None
+    out_dir = Path(args.out) if args.out else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        check_writable(out_dir / "summary.json")
+    if args.demo:
+        out.print("training the demo video model on synthetic clips (one motion pattern per class) ...")
+        model, videos, classes = demo()
+    else:
+        videos = {Path(v).stem: load_video(v) for v in args.videos}
+        classes = None
+        torch.manual_seed(0)  # without --weights: the same untrained model every run (and cache key)
+        model = models.video.create_video(models.video.SIZES[args.size or "small"])
+        if args.weights:
+            try:
+                model.load_state_dict(torch.load(args.weights, weights_only=True))
+            except (OSError, RuntimeError) as e:
+                raise MemfitError(f"cannot load weights {args.weights} ({str(e).splitlines()[0]}); give a "
+                                  f"state_dict saved from the same video model.") from None
+        cfg = model.config
+        for vid, clip in videos.items():
+            if tuple(clip.shape[1:]) != (cfg.channels, cfg.size, cfg.size) or clip.shape[0] > cfg.frames:
+                raise MemfitError(f"video {vid} has shape {tuple(clip.shape)}; this model takes up to {cfg.frames} "
+                                  f"frames of {cfg.channels} x {cfg.size} x {cfg.size}.")
+    model.eval()
+    targets = {v: args.target for v in videos} if args.target is not None else None
+    frames = min(c.shape[0] for c in videos.values())
+    if args.mode == "chunked" or args.compare:
+        if not 1 <= args.chunk_size <= frames:
+            raise MemfitError(f"--chunk-size {args.chunk_size} must be between 1 and the clips' {frames} frames.")
+    if args.compare:
+        report = compare(model, videos, targets, chunk_size=args.chunk_size, reduce=args.reduce,
+                         times_input=args.times_input)
+        t = Table(title=f"attribution modes over {len(videos)} videos")
+        for col in ("mode", "peak memory", "time"):
+            t.add_column(col, justify="left" if col == "mode" else "right")
+        for name, m in report["modes"].items():
+            t.add_row(name, fmt_bytes(m["peak_bytes"]), f"{m['time_s']:.2f} s")
+        out.print(t)
+        c = Table(title="agreement of per-frame importance")
+        for col in ("a vs b", "max relative error", "Pearson", "top-5 agreement"):
+            c.add_column(col, justify="left" if col == "a vs b" else "right")
+        for row in report["comparisons"]:
+            c.add_row(f"{row['a']} vs {row['b']}", f"{row['max_rel_error']:.3g}", f"{row['pearson']:.4f}",
+                      f"{row['top_k_agreement']:.0%}")
+        out.print(c)
+        out.print(f"chunked mode (chunks of {args.chunk_size}) is an approximation: the model's temporal "
+                  f"transformer mixes frames, and a chunk sees only its own.")
+        results = report["results"]["exact"]
+        if json_path:
+            write_json(json_path, {k: v for k, v in report.items() if k != "results"})
+    else:
+        checkpoint_model(model, args.strategy)
+        cache_root = args.cache_dir or tempfile.mkdtemp(prefix="memfit_gradients_")
+        cache = Cache(cache_root, "video", weights_hash(model),
+                      {"mode": args.mode, "chunk_size": args.chunk_size if args.mode == "chunked" else None,
+                       "target": args.target})
+        results = attribute(model, videos, targets, mode=args.mode, chunk_size=args.chunk_size, reduce=args.reduce,
+                            times_input=args.times_input, cache=cache)
+        out.print(f"gradients cached in {cache.dir} ({len(cache.reused)} chunks reused"
+                  + (f", {len(cache.corrupt)} corrupt and recomputed: {', '.join(cache.corrupt)}" if cache.corrupt
+                     else "") + ")")
+        if json_path:
+            write_json(json_path, results)
+    for vid, r in results.items():
+        top = sorted(range(len(r["scores"])), key=lambda i: -r["scores"][i])[:5]
+        label = f" ({classes[vid]})" if classes else ""
+        out.print(f"{vid}{label}: target {r['target']}, most important frames {top}")
+    if out_dir:
+        write_outputs(results, out_dir, classes)
+        out.print(f"per-video CSV, JSON and plots, and classes.png, written to {out_dir}")
+    return 0
+
+
 def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=models.DEFAULT,
                    help=f"{', '.join(models.REGISTRY)}, or package.module:factory (default: {models.DEFAULT})")
@@ -296,6 +384,29 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--no-time", action="store_true", help="skip timing a step at each batch size")
     f.add_argument("--json", metavar="PATH", help="write rows strategy, batch_size, peak_bytes, time_per_sample_s")
     f.set_defaults(run=_fit)
+
+    a = sub.add_parser("attribute", help="per-frame gradient importance of video clips, exact or chunked",
+                       description="Gradients of the video model's class score with respect to each input frame, "
+                       "as a per-frame importance. Exact mode (default) runs the whole clip in one backward with "
+                       "checkpointing; chunked mode runs chunks of frames alone, as seed 000 did.")
+    a.add_argument("videos", nargs="*", help=".npy / .pt arrays (frames x channels x height x width) or "
+                   "directories of numbered PNG/JPEG frames")
+    a.add_argument("--demo", action="store_true", help="synthetic clips and a briefly trained video model")
+    a.add_argument("--compare", action="store_true", help="measure exact, exact without checkpointing and "
+                   "chunked against each other")
+    a.add_argument("--size", help="size of the video model (tiny, small, large; default small)")
+    a.add_argument("--weights", help="state_dict of the video model (default: untrained weights)")
+    a.add_argument("--target", type=int, help="the class to explain (default: the predicted one)")
+    a.add_argument("--mode", default="exact", choices=["exact", "chunked"])
+    a.add_argument("--chunk-size", type=int, default=8)
+    a.add_argument("--reduce", default="l2", choices=["l2", "l1", "max"])
+    a.add_argument("--times-input", action="store_true", help="gradient x input")
+    a.add_argument("--strategy", default="blocks", help="checkpointing of the model's blocks (default blocks)")
+    a.add_argument("--cache-dir", help="where chunk gradients are cached (default: a new temporary directory; "
+                   "use a large store directory to keep them)")
+    a.add_argument("--out", metavar="DIR", help="per-video CSV/JSON and plots")
+    a.add_argument("--json", metavar="PATH", help="scores, or with --compare the modes and comparisons, as JSON")
+    a.set_defaults(run=_attribute)
     return p
 
 

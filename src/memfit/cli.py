@@ -256,9 +256,32 @@ def _attribute(args, out: Console) -> int:
     if args.mode == "chunked" or args.compare:
         if not 1 <= args.chunk_size <= frames:
             raise MemfitError(f"--chunk-size {args.chunk_size} must be between 1 and the clips' {frames} frames.")
-    if args.compare:
-        report = compare(model, videos, targets, chunk_size=args.chunk_size, reduce=args.reduce,
-                         times_input=args.times_input)
+    from rich.progress import Progress
+
+    progress = Progress(console=out, transient=True)
+    bar = progress.add_task("attribute", total=None)
+
+    def advance(*where):
+        *mode, vid, chunk, chunks = where
+        progress.update(bar, advance=1, description=" ".join([*mode, vid, f"chunk {chunk + 1}/{chunks}"]))
+
+    progress.start()
+    try:
+        if args.compare:
+            report = compare(model, videos, targets, chunk_size=args.chunk_size, reduce=args.reduce,
+                             times_input=args.times_input, progress=advance)
+        else:
+            report = None
+            checkpoint_model(model, args.strategy)
+            cache_root = args.cache_dir or tempfile.mkdtemp(prefix="memfit_gradients_")
+            cache = Cache(cache_root, "video", weights_hash(model),
+                          {"mode": args.mode, "chunk_size": args.chunk_size if args.mode == "chunked" else None,
+                           "target": args.target})
+            results = attribute(model, videos, targets, mode=args.mode, chunk_size=args.chunk_size,
+                                reduce=args.reduce, times_input=args.times_input, cache=cache, progress=advance)
+    finally:
+        progress.stop()
+    if report is not None:
         t = Table(title=f"attribution modes over {len(videos)} videos")
         for col in ("mode", "peak memory", "time"):
             t.add_column(col, justify="left" if col == "mode" else "right")
@@ -278,13 +301,6 @@ def _attribute(args, out: Console) -> int:
         if json_path:
             write_json(json_path, {k: v for k, v in report.items() if k != "results"})
     else:
-        checkpoint_model(model, args.strategy)
-        cache_root = args.cache_dir or tempfile.mkdtemp(prefix="memfit_gradients_")
-        cache = Cache(cache_root, "video", weights_hash(model),
-                      {"mode": args.mode, "chunk_size": args.chunk_size if args.mode == "chunked" else None,
-                       "target": args.target})
-        results = attribute(model, videos, targets, mode=args.mode, chunk_size=args.chunk_size, reduce=args.reduce,
-                            times_input=args.times_input, cache=cache)
         out.print(f"gradients cached in {cache.dir} ({len(cache.reused)} chunks reused"
                   + (f", {len(cache.corrupt)} corrupt and recomputed: {', '.join(cache.corrupt)}" if cache.corrupt
                      else "") + ")")

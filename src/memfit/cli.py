@@ -84,11 +84,13 @@ def _parse_budgets(text: str) -> list[float]:
 
 def _bench(args, out: Console) -> int:
     from memfit.bench import frontier
-    from memfit.report import bench_table, check_writable, plot_frontier, write_json
+    from memfit.report import bench_table, check_writable, plot_frontier, require_matplotlib, write_json
 
     budgets = _parse_budgets(args.budgets)
     json_path = check_writable(args.json) if args.json else None
     plot_path = check_writable(args.plot) if args.plot else None
+    if plot_path:
+        require_matplotlib()
     device, model, batch, loss_fn = _load(args)
     rows = frontier(model, batch, loss_fn, budgets, cost=args.cost, blocks=args.blocks)
     out.print(bench_table(rows))
@@ -222,13 +224,14 @@ def _attribute(args, out: Console) -> int:
     from memfit.attribution.cache import weights_hash
     from memfit.attribution.io import load_video
     from memfit.attribution.run import compare, demo, write_outputs
-    from memfit.report import check_writable, fmt_bytes, write_json
+    from memfit.report import check_writable, fmt_bytes, require_matplotlib, write_json
 
     if not args.videos and not args.demo:
         raise MemfitError("give videos (.npy / .pt files or directories of numbered frames) or --demo.")
     json_path = check_writable(args.json) if args.json else None
     out_dir = Path(args.out) if args.out else None
     if out_dir:
+        require_matplotlib()
         out_dir.mkdir(parents=True, exist_ok=True)
         check_writable(out_dir / "summary.json")
     if args.demo:

@@ -107,6 +107,14 @@ def bench_table(rows) -> Table:
     return t
 
 
+def require_matplotlib() -> None:
+    """Fail before any work if plots are asked for and matplotlib is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise MemfitError("plots need matplotlib: pip install matplotlib (or memfit[plot]).") from None
+
+
 def plot_frontier(rows, path, title="") -> None:
     """Peak memory against slowdown: planned runs as a line, uniform
     strategies as labelled points."""

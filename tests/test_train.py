@@ -1,4 +1,5 @@
 """Recipes: configs, `memfit train`, the memory monitor, the startup report and `memfit fit`."""
+import copy
 import json
 import subprocess
 import sys
@@ -141,7 +142,7 @@ def test_fit_finds_the_largest_batch_that_fits():
         size, _ = largest_batch(model, make, loss_fn, strategy, budget)
         sizes[strategy] = size
         for b, fits in ((size, True), (size + 1, False)):
-            m = memfit.apply(__import__("copy").deepcopy(model), strategy)
+            m = memfit.apply(copy.deepcopy(model), strategy)
             opt = torch.optim.AdamW(m.parameters())
             for p in m.parameters():
                 p.grad = torch.zeros_like(p)

@@ -19,7 +19,8 @@ from memfit.models import gpt, mlp, resnet_se, video, vit_jepa
 
 REGISTRY = {"gpt": gpt, "mlp": mlp, "resnet-se": resnet_se, "vit-jepa": vit_jepa, "video": video}
 DEFAULT = "gpt"
-OFF = (None, False, "false", "off", "none", "no", "0")
+OFF = {"false", "off", "none", "no", "0"}
+ON = {"true", "on", "yes", "1"}
 
 
 def checkpointing(module: nn.Module, value, blocks=None) -> nn.Module:
@@ -31,12 +32,18 @@ def checkpointing(module: nn.Module, value, blocks=None) -> nn.Module:
     from memfit.planner import Plan
 
     if isinstance(value, str):
-        value = value.strip().lower() if value.strip().lower() in [*map(str, OFF), "true", "on", "yes", "1"] \
-            else value.strip()
-    if value in OFF:
+        value = value.strip()
+        if value.lower() in OFF | ON:
+            value = value.lower() in ON
+    elif isinstance(value, int):  # bools, and YAML's 0 / 1
+        value = bool(value)
+    elif value is not None and not isinstance(value, (Plan, list)):
+        raise MemfitError(f"gradient_checkpointing {value!r} is not understood; use true, false, a strategy such "
+                          f"as blocks or selective, or budget:60%.")
+    if value is None or value is False:
         return remove(module)
-    if value in (True, "true", "on", "yes", "1"):
-        return apply(module, "blocks", blocks=blocks)
+    if value is True:
+        value = "blocks"
     if isinstance(value, str) and value.startswith("plan:") and value.endswith(".json"):
         value = Plan.load(value[len("plan:"):])
     if isinstance(value, str) and value.startswith(("budget:", "plan:")):

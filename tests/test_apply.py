@@ -10,7 +10,8 @@ from memfit import MemfitError
 from memfit.apply import wrapped_blocks
 from memfit.models import REGISTRY
 
-STRATEGIES = ["none", "blocks", "every:2", "every:3", "segments:2", "segments:3", "sqrt", "selective"]
+STRATEGIES = ["none", "blocks", "every:2", "every:3", "segments:2", "segments:3", "sqrt", "selective", "scores",
+              "pointwise"]
 
 
 def step(model, batch, loss_fn, seed=1):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from memfit import MemfitError
-from memfit.attribution import Cache, attribute, checkpoint_model, compare_scores
+from memfit.attribution import Cache, attribute, checkpoint_model, compare_scores, fit_budget, simulated_peak
 from memfit.attribution.cache import weights_hash
 from memfit.memory import track_memory
 from memfit.models import video
@@ -30,6 +30,24 @@ def test_exact_with_checkpointing_is_identical_and_smaller():
     assert ckpt["video_000"]["scores"] == plain["video_000"]["scores"]  # bitwise, CPU fp32
     assert ckpt_mem.peak_bytes < plain_mem.peak_bytes
     assert sum(plain["video_000"]["scores"]) == pytest.approx(1.0)
+
+
+def test_budget_chooses_the_least_recomputation_that_fits():
+    model, videos = tiny(1)
+    clip = videos["video_000"]
+    with track_memory(model) as plain_mem:
+        plain = attribute(model, videos, {"video_000": 1})
+    assert simulated_peak(model, clip, "none") == plain_mem.peak_bytes  # the simulation is exact here
+    blocks = simulated_peak(model, clip, "blocks")
+    budget = (blocks + plain_mem.peak_bytes) // 2
+    strategy, predicted, without = fit_budget(model, clip, budget)
+    assert without == plain_mem.peak_bytes and predicted <= budget and strategy != "none"
+    with track_memory(model) as mem:
+        fitted = attribute(model, videos, {"video_000": 1})
+    assert fitted == plain and mem.peak_bytes <= budget and abs(mem.peak_bytes / predicted - 1) < 0.01
+    assert fit_budget(model, clip, "100%")[0] == "none"
+    with pytest.raises(MemfitError, match="below the smallest attribution peak"):
+        fit_budget(model, clip, blocks // 2)
 
 
 def test_chunked_is_an_approximation_and_is_measured():
@@ -186,3 +204,41 @@ def test_cli_bad_input_keeps_the_cache(tmp_path):
         assert r.returncode == 2, (args, r.stdout, r.stderr)
         assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert sorted(p.name for p in (tmp_path / "cache").rglob("*")) == cached
+
+
+FACTORY = """
+from memfit.models import video
+
+
+def make(seed=0):
+    return video.build("tiny", batch_size=2, seed=seed)
+"""
+
+
+def test_cli_user_model_budget_and_per_video_targets(tmp_path):
+    import json
+
+    import numpy as np
+    model, videos = tiny(2)
+    for vid, clip in videos.items():
+        np.save(tmp_path / f"{vid}.npy", clip.numpy())
+    (tmp_path / "mymodels.py").write_text(FACTORY)
+    files = [str(tmp_path / f"{vid}.npy") for vid in videos]
+    r = cli(*files, "--model", "mymodels:make", "--budget", "90%", "--target", "video_001=2", "--target", "1",
+            "--json", str(tmp_path / "r.json"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "budget 90%: checkpointing" in r.stdout and "measured peak" in r.stdout
+    got = json.loads((tmp_path / "r.json").read_text())
+    assert {v: g["target"] for v, g in got.items()} == {"video_000": 1, "video_001": 2}
+    expected = attribute(model, videos, {"video_000": 1, "video_001": 2})  # the factory's model, no checkpointing
+    assert {v: g["scores"] for v, g in got.items()} == {v: e["scores"] for v, e in expected.items()}
+    for args, message in [
+        (["--target", "video_009=1"], "names no video given"),
+        (["--target", "cat"], "is not a class"),
+        (["--target", "7"], "target class 7 is out of range"),
+        (["--budget", "1KiB"], "below the smallest attribution peak"),
+        (["--budget", "50%", "--strategy", "blocks"], "not both"),
+        (["--model", "mymodels:nothing"], "has no function 'nothing'"),
+    ]:
+        bad = cli(*files, *(args if "--model" in args else ["--model", "mymodels:make", *args]), cwd=tmp_path)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, (args, bad.stderr)

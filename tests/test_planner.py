@@ -15,10 +15,9 @@ import memfit
 from memfit import MemfitError, models
 from memfit.planner import Plan, _candidates, parse_budget, solve
 from memfit.profile import Profile
-from memfit.strategies import KEEP, RECOMPUTE, SELECTIVE, Unit
+from memfit.strategies import KEEP, MODES, RECOMPUTE, Unit
 from memfit.verify import verify
 
-MODES = (KEEP, RECOMPUTE, SELECTIVE)
 
 
 def all_plans(n):
@@ -54,6 +53,7 @@ def profiles(draw):
                    other=[draw(ints) for _ in range(n)], kept=per_mode(), work=per_mode(), transient=per_mode(),
                    flops=[draw(st.integers(1, 100)) for _ in range(n)],
                    selective_flops=[draw(st.integers(0, 10)) for _ in range(n)],
+                   scores_flops=[draw(st.integers(0, 10)) for _ in range(n)],
                    elementwise=[draw(st.integers(1, 100)) for _ in range(n)], step_flops=1000)
 
 
@@ -197,7 +197,8 @@ def test_cli_plan_and_bench(tmp_path):
             "--json", str(bench_json), "--plot", str(png))
     assert r.returncode == 0, r.stderr
     rows = json.loads(bench_json.read_text())["rows"]
-    assert {"none", "blocks", "every:2", "every:3", "sqrt", "selective", "plan:50%", "plan:100%"} == {
+    assert {"none", "blocks", "every:2", "every:3", "sqrt", "selective", "scores", "pointwise",
+            "plan:50%", "plan:100%"} == {
         r["strategy"] for r in rows}
     for row in rows:
         assert {"strategy", "budget_bytes", "predicted_peak_bytes", "peak_bytes", "step_time_s",

@@ -46,7 +46,7 @@ def chains(draw):
                  batchnorm=draw(st.booleans()), activation=draw(st.sampled_from([nn.ReLU, nn.GELU, nn.Tanh])),
                  residual=draw(st.booleans()), extra_args=draw(st.booleans()))
     strategy = draw(st.one_of(
-        st.sampled_from(["none", "blocks", "sqrt", "selective"]),
+        st.sampled_from(["none", "blocks", "sqrt", "selective", "scores", "pointwise"]),
         st.integers(1, 4).map(lambda k: f"every:{k}"),
         st.integers(1, depth).map(lambda n: f"segments:{n}")))
     return chain, strategy, draw(st.integers(2, 6)), draw(st.integers(0, 2**16))

@@ -8,7 +8,7 @@ import pytest
 
 from memfit import models, verify
 
-STRATEGIES = ["blocks", "every:2", "segments:2", "sqrt", "selective", "none"]
+STRATEGIES = ["blocks", "every:2", "segments:2", "sqrt", "selective", "scores", "pointwise", "none"]
 
 
 def cli(*args, cwd=None):
@@ -60,9 +60,12 @@ def test_every_strategy_passes_on_every_model(name, strategy):
     assert report["grads_bitwise_equal"] and report["buffers_equal"] and report["losses_equal"]
     if strategy == "none":
         assert report["memory_reduction"] == 0
-    elif strategy == "selective":  # recomputes norms, activations, dropout, batched-matmul attention only
+    elif strategy in ("selective", "scores"):  # norms, activations, dropout, (some) batched matmuls
         assert report["memory_reduction"] > 0 and 0 <= report["recompute_flops"] < 0.1
-        assert (report["recompute_flops"] > 0) == (name == "gpt")  # gpt's attention runs bmm (dropout on CPU)
+        if strategy == "selective":  # gpt's attention runs bmm (dropout on CPU); tiny's scores do not expand
+            assert (report["recompute_flops"] > 0) == (name == "gpt")
+    elif strategy == "pointwise":  # recomputes no matrix products
+        assert report["memory_reduction"] > 0 and report["recompute_flops"] == 0
     else:
         assert report["memory_reduction"] > 0 and report["recompute_flops"] > 0
 

@@ -33,7 +33,7 @@ from memfit import strategies
 from memfit.blocks import find_blocks
 from memfit.checkpoint import Region, _recomputes, run
 from memfit.errors import MemfitError
-from memfit.strategies import KEEP, SELECTIVE
+from memfit.strategies import KEEP, SAC_MODES
 
 __all__ = ["apply", "remove", "wrapped_blocks", "applied_strategy"]
 
@@ -43,7 +43,7 @@ def apply(model: nn.Module, strategy="blocks", blocks=None, state_replay=True, *
     """Checkpoint the blocks of `model` according to `strategy`; returns `model`.
 
     `strategy`: a strategy string (`none`, `blocks`, `every:K`, `segments:N`,
-    `sqrt`, `selective`), a `memfit.Plan`, or a list of `strategies.Unit`.
+    `sqrt`, `selective`, `pointwise`), a `memfit.Plan`, or a list of `strategies.Unit`.
     With `budget=` ('60%', '8GiB', 'auto') and `batch`, `loss_fn`, it plans
     first (`memfit.plan`, cached by shapes) and applies the plan. `blocks`:
     which modules form the chain (see `memfit.find_blocks`). Applying again
@@ -75,7 +75,7 @@ def apply(model: nn.Module, strategy="blocks", blocks=None, state_replay=True, *
             continue
         members = chain[unit.start:unit.stop]
         segment = _Segment([n for n, _ in members]) if len(members) > 1 else None
-        policy = strategies.selective_policy if unit.mode == SELECTIVE else None
+        policy = strategies.POLICIES.get(unit.mode)
         for index, (name, block) in enumerate(members):
             block._memfit = _Spec(name, unit.mode, policy, segment, index, block.__dict__.get("forward"),
                                   state_replay, training_only)
@@ -116,8 +116,8 @@ def _check_units(units, n):
         raise MemfitError(f"the strategy's units must cover blocks 0..{n - 1} in order, each with a mode "
                           f"in {strategies.MODES}; this model has {n} blocks.")
     for u in units:
-        if u.mode == SELECTIVE and u.stop - u.start > 1:
-            raise MemfitError("selective applies to one block at a time, not to a segment of several.")
+        if u.mode in SAC_MODES and u.stop - u.start > 1:
+            raise MemfitError(f"{u.mode} applies to one block at a time, not to a segment of several.")
 
 
 class _Spec:

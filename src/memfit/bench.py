@@ -7,7 +7,7 @@ from memfit.planner import plan
 from memfit.profile import simulate
 from memfit.verify import measure
 
-UNIFORM = ("none", "blocks", "every:2", "every:3", "sqrt", "selective")
+UNIFORM = ("none", "blocks", "every:2", "every:3", "sqrt", "selective", "scores", "pointwise")
 
 
 def frontier(model, batch, loss_fn, budgets=(20, 30, 40, 50, 60, 70, 80, 90, 100), *, cost="time", blocks=None):

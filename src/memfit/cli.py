@@ -220,14 +220,17 @@ def _attribute(args, out: Console) -> int:
 
     from rich.table import Table
 
-    from memfit.attribution import Cache, attribute, checkpoint_model
+    from memfit.attribution import Cache, attribute, checkpoint_model, fit_budget
     from memfit.attribution.cache import weights_hash
     from memfit.attribution.io import load_video
+    from memfit.memory import track_memory
     from memfit.attribution.run import compare, demo, write_outputs
     from memfit.report import check_writable, fmt_bytes, require_matplotlib, write_json
 
     if not args.videos and not args.demo:
         raise MemfitError("give videos (.npy / .pt files or directories of numbered frames) or --demo.")
+    if args.budget and args.strategy:
+        raise MemfitError("give --budget (memfit chooses the checkpointing) or --strategy, not both.")
     json_path = check_writable(args.json) if args.json else None
     out_dir = Path(args.out) if args.out else None
     if out_dir:
@@ -240,25 +243,23 @@ def _attribute(args, out: Console) -> int:
     else:
         videos = {Path(v).stem: load_video(v) for v in args.videos}
         classes = None
-        torch.manual_seed(0)  # without --weights: the same untrained model every run (and cache key)
-        model = models.video.create_video(models.video.SIZES[args.size or "small"])
-        if args.weights:
-            try:
-                model.load_state_dict(torch.load(args.weights, weights_only=True))
-            except (OSError, RuntimeError) as e:
-                raise MemfitError(f"cannot load weights {args.weights} ({str(e).splitlines()[0]}); give a "
-                                  f"state_dict saved from the same video model.") from None
-        cfg = model.config
+        model = _attribution_model(args)
         for vid, clip in videos.items():
-            if tuple(clip.shape[1:]) != (cfg.channels, cfg.size, cfg.size) or clip.shape[0] > cfg.frames:
-                raise MemfitError(f"video {vid} has shape {tuple(clip.shape)}; this model takes up to {cfg.frames} "
-                                  f"frames of {cfg.channels} x {cfg.size} x {cfg.size}.")
+            _check_clip(model, vid, clip)
     model.eval()
-    targets = {v: args.target for v in videos} if args.target is not None else None
+    targets = _targets(args.target or [], videos)
     frames = min(c.shape[0] for c in videos.values())
     if args.mode == "chunked" or args.compare:
         if not 1 <= args.chunk_size <= frames:
             raise MemfitError(f"--chunk-size {args.chunk_size} must be between 1 and the clips' {frames} frames.")
+    strategy = args.strategy or "blocks"
+    if args.budget:
+        longest = max(videos.values(), key=len)
+        unit = longest[:args.chunk_size] if args.mode == "chunked" else longest
+        strategy, predicted, plain = fit_budget(model, unit, args.budget)
+        out.print(f"budget {args.budget}: checkpointing {strategy}, simulated peak {fmt_bytes(predicted)} for the "
+                  f"longest {'chunk' if args.mode == 'chunked' else 'clip'} (without checkpointing: "
+                  f"{fmt_bytes(plain)})")
     from rich.progress import Progress
 
     progress = Progress(console=out, transient=True)
@@ -272,16 +273,18 @@ def _attribute(args, out: Console) -> int:
     try:
         if args.compare:
             report = compare(model, videos, targets, chunk_size=args.chunk_size, reduce=args.reduce,
-                             times_input=args.times_input, progress=advance)
+                             times_input=args.times_input, strategy=strategy, progress=advance)
         else:
             report = None
-            checkpoint_model(model, args.strategy)
+            checkpoint_model(model, strategy)
             cache_root = args.cache_dir or tempfile.mkdtemp(prefix="memfit_gradients_")
-            cache = Cache(cache_root, "video", weights_hash(model),
+            cache = Cache(cache_root, args.model, weights_hash(model),
                           {"mode": args.mode, "chunk_size": args.chunk_size if args.mode == "chunked" else None,
-                           "target": args.target})
-            results = attribute(model, videos, targets, mode=args.mode, chunk_size=args.chunk_size,
-                                reduce=args.reduce, times_input=args.times_input, cache=cache, progress=advance)
+                           "targets": targets})
+            with track_memory(model) as mem:
+                results = attribute(model, videos, targets, mode=args.mode, chunk_size=args.chunk_size,
+                                    reduce=args.reduce, times_input=args.times_input, cache=cache,
+                                    progress=advance)
     finally:
         progress.stop()
     if report is not None:
@@ -307,6 +310,8 @@ def _attribute(args, out: Console) -> int:
         out.print(f"gradients cached in {cache.dir} ({len(cache.reused)} chunks reused"
                   + (f", {len(cache.corrupt)} corrupt and recomputed: {', '.join(cache.corrupt)}" if cache.corrupt
                      else "") + ")")
+        out.print(f"checkpointing {strategy}: measured peak {fmt_bytes(mem.peak_bytes)} ({mem.source})"
+                  + (f", simulated {fmt_bytes(predicted)}" if args.budget else ""))
         if json_path:
             write_json(json_path, results)
     for vid, r in results.items():
@@ -317,6 +322,63 @@ def _attribute(args, out: Console) -> int:
         write_outputs(results, out_dir, classes)
         out.print(f"per-video CSV, JSON and plots, and classes.png, written to {out_dir}")
     return 0
+
+
+def _attribution_model(args):
+    """The model `memfit attribute` explains: the built-in video model, or a
+    user's `package.module:factory`; with `--weights` loaded into it."""
+    if args.model == "video":
+        torch.manual_seed(0)  # without --weights: the same untrained model every run (and cache key)
+        model = models.video.create_video(models.video.SIZES[args.size or "small"])
+    else:
+        if args.size:
+            raise MemfitError("--size is for the built-in video model; a factory decides its own model's size.")
+        model = models.load(args.model)[0]
+    if args.weights:
+        try:
+            model.load_state_dict(torch.load(args.weights, weights_only=True))
+        except (OSError, RuntimeError) as e:
+            raise MemfitError(f"cannot load weights {args.weights} ({str(e).splitlines()[0]}); give a "
+                              f"state_dict saved from the same model.") from None
+    return model
+
+
+def _check_clip(model, vid, clip):
+    cfg = getattr(model, "config", None)
+    if isinstance(cfg, models.video.VideoConfig):
+        if tuple(clip.shape[1:]) != (cfg.channels, cfg.size, cfg.size) or clip.shape[0] > cfg.frames:
+            raise MemfitError(f"video {vid} has shape {tuple(clip.shape)}; this model takes up to {cfg.frames} "
+                              f"frames of {cfg.channels} x {cfg.size} x {cfg.size}.")
+        return
+    try:
+        with torch.no_grad():
+            scores = model.eval()(clip[None])
+    except RuntimeError as e:
+        raise MemfitError(f"the model cannot take video {vid} of shape {tuple(clip.shape)} "
+                          f"({str(e).splitlines()[0]}); give clips of the shape the model expects.") from None
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
+        raise MemfitError(f"the model returned {type(scores).__name__} {tuple(getattr(scores, 'shape', ()))} for "
+                          f"video {vid}; attribution needs class scores of shape (clips, classes).")
+
+
+def _targets(values: list[str], videos: dict) -> dict | None:
+    """Per-video target classes from `--target 3` (every video) and
+    `--target video_001=2` (one video); None: each video's predicted class."""
+    targets, default = {}, None
+    for value in values:
+        vid, _, cls = value.rpartition("=")
+        if not cls.strip().lstrip("-").isdigit():
+            raise MemfitError(f"--target {value!r} is not a class; give a class number like 3, or VIDEO=CLASS "
+                              f"like video_001=3.")
+        if not vid:
+            default = int(cls)
+        elif vid not in videos:
+            raise MemfitError(f"--target {value!r} names no video given; videos: {', '.join(videos)}.")
+        else:
+            targets[vid] = int(cls)
+    if default is None and not targets:
+        return None
+    return {v: targets.get(v, default) for v in videos if targets.get(v, default) is not None}
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
@@ -413,14 +475,19 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--demo", action="store_true", help="synthetic clips and a briefly trained video model")
     a.add_argument("--compare", action="store_true", help="measure exact, exact without checkpointing and "
                    "chunked against each other")
+    a.add_argument("--model", default="video", help="video (built in) or package.module:factory, whose model "
+                   "takes clips (B, T, C, H, W) and returns class scores (B, classes) (default: video)")
     a.add_argument("--size", help="size of the video model (tiny, small, large; default small)")
-    a.add_argument("--weights", help="state_dict of the video model (default: untrained weights)")
-    a.add_argument("--target", type=int, help="the class to explain (default: the predicted one)")
+    a.add_argument("--weights", help="state_dict of the model (default: untrained weights)")
+    a.add_argument("--target", action="append", metavar="CLASS|VIDEO=CLASS",
+                   help="the class to explain: for every video, or for one (repeatable; default: the predicted one)")
     a.add_argument("--mode", default="exact", choices=["exact", "chunked"])
     a.add_argument("--chunk-size", type=int, default=8)
     a.add_argument("--reduce", default="l2", choices=["l2", "l1", "max"])
     a.add_argument("--times-input", action="store_true", help="gradient x input")
-    a.add_argument("--strategy", default="blocks", help="checkpointing of the model's blocks (default blocks)")
+    a.add_argument("--budget", help="memory budget for one clip (or chunk): 2GiB, 800MB, 60%% (of the peak "
+                   "without checkpointing) or auto; memfit chooses the least recomputation that fits")
+    a.add_argument("--strategy", help="checkpointing of the model's blocks instead of --budget (default blocks)")
     a.add_argument("--cache-dir", help="where chunk gradients are cached (default: a new temporary directory; "
                    "use a large store directory to keep them)")
     a.add_argument("--out", metavar="DIR", help="per-video CSV/JSON and plots")

@@ -4,8 +4,8 @@
     print(plan)                     # one line a block: what, how many bytes, what it costs
     memfit.apply(model, plan)
 
-The planner chooses, for each block of the chain, `keep`, `selective` or
-`recompute`, and groups consecutive recomputed blocks into segments where that
+The planner chooses, for each block of the chain, `keep`, `pointwise`,
+`scores`, `selective` or `recompute`, and groups consecutive recomputed blocks into segments where that
 saves memory, to minimise the recomputation cost under the budget.
 
 NOTE [exact, then checked]
@@ -32,7 +32,7 @@ from memfit.blocks import find_blocks
 from memfit.errors import MemfitError
 from memfit.profile import Profile, profile, simulate
 from memfit.report import fmt_bytes
-from memfit.strategies import KEEP, RECOMPUTE, SELECTIVE, Unit
+from memfit.strategies import KEEP, MODES, RECOMPUTE, Unit
 
 __all__ = ["plan", "Plan", "parse_budget", "solve"]
 
@@ -102,7 +102,7 @@ def _candidates(prof: Profile, kind: str) -> list[_Candidate]:
     out = []
     for b in range(1, n + 1):
         i = b - 1
-        for mode in (KEEP, SELECTIVE, RECOMPUTE):
+        for mode in MODES:
             need = max(other[i] + kept[mode][i] + work[mode][i], tr[mode][i])
             out.append(_Candidate(i, b, mode, kept[mode][i], need, prof.cost(mode, i, kind)))
         # Segments [a, b): the recompute materialises the blocks' activations as in `keep`, then
@@ -164,7 +164,7 @@ def solve(prof: Profile, budget: float, kind: str = "time", bins: int = BINS):
 @dataclass
 class BlockChoice:
     name: str
-    mode: str                 # keep, selective or recompute
+    mode: str                 # keep, pointwise, scores, selective or recompute
     segment: list | None      # [first, last] block names of its segment, if recomputed with others
     kept_bytes: int           # what it keeps through the forward
     cost: float               # its share of the plan's overhead (fraction of a plain step)

@@ -13,7 +13,7 @@ chose with the same simulation.
 
 Times are measured on real forward+backward passes of the model (its
 gradients, buffers and RNG state are restored afterwards): the extra time of
-all-`blocks` and all-`selective` over plain, split between blocks in
+all-`blocks` and of each all-selective mode over plain, split between blocks in
 proportion to their FLOPs and elementwise work.
 """
 from __future__ import annotations
@@ -35,12 +35,11 @@ from memfit.apply import applied_strategy, apply, remove
 from memfit.blocks import find_blocks
 from memfit.flops import counting_flops
 from memfit.memory import track_memory
-from memfit.strategies import KEEP, RECOMPUTE, SELECTIVE
+from memfit.strategies import KEEP, MODES, POINTWISE, RECOMPUTE, SCORES, SELECTIVE
 
 __all__ = ["profile", "simulate", "Profile"]
 
-MODES = (KEEP, RECOMPUTE, SELECTIVE)
-UNIFORM = {KEEP: "none", RECOMPUTE: "blocks", SELECTIVE: "selective"}
+UNIFORM = {KEEP: "none", RECOMPUTE: "blocks", SELECTIVE: "selective", SCORES: "scores", POINTWISE: "pointwise"}
 
 
 def _fake_copy(model, batch, mode: FakeTensorMode, resize=None):
@@ -134,16 +133,20 @@ def simulate(model, batch, loss_fn, strategy, *, blocks=None, optimizer=None, ma
 
 
 class _Elementwise(TorchDispatchMode):
-    """Counts the elements produced by the ops `selective` recomputes (all but
-    matmuls, convolutions, attention and views): their cost, 1 per element."""
+    """Counts the elements produced by the ops that do no matrix work (all
+    but matmuls, convolutions, attention and views): their cost, 1 per
+    element; and the FLOPs of the batched matmuls `scores` recomputes."""
 
     def __init__(self):
         super().__init__()
-        self.count = 0
+        self.count = self.expanding_flops = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func not in strategies.SAVED_OPS and not func.is_view:
+        if strategies.expands(func, args):
+            a, b = args[-2], args[-1]
+            self.expanding_flops += 2 * a.numel() * b.shape[2]
+        elif func not in strategies.MATRIX_OPS and not func.is_view:
             self.count += sum(t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor))
         return out
 
@@ -156,7 +159,8 @@ def _recomputed_by_selective(counter) -> int:
 
 def count_flops(model, batch, loss_fn, *, blocks=None):
     """Per block: (forward FLOPs of matmuls, convolutions and attention; those
-    of them that `selective` recomputes; elements produced by the other ops);
+    of them that `selective` recomputes; elements produced by the other ops;
+    FLOPs of the expanding batched matmuls that `scores` recomputes);
     and the FLOPs of a whole plain training step. Counted on fake tensors, so
     deterministic and cheap."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -168,7 +172,8 @@ def count_flops(model, batch, loss_fn, *, blocks=None):
     per_block, start = [None] * len(chain), {}
 
     def totals():
-        return flops.get_total_flops(), _recomputed_by_selective(flops), elementwise.count
+        return (flops.get_total_flops(), _recomputed_by_selective(flops), elementwise.count,
+                elementwise.expanding_flops)
 
     handles = [h for i, m in enumerate(chain) for h in (
         m.register_forward_pre_hook(lambda mod, args, i=i: start.__setitem__(i, totals())),
@@ -259,14 +264,16 @@ class Profile:
     transient: dict       # rise inside each block's forward, per mode
     flops: list           # forward FLOPs of matmuls, convolutions, attention per block
     selective_flops: list  # those of them that `selective` recomputes (batched-matmul attention)
-    elementwise: list     # elements produced by the other ops per block
+    scores_flops: list    # those of them that `scores` recomputes (expanding batched matmuls)
+    elementwise: list     # elements produced by the ops that do no matrix work, per block
     step_flops: int       # FLOPs of a plain training step
     step_time_s: float | None = None
-    extra_time_s: dict | None = None  # extra time of all-blocks / all-selective over plain
+    extra_time_s: dict | None = None  # extra time of each uniform mode over plain
 
     def recomputed_flops(self, mode: str, i: int) -> int:
         """Matmul / convolution / attention FLOPs recomputed for block i."""
-        return {KEEP: 0, RECOMPUTE: self.flops[i], SELECTIVE: self.selective_flops[i]}[mode]
+        return {KEEP: 0, RECOMPUTE: self.flops[i], SELECTIVE: self.selective_flops[i],
+                SCORES: self.scores_flops[i], POINTWISE: 0}[mode]
 
     def cost(self, mode: str, i: int, kind: str) -> float:
         """What recomputing block i under `mode` costs: FLOPs (matmul FLOPs
@@ -303,8 +310,8 @@ def _read(sim: Simulation, n: int):
 
 
 def profile(model, batch, loss_fn, *, blocks=None, optimizer=None, timing=True) -> Profile:
-    """Profile each block of `model`'s chain under keep, recompute and
-    selective. Memory and FLOPs are simulated; with `timing`, real
+    """Profile each block of `model`'s chain under each mode (keep,
+    recompute, selective, scores, pointwise). Memory and FLOPs are simulated; with `timing`, real
     forward+backward passes of each kind are timed after a warm-up round."""
     names = [n for n, _ in find_blocks(model, blocks)]
     n = len(names)
@@ -320,10 +327,10 @@ def profile(model, batch, loss_fn, *, blocks=None, optimizer=None, timing=True) 
         start=keep["start"], head=keep["head"], tail=keep["tail"], other=other,
         kept={m: r["kept"] for m, r in reads.items()}, work={m: r["work"] for m, r in reads.items()},
         transient={m: r["transient"] for m, r in reads.items()},
-        flops=[f for f, _, _ in per_block], selective_flops=[f for _, f, _ in per_block],
-        elementwise=[e for _, _, e in per_block], step_flops=step_flops)
+        flops=[b[0] for b in per_block], selective_flops=[b[1] for b in per_block],
+        elementwise=[b[2] for b in per_block], scores_flops=[b[3] for b in per_block], step_flops=step_flops)
     if timing:
         t = time_strategies(model, batch, loss_fn, blocks=blocks)
         prof.step_time_s = t[KEEP]
-        prof.extra_time_s = {RECOMPUTE: t[RECOMPUTE] - t[KEEP], SELECTIVE: t[SELECTIVE] - t[KEEP]}
+        prof.extra_time_s = {m: t[m] - t[KEEP] for m in MODES if m != KEEP}
     return prof

@@ -11,8 +11,17 @@ A strategy resolves to units: runs of consecutive blocks, each with a mode.
   norms, activations, dropout, and an attention core computed with batched
   matmuls (scores, softmax, dropout, scores x values), whose T x T tensors
   are the largest and cheapest to recompute (Korthikanti et al. 2022).
+* `pointwise`: keep the outputs of every matrix product (batched ones too),
+  convolution and attention kernel, and recompute only the ops that do no
+  matrix work: norms, activations, softmax, dropout. It recomputes almost no
+  FLOPs and saves the least of the three.
+* `scores`: between the two: also recompute the batched matmuls whose output
+  is larger than their inputs (the T x T attention scores, q @ k^T), but keep
+  the ones whose output is smaller (scores @ v): about half the FLOPs of
+  `selective` for a little more memory.
+The planner mixes all of them, block by block.
 
-Strategy strings: `none`, `blocks`, `every:K`, `segments:N`, `sqrt`, `selective`.
+Strategy strings: `none`, `blocks`, `every:K`, `segments:N`, `sqrt`, `selective`, `scores`, `pointwise`.
 """
 from __future__ import annotations
 
@@ -24,9 +33,10 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 from memfit.errors import MemfitError
 
-KEEP, RECOMPUTE, SELECTIVE = "keep", "recompute", "selective"
-MODES = (KEEP, RECOMPUTE, SELECTIVE)
-NAMES = ("none", "blocks", "every:K", "segments:N", "sqrt", "selective")
+KEEP, RECOMPUTE, SELECTIVE, SCORES, POINTWISE = "keep", "recompute", "selective", "scores", "pointwise"
+MODES = (KEEP, RECOMPUTE, SELECTIVE, SCORES, POINTWISE)
+SAC_MODES = (SELECTIVE, SCORES, POINTWISE)  # one block at a time, with a policy over its ops
+NAMES = ("none", "blocks", "every:K", "segments:N", "sqrt", "selective", "scores", "pointwise")
 
 
 @dataclass(frozen=True)
@@ -43,14 +53,14 @@ def parse(strategy: str, n_blocks: int) -> list[Unit]:
     text = str(strategy).strip().lower()
     name, _, arg = text.partition(":")
     accepted = f"accepted: {', '.join(NAMES)} (K, N positive integers)"
-    if name in ("none", "blocks", "sqrt", "selective") and arg:
+    if name in ("none", "blocks", "sqrt", *SAC_MODES) and arg:
         raise MemfitError(f"strategy {strategy!r} takes no argument; {accepted}.")
     if name == "none":
         return [Unit(0, n_blocks, KEEP)]
     if name == "blocks":
         return [Unit(i, i + 1, RECOMPUTE) for i in range(n_blocks)]
-    if name == "selective":
-        return [Unit(i, i + 1, SELECTIVE) for i in range(n_blocks)]
+    if name in SAC_MODES:
+        return [Unit(i, i + 1, name) for i in range(n_blocks)]
     if name == "sqrt":
         return segments(n_blocks, max(1, round(math.sqrt(n_blocks))))
     if name in ("every", "segments"):
@@ -102,6 +112,33 @@ SAVED_OPS = {
 }
 
 
+# What `pointwise` keeps besides: every batched matrix product.
+MATRIX_OPS = SAVED_OPS | {aten.bmm.default, aten.baddbmm.default}
+
+
 def selective_policy(ctx, op, *args, **kwargs):
     """Keep the outputs of `SAVED_OPS`, recompute everything else."""
     return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def pointwise_policy(ctx, op, *args, **kwargs):
+    """Keep the outputs of `MATRIX_OPS`, recompute everything else."""
+    return CheckpointPolicy.MUST_SAVE if op in MATRIX_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def expands(op, args) -> bool:
+    """A batched matmul whose output has more elements than each of its inputs."""
+    if op not in (aten.bmm.default, aten.baddbmm.default):
+        return False
+    a, b = args[-2], args[-1]
+    out = a.shape[0] * a.shape[1] * b.shape[2]
+    return out > a.numel() and out > b.numel()
+
+
+def scores_policy(ctx, op, *args, **kwargs):
+    """Keep the outputs of `MATRIX_OPS` except expanding batched matmuls."""
+    keep = op in MATRIX_OPS and not expands(op, args)
+    return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+POLICIES = {SELECTIVE: selective_policy, SCORES: scores_policy, POINTWISE: pointwise_policy}

@@ -24,9 +24,11 @@ from memfit.apply import apply
 from memfit.attribution.cache import Cache
 from memfit.errors import MemfitError
 
-__all__ = ["attribute", "frame_scores", "checkpoint_model", "compare_scores", "Cache"]
+__all__ = ["attribute", "frame_scores", "checkpoint_model", "fit_budget", "compare_scores", "Cache"]
 
 REDUCE = ("l2", "l1", "max")
+# Uniform strategies from the least recomputation to the least memory: what `fit_budget` tries in turn.
+LADDER = ("none", "pointwise", "scores", "selective", "blocks")
 
 
 def checkpoint_model(model: nn.Module, strategy="blocks") -> nn.Module:
@@ -52,8 +54,49 @@ def frame_scores(grad: torch.Tensor, clip: torch.Tensor, reduce="l2", times_inpu
 
 def _gradient(model, frames, target):
     x = frames[None].clone().requires_grad_(True)                # (1, t, C, H, W)
-    model(x)[0, target].backward()
-    return x.grad[0].detach()
+    scores = model(x)
+    if not 0 <= target < scores.shape[1]:
+        raise MemfitError(f"target class {target} is out of range; this model has classes 0 to {scores.shape[1] - 1}.")
+    return torch.autograd.grad(scores[0, target], x)[0][0].detach()  # parameters' gradients are not needed
+
+
+def simulated_peak(model, clip, strategy) -> int:
+    """Peak bytes of one exact attribution of `clip` with `strategy`,
+    simulated on fake tensors (see `memfit.profile`): exact on CPU, and
+    nothing runs on the device."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from memfit.memory import track_memory
+    from memfit.profile import _fake_copy
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fmodel, (fclip,) = _fake_copy(model, (clip,), mode)
+    checkpoint_model(fmodel, strategy).eval()
+    with mode, track_memory(fmodel, fclip, storage_tracker=True) as mem:
+        _gradient(fmodel, fclip, 0)
+    return mem.peak_bytes
+
+
+def fit_budget(model, clip, budget) -> tuple[str, int, int]:
+    """Checkpoint `model` with the first strategy of `LADDER` whose simulated
+    peak for `clip` (the longest clip) fits `budget` (bytes, '2GiB', '60%' of
+    the peak without checkpointing, or 'auto'): (strategy, its peak, the peak
+    without checkpointing). Raises, naming the smallest peak, if none fits."""
+    from memfit.planner import parse_budget
+    from memfit.report import fmt_bytes
+
+    device = next(model.parameters()).device
+    parse_budget(budget, 1, device)  # a bad budget fails before any simulation
+    peaks = {}
+    for strategy in LADDER:
+        peaks[strategy] = simulated_peak(model, clip, strategy)
+        limit = parse_budget(budget, peaks["none"], device)
+        if peaks[strategy] <= limit:
+            checkpoint_model(model, strategy)
+            return strategy, peaks[strategy], peaks["none"]
+    raise MemfitError(f"budget {fmt_bytes(limit)} is below the smallest attribution peak checkpointing reaches, "
+                      f"{fmt_bytes(min(peaks.values()))} (without checkpointing: {fmt_bytes(peaks['none'])}); "
+                      f"give at least that, or use --mode chunked.")
 
 
 def chunks(n_frames: int, mode: str, chunk_size: int | None):

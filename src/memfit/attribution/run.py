@@ -42,7 +42,7 @@ def compare(model, videos, targets=None, *, chunk_size=8, reduce="l2", times_inp
     the same videos; measure each one's peak memory and time, and compare their scores."""
     modes, scores = {}, {}
     for name in ("exact_nockpt", "exact", "chunked"):
-        remove(model.frames), remove(model.temporal)
+        remove(model)
         if name != "exact_nockpt":
             checkpoint_model(model, strategy)
         t0 = time.perf_counter()

@@ -59,11 +59,11 @@ class FrameEncoder(nn.Module):
         self.stem = nn.Sequential(nn.Conv2d(cfg.channels, cfg.width, 3, stride=2, padding=1, bias=False),
                                   nn.BatchNorm2d(cfg.width), nn.ReLU())
         self.blocks = nn.Sequential(*[ConvBlock(cfg.width) for _ in range(cfg.spatial_blocks)])
-        self.out = nn.Linear(cfg.width, cfg.dim)
+        self.out = nn.Linear(cfg.width * 16, cfg.dim)
 
     def forward(self, frames):                                            # (N, C, H, W)
         x = self.blocks(self.stem(frames))                                # (N, width, H/2, W/2)
-        return self.out(x.mean(dim=(2, 3)))                               # (N, D)
+        return self.out(F.adaptive_avg_pool2d(x, 4).flatten(1))           # (N, D): keeps where things are
 
 
 class TemporalTransformer(nn.Module):

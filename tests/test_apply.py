@@ -11,7 +11,7 @@ from memfit.apply import wrapped_blocks
 from memfit.models import REGISTRY
 
 STRATEGIES = ["none", "blocks", "every:2", "every:3", "segments:2", "segments:3", "sqrt", "selective", "scores",
-              "pointwise"]
+              "pointwise", "offload"]  # offload: on CPU, the mechanism only (it moves nothing)
 
 
 def step(model, batch, loss_fn, seed=1):

@@ -39,6 +39,14 @@ def test_known_allocations_to_the_byte():
     assert mem.end_bytes == 4000
 
 
+def test_only_the_tracked_device_counts():
+    with track_memory(device="cpu") as mem:
+        elsewhere = torch.empty(1000, device="meta")  # stands for a CUDA tensor's copy elsewhere
+        here = torch.empty(250)
+        del elsewhere, here
+    assert mem.peak_bytes == 1000
+
+
 def test_same_peak_on_every_run_and_thread_count():
     model, batch, loss_fn = REGISTRY["gpt"].build("tiny")
     threads = torch.get_num_threads()

@@ -14,21 +14,21 @@ from hypothesis import strategies as st
 import memfit
 from memfit import MemfitError, models
 from memfit.planner import Plan, _candidates, parse_budget, solve
-from memfit.profile import Profile
-from memfit.strategies import KEEP, MODES, RECOMPUTE, Unit
+from memfit.profile import HOST_MODES, Profile
+from memfit.strategies import KEEP, MODES, OFFLOAD, RECOMPUTE, Unit
 from memfit.verify import verify
 
 
 
-def all_plans(n):
+def all_plans(n, modes=HOST_MODES):
     """Every split of n blocks into consecutive units; single blocks in any
     mode, longer units recomputed as segments."""
     for cuts in itertools.product([False, True], repeat=n - 1):
         bounds = [0] + [i + 1 for i, c in enumerate(cuts) if c] + [n]
         spans = list(zip(bounds, bounds[1:]))
-        choices = [MODES if b - a == 1 else (RECOMPUTE,) for a, b in spans]
-        for modes in itertools.product(*choices):
-            yield [Unit(a, b, m) for (a, b), m in zip(spans, modes)]
+        choices = [modes if b - a == 1 else (RECOMPUTE,) for a, b in spans]
+        for chosen in itertools.product(*choices):
+            yield [Unit(a, b, m) for (a, b), m in zip(spans, chosen)]
 
 
 def modelled(prof, units, kind):
@@ -44,11 +44,13 @@ def modelled(prof, units, kind):
 
 
 @st.composite
-def profiles(draw):
-    n = draw(st.integers(1, 5))
+def profiles(draw, modes=HOST_MODES):
+    n = draw(st.integers(1, 5 if modes == HOST_MODES else 4))
     ints = st.integers(0, 1000)
     per_mode = lambda: {m: [draw(ints) for _ in range(n)] for m in MODES}  # noqa: E731
-    return Profile(names=[f"b{i}" for i in range(n)], device="cpu", baseline_peak_bytes=10**5, static_bytes=0,
+    return Profile(names=[f"b{i}" for i in range(n)], device="cuda" if OFFLOAD in modes else "cpu", modes=modes,
+                   extra_time_s={m: draw(st.floats(0, 1)) for m in modes}, step_time_s=1.0,
+                   baseline_peak_bytes=10**5, static_bytes=0,
                    start=draw(st.integers(0, 500)), head=draw(ints), tail=draw(st.integers(0, 3000)),
                    other=[draw(ints) for _ in range(n)], kept=per_mode(), work=per_mode(), transient=per_mode(),
                    flops=[draw(st.integers(1, 100)) for _ in range(n)],
@@ -57,22 +59,35 @@ def profiles(draw):
                    elementwise=[draw(st.integers(1, 100)) for _ in range(n)], step_flops=1000)
 
 
-@settings(max_examples=200, deadline=None)
-@given(profiles(), st.integers(500, 12000))
-def test_dp_is_optimal_against_brute_force(prof, budget):
-    scored = [(modelled(prof, u, "flops"), u) for u in all_plans(len(prof.names))]
+def check_optimal(prof, budget, kind, modes):
+    scored = [(modelled(prof, u, kind), u) for u in all_plans(len(prof.names), modes)]
     feasible = [cost for (peak, cost), _ in scored if peak <= budget]
     bins = 100_000
-    result = solve(prof, budget, "flops", bins=bins)
+    result = solve(prof, budget, kind, bins=bins)
+    # the DP rounds kept bytes up: it may only miss plans within the rounding of the budget
+    slack = (budget - prof.start) / bins * len(prof.names)
     if result is None:
-        # the DP rounds kept bytes up: it may only miss plans within the rounding of the budget
-        slack = (budget - prof.start) / bins * len(prof.names)
         assert not [c for (p, c), _ in scored if p <= budget - slack]
         return
     units, cost = result
-    peak, model_cost = modelled(prof, units, "flops")
+    peak, model_cost = modelled(prof, units, kind)
     assert peak <= budget and model_cost == pytest.approx(cost)
-    assert cost == pytest.approx(min(feasible))
+    assert cost >= min(feasible) - 1e-9
+    # optimal among the plans that fit with the rounding's slack to spare
+    assert cost <= min([c for (p, c), _ in scored if p <= budget - slack] or [cost]) + 1e-9
+
+
+@settings(max_examples=200, deadline=None)
+@given(profiles(), st.integers(500, 12000))
+def test_dp_is_optimal_against_brute_force(prof, budget):
+    check_optimal(prof, budget, "flops", HOST_MODES)
+
+
+@settings(max_examples=100, deadline=None)
+@given(profiles(MODES), st.integers(500, 12000))
+def test_dp_with_offload_and_time_cost_is_optimal(prof, budget):
+    """A CUDA profile with offload as a sixth mode, under the time cost."""
+    check_optimal(prof, budget, "time", MODES)
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -214,6 +229,7 @@ def test_cli_plan_and_bench(tmp_path):
     (["plan", "--model", "gpt", "--size", "tiny", "--budget", "3%", "--cost", "flops"], "below the smallest peak"),
     (["bench", "--budgets", "20,x"], "--budgets"),
     (["verify", "--strategy", "plan:missing.json"], "cannot read plan"),
+    (["verify", "--model", "mlp", "--size", "tiny", "--strategy", "offload"], "on cpu it saves nothing"),
 ])
 def test_cli_bad_input(args, message):
     r = cli(*args)

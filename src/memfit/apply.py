@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import types
 
+import torch
 from torch import nn
 
 from memfit import strategies
 from memfit.blocks import find_blocks
 from memfit.checkpoint import Region, _recomputes, run
 from memfit.errors import MemfitError
-from memfit.strategies import KEEP, SAC_MODES
+from memfit.strategies import KEEP, OFFLOAD, RECOMPUTE
 
 __all__ = ["apply", "remove", "wrapped_blocks", "applied_strategy"]
 
@@ -43,7 +44,7 @@ def apply(model: nn.Module, strategy="blocks", blocks=None, state_replay=True, *
     """Checkpoint the blocks of `model` according to `strategy`; returns `model`.
 
     `strategy`: a strategy string (`none`, `blocks`, `every:K`, `segments:N`,
-    `sqrt`, `selective`, `pointwise`), a `memfit.Plan`, or a list of `strategies.Unit`.
+    `sqrt`, `selective`, `scores`, `pointwise`, `offload`), a `memfit.Plan`, or a list of `strategies.Unit`.
     With `budget=` ('60%', '8GiB', 'auto') and `batch`, `loss_fn`, it plans
     first (`memfit.plan`, cached by shapes) and applies the plan. `blocks`:
     which modules form the chain (see `memfit.find_blocks`). Applying again
@@ -116,7 +117,7 @@ def _check_units(units, n):
         raise MemfitError(f"the strategy's units must cover blocks 0..{n - 1} in order, each with a mode "
                           f"in {strategies.MODES}; this model has {n} blocks.")
     for u in units:
-        if u.mode in SAC_MODES and u.stop - u.start > 1:
+        if u.mode not in (KEEP, RECOMPUTE) and u.stop - u.start > 1:
             raise MemfitError(f"{u.mode} applies to one block at a time, not to a segment of several.")
 
 
@@ -130,6 +131,11 @@ class _Spec:
 def _forward(self, *args, **kwargs):
     spec = self._memfit
     fn = spec.prev_forward or types.MethodType(type(self).forward, self)
+    if spec.mode == OFFLOAD:
+        if not _recomputes(fn, spec.training_only):
+            return fn(*args, **kwargs)
+        with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+            return fn(*args, **kwargs)
     if spec.segment is None:
         return run(fn, args, kwargs, policy=spec.policy, state_replay=spec.state_replay,
                    training_only=spec.training_only)

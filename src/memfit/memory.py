@@ -91,10 +91,13 @@ class _TrackerCPU(MemoryTracker):
     live: int = 0
 
     def __post_init__(self):
+        self._device = torch.device(self.device)
         self._sizes: dict[int, int] = {}
         self._refs: dict[int, weakref.ref] = {}
 
     def add(self, tensor: torch.Tensor) -> None:
+        if tensor.device != self._device:  # e.g. a CUDA model's tensors offloaded to the CPU
+            return
         storage = tensor.untyped_storage()
         key = id(storage)
         if key in self._sizes:

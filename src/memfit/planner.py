@@ -32,7 +32,7 @@ from memfit.blocks import find_blocks
 from memfit.errors import MemfitError
 from memfit.profile import Profile, profile, simulate
 from memfit.report import fmt_bytes
-from memfit.strategies import KEEP, MODES, RECOMPUTE, Unit
+from memfit.strategies import KEEP, OFFLOAD, RECOMPUTE, Unit
 
 __all__ = ["plan", "Plan", "parse_budget", "solve"]
 
@@ -102,7 +102,9 @@ def _candidates(prof: Profile, kind: str) -> list[_Candidate]:
     out = []
     for b in range(1, n + 1):
         i = b - 1
-        for mode in MODES:
+        for mode in prof.modes:
+            if mode == OFFLOAD and kind == "flops":  # costs time, not FLOPs
+                continue
             need = max(other[i] + kept[mode][i] + work[mode][i], tr[mode][i])
             out.append(_Candidate(i, b, mode, kept[mode][i], need, prof.cost(mode, i, kind)))
         # Segments [a, b): the recompute materialises the blocks' activations as in `keep`, then

@@ -35,11 +35,18 @@ from memfit.apply import applied_strategy, apply, remove
 from memfit.blocks import find_blocks
 from memfit.flops import counting_flops
 from memfit.memory import track_memory
-from memfit.strategies import KEEP, MODES, POINTWISE, RECOMPUTE, SCORES, SELECTIVE
+from memfit.strategies import KEEP, MODES, OFFLOAD, POINTWISE, RECOMPUTE, SCORES, SELECTIVE
 
 __all__ = ["profile", "simulate", "Profile"]
 
-UNIFORM = {KEEP: "none", RECOMPUTE: "blocks", SELECTIVE: "selective", SCORES: "scores", POINTWISE: "pointwise"}
+UNIFORM = {KEEP: "none", RECOMPUTE: "blocks", SELECTIVE: "selective", SCORES: "scores", POINTWISE: "pointwise",
+           OFFLOAD: "offload"}
+HOST_MODES = tuple(m for m in MODES if m != OFFLOAD)
+
+
+def modes_for(device) -> tuple:
+    """The modes worth profiling on `device`: offloading to the CPU only helps a model on CUDA."""
+    return MODES if torch.device(device).type == "cuda" else HOST_MODES
 
 
 def _fake_copy(model, batch, mode: FakeTensorMode, resize=None):
@@ -213,11 +220,11 @@ def time_strategies(model, batch, loss_fn, *, blocks=None, repeats=1) -> dict:
     after one warm-up round."""
     device = next(model.parameters()).device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = {m: [] for m in MODES}
+    times = {m: [] for m in modes_for(device)}
     applied = applied_strategy(model)
     with _untouched(model):
         for r in range(repeats + 1):  # the first round warms up
-            for m in MODES:
+            for m in times:
                 apply(model, UNIFORM[m], blocks=blocks)
                 for p in model.parameters():
                     p.grad = None
@@ -269,11 +276,12 @@ class Profile:
     step_flops: int       # FLOPs of a plain training step
     step_time_s: float | None = None
     extra_time_s: dict | None = None  # extra time of each uniform mode over plain
+    modes: tuple = HOST_MODES  # the modes profiled (offload only on CUDA)
 
     def recomputed_flops(self, mode: str, i: int) -> int:
         """Matmul / convolution / attention FLOPs recomputed for block i."""
         return {KEEP: 0, RECOMPUTE: self.flops[i], SELECTIVE: self.selective_flops[i],
-                SCORES: self.scores_flops[i], POINTWISE: 0}[mode]
+                SCORES: self.scores_flops[i], POINTWISE: 0, OFFLOAD: 0}[mode]
 
     def cost(self, mode: str, i: int, kind: str) -> float:
         """What recomputing block i under `mode` costs: FLOPs (matmul FLOPs
@@ -281,6 +289,11 @@ class Profile:
         of the mode, split between blocks in proportion to their FLOP cost)."""
         if mode == KEEP:
             return 0.0
+        if mode == OFFLOAD:  # transfer time, split by the bytes each block moves; no FLOPs
+            if kind == "flops":
+                return float("inf")
+            moved = self.kept[KEEP]
+            return max(self.extra_time_s[OFFLOAD], 0.0) * moved[i] / max(sum(moved), 1)
         flop_cost = [self.recomputed_flops(mode, j) + self.elementwise[j] for j in range(len(self.names))]
         if kind == "flops":
             return float(flop_cost[i])
@@ -315,14 +328,16 @@ def profile(model, batch, loss_fn, *, blocks=None, optimizer=None, timing=True) 
     forward+backward passes of each kind are timed after a warm-up round."""
     names = [n for n, _ in find_blocks(model, blocks)]
     n = len(names)
+    device = next(model.parameters()).device
+    modes = modes_for(device)
     sims = {m: simulate(model, batch, loss_fn, UNIFORM[m], blocks=blocks, optimizer=optimizer, marks=True)
-            for m in MODES}
+            for m in modes}
     reads = {m: _read(sim, n) for m, sim in sims.items()}
     keep, baseline = reads[KEEP], sims[KEEP]
     other = [keep["backward_start"][i] - keep["start"] - sum(keep["kept"][:i + 1]) for i in range(n)]
     per_block, step_flops = count_flops(model, batch, loss_fn, blocks=blocks)
     prof = Profile(
-        names=names, device=str(next(model.parameters()).device),
+        names=names, device=str(device), modes=modes,
         baseline_peak_bytes=baseline.peak_bytes, static_bytes=baseline.static_bytes,
         start=keep["start"], head=keep["head"], tail=keep["tail"], other=other,
         kept={m: r["kept"] for m, r in reads.items()}, work={m: r["work"] for m, r in reads.items()},
@@ -332,5 +347,5 @@ def profile(model, batch, loss_fn, *, blocks=None, optimizer=None, timing=True) 
     if timing:
         t = time_strategies(model, batch, loss_fn, blocks=blocks)
         prof.step_time_s = t[KEEP]
-        prof.extra_time_s = {m: t[m] - t[KEEP] for m in MODES if m != KEEP}
+        prof.extra_time_s = {m: t[m] - t[KEEP] for m in modes if m != KEEP}
     return prof

@@ -20,8 +20,13 @@ A strategy resolves to units: runs of consecutive blocks, each with a mode.
   the ones whose output is smaller (scores @ v): about half the FLOPs of
   `selective` for a little more memory.
 The planner mixes all of them, block by block.
+* `offload` (CUDA): recompute nothing; move the block's saved tensors to
+  pinned CPU memory in the forward and back in the backward
+  (`torch.autograd.graph.save_on_cpu`). It costs transfer time, not FLOPs, so
+  the planner considers it only for a model on CUDA with the time cost.
 
-Strategy strings: `none`, `blocks`, `every:K`, `segments:N`, `sqrt`, `selective`, `scores`, `pointwise`.
+Strategy strings: `none`, `blocks`, `every:K`, `segments:N`, `sqrt`, `selective`, `scores`, `pointwise`,
+`offload`.
 """
 from __future__ import annotations
 
@@ -34,9 +39,10 @@ from torch.utils.checkpoint import CheckpointPolicy
 from memfit.errors import MemfitError
 
 KEEP, RECOMPUTE, SELECTIVE, SCORES, POINTWISE = "keep", "recompute", "selective", "scores", "pointwise"
-MODES = (KEEP, RECOMPUTE, SELECTIVE, SCORES, POINTWISE)
+OFFLOAD = "offload"
+MODES = (KEEP, RECOMPUTE, SELECTIVE, SCORES, POINTWISE, OFFLOAD)
 SAC_MODES = (SELECTIVE, SCORES, POINTWISE)  # one block at a time, with a policy over its ops
-NAMES = ("none", "blocks", "every:K", "segments:N", "sqrt", "selective", "scores", "pointwise")
+NAMES = ("none", "blocks", "every:K", "segments:N", "sqrt", "selective", "scores", "pointwise", "offload")
 
 
 @dataclass(frozen=True)
@@ -53,13 +59,13 @@ def parse(strategy: str, n_blocks: int) -> list[Unit]:
     text = str(strategy).strip().lower()
     name, _, arg = text.partition(":")
     accepted = f"accepted: {', '.join(NAMES)} (K, N positive integers)"
-    if name in ("none", "blocks", "sqrt", *SAC_MODES) and arg:
+    if name in ("none", "blocks", "sqrt", OFFLOAD, *SAC_MODES) and arg:
         raise MemfitError(f"strategy {strategy!r} takes no argument; {accepted}.")
     if name == "none":
         return [Unit(0, n_blocks, KEEP)]
     if name == "blocks":
         return [Unit(i, i + 1, RECOMPUTE) for i in range(n_blocks)]
-    if name in SAC_MODES:
+    if name in (*SAC_MODES, OFFLOAD):
         return [Unit(i, i + 1, name) for i in range(n_blocks)]
     if name == "sqrt":
         return segments(n_blocks, max(1, round(math.sqrt(n_blocks))))

@@ -174,6 +174,9 @@ def verify(model, batch, loss_fn, strategy="blocks", *, steps=5, device="cpu", s
         units = the_plan.units
     else:
         units = strategies.parse(strategy, n_blocks) if isinstance(strategy, str) else strategy
+    if device.type != "cuda" and any(u.mode == strategies.OFFLOAD for u in units):
+        raise MemfitError(f"offload moves saved tensors from a CUDA device to CPU memory, so on {device.type} it "
+                          f"saves nothing; use --device cuda, or a strategy that recomputes.")
     if grad_tol is None:
         grad_tol = 0.0 if device.type == "cpu" else 1e-4
 

@@ -23,6 +23,7 @@ import copy
 import functools
 import statistics
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -329,9 +330,15 @@ def profile(model, batch, loss_fn, *, blocks=None, optimizer=None, timing=True) 
     names = [n for n, _ in find_blocks(model, blocks)]
     n = len(names)
     device = next(model.parameters()).device
-    modes = modes_for(device)
-    sims = {m: simulate(model, batch, loss_fn, UNIFORM[m], blocks=blocks, optimizer=optimizer, marks=True)
-            for m in modes}
+    sims = {}
+    for m in modes_for(device):
+        try:
+            sims[m] = simulate(model, batch, loss_fn, UNIFORM[m], blocks=blocks, optimizer=optimizer, marks=True)
+        except Exception as e:  # noqa: BLE001 - offload's simulation has not run on every CUDA setup yet
+            if m != OFFLOAD:
+                raise
+            warnings.warn(f"memfit: offload left out of the plan, its simulation failed: {e}")
+    modes = tuple(sims)
     reads = {m: _read(sim, n) for m, sim in sims.items()}
     keep, baseline = reads[KEEP], sims[KEEP]
     other = [keep["backward_start"][i] - keep["start"] - sum(keep["kept"][:i + 1]) for i in range(n)]

@@ -71,6 +71,10 @@ def apply(model: nn.Module, strategy="blocks", blocks=None, state_replay=True, *
     else:
         units = strategies.parse(strategy, len(chain)) if isinstance(strategy, str) else list(strategy)
     _check_units(units, len(chain))
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", None) is True:  # Hugging Face: a KV cache is state that recompute would append
+        config.use_cache = False                     # to a second time; their own checkpointing turns it off too
+        model.__dict__["_memfit_use_cache"] = True
     for unit in units:
         if unit.mode == KEEP:
             continue
@@ -89,6 +93,8 @@ def apply(model: nn.Module, strategy="blocks", blocks=None, state_replay=True, *
 def remove(model: nn.Module) -> nn.Module:
     """Undo `apply`: every block gets its own forward back."""
     model.__dict__.pop("_memfit_applied", None)
+    if model.__dict__.pop("_memfit_use_cache", False):
+        model.config.use_cache = True
     for m in model.modules():
         spec = m.__dict__.pop("_memfit", None)
         if spec is None:
@@ -136,7 +142,7 @@ def _forward(self, *args, **kwargs):
             return fn(*args, **kwargs)
         with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
             return fn(*args, **kwargs)
-    if spec.segment is None:
+    if spec.segment is None or torch.compiler.is_compiling():  # compiled: segments go block by block
         return run(fn, args, kwargs, policy=spec.policy, state_replay=spec.state_replay,
                    training_only=spec.training_only)
     return spec.segment.call(spec.index, self, fn, args, kwargs, spec)

@@ -19,6 +19,7 @@ and the autocast replay.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import threading
 
@@ -47,6 +48,11 @@ def run(fn, args, kwargs, policy=None, state_replay=True, training_only=True):
     """
     if not _recomputes(fn, training_only):
         return fn(*args, **kwargs)
+    if torch.compiler.is_compiling():  # dynamo traces torch's checkpoint as one op; a Region it cannot
+        if policy is None:
+            return tuc.checkpoint(fn, *args, use_reentrant=False, **kwargs)
+        context = functools.partial(tuc.create_selective_checkpoint_contexts, policy)
+        return tuc.checkpoint(fn, *args, use_reentrant=False, context_fn=context, **kwargs)
     region = Region(fn, args, kwargs, policy, owner=_owner(fn), state_replay=state_replay)
     try:
         out = fn(*args, **kwargs)
@@ -158,9 +164,7 @@ class _Context:
 
 
 def _context_fn(owner, policy, state_replay=True):
-    if torch.compiler.is_compiling() or not state_replay:
-        # Under torch.compile the region is traced as one graph; only dispatch
-        # modes are allowed as contexts there.
+    if not state_replay:
         if policy is None:
             return tuc.noop_context_fn
         return lambda: tuc.create_selective_checkpoint_contexts(policy)

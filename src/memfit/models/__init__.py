@@ -62,6 +62,12 @@ def load(name: str, size: str | None = None, batch_size: int | None = None, seed
         if size is not None and size not in module.SIZES:
             raise MemfitError(f"unknown size {size!r} for model {name!r}; sizes: {', '.join(module.SIZES)}.")
         return module.build(**{k: v for k, v in options.items() if v is not None})
+    if name.startswith("hf:"):
+        from memfit.models import hf
+
+        if size is not None and size not in hf.SIZES:
+            raise MemfitError(f"unknown size {size!r} for {name}; sizes: {', '.join(hf.SIZES)}.")
+        return hf.build(name[3:], **{k: v for k, v in options.items() if v is not None})
     if ":" not in name:
         raise MemfitError(f"unknown model {name!r}; built-in models: {', '.join(REGISTRY)}, "
                           f"or your own as package.module:factory.")

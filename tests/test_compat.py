@@ -1,0 +1,107 @@
+"""Where people train: Hugging Face models, mixed precision, torch.compile,
+stochastic depth, DataParallel, DDP. Each test compares against the same
+training without checkpointing."""
+import copy
+import pytest
+import torch
+from torch import nn
+
+import memfit
+from memfit import models
+from memfit.models import REGISTRY, gpt
+
+
+def grads(model, batch, loss_fn, seed=1, autocast=None):
+    torch.manual_seed(seed)
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+        loss = loss_fn(model, batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_equal_grads(a, b, exact=True):
+    (loss_a, ga), (loss_b, gb) = a, b
+    assert ga.keys() == gb.keys()
+    for n in ga:
+        if exact:
+            assert torch.equal(ga[n], gb[n]), n
+        else:
+            torch.testing.assert_close(ga[n], gb[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert torch.equal(loss_a, loss_b) if exact else torch.allclose(loss_a, loss_b, rtol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["blocks", "selective", "sqrt"])
+@pytest.mark.parametrize("kind, layers", [("gpt2", "transformer.h"), ("llama", "model.layers"),
+                                          ("bert", "bert.encoder.layer")])
+def test_hugging_face_models(kind, layers, strategy):
+    pytest.importorskip("transformers")
+    model, batch, loss_fn = models.load(f"hf:{kind}", size="tiny", batch_size=2)
+    model.train()
+    assert [n for n, _ in memfit.find_blocks(model)] == [f"{layers}.{i}" for i in range(4)]
+    plain = grads(model, batch, loss_fn)
+    had_cache = getattr(model.config, "use_cache", None)
+    memfit.apply(model, strategy)
+    assert_equal_grads(plain, grads(model, batch, loss_fn))  # bitwise, dropout replayed
+    memfit.remove(model)
+    assert getattr(model.config, "use_cache", None) == had_cache  # turned off while applied, then restored
+
+
+def test_hugging_face_plan():
+    pytest.importorskip("transformers")
+    model, batch, loss_fn = models.load("hf:gpt2", size="tiny", batch_size=4)
+    plan = memfit.plan(model, batch, loss_fn, "70%", cost="flops")
+    report = memfit.verify(model, batch, loss_fn, plan, steps=1)
+    assert report["passed"] and report["checkpointed"]["peak_bytes"] <= plan.budget_bytes
+
+
+@pytest.mark.parametrize("strategy", ["blocks", "selective", "segments:2"])
+@pytest.mark.parametrize("name", ["gpt", "resnet-se"])
+def test_bf16_autocast(name, strategy):
+    model, batch, loss_fn = REGISTRY[name].build("tiny", batch_size=4)
+    plain = grads(model, batch, loss_fn, autocast=torch.bfloat16)
+    wrapped = memfit.apply(copy.deepcopy(model), strategy)
+    assert_equal_grads(plain, grads(wrapped, batch, loss_fn, autocast=torch.bfloat16))
+
+
+@pytest.mark.parametrize("strategy", ["blocks", "selective", "sqrt"])
+def test_torch_compile_matches_eager(strategy):
+    """aot_eager on CPU; without dropout, whose random numbers compiled code draws differently."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = gpt.create_gpt(dict(block_size=32, n_layer=4, n_head=2, n_embd=64, dropout=0.0))
+    batch = gpt.batch("tiny", 2)
+    eager = grads(model, batch, gpt.loss_fn)
+    compiled = torch.compile(memfit.apply(copy.deepcopy(model), strategy), backend="aot_eager")
+    loss, g = grads(compiled, batch, gpt.loss_fn)
+    assert_equal_grads(eager, (loss, {k.removeprefix("_orig_mod."): v for k, v in g.items()}), exact=False)
+
+
+class DropPathBlock(nn.Module):
+    """A residual block with stochastic depth: the whole branch is dropped per sample."""
+
+    def __init__(self, n=16, p=0.5):
+        super().__init__()
+        self.fc, self.p = nn.Linear(n, n), p
+
+    def forward(self, x):
+        keep = (torch.rand(x.shape[0], 1) >= self.p).float() / (1 - self.p) if self.training else 1.0
+        return x + torch.tanh(self.fc(x)) * keep
+
+
+def test_drop_path_decisions_are_replayed():
+    torch.manual_seed(0)
+    model = nn.Sequential(*[DropPathBlock() for _ in range(6)])
+    batch = torch.randn(32, 16)
+    loss_fn = lambda m, b: m(b).pow(2).mean()  # noqa: E731
+    plain = grads(model, batch, loss_fn)
+    for strategy in ("blocks", "sqrt", "selective"):
+        assert_equal_grads(plain, grads(memfit.apply(copy.deepcopy(model), strategy), batch, loss_fn))
+
+
+def test_data_parallel_wrapper():
+    model, batch, loss_fn = REGISTRY["gpt"].build("tiny", batch_size=4)
+    plain = grads(model, batch, loss_fn)
+    wrapped = nn.DataParallel(memfit.apply(copy.deepcopy(model), "blocks"))  # without GPUs it calls the module
+    loss, g = grads(wrapped, batch, loss_fn)
+    assert_equal_grads(plain, (loss, {k.removeprefix("module."): v for k, v in g.items()}))

@@ -105,3 +105,51 @@ def test_data_parallel_wrapper():
     wrapped = nn.DataParallel(memfit.apply(copy.deepcopy(model), "blocks"))  # without GPUs it calls the module
     loss, g = grads(wrapped, batch, loss_fn)
     assert_equal_grads(plain, (loss, {k.removeprefix("module."): v for k, v in g.items()}))
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gpt_no_dropout():
+    torch.manual_seed(0)
+    return gpt.create_gpt(dict(block_size=32, n_layer=4, n_head=2, n_embd=64, dropout=0.0))
+
+
+def train_steps(model, batches, steps=3):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(steps):
+        opt.zero_grad(set_to_none=True)
+        gpt.loss_fn(model, batches[step]).backward()
+        opt.step()
+
+
+def ddp_worker(rank, port, strategy, find_unused, out):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        model = memfit.apply(gpt_no_dropout(), strategy)
+        ddp = DDP(model, find_unused_parameters=find_unused)
+        batches = [tuple(t[rank::2].contiguous() for t in gpt.batch("tiny", 8, seed=s)) for s in range(3)]
+        train_steps(ddp, batches)
+        if rank == 0:
+            torch.save(model.state_dict(), out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("strategy, find_unused", [("blocks", False), ("selective", False), ("sqrt", True)])
+def test_ddp_two_processes_match_one(tmp_path, strategy, find_unused):
+    """Two gloo ranks, each on half of the global batch, end with the parameters
+    of one process trained on the whole batch without checkpointing."""
+    out = tmp_path / "rank0.pt"
+    torch.multiprocessing.spawn(ddp_worker, args=(free_port(), strategy, find_unused, str(out)), nprocs=2)
+    single = gpt_no_dropout()
+    train_steps(single, [gpt.batch("tiny", 8, seed=s) for s in range(3)])
+    got = torch.load(out, weights_only=True)
+    for name, p in single.state_dict().items():
+        torch.testing.assert_close(got[name], p, rtol=1e-5, atol=1e-6, msg=name)

@@ -223,8 +223,8 @@ def _attribute(args, out: Console) -> int:
     from memfit.attribution import Cache, attribute, checkpoint_model, fit_budget
     from memfit.attribution.cache import weights_hash
     from memfit.attribution.io import load_video
-    from memfit.memory import track_memory
     from memfit.attribution.run import compare, demo, write_outputs
+    from memfit.memory import track_memory
     from memfit.report import check_writable, fmt_bytes, require_matplotlib, write_json
 
     if not args.videos and not args.demo:
@@ -248,6 +248,8 @@ def _attribute(args, out: Console) -> int:
             _check_clip(model, vid, clip)
     model.eval()
     targets = _targets(args.target or [], videos)
+    if args.demo and targets is None:  # the demo knows each clip's true class: explain that one
+        targets = {vid: models.video.MOTIONS.index(cls) for vid, cls in classes.items()}
     frames = min(c.shape[0] for c in videos.values())
     if args.mode == "chunked" or args.compare:
         if not 1 <= args.chunk_size <= frames:

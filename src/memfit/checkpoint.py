@@ -48,7 +48,7 @@ def run(fn, args, kwargs, policy=None, state_replay=True, training_only=True):
     """
     if not _recomputes(fn, training_only):
         return fn(*args, **kwargs)
-    if torch.compiler.is_compiling():  # dynamo traces torch's checkpoint as one op; a Region it cannot
+    if torch.compiler.is_compiling():  # dynamo traces torch's own checkpoint as one operator, not a Region
         if policy is None:
             return tuc.checkpoint(fn, *args, use_reentrant=False, **kwargs)
         context = functools.partial(tuc.create_selective_checkpoint_contexts, policy)

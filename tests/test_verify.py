@@ -5,6 +5,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from memfit import models, verify
 
@@ -134,3 +135,19 @@ def test_bad_input_is_one_sentence_and_exit_2(tmp_path, args, message):
     assert message in r.stderr
     assert "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_selective_modes_trade_memory_for_flops_in_order():
+    """Attention through batched matmuls (dropout on CPU), with scores larger than
+    the heads: selective recomputes both products, scores only q @ k^T,
+    pointwise neither; memory goes the other way."""
+    torch.manual_seed(0)
+    model = models.gpt.create_gpt(dict(block_size=64, n_layer=2, n_head=4, n_embd=64, dropout=0.1))
+    idx = torch.randint(model.config.vocab_size, (4, 65), generator=torch.Generator().manual_seed(1))
+    batch = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
+    reports = {s: verify(model, batch, models.gpt.loss_fn, s, steps=1) for s in ("selective", "scores", "pointwise")}
+    assert all(r["passed"] and r["grads_bitwise_equal"] for r in reports.values())
+    flops = {s: r["recompute_flops"] for s, r in reports.items()}
+    peak = {s: r["checkpointed"]["peak_bytes"] for s, r in reports.items()}
+    assert flops["selective"] > flops["scores"] > flops["pointwise"] == 0
+    assert peak["selective"] < peak["scores"] < peak["pointwise"]

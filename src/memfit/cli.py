@@ -405,8 +405,8 @@ def parser() -> argparse.ArgumentParser:
                        "from the same seed and batch, and report peak memory, slowdown, recomputed FLOPs and "
                        "whether gradients, buffers and losses are the same. Exit 0 on PASS, 1 on FAIL.")
     _model_options(v)
-    v.add_argument("--strategy", default="blocks", help="none, blocks, every:K, segments:N, sqrt, selective, "
-                   "plan:BUDGET (e.g. plan:60%%) or plan:FILE.json (default: blocks)")
+    v.add_argument("--strategy", default="blocks", help="none, blocks, every:K, segments:N, sqrt, selective, scores, "
+                   "pointwise, offload (CUDA), plan:BUDGET (e.g. plan:60%%) or plan:FILE.json (default: blocks)")
     v.add_argument("--steps", type=int, default=5, help="timed steps per run, after a warm-up step and "
                    "the steps that measure memory and FLOPs (default: 5)")
     v.add_argument("--expect-reduction", metavar="MIN:MAX",
@@ -420,8 +420,8 @@ def parser() -> argparse.ArgumentParser:
     v.set_defaults(run=_verify)
 
     pl = sub.add_parser("plan", help="the fastest checkpointing plan that fits a memory budget",
-                        description="Profile the model's blocks, choose per block keep / selective / recompute "
-                        "(and segments) to minimise recomputation under the budget, print the plan, then measure "
+                        description="Profile the model's blocks, choose per block keep / pointwise / scores / "
+                        "selective / recompute (offload on CUDA), and segments, to minimise recomputation under the budget, print the plan, then measure "
                         "one step with it and show predicted and measured peak side by side.")
     _model_options(pl)
     pl.add_argument("--budget", required=True, help="20GiB, 800MB, 60%% (of the plain run's peak) or auto")

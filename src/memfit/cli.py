@@ -117,7 +117,8 @@ def _train(args, out: Console) -> int:
     overrides = {f"training.{k}": v for k, v in (
         ("gradient_checkpointing", args.gradient_checkpointing), ("max_iters", args.max_iters),
         ("batch_size", args.batch_size), ("precision", args.precision), ("device", args.device),
-        ("memory_budget", args.memory_budget), ("log_interval", args.log_interval), ("seed", args.seed)) if v is not None}
+        ("memory_budget", args.memory_budget), ("log_interval", args.log_interval), ("seed", args.seed),
+        ("distributed", args.distributed)) if v is not None}
     if args.data is not None:
         overrides["data.path"] = args.data
     for item in args.set or []:
@@ -147,7 +148,11 @@ def _train(args, out: Console) -> int:
                       f"{r['precision']} ({r['dtype']} weights)")
             mark = "[green]✓[/]" if r["gradient_checkpointing"] != "DISABLED" else "[yellow]✗[/]"
             out.print(f"{mark} Gradient checkpointing: {r['gradient_checkpointing']}")
-            out.print(f"  Predicted peak memory for batch {r['batch_size']}: {fmt_bytes(r['predicted_peak_bytes'])}")
+            if r["world_size"] > 1 or r["distributed"] != "none":
+                out.print(f"  {r['distributed'].upper()} over {r['world_size']} processes: global batch "
+                          f"{r['batch_size']}, {r['batch_size'] // r['world_size']} per process")
+            per = " per process" if r["distributed"] != "none" else ""
+            out.print(f"  Predicted peak memory{per} for batch {r['batch_size']}: {fmt_bytes(r['predicted_peak_bytes'])}")
             out.print(f"  Recommended batch size for {fmt_bytes(r['memory_budget_bytes'])} "
                       f"({r['memory_budget_source']}): {r['recommended_batch_size']}")
             if "unigram_entropy" in r:
@@ -170,6 +175,8 @@ def _train(args, out: Console) -> int:
         summary = train(cfg, callback=callback, out_dir=out_dir, metrics_path=partial)
     finally:
         progress.stop()
+    if summary is None:  # a rank other than 0 of a distributed run: rank 0 reports and writes
+        return 0
     if partial:
         os.replace(partial, metrics_path)
         out.print(f"metrics written to {metrics_path}")
@@ -454,6 +461,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--memory-budget", help="memory for the recommended batch size (default: free device memory)")
     t.add_argument("--log-interval", type=str)
     t.add_argument("--seed", type=str)
+    t.add_argument("--distributed", help="none, ddp or fsdp (FSDP2), under torchrun: gloo on CPU, nccl on CUDA; "
+                   "--batch-size is then the global batch, split between the processes")
     t.add_argument("--data", help="text file for the gpt recipe (default: the corpus shipped with memfit)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, e.g. model.n_layer=8")
     t.add_argument("--out", metavar="DIR", help="save final weights, resolved config, metrics and summary here")

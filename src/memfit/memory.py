@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 
 __all__ = ["track_memory", "MemoryTracker", "CPU_SOURCE", "CUDA_SOURCE"]
@@ -69,9 +69,28 @@ class MemoryTracker:
 
 
 class _StorageCounter(TorchDispatchMode):
+    """Counts the storages ops create. NOTE: FSDP2 frees and re-allocates its
+    gathered parameters with `UntypedStorage.resize_`, which no op dispatch
+    sees, so `resize_` is wrapped while the counter is active."""
+
     def __init__(self, tracker: "_TrackerCPU"):
         super().__init__()
         self.t = tracker
+
+    def __enter__(self):
+        resize, t = torch.UntypedStorage.resize_, self.t
+
+        def resize_(storage, size):
+            out = resize(storage, size)
+            t.resized(storage, storage.nbytes())
+            return out
+        self._resize = resize
+        torch.UntypedStorage.resize_ = resize_
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.UntypedStorage.resize_ = self._resize
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -96,6 +115,12 @@ class _TrackerCPU(MemoryTracker):
         self._refs: dict[int, weakref.ref] = {}
 
     def add(self, tensor: torch.Tensor) -> None:
+        if is_traceable_wrapper_subclass(tensor):  # a DTensor (FSDP2): count the shard this rank holds
+            for name in tensor.__tensor_flatten__()[0]:
+                inner = getattr(tensor, name)
+                if isinstance(inner, torch.Tensor):
+                    self.add(inner)
+            return
         if tensor.device != self._device:  # e.g. a CUDA model's tensors offloaded to the CPU
             return
         storage = tensor.untyped_storage()
@@ -112,6 +137,13 @@ class _TrackerCPU(MemoryTracker):
     def _free(self, key: int) -> None:
         self.live -= self._sizes.pop(key)
         del self._refs[key]
+
+    def resized(self, storage, nbytes: int) -> None:
+        key = id(storage)
+        if key in self._sizes:
+            self.live += nbytes - self._sizes[key]
+            self._sizes[key] = nbytes
+            self.peak_bytes = max(self.peak_bytes, self.live)
 
     def _live(self) -> int:
         return self.live

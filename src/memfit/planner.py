@@ -24,11 +24,12 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
 from memfit.blocks import find_blocks
+from memfit.distributed import rank_offset
 from memfit.errors import MemfitError
 from memfit.profile import Profile, profile, simulate
 from memfit.report import fmt_bytes
@@ -306,27 +307,31 @@ def signature(model, batch, blocks=None) -> dict:
 _CACHE: dict = {}
 
 
-def plan(model, batch, loss_fn, budget, *, blocks=None, cost="time", optimizer=None) -> Plan:
-    result = plan_or_none(model, batch, loss_fn, budget, blocks=blocks, cost=cost, optimizer=optimizer)
+def plan(model, batch, loss_fn, budget, *, blocks=None, cost="time", optimizer=None, distributed=None) -> Plan:
+    result = plan_or_none(model, batch, loss_fn, budget, blocks=blocks, cost=cost, optimizer=optimizer,
+                          distributed=distributed)
     if isinstance(result, Plan):
         return result
     prof, budget_bytes = result
     minimum = _minimum_budget(prof, cost)
     solution = solve(prof, minimum, cost, bins=200)
-    reachable = simulate(model, batch, loss_fn, solution[0], blocks=blocks, optimizer=optimizer).peak_bytes \
+    reachable = prof.offset + simulate(model, batch, loss_fn, solution[0], blocks=blocks, optimizer=optimizer).peak_bytes \
         if solution else minimum
     raise MemfitError(f"budget {fmt_bytes(budget_bytes)} is below the smallest peak checkpointing reaches for this "
                       f"model and batch, about {fmt_bytes(max(reachable, minimum))} (plain run: "
                       f"{fmt_bytes(prof.baseline_peak_bytes)}); give a budget of at least that, or a smaller batch.")
 
 
-def plan_or_none(model, batch, loss_fn, budget, *, blocks=None, cost="time", optimizer=None):
+def plan_or_none(model, batch, loss_fn, budget, *, blocks=None, cost="time", optimizer=None, distributed=None):
     """The cheapest plan whose predicted peak fits `budget`.
 
     `budget`: bytes, '20GiB', '800MB', '60%' (of the plain run's peak, with
     the same batch and optimizer), or 'auto' (free device memory less 10%).
     `cost`: 'time' (measured, the default) or 'flops' (deterministic).
     `optimizer`: the optimizer class whose state counts (default AdamW).
+    `distributed`: ("ddp" | "fsdp", world size) plans for one rank of that
+    run, `batch` being the rank's share (see NOTE [per-rank memory] in
+    `memfit.distributed`); budgets and peaks are then per rank.
     Plans are cached by model shape, input shapes, budget and cost, so calling
     this every step re-plans only when the shapes change. `plan_or_none`
     returns (profile, budget bytes) instead of raising when no plan fits.
@@ -334,18 +339,22 @@ def plan_or_none(model, batch, loss_fn, budget, *, blocks=None, cost="time", opt
     if cost not in ("time", "flops"):
         raise MemfitError(f"unknown cost {cost!r}; use time (measured) or flops (deterministic).")
     sig = signature(model, batch, blocks)
-    key = json.dumps([sig, str(budget), cost, str(blocks), getattr(optimizer, "__name__", None)], sort_keys=True)
+    key = json.dumps([sig, str(budget), cost, str(blocks), getattr(optimizer, "__name__", None), distributed],
+                     sort_keys=True)
     if key in _CACHE:
         return _CACHE[key]
     device = next(model.parameters()).device
     parse_budget(budget, baseline_peak=1, device=device)  # a bad budget fails before profiling
     prof = profile(model, batch, loss_fn, blocks=blocks, optimizer=optimizer, timing=cost == "time")
+    offset = rank_offset(model, *distributed, prof.static_bytes) if distributed else 0
+    prof = replace(prof, start=prof.start + offset, tail=prof.tail + offset, offset=offset,
+                   baseline_peak_bytes=prof.baseline_peak_bytes + offset, static_bytes=prof.static_bytes + offset)
     budget_bytes = parse_budget(budget, prof.baseline_peak_bytes, device)
     if prof.baseline_peak_bytes <= budget_bytes:  # the plain run fits: recompute nothing
         units = [Unit(i, i + 1, KEEP) for i in range(len(prof.names))]
         found = (units, 0.0, prof.baseline_peak_bytes)
     else:
-        found = _fit(prof, budget_bytes, cost, lambda units: simulate(
+        found = _fit(prof, budget_bytes, cost, lambda units: offset + simulate(
             model, batch, loss_fn, units, blocks=blocks, optimizer=optimizer).peak_bytes)
     if found is not None:
         units, total, peak = found

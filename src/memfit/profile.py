@@ -278,6 +278,7 @@ class Profile:
     step_time_s: float | None = None
     extra_time_s: dict | None = None  # extra time of each uniform mode over plain
     modes: tuple = HOST_MODES  # the modes profiled (offload only on CUDA)
+    offset: int = 0       # added for one rank of a distributed run (in start, tail, baseline and static bytes)
 
     def recomputed_flops(self, mode: str, i: int) -> int:
         """Matmul / convolution / attention FLOPs recomputed for block i."""

@@ -22,9 +22,11 @@ TRAINING = {
     "batch_size": 32, "max_iters": 300, "learning_rate": 1e-3, "weight_decay": 0.0,
     "gradient_checkpointing": False, "precision": "fp32", "log_interval": 10, "eval_interval": 100,
     "eval_iters": 10, "device": "auto", "seed": 0, "memory_budget": None, "ema_momentum": 0.996,
+    "distributed": "none",
 }
 FLEXIBLE = {"gradient_checkpointing", "memory_budget"}   # several types allowed
 PRECISIONS = ("fp32", "bf16", "fp16")
+DISTRIBUTED = ("none", "ddp", "fsdp")
 
 
 def model_keys(name: str) -> dict:
@@ -107,6 +109,9 @@ def resolve(path: str | None, overrides: dict) -> dict:
     for key in ("batch_size", "max_iters", "log_interval", "eval_interval", "eval_iters"):
         if t[key] < 1:
             raise MemfitError(f"training.{key} must be at least 1, got {t[key]}.")
+    if t["distributed"] not in DISTRIBUTED:
+        raise MemfitError(f"training.distributed {t['distributed']!r} is not one of {', '.join(DISTRIBUTED)}; "
+                          f"ddp and fsdp run under torchrun.")
     if t["precision"] not in PRECISIONS:
         raise MemfitError(f"training.precision {t['precision']!r} is not one of {', '.join(PRECISIONS)}.")
     return cfg

@@ -14,11 +14,12 @@ from pathlib import Path
 import torch
 from torch.utils._pytree import tree_map
 
+from memfit import distributed
 from memfit.apply import apply, applied_strategy, wrapped_blocks
 from memfit.errors import MemfitError
 from memfit.fit import largest_batch
 from memfit.memory import track_memory
-from memfit.planner import parse_budget, plan
+from memfit.planner import Plan, parse_budget, plan
 from memfit.profile import simulate
 from memfit.train.config import dump
 from memfit.train.recipes import RECIPES
@@ -70,14 +71,35 @@ def _memory(device, model, opt, batch, step):
     return {"memory/live": mem.end_bytes / GB, "memory/peak": mem.peak_bytes / GB}
 
 
-def train(cfg: dict, *, callback=lambda event, data: None, out_dir=None, metrics_path=None) -> dict:
-    """Train a recipe from a resolved config (see `memfit.train.config.resolve`)."""
+def train(cfg: dict, *, callback=lambda event, data: None, out_dir=None, metrics_path=None) -> dict | None:
+    """Train a recipe from a resolved config (see `memfit.train.config.resolve`).
+
+    With `training.distributed` ddp or fsdp (under torchrun), `batch_size` is
+    the global batch, split evenly between the ranks, so one config trains
+    the same model on any number of processes. Rank 0 plans, reports, calls
+    `callback` and writes files; the others return None."""
     t, name = cfg["training"], cfg["model"]["name"]
     recipe = RECIPES[name]
     device = resolve_device(t["device"])
     if t["precision"] == "fp16" and device.type != "cuda":
         raise MemfitError("fp16 training needs CUDA (a gradient scaler against underflow); use --precision bf16 "
                           "or fp32 on this device.")
+    ranks = distributed.setup(t["distributed"], device)
+    try:
+        summary = _train(cfg, recipe, ranks, callback if ranks.main else lambda event, data: None,
+                         out_dir if ranks.main else None, metrics_path if ranks.main else None)
+        distributed.barrier(ranks)  # no rank leaves while another still writes or communicates
+        return summary
+    finally:
+        distributed.teardown(ranks)
+
+
+def _train(cfg, recipe, ranks, callback, out_dir, metrics_path):
+    t, device = cfg["training"], ranks.device
+    if t["batch_size"] % ranks.world:
+        raise MemfitError(f"training.batch_size {t['batch_size']} (the global batch) must divide evenly between "
+                          f"{ranks.world} processes; use a multiple of {ranks.world}.")
+    per_rank = (ranks.kind, ranks.world) if ranks.kind != "none" else None
     torch.manual_seed(t["seed"])
     arch = {k: v for k, v in cfg["model"].items() if k != "name"}
     data = recipe.data(arch, cfg["data"], t["seed"])
@@ -87,41 +109,35 @@ def train(cfg: dict, *, callback=lambda event, data: None, out_dir=None, metrics
     model = recipe.create(arch, False if budget else gc).to(device).train()
     loss_fn = autocast_loss(recipe.loss_fn, device, t["precision"])
     first = _to(data.batch("train", t["batch_size"]), device)
-    if budget:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            apply(model, plan(model, first, loss_fn, budget, cost="flops"))
+    if budget:  # planned once, on rank 0, and sent to every rank
+        the_plan = None
+        if ranks.main:
+            try:
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    the_plan = plan(model, distributed.local(first, ranks), loss_fn, budget, cost="flops",
+                                    distributed=per_rank).to_json()
+            except MemfitError as e:  # every rank stops with rank 0's error
+                the_plan = e
+        the_plan = distributed.broadcast(the_plan, ranks)
+        if isinstance(the_plan, MemfitError):
+            raise the_plan
+        apply(model, Plan.from_json(the_plan))
 
-    # The report must not change the training: its probes run on set-aside RNG and data generators.
-    saved = {k: g.get_state() for k, g in data.generators.items()}
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        predicted = simulate(model, first, loss_fn, None).peak_bytes
-        memory_budget = parse_budget(t["memory_budget"] or "auto", baseline_peak=predicted, device=device)
-        recommended, _ = largest_batch(model, lambda b: _to(data.batch("train", b), device), loss_fn, None,
-                                       memory_budget)
-    for k, g in data.generators.items():
-        g.set_state(saved[k])
-    report = {"model": name, "parameters": sum(p.numel() for p in model.parameters()), "device": str(device),
-              "precision": t["precision"], "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-              "gradient_checkpointing": checkpointing_status(model), "batch_size": t["batch_size"],
-              "predicted_peak_bytes": predicted, "memory_budget_bytes": memory_budget,
-              "memory_budget_source": "--memory-budget" if t["memory_budget"] else "free device memory less 10%",
-              "recommended_batch_size": recommended}
-    if hasattr(data, "unigram_entropy"):
-        report["unigram_entropy"] = data.unigram_entropy
+    report = _report(cfg, model, data, loss_fn, ranks) if ranks.main else None
     callback("start", report)
-
-    opt = torch.optim.AdamW(model.parameters(), lr=t["learning_rate"], weight_decay=t["weight_decay"])
+    model_ = distributed.wrap(model, ranks)  # after memfit, see NOTE [order with FSDP2] in memfit.distributed
+    opt = torch.optim.AdamW(model_.parameters(), lr=t["learning_rate"], weight_decay=t["weight_decay"])
     scaler = torch.amp.GradScaler("cuda") if t["precision"] == "fp16" else None
     metrics_file = open(metrics_path, "w") if metrics_path else contextlib.nullcontext()
     history, val_loss = [], None
     with metrics_file as mf:
         for it in range(1, t["max_iters"] + 1):
-            batch = first if it == 1 else _to(data.batch("train", t["batch_size"]), device)
+            batch = distributed.local(first if it == 1 else _to(data.batch("train", t["batch_size"]), device), ranks)
             result = {}
 
             def step():
                 opt.zero_grad(set_to_none=True)
-                loss = loss_fn(model, batch)
+                loss = loss_fn(model_, batch)
                 if scaler:
                     scaler.scale(loss).backward()
                     scaler.step(opt)
@@ -130,36 +146,70 @@ def train(cfg: dict, *, callback=lambda event, data: None, out_dir=None, metrics
                     loss.backward()
                     opt.step()
                 recipe.after_step(model, t)
-                result["loss"] = loss.item()
+                result["loss"] = loss.detach()
 
             log = it % t["log_interval"] == 0 or it in (1, t["max_iters"])
             t0 = time.perf_counter()
-            memory = _memory(device, model, opt, batch, step) if log else step()
+            memory = _memory(device, model_, opt, batch, step) if log else step()
             elapsed = time.perf_counter() - t0
             metrics = None
             if log:
-                metrics = {"iter": it, "loss": result["loss"], "step_time_s": elapsed, **memory}
+                memory = {k: distributed.reduce(v, ranks, "max") for k, v in memory.items()}  # the fullest rank
+                metrics = {"iter": it, "loss": distributed.reduce(result["loss"].item(), ranks), "step_time_s": elapsed,
+                           **memory}
                 if it % t["eval_interval"] == 0 or it == t["max_iters"]:
-                    val_loss = evaluate(model, data, loss_fn, t, device)
+                    val_loss = evaluate(model_, data, loss_fn, t, ranks)
                     metrics["val_loss"] = val_loss
                 history.append(metrics)
                 if mf:
                     mf.write(json.dumps(metrics) + "\n")
                     mf.flush()
             callback("step", metrics)
+    state = distributed.full_state_dict(model_, ranks)
+    if not ranks.main:
+        return None
     summary = {"report": report, "final_loss": history[-1]["loss"], "val_loss": val_loss,
                "peak_gb": max(m.get("memory/peak", m.get("memory/max_allocated", 0)) for m in history)}
     if out_dir:
         out = Path(out_dir)
-        torch.save(model.state_dict(), out / "model.pt")
+        torch.save(state, out / "model.pt")
         (out / "config.yaml").write_text(dump(cfg))
     callback("end", summary)
     return summary
 
 
+def _report(cfg, model, data, loss_fn, ranks) -> dict:
+    """The startup report: predicted peak per rank, and the largest global batch that fits the memory budget.
+    Its probes run on set-aside RNG and data generators, so the report does not change the training."""
+    t, device = cfg["training"], ranks.device
+    saved = {k: g.get_state() for k, g in data.generators.items()}
+    n = t["batch_size"] // ranks.world
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        sim = simulate(model, _to(data.batch("train", n), device), loss_fn, None)
+        offset = distributed.rank_offset(model, ranks.kind, ranks.world, sim.static_bytes)
+        predicted = sim.peak_bytes + offset
+        memory_budget = parse_budget(t["memory_budget"] or "auto", baseline_peak=predicted, device=device)
+        recommended, _ = largest_batch(model, lambda b: _to(data.batch("train", b), device), loss_fn, None,
+                                       memory_budget - offset)
+    for k, g in data.generators.items():
+        g.set_state(saved[k])
+    report = {"model": cfg["model"]["name"], "parameters": sum(p.numel() for p in model.parameters()),
+              "device": str(device), "precision": t["precision"],
+              "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+              "gradient_checkpointing": checkpointing_status(model), "batch_size": t["batch_size"],
+              "distributed": ranks.kind, "world_size": ranks.world,
+              "predicted_peak_bytes": predicted, "memory_budget_bytes": memory_budget,
+              "memory_budget_source": "--memory-budget" if t["memory_budget"] else "free device memory less 10%",
+              "recommended_batch_size": recommended * ranks.world}
+    if hasattr(data, "unigram_entropy"):
+        report["unigram_entropy"] = data.unigram_entropy
+    return report
+
+
 @torch.no_grad()
-def evaluate(model, data, loss_fn, t, device) -> float:
+def evaluate(model, data, loss_fn, t, ranks) -> float:
     model.eval()
-    losses = [loss_fn(model, _to(data.batch("val", t["batch_size"]), device)).item() for _ in range(t["eval_iters"])]
+    losses = [loss_fn(model, distributed.local(_to(data.batch("val", t["batch_size"]), ranks.device), ranks)).item()
+              for _ in range(t["eval_iters"])]
     model.train()
-    return sum(losses) / len(losses)
+    return distributed.reduce(sum(losses) / len(losses), ranks)

@@ -77,6 +77,31 @@ def test_torch_compile_matches_eager(strategy):
     assert_equal_grads(eager, (loss, {k.removeprefix("_orig_mod."): v for k, v in g.items()}), exact=False)
 
 
+@pytest.mark.parametrize("strategy", ["blocks", "selective", "every:2", "sqrt"])
+def test_torch_compile_traces_the_whole_model(strategy):
+    """No graph break: a break in the blocks' loop makes dynamo run the whole model eagerly."""
+    torch._dynamo.reset()
+    model = memfit.apply(gpt_no_dropout().train(), strategy)
+    explained = torch._dynamo.explain(model)(gpt.batch("tiny", 2)[0])
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_verify_compile_reports_memory_saved():
+    """Under compile, checkpointing keeps saving what it saves in eager mode."""
+    torch._dynamo.reset()
+    model, batch = gpt_no_dropout(), gpt.batch("tiny", 8)
+    eager = memfit.verify(copy.deepcopy(model), batch, gpt.loss_fn, "blocks", steps=1)
+    compiled = memfit.verify(copy.deepcopy(model), batch, gpt.loss_fn, "blocks", steps=1, compile="aot_eager")
+    assert compiled["passed"] and compiled["compile"] == "aot_eager", compiled["failures"]
+    assert compiled["memory_reduction"] > 0.3
+    assert compiled["memory_reduction"] == pytest.approx(eager["memory_reduction"], abs=0.05)
+
+
+def test_verify_compile_unknown_backend():
+    with pytest.raises(memfit.MemfitError, match="unknown torch.compile backend"):
+        memfit.verify(gpt_no_dropout(), gpt.batch("tiny", 2), gpt.loss_fn, compile="fastest")
+
+
 class DropPathBlock(nn.Module):
     """A residual block with stochastic depth: the whole branch is dropped per sample."""
 

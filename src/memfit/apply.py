@@ -25,6 +25,7 @@ first positional argument; anything else raises an error naming the block.
 """
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -136,7 +137,7 @@ class _Spec:
 
 def _forward(self, *args, **kwargs):
     spec = self._memfit
-    fn = spec.prev_forward or types.MethodType(type(self).forward, self)
+    fn = spec.prev_forward or functools.partial(type(self).forward, self)  # dynamo traces partial, not MethodType
     if spec.mode == OFFLOAD:
         if not _recomputes(fn, spec.training_only):
             return fn(*args, **kwargs)

@@ -74,8 +74,11 @@ def _recomputes(fn, training_only=True) -> bool:
 
 
 def _owner(fn):
-    """The module `fn` is, or is a method of."""
-    owner = fn if isinstance(fn, nn.Module) else getattr(fn, "__self__", None)
+    """The module `fn` is, or is a method of (bound, or `partial(Class.forward, module)`)."""
+    if isinstance(fn, functools.partial) and fn.args:
+        owner = fn.args[0]
+    else:
+        owner = fn if isinstance(fn, nn.Module) else getattr(fn, "__self__", None)
     return owner if isinstance(owner, nn.Module) else None
 
 

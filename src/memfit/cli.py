@@ -33,7 +33,7 @@ def _verify(args, out: Console) -> int:
     device, model, batch, loss_fn = _load(args)
     report = verify(model, batch, loss_fn, args.strategy, steps=args.steps, device=device, seed=args.seed,
                     blocks=args.blocks, expect_reduction=expect, grad_tol=args.grad_tol,
-                    state_replay=not args.torch_checkpoint, name=args.model)
+                    state_replay=not args.torch_checkpoint, name=args.model, compile=args.compile)
     out.print(verify_table(report))
     if json_path:
         write_json(json_path, report)
@@ -423,6 +423,9 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--torch-checkpoint", action="store_true",
                    help="use PyTorch's own checkpoint semantics (BatchNorm statistics updated twice), "
                    "to see what memfit fixes")
+    v.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                   help="compile both runs with torch.compile (default backend inductor; aot_eager compiles "
+                        "fastest) and report the memory saved under compile")
     v.add_argument("--json", metavar="PATH", help="write the report as JSON")
     v.set_defaults(run=_verify)
 

@@ -48,7 +48,8 @@ def write_json(path: str | os.PathLike, data) -> None:
 def verify_table(r: dict) -> Table:
     b, c = r["baseline"], r["checkpointed"]
     t = Table(title=f"memfit verify: {r['model']}, strategy {r['strategy']} "
-                    f"({r['blocks']['checkpointed']} of {r['blocks']['found']} blocks), {r['device']}")
+                    f"({r['blocks']['checkpointed']} of {r['blocks']['found']} blocks), {r['device']}"
+                    + (f", both compiled ({r['compile']})" if r.get("compile") else ""))
     t.add_column("")
     t.add_column("baseline", justify="right")
     t.add_column("checkpointed", justify="right")

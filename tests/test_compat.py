@@ -77,13 +77,15 @@ def test_torch_compile_matches_eager(strategy):
     assert_equal_grads(eager, (loss, {k.removeprefix("_orig_mod."): v for k, v in g.items()}), exact=False)
 
 
-@pytest.mark.parametrize("strategy", ["blocks", "selective", "every:2", "sqrt"])
-def test_torch_compile_traces_the_whole_model(strategy):
+@pytest.mark.parametrize("strategy, regions", [("blocks", 4), ("selective", 4), ("every:2", 2), ("sqrt", 4)])
+def test_torch_compile_traces_the_whole_model(strategy, regions):
     """No graph break: a break in the blocks' loop makes dynamo run the whole model eagerly."""
     torch._dynamo.reset()
     model = memfit.apply(gpt_no_dropout().train(), strategy)
     explained = torch._dynamo.explain(model)(gpt.batch("tiny", 2)[0])
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    code = explained.graphs[0].code  # the model's graph, not a block's frame compiled after the model's was skipped
+    assert "transformer_modules_wte" in code and code.count("tag_activation_checkpoint(") == regions
 
 
 def test_verify_compile_reports_memory_saved():

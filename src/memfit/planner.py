@@ -33,11 +33,13 @@ from memfit.distributed import rank_offset
 from memfit.errors import MemfitError
 from memfit.profile import Profile, profile, simulate
 from memfit.report import fmt_bytes
+from memfit import strategies
 from memfit.strategies import KEEP, OFFLOAD, RECOMPUTE, Unit
 
 __all__ = ["plan", "Plan", "parse_budget", "solve"]
 
 BINS = 1000
+UNIFORM_FALLBACKS = ("pointwise", "scores", "selective", "every:3", "every:2", "blocks", "sqrt")
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _BUDGET = re.compile(r"^\s*(-?\s*(?:\d+(?:\.\d*)?|\.\d+))\s*([a-z]*)\s*$", re.IGNORECASE)
@@ -354,8 +356,17 @@ def plan_or_none(model, batch, loss_fn, budget, *, blocks=None, cost="time", opt
         units = [Unit(i, i + 1, KEEP) for i in range(len(prof.names))]
         found = (units, 0.0, prof.baseline_peak_bytes)
     else:
-        found = _fit(prof, budget_bytes, cost, lambda units: offset + simulate(
-            model, batch, loss_fn, units, blocks=blocks, optimizer=optimizer).peak_bytes)
+        def peak_of(units):
+            return offset + simulate(model, batch, loss_fn, units, blocks=blocks, optimizer=optimizer).peak_bytes
+        found = _fit(prof, budget_bytes, cost, peak_of)
+        # NOTE [never worse than uniform]: the peak model rounds bytes up, so at a budget a uniform strategy
+        # just meets, the DP can miss it. Each uniform strategy cheaper than the plan found is simulated,
+        # and the cheapest that fits wins: no uniform strategy that fits the budget costs less than the plan.
+        for name in UNIFORM_FALLBACKS:
+            units = strategies.parse(name, len(prof.names))
+            total = sum(prof.cost(u.mode, i, cost) for u in units for i in range(u.start, u.stop))
+            if (found is None or total < found[1]) and (peak := peak_of(units)) <= budget_bytes:
+                found = (units, total, peak)
     if found is not None:
         units, total, peak = found
         recomputed = sum(prof.recomputed_flops(u.mode, i) for u in units for i in range(u.start, u.stop))

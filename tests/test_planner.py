@@ -139,6 +139,20 @@ def test_plan_beats_uniform_strategies_that_fit():
     assert fitting and planned["flops"] < base["flops"] * 1.33
 
 
+@pytest.mark.parametrize("uniform", ["blocks", "sqrt"])
+def test_a_budget_a_uniform_strategy_just_meets_is_planned(uniform):
+    """At exactly the simulated peak of a uniform strategy, where the DP's rounded-up
+    bytes may miss it, the plan still fits and costs no more than that strategy."""
+    from memfit.profile import simulate
+    from memfit.verify import measure
+    model, batch, loss_fn = models.load("resnet-se", size="tiny", batch_size=16)  # blocks: the DP alone misses it
+    budget = simulate(model, batch, loss_fn, uniform).peak_bytes
+    p = memfit.plan(model, batch, loss_fn, budget, cost="flops")
+    assert p.predicted_peak_bytes <= budget
+    assert measure(model, batch, loss_fn, p, timed_steps=0)["flops"] <= \
+        measure(model, batch, loss_fn, uniform, timed_steps=0)["flops"]
+
+
 def test_infeasible_budget_states_the_minimum():
     model, batch, loss_fn = models.load("gpt", size="tiny")
     with pytest.raises(MemfitError, match=r"below the smallest peak .* about [\d.]+ (KiB|MiB)"):

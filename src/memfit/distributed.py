@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from memfit.apply import applied_strategy
 from memfit.blocks import find_blocks
@@ -108,7 +109,7 @@ def local(batch, ranks: Ranks):
             return t
         n = t.shape[0] // ranks.world
         return t[ranks.rank * n:(ranks.rank + 1) * n]
-    return type(batch)(part(t) for t in batch) if isinstance(batch, (tuple, list)) else part(batch)
+    return tree_map(part, batch)
 
 
 def wrap(model: nn.Module, ranks: Ranks) -> nn.Module:

@@ -152,7 +152,8 @@ def _train(args, out: Console) -> int:
                 out.print(f"  {r['distributed'].upper()} over {r['world_size']} processes: global batch "
                           f"{r['batch_size']}, {r['batch_size'] // r['world_size']} per process")
             per = " per process" if r["distributed"] != "none" else ""
-            out.print(f"  Predicted peak memory{per} for batch {r['batch_size']}: {fmt_bytes(r['predicted_peak_bytes'])}")
+            out.print(f"  Predicted peak memory{per} for batch {r['batch_size']}: "
+                      f"{fmt_bytes(r['predicted_peak_bytes'])}")
             out.print(f"  Recommended batch size for {fmt_bytes(r['memory_budget_bytes'])} "
                       f"({r['memory_budget_source']}): {r['recommended_batch_size']}")
             if "unigram_entropy" in r:

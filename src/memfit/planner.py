@@ -28,12 +28,12 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from memfit import strategies
 from memfit.blocks import find_blocks
 from memfit.distributed import rank_offset
 from memfit.errors import MemfitError
 from memfit.profile import Profile, profile, simulate
 from memfit.report import fmt_bytes
-from memfit import strategies
 from memfit.strategies import KEEP, OFFLOAD, RECOMPUTE, Unit
 
 __all__ = ["plan", "Plan", "parse_budget", "solve"]
@@ -317,8 +317,10 @@ def plan(model, batch, loss_fn, budget, *, blocks=None, cost="time", optimizer=N
     prof, budget_bytes = result
     minimum = _minimum_budget(prof, cost)
     solution = solve(prof, minimum, cost, bins=200)
-    reachable = prof.offset + simulate(model, batch, loss_fn, solution[0], blocks=blocks, optimizer=optimizer).peak_bytes \
-        if solution else minimum
+    reachable = minimum
+    if solution:
+        reachable = prof.offset + simulate(model, batch, loss_fn, solution[0], blocks=blocks,
+                                           optimizer=optimizer).peak_bytes
     raise MemfitError(f"budget {fmt_bytes(budget_bytes)} is below the smallest peak checkpointing reaches for this "
                       f"model and batch, about {fmt_bytes(max(reachable, minimum))} (plain run: "
                       f"{fmt_bytes(prof.baseline_peak_bytes)}); give a budget of at least that, or a smaller batch.")

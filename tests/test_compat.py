@@ -11,12 +11,15 @@ from memfit import models
 from memfit.models import REGISTRY, gpt
 
 
-def grads(model, batch, loss_fn, seed=1, autocast=None):
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def grads(model, batch, loss_fn, seed=1, autocast=None, device="cpu", scaler=None):
     torch.manual_seed(seed)
     model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+    with torch.autocast(device, dtype=autocast, enabled=autocast is not None):
         loss = loss_fn(model, batch)
-    loss.backward()
+    (scaler.scale(loss) if scaler else loss).backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -62,6 +65,20 @@ def test_bf16_autocast(name, strategy):
     plain = grads(model, batch, loss_fn, autocast=torch.bfloat16)
     wrapped = memfit.apply(copy.deepcopy(model), strategy)
     assert_equal_grads(plain, grads(wrapped, batch, loss_fn, autocast=torch.bfloat16))
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("strategy", ["blocks", "selective", "segments:2"])
+def test_cuda_autocast_and_fp16_gradient_scaler(dtype, strategy):
+    """On CUDA: bf16, and fp16 with a gradient scaler (the same scale for both runs)."""
+    model, batch, loss_fn = REGISTRY["gpt"].build("tiny", batch_size=4)
+    model, batch = model.cuda(), tuple(t.cuda() for t in batch)
+    scale = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    plain = grads(model, batch, loss_fn, autocast=dtype, device="cuda", scaler=scale)
+    wrapped = memfit.apply(copy.deepcopy(model), strategy)
+    assert_equal_grads(plain, grads(wrapped, batch, loss_fn, autocast=dtype, device="cuda", scaler=scale),
+                       exact=False)
 
 
 @pytest.mark.parametrize("strategy", ["blocks", "selective", "sqrt"])
@@ -169,7 +186,8 @@ def ddp_worker(rank, port, strategy, find_unused, out):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("strategy, find_unused", [("blocks", False), ("selective", False), ("sqrt", True)])
+@pytest.mark.parametrize("strategy, find_unused", [("blocks", False), ("selective", False), ("sqrt", True),
+                                                    ("pointwise", False), ("every:2", True)])
 def test_ddp_two_processes_match_one(tmp_path, strategy, find_unused):
     """Two gloo ranks, each on half of the global batch, end with the parameters
     of one process trained on the whole batch without checkpointing."""

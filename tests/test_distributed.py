@@ -63,10 +63,14 @@ def test_torchrun_fsdp_with_a_budget(tmp_path):
     assert summary["peak_gb"] * 1e9 <= summary["report"]["predicted_peak_bytes"] * 1.001
 
 
-def test_torchrun_infeasible_budget_stops_every_rank(tmp_path):
-    run = torchrun(tmp_path, "--distributed", "fsdp", "--gradient-checkpointing", "budget:10%")
+@pytest.mark.parametrize("args, message", [
+    (("--gradient-checkpointing", "budget:10%"), "memfit: error: budget"),       # found while planning on rank 0
+    (("--set", "training.memory_budget=lots"), "memfit: error: cannot read budget"),  # in rank 0's startup report
+])
+def test_torchrun_errors_on_rank_0_stop_every_rank(tmp_path, args, message):
+    run = torchrun(tmp_path, "--distributed", "fsdp", *args)
     assert run.returncode != 0
-    assert run.stderr.count("memfit: error: budget") == 2
+    assert run.stderr.count(message) == 2, run.stderr[-2000:]
     assert not [line for line in run.stderr.splitlines() if 'File "' in line and "memfit" in line]  # torchrun's only
 
 

@@ -166,6 +166,22 @@ def broadcast(obj, ranks: Ranks):
     return box[0]
 
 
+def on_main(fn, ranks: Ranks):
+    """`fn()` computed on rank 0 only, its result sent to every rank. A MemfitError
+    there stops every rank with the same message, rather than leaving the others
+    waiting for rank 0 at their next collective."""
+    result = None
+    if ranks.main:
+        try:
+            result = fn()
+        except MemfitError as e:
+            result = e
+    result = broadcast(result, ranks)
+    if isinstance(result, MemfitError):
+        raise result
+    return result
+
+
 def reduce(value: float, ranks: Ranks, op: str = "mean") -> float:
     """The mean (or max) of a number over the ranks."""
     if ranks.world == 1:

@@ -110,20 +110,13 @@ def _train(cfg, recipe, ranks, callback, out_dir, metrics_path):
     loss_fn = autocast_loss(recipe.loss_fn, device, t["precision"])
     first = _to(data.batch("train", t["batch_size"]), device)
     if budget:  # planned once, on rank 0, and sent to every rank
-        the_plan = None
-        if ranks.main:
-            try:
-                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                    the_plan = plan(model, distributed.local(first, ranks), loss_fn, budget, cost="flops",
-                                    distributed=per_rank).to_json()
-            except MemfitError as e:  # every rank stops with rank 0's error
-                the_plan = e
-        the_plan = distributed.broadcast(the_plan, ranks)
-        if isinstance(the_plan, MemfitError):
-            raise the_plan
-        apply(model, Plan.from_json(the_plan))
+        def make_plan():
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                return plan(model, distributed.local(first, ranks), loss_fn, budget, cost="flops",
+                            distributed=per_rank).to_json()
+        apply(model, Plan.from_json(distributed.on_main(make_plan, ranks)))
 
-    report = _report(cfg, model, data, loss_fn, ranks) if ranks.main else None
+    report = distributed.on_main(lambda: _report(cfg, model, data, loss_fn, ranks), ranks)
     callback("start", report)
     model_ = distributed.wrap(model, ranks)  # after memfit, see NOTE [order with FSDP2] in memfit.distributed
     opt = torch.optim.AdamW(model_.parameters(), lr=t["learning_rate"], weight_decay=t["weight_decay"])

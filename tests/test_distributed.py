@@ -52,7 +52,7 @@ def test_torchrun_matches_one_process(tmp_path, one_process, kind, strategy):
         torch.testing.assert_close(got[name], p, rtol=1e-4, atol=1e-5, msg=name)
     summary = json.loads((tmp_path / "summary.json").read_text())
     predicted, measured = summary["report"]["predicted_peak_bytes"], summary["peak_gb"] * 1e9
-    assert 0.8 * predicted <= measured <= predicted * 1.001, (predicted, measured)
+    assert 0.85 * predicted <= measured <= predicted * 1.01, (predicted, measured)
 
 
 def test_torchrun_fsdp_with_a_budget(tmp_path):
@@ -60,7 +60,7 @@ def test_torchrun_fsdp_with_a_budget(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "ENABLED" in run.stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["peak_gb"] * 1e9 <= summary["report"]["predicted_peak_bytes"] * 1.001
+    assert summary["peak_gb"] * 1e9 <= summary["report"]["predicted_peak_bytes"] * 1.01
 
 
 @pytest.mark.parametrize("args, message", [
@@ -128,6 +128,6 @@ def test_plan_is_made_once_and_fits_every_fsdp_rank(tmp_path):
     torch.multiprocessing.spawn(plan_worker, args=(free_port(), str(out)), nprocs=2)
     r0, r1 = (torch.load(f"{out}.{r}", weights_only=True) for r in (0, 1))
     assert r0["units"] == r1["units"] and any(mode != "keep" for _, _, mode in r0["units"])
-    for r in (r0, r1):
-        assert r["peak"] <= r["predicted"] <= r["budget"]
-        assert r["peak"] >= 0.8 * r["predicted"]
+    for r in (r0, r1):  # per rank: the prediction counts FSDP's sharded parameters, gradients and state
+        assert r["predicted"] <= r["budget"]
+        assert 0.85 * r["predicted"] <= r["peak"] <= 1.01 * r["predicted"], r

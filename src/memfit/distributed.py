@@ -20,14 +20,16 @@ segment expects the previous block's output.
 
 NOTE [per-rank memory]
 The planner and the startup report simulate one process's step on the
-rank's share of the batch (see `memfit.profile`), then add `rank_offset`:
-with DDP the gradient buckets (one more copy of the gradients); with FSDP2,
-minus the parameters and optimizer state the other ranks hold, plus the
-parameters gathered at once (the root's, which FSDP keeps gathered through
-the step, and two units': the one running and the one prefetched) and one
-unit's gradients in the buffer being reduce-scattered. Sharded gradients are
-not subtracted, so the prediction is an upper bound: on CPU the measured
-per-rank peak is 0-20% below it (tests/test_distributed.py).
+rank's share of the batch (see `memfit.profile`), and turn its timeline of
+live bytes into one rank's (`rank_timeline`). With DDP every point gains the
+gradient buckets (one more copy of the gradients). With FSDP2 every point
+loses the share of parameters, optimizer state and finished gradients that
+the other ranks hold, and gains the parameters gathered at once: the
+root's, which FSDP keeps gathered through the step, and three units' worth
+(the one running, the one prefetched, and one unit's gradients waiting to
+be reduce-scattered). In the optimizer step all but buffers and batch is
+sharded. The planner solves on these per-rank numbers and checks its plan
+with them, so budgets and peaks are per rank.
 """
 from __future__ import annotations
 
@@ -141,20 +143,37 @@ def _bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def rank_offset(model: nn.Module, kind: str, world: int, static_bytes: int) -> int:
-    """Bytes one rank's peak differs by from a single process's peak on the
-    same (per-rank) batch, for an unwrapped `model` (see NOTE [per-rank memory]).
-    `static_bytes`: the single process's parameters, buffers and optimizer state."""
-    trainable = _bytes(p for p in model.parameters() if p.requires_grad)
+def rank_timeline(model: nn.Module, kind: str, world: int, timeline, grads, static_bytes: int,
+                  state_bytes: int) -> list:
+    """One rank's live bytes through a step, from a single process's simulated
+    step on the rank's share of the batch (see NOTE [per-rank memory]).
+    `grads`: (timeline position, bytes) where each gradient appeared;
+    `static_bytes`: parameters, buffers, optimizer state and batch;
+    `state_bytes`: the optimizer state."""
     if kind == "ddp":
-        return trainable
+        buckets = _bytes(p for p in model.parameters() if p.requires_grad)
+        return [(label, live + buckets) for label, live in timeline]
     if kind != "fsdp":
-        return 0
-    sharded = static_bytes - _bytes(model.buffers())
+        return list(timeline)
+    share = 1 - 1 / world                                  # what the other ranks hold
+    sharded = _bytes(model.parameters()) + state_bytes
+    unsharded = static_bytes - sharded                     # buffers and the batch
     in_groups = {id(p) for group in _groups(model) for b in group for p in b.parameters()}
     root = _bytes(p for p in model.parameters() if id(p) not in in_groups)
     largest = max((_bytes(p for b in group for p in b.parameters()) for group in _groups(model)), default=0)
-    return -int(sharded * (1 - 1 / world)) + root + 3 * largest
+    gathered = root + 3 * largest
+    step = max(k for k, (label, _) in enumerate(timeline) if label == "backward done")
+    grads = sorted(grads)
+    out, g, done = [], 0, 0
+    for k, (label, live) in enumerate(timeline):
+        while g < len(grads) and grads[g][0] <= k:
+            done += grads[g][1]
+            g += 1
+        if k < step:   # forward and backward: sharded parameters, state and finished gradients, some gathered
+            out.append((label, int(live - share * (sharded + done)) + gathered))
+        else:          # the optimizer step: everything but buffers and batch is sharded
+            out.append((label, int(live - share * (live - unsharded))))
+    return out
 
 
 def broadcast(obj, ranks: Ranks):

@@ -22,11 +22,13 @@ STRATEGIES = ("none", "blocks", "sqrt", "selective", "plan")
 LIMIT = 1 << 20
 
 
-def largest_batch(model, make_batch, loss_fn, strategy, budget: int, *, blocks=None, optimizer=None, at_least=1):
+def largest_batch(model, make_batch, loss_fn, strategy, budget: int, *, blocks=None, optimizer=None, at_least=1,
+                  distributed=None):
     """(largest batch size whose peak fits `budget`, its peak bytes); (0, peak
     at batch 1) if not even one sample fits. `strategy` "plan" plans for the
     budget at each batch size tried; None keeps the model as it is wrapped.
-    `at_least`: a batch size known to fit (the search starts there)."""
+    `at_least`: a batch size known to fit (the search starts there).
+    `distributed`: ("ddp" | "fsdp", world size): the batch of one rank, and its peak."""
     cache = {}
     template = make_batch(1)
     dims = batch_dims(template, make_batch(2))
@@ -35,11 +37,11 @@ def largest_batch(model, make_batch, loss_fn, strategy, budget: int, *, blocks=N
         if b not in cache:
             if strategy == "plan":  # plans are made on real batches
                 p = plan_or_none(model, make_batch(b), loss_fn, budget, blocks=blocks, cost="flops",
-                                 optimizer=optimizer)
+                                 optimizer=optimizer, distributed=distributed)
                 cache[b] = p.predicted_peak_bytes if isinstance(p, Plan) else float("inf")
             else:                   # other strategies on a batch of b fake rows: no data is made
                 cache[b] = simulate(model, template, loss_fn, strategy, blocks=blocks, optimizer=optimizer,
-                                    resize=(b, dims)).peak_bytes
+                                    resize=(b, dims), distributed=distributed).peak_bytes
         return cache[b]
 
     def fits(b):

@@ -24,13 +24,12 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 from memfit import strategies
 from memfit.blocks import find_blocks
-from memfit.distributed import rank_offset
 from memfit.errors import MemfitError
 from memfit.profile import Profile, profile, simulate
 from memfit.report import fmt_bytes
@@ -319,8 +318,8 @@ def plan(model, batch, loss_fn, budget, *, blocks=None, cost="time", optimizer=N
     solution = solve(prof, minimum, cost, bins=200)
     reachable = minimum
     if solution:
-        reachable = prof.offset + simulate(model, batch, loss_fn, solution[0], blocks=blocks,
-                                           optimizer=optimizer).peak_bytes
+        reachable = simulate(model, batch, loss_fn, solution[0], blocks=blocks, optimizer=optimizer,
+                             distributed=distributed).peak_bytes
     raise MemfitError(f"budget {fmt_bytes(budget_bytes)} is below the smallest peak checkpointing reaches for this "
                       f"model and batch, about {fmt_bytes(max(reachable, minimum))} (plain run: "
                       f"{fmt_bytes(prof.baseline_peak_bytes)}); give a budget of at least that, or a smaller batch.")
@@ -334,8 +333,8 @@ def plan_or_none(model, batch, loss_fn, budget, *, blocks=None, cost="time", opt
     `cost`: 'time' (measured, the default) or 'flops' (deterministic).
     `optimizer`: the optimizer class whose state counts (default AdamW).
     `distributed`: ("ddp" | "fsdp", world size) plans for one rank of that
-    run, `batch` being the rank's share (see NOTE [per-rank memory] in
-    `memfit.distributed`); budgets and peaks are then per rank.
+    run, `batch` being the rank's share (see `memfit.distributed.rank_timeline`);
+    budgets and peaks are then per rank.
     Plans are cached by model shape, input shapes, budget and cost, so calling
     this every step re-plans only when the shapes change. `plan_or_none`
     returns (profile, budget bytes) instead of raising when no plan fits.
@@ -349,17 +348,16 @@ def plan_or_none(model, batch, loss_fn, budget, *, blocks=None, cost="time", opt
         return _CACHE[key]
     device = next(model.parameters()).device
     parse_budget(budget, baseline_peak=1, device=device)  # a bad budget fails before profiling
-    prof = profile(model, batch, loss_fn, blocks=blocks, optimizer=optimizer, timing=cost == "time")
-    offset = rank_offset(model, *distributed, prof.static_bytes) if distributed else 0
-    prof = replace(prof, start=prof.start + offset, tail=prof.tail + offset, offset=offset,
-                   baseline_peak_bytes=prof.baseline_peak_bytes + offset, static_bytes=prof.static_bytes + offset)
+    prof = profile(model, batch, loss_fn, blocks=blocks, optimizer=optimizer, timing=cost == "time",
+                   distributed=distributed)
     budget_bytes = parse_budget(budget, prof.baseline_peak_bytes, device)
     if prof.baseline_peak_bytes <= budget_bytes:  # the plain run fits: recompute nothing
         units = [Unit(i, i + 1, KEEP) for i in range(len(prof.names))]
         found = (units, 0.0, prof.baseline_peak_bytes)
     else:
         def peak_of(units):
-            return offset + simulate(model, batch, loss_fn, units, blocks=blocks, optimizer=optimizer).peak_bytes
+            return simulate(model, batch, loss_fn, units, blocks=blocks, optimizer=optimizer,
+                            distributed=distributed).peak_bytes
         found = _fit(prof, budget_bytes, cost, peak_of)
         # NOTE [never worse than uniform]: the peak model rounds bytes up, so at a budget a uniform strategy
         # just meets, the DP can miss it. Each uniform strategy cheaper than the plan found is simulated,

@@ -112,11 +112,13 @@ class Simulation:
 
 
 def simulate(model, batch, loss_fn, strategy, *, blocks=None, optimizer=None, marks=False,
-             resize=None) -> Simulation:
+             resize=None, distributed=None) -> Simulation:
     """Peak memory of one training step with `strategy` applied (None: as the
     model is wrapped now), with the optimizer state in place as after a first
     step, computed on fake tensors. The model itself is not touched.
-    `resize`: see `_fake_copy` (a batch of any size, without making one)."""
+    `resize`: see `_fake_copy` (a batch of any size, without making one).
+    `distributed`: ("ddp" | "fsdp", world size): the step of one rank of that
+    run, `batch` being its share (see `memfit.distributed.rank_timeline`)."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fmodel, fbatch = _fake_copy(model, batch, mode, resize)
     fmodel.train()
@@ -131,13 +133,25 @@ def simulate(model, batch, loss_fn, strategy, *, blocks=None, optimizer=None, ma
         opt.zero_grad(set_to_none=True)
         with track_memory(fmodel, opt, fbatch, storage_tracker=True) as mem:
             hooks = _Marks([m for _, m in find_blocks(fmodel, blocks)], mem) if marks else None
+            grads = {}  # parameter -> (timeline position where its gradient appeared, its bytes)
+
+            def arrived(p):
+                grads.setdefault(id(p), (len(mem.timeline), p.grad.numel() * p.grad.element_size()))
+            for p in fmodel.parameters() if distributed else ():
+                p.register_post_accumulate_grad_hook(arrived)
             loss = loss_fn(fmodel, fbatch)
             if hooks:
                 hooks.remove()
             loss.backward()
             mem.mark("backward done")
             opt.step()
-    return Simulation(mem.peak_bytes, mem.static_bytes, mem.timeline)
+    if not distributed:
+        return Simulation(mem.peak_bytes, mem.static_bytes, mem.timeline)
+    from memfit.distributed import rank_timeline
+    state = sum(t.numel() * t.element_size() for t in tree_leaves(list(opt.state.values()))
+                if isinstance(t, torch.Tensor))
+    timeline = rank_timeline(model, *distributed, mem.timeline, list(grads.values()), mem.static_bytes, state)
+    return Simulation(max(v for _, v in timeline), timeline[0][1], timeline)
 
 
 class _Elementwise(TorchDispatchMode):
@@ -278,7 +292,6 @@ class Profile:
     step_time_s: float | None = None
     extra_time_s: dict | None = None  # extra time of each uniform mode over plain
     modes: tuple = HOST_MODES  # the modes profiled (offload only on CUDA)
-    offset: int = 0       # added for one rank of a distributed run (in start, tail, baseline and static bytes)
 
     def recomputed_flops(self, mode: str, i: int) -> int:
         """Matmul / convolution / attention FLOPs recomputed for block i."""
@@ -324,17 +337,19 @@ def _read(sim: Simulation, n: int):
                 head=head, tail=tail)
 
 
-def profile(model, batch, loss_fn, *, blocks=None, optimizer=None, timing=True) -> Profile:
+def profile(model, batch, loss_fn, *, blocks=None, optimizer=None, timing=True, distributed=None) -> Profile:
     """Profile each block of `model`'s chain under each mode (keep,
     recompute, selective, scores, pointwise). Memory and FLOPs are simulated; with `timing`, real
-    forward+backward passes of each kind are timed after a warm-up round."""
+    forward+backward passes of each kind are timed after a warm-up round.
+    `distributed`: profile one rank of a DDP or FSDP2 run (see `simulate`)."""
     names = [n for n, _ in find_blocks(model, blocks)]
     n = len(names)
     device = next(model.parameters()).device
     sims = {}
     for m in modes_for(device):
         try:
-            sims[m] = simulate(model, batch, loss_fn, UNIFORM[m], blocks=blocks, optimizer=optimizer, marks=True)
+            sims[m] = simulate(model, batch, loss_fn, UNIFORM[m], blocks=blocks, optimizer=optimizer, marks=True,
+                               distributed=distributed)
         except Exception as e:  # noqa: BLE001 - offload's simulation has not run on every CUDA setup yet
             if m != OFFLOAD:
                 raise

@@ -175,15 +175,14 @@ def _report(cfg, model, data, loss_fn, ranks) -> dict:
     """The startup report: predicted peak per rank, and the largest global batch that fits the memory budget.
     Its probes run on set-aside RNG and data generators, so the report does not change the training."""
     t, device = cfg["training"], ranks.device
+    per_rank = (ranks.kind, ranks.world) if ranks.kind != "none" else None
     saved = {k: g.get_state() for k, g in data.generators.items()}
     n = t["batch_size"] // ranks.world
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        sim = simulate(model, _to(data.batch("train", n), device), loss_fn, None)
-        offset = distributed.rank_offset(model, ranks.kind, ranks.world, sim.static_bytes)
-        predicted = sim.peak_bytes + offset
+        predicted = simulate(model, _to(data.batch("train", n), device), loss_fn, None, distributed=per_rank).peak_bytes
         memory_budget = parse_budget(t["memory_budget"] or "auto", baseline_peak=predicted, device=device)
         recommended, _ = largest_batch(model, lambda b: _to(data.batch("train", b), device), loss_fn, None,
-                                       memory_budget - offset)
+                                       memory_budget, distributed=per_rank)
     for k, g in data.generators.items():
         g.set_state(saved[k])
     report = {"model": cfg["model"]["name"], "parameters": sum(p.numel() for p in model.parameters()),

@@ -132,8 +132,8 @@ def wrap(model: nn.Module, ranks: Ranks) -> nn.Module:
 
 def _groups(model: nn.Module) -> list[list[nn.Module]]:
     """The blocks of each memfit unit (each block alone if memfit is not applied)."""
-    chain = [b for _, b in find_blocks(model, (applied_strategy(model) or {}).get("blocks"))]
     applied = applied_strategy(model)
+    chain = [b for _, b in find_blocks(model, (applied or {}).get("blocks"))]
     if not applied:
         return [[b] for b in chain]
     return [chain[u.start:u.stop] for u in applied["units"]]
@@ -158,9 +158,10 @@ def rank_timeline(model: nn.Module, kind: str, world: int, timeline, grads, stat
     share = 1 - 1 / world                                  # what the other ranks hold
     sharded = _bytes(model.parameters()) + state_bytes
     unsharded = static_bytes - sharded                     # buffers and the batch
-    in_groups = {id(p) for group in _groups(model) for b in group for p in b.parameters()}
+    groups = _groups(model)
+    in_groups = {id(p) for group in groups for b in group for p in b.parameters()}
     root = _bytes(p for p in model.parameters() if id(p) not in in_groups)
-    largest = max((_bytes(p for b in group for p in b.parameters()) for group in _groups(model)), default=0)
+    largest = max((_bytes(p for b in group for p in b.parameters()) for group in groups), default=0)
     gathered = root + 3 * largest
     step = max(k for k, (label, _) in enumerate(timeline) if label == "backward done")
     grads = sorted(grads)

@@ -140,7 +140,7 @@ def main():
     import transformers
     date = datetime.date.today().isoformat()
     name = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).replace(" ", "-")
-    out = Path(args.out) / f"hf-{device.type}-{date}.json"
+    out = Path(args.out) / f"hf-{name}-{date}.json"
     write_json(out, {"date": date, "device": str(device), "device_name": name, "machine": platform.platform(),
                      "torch_version": torch.__version__, "transformers_version": transformers.__version__,
                      "size": args.size, "batch_size": args.batch_size, "steps": args.steps,

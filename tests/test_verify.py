@@ -151,3 +151,16 @@ def test_selective_modes_trade_memory_for_flops_in_order():
     peak = {s: r["checkpointed"]["peak_bytes"] for s, r in reports.items()}
     assert flops["selective"] > flops["scores"] > flops["pointwise"] == 0
     assert peak["selective"] < peak["scores"] < peak["pointwise"]
+
+
+def test_cli_dtype_bf16_halves_the_static_bytes(tmp_path):
+    """--dtype bf16: weights in bf16 (as a GPU run in bf16 would hold them), checked like fp32."""
+    from memfit.cli import main
+    reports = {}
+    for dtype in ("fp32", "bf16"):
+        path = tmp_path / f"{dtype}.json"
+        assert main(["verify", "--size", "tiny", "--steps", "1", "--dtype", dtype, "--json", str(path)]) == 0
+        reports[dtype] = json.loads(path.read_text())
+    fp32, bf16 = (reports[d]["baseline"] for d in ("fp32", "bf16"))
+    assert bf16["static_bytes"] < 0.55 * fp32["static_bytes"]  # params and AdamW state; the int batch is unchanged
+    assert reports["bf16"]["passed"] and reports["bf16"]["grads_bitwise_equal"]

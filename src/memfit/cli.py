@@ -19,8 +19,10 @@ def _load(args):
 
     device = resolve_device(args.device)
     model, batch, loss_fn = models.load(args.model, args.size, args.batch_size, args.seed)
-    model = model.to(device).train()
-    batch = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, batch)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    model = model.to(device, dtype).train()
+    batch = tree_map(lambda t: t.to(device, dtype if t.is_floating_point() else t.dtype)
+                     if isinstance(t, torch.Tensor) else t, batch)
     return device, model, batch, loss_fn
 
 
@@ -396,6 +398,8 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    help=f"{', '.join(models.REGISTRY)}, or package.module:factory (default: {models.DEFAULT})")
     p.add_argument("--size", help="size of a built-in model (gpt: tiny, small, medium, gpt2; "
                    "mlp: tiny, small, large; resnet-se: tiny, small, full)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="weights and floating inputs in this type (bf16: half the bytes, as on a GPU)")
     p.add_argument("--blocks", help="which modules are the blocks: a container path like transformer.h or "
                    "a pattern like 'layers.*' (default: found automatically)")
     p.add_argument("--batch-size", type=int)

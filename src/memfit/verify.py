@@ -56,6 +56,9 @@ def measure(model, batch, loss_fn, strategy, *, blocks=None, optimizer=None, tim
     run = _Run(m, (optimizer or torch.optim.AdamW)(m.parameters()), [], [])
     _step(run, batch, loss_fn, 0)
     mem = _step(run, batch, loss_fn, 1, functools.partial(track_memory, m, run.opt, batch, device=device))
+    if device.type == "cuda":  # the allocator also counts what else is on the device (the original model, ...)
+        own = static_tensors(list(m.parameters()), list(m.buffers()), run.opt, batch)  # without gradients:
+        mem.peak_bytes -= mem.static_bytes - _storage_bytes(own)                       # freed before the step
     flops = _step(run, batch, loss_fn, 2, counting_flops).get_total_flops()
     for i in range(timed_steps):
         _sync(device)

@@ -61,6 +61,11 @@ class Ranks:
     def main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def spec(self) -> tuple | None:
+        """(kind, world size), as `memfit.plan(..., distributed=)` takes it; None for one plain process."""
+        return (self.kind, self.world) if self.kind != "none" else None
+
 
 def setup(kind: str, device: torch.device) -> Ranks:
     """Join the process group torchrun set up (or make one of one process)."""

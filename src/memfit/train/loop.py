@@ -99,7 +99,6 @@ def _train(cfg, recipe, ranks, callback, out_dir, metrics_path):
     if t["batch_size"] % ranks.world:
         raise MemfitError(f"training.batch_size {t['batch_size']} (the global batch) must divide evenly between "
                           f"{ranks.world} processes; use a multiple of {ranks.world}.")
-    per_rank = (ranks.kind, ranks.world) if ranks.kind != "none" else None
     torch.manual_seed(t["seed"])
     arch = {k: v for k, v in cfg["model"].items() if k != "name"}
     data = recipe.data(arch, cfg["data"], t["seed"])
@@ -113,7 +112,7 @@ def _train(cfg, recipe, ranks, callback, out_dir, metrics_path):
         def make_plan():
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 return plan(model, distributed.local(first, ranks), loss_fn, budget, cost="flops",
-                            distributed=per_rank).to_json()
+                            distributed=ranks.spec).to_json()
         apply(model, Plan.from_json(distributed.on_main(make_plan, ranks)))
 
     report = distributed.on_main(lambda: _report(cfg, model, data, loss_fn, ranks), ranks)
@@ -175,14 +174,14 @@ def _report(cfg, model, data, loss_fn, ranks) -> dict:
     """The startup report: predicted peak per rank, and the largest global batch that fits the memory budget.
     Its probes run on set-aside RNG and data generators, so the report does not change the training."""
     t, device = cfg["training"], ranks.device
-    per_rank = (ranks.kind, ranks.world) if ranks.kind != "none" else None
     saved = {k: g.get_state() for k, g in data.generators.items()}
     n = t["batch_size"] // ranks.world
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        predicted = simulate(model, _to(data.batch("train", n), device), loss_fn, None, distributed=per_rank).peak_bytes
+        predicted = simulate(model, _to(data.batch("train", n), device), loss_fn, None,
+                             distributed=ranks.spec).peak_bytes
         memory_budget = parse_budget(t["memory_budget"] or "auto", baseline_peak=predicted, device=device)
         recommended, _ = largest_batch(model, lambda b: _to(data.batch("train", b), device), loss_fn, None,
-                                       memory_budget, distributed=per_rank)
+                                       memory_budget, distributed=ranks.spec)
     for k, g in data.generators.items():
         g.set_state(saved[k])
     report = {"model": cfg["model"]["name"], "parameters": sum(p.numel() for p in model.parameters()),

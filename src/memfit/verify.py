@@ -56,9 +56,8 @@ def measure(model, batch, loss_fn, strategy, *, blocks=None, optimizer=None, tim
     run = _Run(m, (optimizer or torch.optim.AdamW)(m.parameters()), [], [])
     _step(run, batch, loss_fn, 0)
     mem = _step(run, batch, loss_fn, 1, functools.partial(track_memory, m, run.opt, batch, device=device))
-    if device.type == "cuda":  # the allocator also counts what else is on the device (the original model, ...)
-        own = static_tensors(list(m.parameters()), list(m.buffers()), run.opt, batch)  # without gradients:
-        mem.peak_bytes -= mem.static_bytes - _storage_bytes(own)                       # freed before the step
+    if device.type == "cuda":
+        _only_own(mem, run, batch)
     flops = _step(run, batch, loss_fn, 2, counting_flops).get_total_flops()
     for i in range(timed_steps):
         _sync(device)
@@ -141,6 +140,19 @@ def _step(run: _Run, batch, loss_fn, seed, measure=contextlib.nullcontext):
     return result
 
 
+def _only_own(mem, run: _Run, batch) -> None:
+    """Take out of a CUDA measurement what else the device held at entry (the
+    other run, the caller's model, ...): the allocator counts it all. The run's
+    own static bytes are its parameters, buffers, optimizer state and batch;
+    its gradients were freed before the step."""
+    held = mem.static_bytes - _storage_bytes(static_tensors(list(run.model.parameters()),
+                                                            list(run.model.buffers()), run.opt, batch))
+    mem.peak_bytes -= held
+    mem.static_bytes -= held
+    if mem.forward_end_bytes is not None:
+        mem.forward_end_bytes -= held
+
+
 def _storage_bytes(tensors) -> int:
     seen = {}
     for t in tensors:
@@ -215,16 +227,12 @@ def verify(model, batch, loss_fn, strategy="blocks", *, steps=5, device="cpu", s
     for run in (base, ckpt):
         _step(run, batch, loss_fn, seed)
     compare_grads()
-    for run, other in ((base, ckpt), (ckpt, base)):
+    for run in (base, ckpt):
         _sync(device)
         mem = _step(run, batch, loss_fn, seed + 1, functools.partial(track_memory, run.model, run.opt, batch,
                                                                       device=device))
-        if device.type == "cuda":  # the allocator also counts the other run's model and optimizer
-            held = _storage_bytes(static_tensors(other.model, other.opt))
-            mem.peak_bytes -= held
-            mem.static_bytes -= held
-            if mem.forward_end_bytes is not None:
-                mem.forward_end_bytes -= held
+        if device.type == "cuda":
+            _only_own(mem, run, batch)
         run.mem = mem
     compare_grads()
     for run in (base, ckpt):

@@ -1,5 +1,7 @@
 """memfit.checkpoint against the same code run without checkpointing."""
 import copy
+import re
+import sys
 
 import pytest
 import torch
@@ -221,3 +223,44 @@ def test_retain_graph_backward_twice():
     y.sum().backward()
     assert_all_equal(grads_of(m), expected)
     assert_all_equal(list(m.buffers()), list(ref.buffers()))
+
+
+def _new_signature_shim(calls):
+    """torch's generator with the signature of torch's main branch,
+    `(fn, args, kwargs, *, ...)`, forwarding to the installed one."""
+    original = tuc._checkpoint_without_reentrant_generator
+
+    def generator(fn, args, kwargs, *, preserve_rng_state=True, context_fn=tuc.noop_context_fn,
+                  determinism_check="default", debug=False, early_stop=True):
+        calls.append(fn)
+        return original(fn, preserve_rng_state, context_fn, determinism_check, debug, early_stop, *args, **kwargs)
+    return generator
+
+
+def _old_signature_shim(calls):
+    """The generator of torch releases before `early_stop` was added."""
+    original = tuc._checkpoint_without_reentrant_generator
+
+    def generator(fn, preserve_rng_state=True, context_fn=tuc.noop_context_fn, determinism_check="default",
+                  debug=False, *args, **kwargs):
+        calls.append(fn)
+        return original(fn, preserve_rng_state, context_fn, determinism_check, debug, True, *args, **kwargs)
+    return generator
+
+
+@pytest.mark.parametrize("shim", [_new_signature_shim, _old_signature_shim])
+@pytest.mark.parametrize("strategy", ["blocks", "segments:2", "selective"])
+def test_both_generator_signatures(monkeypatch, shim, strategy):
+    ckpt = sys.modules["memfit.checkpoint"]  # memfit.checkpoint is the function
+    from tests.test_apply import LayerDropNet, assert_same_training, drop_loss
+    calls = []
+    monkeypatch.setattr(ckpt, "_open", ckpt._binding(shim(calls)))
+    torch.manual_seed(0)
+    assert_same_training(LayerDropNet(skip=(2,)), torch.randn(4, 8), drop_loss, strategy)
+    assert calls  # the shim, not the installed generator, ran the regions
+
+
+def test_unknown_generator_signature_fails_at_import_in_one_sentence():
+    ckpt = sys.modules["memfit.checkpoint"]  # memfit.checkpoint is the function
+    with pytest.raises(ImportError, match=re.escape(f"torch {torch.__version__}") + ".*use torch 2.8 to 2.13"):
+        ckpt._binding(lambda function, inputs: None)

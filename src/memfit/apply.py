@@ -15,25 +15,43 @@ submodules run again when it is recomputed.
 NOTE [segments]
 A segment (several consecutive blocks recomputed as one unit, keeping only the
 first block's input) must span calls that the model's own loop makes one at a
-time: `for block in self.blocks: x = block(x, mask)`. The first block opens a
-checkpoint region (`memfit.checkpoint.Region`), each block records its extra
-arguments, and the last block closes the region. The recompute runs the blocks
-again in order, feeding each the previous block's output (its first element if
-it returns a tuple) as first argument, plus the extra arguments it was called
-with. So each block must be called with the previous block's output as its
-first positional argument; anything else raises an error naming the block.
+time: `for block in self.blocks: x = block(x, mask)`. The first block called
+opens a checkpoint region (`memfit.checkpoint.Region`); each later block of
+the segment that is called with the previous block's output as its first
+positional argument joins it, with its extra arguments and the RNG and
+autocast state it ran under (NOTE [per-call replay]); the last block closes
+it. In backward the recompute runs the recorded calls again, in order, each
+under its own state, feeding each the previous one's output (its first
+element if it returns a tuple). So:
+* what the loop does between blocks is not part of the region: the region's
+  saved-tensor hooks are paused between calls, and random numbers drawn there
+  do not shift the blocks' dropout masks;
+* a skipped block (LayerDrop) is simply not recorded, and a skipped last block
+  leaves the region to be closed when the innermost module that contains the
+  segment's blocks returns from its forward, normally or by an exception
+  (hooks on those modules, always called);
+* a block called out of order, twice, or with another first argument (a
+  U-Net's concatenated skips, keyword-only inputs) closes the region and
+  opens a new one at that call: still exact, but it keeps more than the
+  segment would, so it warns once;
+* blocks called from outside every containing module's forward have nothing
+  to close a region after them: they are checkpointed one by one, with a
+  warning.
 """
 from __future__ import annotations
 
 import functools
+import threading
 import types
+import warnings
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from memfit import strategies
 from memfit.blocks import find_blocks
-from memfit.checkpoint import Region, _recomputes, run
+from memfit.checkpoint import CallState, Region, _recomputes, run
 from memfit.errors import MemfitError
 from memfit.strategies import KEEP, OFFLOAD, RECOMPUTE
 
@@ -80,7 +98,10 @@ def apply(model: nn.Module, strategy="blocks", blocks=None, state_replay=True, *
         if unit.mode == KEEP:
             continue
         members = chain[unit.start:unit.stop]
-        segment = _Segment([n for n, _ in members]) if len(members) > 1 else None
+        segment = None
+        if len(members) > 1:
+            segment = _Segment([n for n, _ in members])
+            segment.hook(_containers(model, segment.names))
         policy = strategies.POLICIES.get(unit.mode)
         for index, (name, block) in enumerate(members):
             block._memfit = _Spec(name, unit.mode, policy, segment, index, block.__dict__.get("forward"),
@@ -100,6 +121,8 @@ def remove(model: nn.Module) -> nn.Module:
         spec = m.__dict__.pop("_memfit", None)
         if spec is None:
             continue
+        for handle in spec.segment.handles if spec.segment else ():
+            handle.remove()
         if spec.prev_forward is None:
             del m.__dict__["forward"]
         else:
@@ -115,6 +138,18 @@ def wrapped_blocks(model: nn.Module) -> list[tuple[str, str]]:
 def applied_strategy(model: nn.Module) -> dict | None:
     """What `apply` did to `model` (units, blocks, state_replay, n_blocks), or None."""
     return model.__dict__.get("_memfit_applied")
+
+
+def _containers(model, names):
+    """The modules that contain every one of the blocks `names` (the root included)."""
+    parts = [n.split(".")[:-1] for n in names]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    named = dict(model.named_modules())
+    return [named[".".join(common[:k])] for k in range(len(common) + 1)]
 
 
 def _check_units(units, n):
@@ -153,58 +188,111 @@ def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+class _Call:
+    def __init__(self, index, fn, args, kwargs):
+        self.index, self.fn, self.extra, self.kwargs = index, fn, args[1:], kwargs
+        self.state = CallState([t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)])
+
+
+class _Open:
+    """One thread's view of a segment: the open region and where it stands."""
+
+    def __init__(self):
+        self.region = self.calls = self.prev = None
+        self.depth = 0       # how many modules containing the segment are running their forward
+        self.opened_at = 0   # the depth when the region opened: it closes when the depth drops below
+
+
 class _Segment:
-    """The open region of a segment between its first and last block's calls."""
+    """The blocks of one segment and the region open between their calls (NOTE [segments])."""
 
     def __init__(self, names):
         self.names = names
-        self.region = None
+        self.handles = []    # the hooks on the modules that contain the segment's blocks
+        self.warned = False
+        self._threads = {}
+
+    def _open(self) -> _Open:
+        return self._threads.setdefault(threading.get_ident(), _Open())
+
+    def hook(self, containers):
+        for m in containers:
+            self.handles.append(m.register_forward_pre_hook(self._enter))
+            self.handles.append(m.register_forward_hook(self._exit, always_call=True))
+
+    def _enter(self, module, args):
+        if not torch.compiler.is_compiling():
+            self._open().depth += 1
+
+    def _exit(self, module, args, out):
+        if torch.compiler.is_compiling():
+            return
+        state = self._open()
+        state.depth -= 1
+        if state.region is not None and state.depth < state.opened_at:
+            self._end(state)
 
     def call(self, index, block, fn, args, kwargs, spec):
-        last = index == len(self.names) - 1
-        if index == 0:
-            if self.region is not None:  # the previous forward stopped inside the segment
-                self.region.fail(_abandoned)
-                self.region = None
-            if not _recomputes(fn, spec.training_only):
-                return fn(*args, **kwargs)
-            self.calls = [(fn, args[1:], kwargs)]
-            self.region = Region(self._replay(self.calls), args, kwargs, owner=block, state_replay=spec.state_replay)
-        elif self.region is None:
+        state = self._open()
+        recomputes = _recomputes(fn, spec.training_only)
+        if state.region is not None:
+            if recomputes and index > state.calls[-1].index and args and args[0] is state.prev:
+                state.region.resume()
+                state.calls.append(_Call(index, fn, args, kwargs))
+                return self._run(state, index, fn, args, kwargs)
+            self._end(state)
+            if recomputes:
+                self._warn(f"block {self.names[index]} was called out of order or not with the previous block's "
+                           f"output as its first positional argument, so the segment is recomputed in parts")
+        if not recomputes:
             return fn(*args, **kwargs)
-        else:
-            if not args or args[0] is not self.prev:
-                error = MemfitError(
-                    f"segment {self.names[0]}..{self.names[-1]}: block {self.names[index]} was not called with "
-                    f"the previous block's output as its first positional argument, so it cannot be recomputed "
-                    f"as part of a segment; use the 'blocks' or 'every:K' strategy for this model.")
-                self._fail(error)
-                raise error
-            self.calls.append((fn, args[1:], kwargs))
+        if state.depth == 0:
+            self._warn("its blocks were called from outside the forward of every module that contains them, "
+                       "so nothing would close a segment after them: they are checkpointed one by one")
+            return run(fn, args, kwargs, state_replay=spec.state_replay, training_only=spec.training_only)
+        state.calls = [_Call(index, fn, args, kwargs)]
+        state.region = Region(self._replay(state.calls), args, owner=block, state_replay=spec.state_replay)
+        state.opened_at = state.depth
+        return self._run(state, index, fn, args, kwargs)
+
+    def _run(self, state, index, fn, args, kwargs):
         try:
             out = fn(*args, **kwargs)
         except BaseException as e:
-            self._fail(e)
+            self._end(state, e)
             raise
-        self.prev = _first(out)
-        if last:
-            region, self.region, self.prev, self.calls = self.region, None, None, None
-            region.close()
+        state.prev = _first(out)
+        if index == len(self.names) - 1:
+            self._end(state)
+        else:
+            state.region.pause()
         return out
 
-    def _fail(self, exc):
-        region, self.region, self.prev, self.calls = self.region, None, None, None
-        region.fail(exc)
+    @staticmethod
+    def _end(state, exc=None):
+        region, state.region, state.calls, state.prev = state.region, None, None, None
+        if exc is None:
+            region.close()
+        else:
+            region.fail(exc)
+
+    def _warn(self, why):
+        if not self.warned:
+            self.warned = True
+            warnings.warn(f"memfit: segment {self.names[0]}..{self.names[-1]}: {why}; gradients stay exact, "
+                          f"but it keeps more memory than planned. Use 'blocks' or a per-block plan for this model.",
+                          SegmentWarning, stacklevel=4)
 
     @staticmethod
     def _replay(calls):
-        def replay(*args, **kwargs):
-            fn, _, _ = calls[0]
-            out = fn(*args, **kwargs)
-            for fn, extra, kw in calls[1:]:
-                out = fn(_first(out), *extra, **kw)
+        def replay(*args):
+            out = None
+            for k, c in enumerate(calls):
+                with c.state.restored():
+                    out = c.fn(*args, **c.kwargs) if k == 0 else c.fn(_first(out), *c.extra, **c.kwargs)
             return out
         return replay
 
 
-_abandoned = RuntimeError("memfit: a segment's forward was abandoned before its last block ran")
+class SegmentWarning(UserWarning):
+    """A segment could not be recomputed as one region (see NOTE [segments])."""

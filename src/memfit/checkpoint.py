@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import itertools
 import threading
 
 import torch
@@ -53,7 +54,7 @@ def run(fn, args, kwargs, policy=None, state_replay=True, training_only=True):
             return tuc.checkpoint(fn, *args, use_reentrant=False, **kwargs)
         context = functools.partial(tuc.create_selective_checkpoint_contexts, policy)
         return tuc.checkpoint(fn, *args, use_reentrant=False, context_fn=context, **kwargs)
-    region = Region(fn, args, kwargs, policy, owner=_owner(fn), state_replay=state_replay)
+    region = Region(lambda *a: fn(*a, **kwargs), args, policy, owner=_owner(fn), state_replay=state_replay)
     try:
         out = fn(*args, **kwargs)
     except BaseException as e:
@@ -184,46 +185,119 @@ def _context_fn(owner, policy, state_replay=True):
     return context_fn
 
 
-def _generator_args():
-    """The positional parameters of torch's private checkpoint generator before
-    its *args, with their defaults: they differ between torch releases."""
-    params = inspect.signature(tuc._checkpoint_without_reentrant_generator).parameters
-    names = []
-    for p in params.values():
-        if p.kind is p.VAR_POSITIONAL:
-            break
-        names.append(p)
-    return names
+# NOTE [torch's generator]
+# `torch.utils.checkpoint._checkpoint_without_reentrant_generator` is private
+# and its signature changes between releases: up to 2.13 it is
+# `(fn, preserve_rng_state, context_fn, determinism_check, debug[, early_stop], *args, **kwargs)`;
+# on torch's main branch (the release after 2.13) it is
+# `(fn, args, kwargs, *, preserve_rng_state, context_fn, determinism_check, debug, early_stop)`.
+# `_binding` recognises both and says so at import if it meets a third.
+
+def _binding(generator):
+    """A function `open(fn, args, context_fn)` that starts `generator` for either signature."""
+    params = list(inspect.signature(generator).parameters.values())
+    names = [p.name for p in params]
+    if names[:3] == ["fn", "args", "kwargs"] and "context_fn" in names and all(
+            p.kind is p.KEYWORD_ONLY for p in params[3:]):
+        return lambda fn, args, context_fn: generator(fn, tuple(args), {}, preserve_rng_state=True,
+                                                      context_fn=context_fn)
+    head = list(itertools.takewhile(lambda p: p.kind is p.POSITIONAL_OR_KEYWORD, params))
+    if (names[:1] == ["fn"] and any(p.kind is p.VAR_POSITIONAL for p in params)
+            and {"preserve_rng_state", "context_fn"} <= set(names[:len(head)])
+            and all(p.default is not p.empty for p in head[1:])):
+        def open_(fn, args, context_fn):
+            values = {"fn": fn, "context_fn": context_fn, "preserve_rng_state": True}
+            return generator(*[values.get(p.name, p.default) for p in head], *args)
+        return open_
+    raise ImportError(f"memfit does not know the checkpoint generator of torch {torch.__version__} "
+                      f"(signature {inspect.signature(generator)}); use torch 2.8 to 2.13, or a memfit that "
+                      f"supports torch {torch.__version__}.")
 
 
-_GEN_PARAMS = _generator_args()
+_open = _binding(tuc._checkpoint_without_reentrant_generator)
+
+
+def _top_hooks():
+    """The saved-tensor hooks on top of this thread's stack (pack, unpack), or None."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False)
+
+
+class CallState:
+    """The RNG and autocast state a call saw, to recompute it under the same.
+
+    NOTE [per-call replay]: torch's checkpoint restores the RNG and autocast
+    state of the region's start once, before its recompute. A segment
+    recomputes several calls back to back, while the model's own loop may have
+    drawn random numbers between them (LayerDrop: `if torch.rand([]) < p:
+    continue`) or changed autocast; each call of a segment is therefore
+    recomputed under the state it saw itself."""
+
+    def __init__(self, tensors):
+        self.cpu_rng = torch.get_rng_state()
+        self.device_type = next((t.device.type for t in tensors if t.device.type not in ("cpu", "meta")), "cpu")
+        module = getattr(torch, self.device_type, None) if self.device_type != "cpu" else None
+        self.devices, self.states = [], []
+        if module is not None and getattr(module, "_initialized", False):
+            self.devices, self.states = tuc.get_device_states(*tensors)
+        kinds = dict.fromkeys([self.device_type, "cpu"])
+        self.autocast = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in kinds
+                         if torch.amp.is_autocast_available(d)]
+        self.autocast_cache = torch.is_autocast_cache_enabled()
+
+    @contextlib.contextmanager
+    def restored(self):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.random.fork_rng(devices=self.devices, device_type=self.device_type))
+            torch.set_rng_state(self.cpu_rng)
+            if self.devices:
+                tuc.set_device_states(self.devices, self.states, device_type=self.device_type)
+            for kind, enabled, dtype in self.autocast:
+                stack.enter_context(torch.autocast(kind, dtype=dtype, enabled=enabled,
+                                                   cache_enabled=self.autocast_cache))
+            yield
 
 
 class Region:
     """A checkpointed region opened before a call and closed after a later one.
 
-    `replay(*args, **kwargs)` must recompute, from the region's inputs, every
+    `replay(*args)` must recompute, from the region's inputs `args`, every
     tensor the region saved for backward: for one call it is the called
-    function, for a segment it runs the segment's blocks in order.
+    function, for a segment it runs the segment's calls in order.
 
     NOTE: this drives `torch.utils.checkpoint._checkpoint_without_reentrant_generator`,
     the generator that `torch.utils.checkpoint.checkpoint` itself is built on
     (it yields once before the forward and once after). Using it directly lets
     a region span several `forward` calls issued by the model's own loop.
+    Between those calls the region can be paused: its saved-tensor hooks come
+    off the thread's stack, so what the loop does between blocks is saved by
+    autograd as usual, not recorded in the region (see NOTE [segments] in
+    `memfit.apply`).
 
     `owner` is the module whose forward opens the region: its own buffers are
     snapshotted too, since its pre-hooks ran before the region opened.
     """
 
-    def __init__(self, replay, args, kwargs, policy=None, owner=None, state_replay=True):
-        values = {"fn": lambda *a: replay(*a, **kwargs),
-                  "context_fn": _context_fn(owner, policy, state_replay),
-                  "preserve_rng_state": True}
-        positional = [values.get(p.name, p.default) for p in _GEN_PARAMS]
-        self._gen = tuc._checkpoint_without_reentrant_generator(*positional, *args)
+    def __init__(self, replay, args, policy=None, owner=None, state_replay=True):
+        self._gen = _open(replay, args, _context_fn(owner, policy, state_replay))
         next(self._gen)
+        self._hooks = _top_hooks() if torch.is_grad_enabled() else None
+        self.paused = False
+
+    def pause(self):
+        """Take the region's saved-tensor hooks off the stack until `resume`."""
+        if _top_hooks() != self._hooks:
+            raise RuntimeError("memfit: the saved-tensor hooks on top are not the checkpoint region's; "
+                               "something inside a block left its own hooks installed.")
+        torch._C._autograd._pop_saved_tensors_default_hooks()
+        self.paused = True
+
+    def resume(self):
+        torch._C._autograd._push_saved_tensors_default_hooks(*self._hooks)
+        self.paused = False
 
     def close(self):
+        if self.paused:
+            self.resume()
         try:
             next(self._gen)
         except StopIteration:
@@ -232,6 +306,8 @@ class Region:
 
     def fail(self, exc):
         """Close the region after `exc` was raised inside it."""
+        if self.paused:
+            self.resume()
         try:
             self._gen.throw(exc)
         except BaseException as e:

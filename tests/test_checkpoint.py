@@ -252,7 +252,7 @@ def _old_signature_shim(calls):
 @pytest.mark.parametrize("strategy", ["blocks", "segments:2", "selective"])
 def test_both_generator_signatures(monkeypatch, shim, strategy):
     ckpt = sys.modules["memfit.checkpoint"]  # memfit.checkpoint is the function
-    from tests.test_apply import LayerDropNet, assert_same_training, drop_loss
+    from test_apply import LayerDropNet, assert_same_training, drop_loss
     calls = []
     monkeypatch.setattr(ckpt, "_open", ckpt._binding(shim(calls)))
     torch.manual_seed(0)

@@ -249,3 +249,39 @@ def test_cli_bad_input(args, message):
     r = cli(*args)
     assert r.returncode == 2, r.stdout + r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
+
+
+class TwoFaced(torch.nn.Module):
+    """Takes another path on fake tensors, as transformers does for a causal
+    LM without attention_mask: it keeps a wider mask for backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh())
+                                            for _ in range(4)])
+
+    def forward(self, x):
+        from torch._subclasses.fake_tensor import FakeTensor
+        width = 512 if isinstance(x, FakeTensor) else 16
+        return (self.layers(x) * torch.ones(x.shape[0], width)[:, :16]).pow(2).mean()
+
+
+class DataDependent(TwoFaced):
+    """Reads a value in its forward, which fake tensors cannot do."""
+
+    def forward(self, x):
+        if x.abs().max() > 100:
+            x = x / 100
+        return self.layers(x).pow(2).mean()
+
+
+@pytest.mark.parametrize("model, why", [(TwoFaced, "another path"), (DataDependent, "cannot run")])
+def test_a_step_the_simulation_gets_wrong_is_planned_on_real_steps(model, why):
+    torch.manual_seed(0)
+    model, batch = model(), torch.randn(32, 16)
+    plan = memfit.plan(model, batch, lambda m, b: m(b), "90%", cost="flops")
+    assert plan.sources["memory"].startswith("measured") and why in plan.sources["memory"]
+    report = verify(model, batch, lambda m, b: m(b), plan, steps=1)
+    assert report["baseline"]["peak_bytes"] == plan.baseline_peak_bytes
+    assert report["checkpointed"]["peak_bytes"] == plan.predicted_peak_bytes
+    assert f"memory: {plan.sources['memory']}" in str(plan)

@@ -31,7 +31,7 @@ import torch
 from memfit import strategies
 from memfit.blocks import find_blocks
 from memfit.errors import MemfitError
-from memfit.profile import Profile, profile, simulate
+from memfit.profile import MEASURED, Profile, available_cpu_bytes, profile, simulate
 from memfit.report import fmt_bytes
 from memfit.strategies import KEEP, OFFLOAD, RECOMPUTE, Unit
 
@@ -52,9 +52,7 @@ def available_bytes(device) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         free += torch.cuda.memory_allocated(device)  # what this process holds is ours to plan with
     else:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        free = int(info["MemAvailable"].split()[0]) * 1024
+        free = available_cpu_bytes()
     return int(free * 0.9)
 
 
@@ -112,7 +110,7 @@ def _candidates(prof: Profile, kind: str) -> list[_Candidate]:
         # Segments [a, b): the recompute materialises the blocks' activations as in `keep`, then
         # backward walks down them: at block k, blocks a..k are live and k's backward rises on top.
         running, cost, transient = None, prof.cost(RECOMPUTE, i, kind), tr[RECOMPUTE][i]
-        for a in range(b - 1, -1, -1):
+        for a in range(b - 1, -1 if prof.segments else b - 2, -1):
             at_a = kept[KEEP][a] + work[KEEP][a] + other[a]
             running = at_a if running is None else max(running + kept[KEEP][a], at_a)
             if a == b - 1:
@@ -188,6 +186,7 @@ class Plan:
     cost: str                   # "time" or "flops"
     predicted_recompute_flops: float  # matmul FLOPs recomputed, fraction of a plain step's
     signature: dict = field(default_factory=dict)
+    sources: dict = field(default_factory=dict)  # where each number came from (see `_sources`)
 
     @property
     def units(self) -> list[Unit]:
@@ -214,6 +213,7 @@ class Plan:
             if b.segment:
                 line += f"  (segment {b.segment[0]}..{b.segment[1]})"
             lines.append(line)
+        lines += [f"  {what}: {where}" for what, where in self.sources.items()]
         return "\n".join(lines)
 
     def to_json(self) -> str:
@@ -244,6 +244,15 @@ class Plan:
             raise MemfitError(f"this plan was made for a model with {len(mine)} blocks ({mine[0]}..{mine[-1]}), "
                               f"not this one with {len(names)} ({names[0]}..{names[-1]}); make a plan for this "
                               f"model with memfit.plan or `memfit plan`.")
+
+
+def _sources(prof: Profile, cost: str) -> dict:
+    """Where the plan's numbers come from: memory and FLOPs simulated on fake
+    tensors or measured on real steps (and why), cost timed or counted."""
+    memory = prof.memory_source + (f": {prof.real_steps_because}" if prof.real_steps_because else "")
+    return {"memory": memory, "flops": memory.replace("measured", "counted on"),
+            "cost": "timed steps on " + prof.device if cost == "time" else "FLOPs counted",
+            "segments": "offered" if prof.segments else "not offered: this chain's blocks cannot form segments"}
 
 
 def _choices(prof: Profile, units, kind) -> list[BlockChoice]:
@@ -319,7 +328,7 @@ def plan(model, batch, loss_fn, budget, *, blocks=None, cost="time", optimizer=N
     reachable = minimum
     if solution:
         reachable = simulate(model, batch, loss_fn, solution[0], blocks=blocks, optimizer=optimizer,
-                             distributed=distributed).peak_bytes
+                             distributed=distributed, real=prof.memory_source == MEASURED, seed=prof.seed).peak_bytes
     raise MemfitError(f"budget {fmt_bytes(budget_bytes)} is below the smallest peak checkpointing reaches for this "
                       f"model and batch, about {fmt_bytes(max(reachable, minimum))} (plain run: "
                       f"{fmt_bytes(prof.baseline_peak_bytes)}); give a budget of at least that, or a smaller batch.")
@@ -355,15 +364,23 @@ def plan_or_none(model, batch, loss_fn, budget, *, blocks=None, cost="time", opt
         units = [Unit(i, i + 1, KEEP) for i in range(len(prof.names))]
         found = (units, 0.0, prof.baseline_peak_bytes)
     else:
+        peaks = {tuple(strategies.parse(name, len(prof.names))): peak for name, peak in prof.uniform_peaks.items()}
+
         def peak_of(units):
-            return simulate(model, batch, loss_fn, units, blocks=blocks, optimizer=optimizer,
-                            distributed=distributed).peak_bytes
+            key = tuple(units)
+            if key not in peaks:
+                peaks[key] = simulate(model, batch, loss_fn, units, blocks=blocks, optimizer=optimizer,
+                                      distributed=distributed, real=prof.memory_source == MEASURED,
+                                      seed=prof.seed).peak_bytes
+            return peaks[key]
         found = _fit(prof, budget_bytes, cost, peak_of)
         # NOTE [never worse than uniform]: the peak model rounds bytes up, so at a budget a uniform strategy
         # just meets, the DP can miss it. Each uniform strategy cheaper than the plan found is simulated,
         # and the cheapest that fits wins: no uniform strategy that fits the budget costs less than the plan.
         for name in UNIFORM_FALLBACKS:
             units = strategies.parse(name, len(prof.names))
+            if not prof.segments and any(u.stop - u.start > 1 and u.mode != KEEP for u in units):
+                continue
             total = sum(prof.cost(u.mode, i, cost) for u in units for i in range(u.start, u.stop))
             if (found is None or total < found[1]) and (peak := peak_of(units)) <= budget_bytes:
                 found = (units, total, peak)
@@ -371,7 +388,7 @@ def plan_or_none(model, batch, loss_fn, budget, *, blocks=None, cost="time", opt
         units, total, peak = found
         recomputed = sum(prof.recomputed_flops(u.mode, i) for u in units for i in range(u.start, u.stop))
         result = Plan(_choices(prof, units, cost), budget_bytes, peak, prof.baseline_peak_bytes,
-                      total / prof.step_cost(cost), cost, recomputed / prof.step_flops, sig)
+                      total / prof.step_cost(cost), cost, recomputed / prof.step_flops, sig, _sources(prof, cost))
         _CACHE[key] = result
         return result
     return prof, budget_bytes

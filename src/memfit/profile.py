@@ -11,6 +11,20 @@ the byte (tested), for a fraction of the compute, on any device, and without
 touching the device's memory. The planner predicts the peak of the plan it
 chose with the same simulation.
 
+NOTE [real steps]
+Some steps cannot be simulated: ops whose output depends on values
+(`.item()`, `nonzero`, LayerDrop's `if torch.rand([]) < p`), fake kernels
+stricter than the real ones (`aten._grouped_mm` wants bf16), or models that
+take another code path when they see fake tensors (transformers builds an
+attention mask it would skip for real inputs). So `profile` simulates the
+plain step and, for a model on the CPU, also runs it for real; if the
+simulation fails or differs from the real step by a byte, every step the
+planner needs is then run for real on a CPU copy of the model, with the same
+storage tracker (exact, at the cost of compute), and the plan says so
+(`Profile.memory_source`). A model that skips blocks at random is profiled
+on a step in which every block ran (the first of a few seeds that gives
+one): its steps that skip blocks peak lower than predicted.
+
 Times are measured on real forward+backward passes of the model (its
 gradients, buffers and RNG state are restored afterwards): the extra time of
 all-`blocks` and of each all-selective mode over plain, split between blocks in
@@ -27,13 +41,14 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from memfit import strategies
-from memfit.apply import applied_strategy, apply, remove
+from memfit.apply import SegmentWarning, applied_strategy, apply, remove
 from memfit.blocks import find_blocks
+from memfit.errors import MemfitError
 from memfit.flops import counting_flops
 from memfit.memory import track_memory
 from memfit.strategies import KEEP, MODES, OFFLOAD, POINTWISE, RECOMPUTE, SCORES, SELECTIVE
@@ -50,24 +65,33 @@ def modes_for(device) -> tuple:
     return MODES if torch.device(device).type == "cuda" else HOST_MODES
 
 
-def _fake_copy(model, batch, mode: FakeTensorMode, resize=None):
-    """A copy of `model` and `batch` made of fake tensors (no real memory).
-    `resize` = (batch size, positions of the batch's tensors whose first
-    dimension is the batch): those get that many rows."""
+def _copy(model, batch, convert, resize=None):
+    """A copy of `model` and `batch` whose tensors are `convert(tensor)`:
+    fake tensors (no real memory) or real CPU copies. `resize` = (batch
+    size, positions of the batch's tensors whose first dimension is the
+    batch): those get that many rows (for real copies, the batch's rows repeated)."""
     memo = {}
     for p in model.parameters():
-        memo[id(p)] = torch.nn.Parameter(mode.from_tensor(p.detach()), requires_grad=p.requires_grad)
+        memo[id(p)] = torch.nn.Parameter(convert(p.detach()), requires_grad=p.requires_grad)
     for b in model.buffers():
-        memo[id(b)] = mode.from_tensor(b)
-    fake_model = copy.deepcopy(model, memo)
+        memo[id(b)] = convert(b)
+    new_model = copy.deepcopy(model, memo)
     leaves, spec = tree_flatten(batch)
-    fake = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in leaves]
+    new = [convert(t) if isinstance(t, torch.Tensor) else t for t in leaves]
     if resize:
         size, dims = resize
-        with mode:
-            for i in dims:
-                fake[i] = torch.empty((size, *leaves[i].shape[1:]), dtype=leaves[i].dtype, device=leaves[i].device)
-    return fake_model, tree_unflatten(fake, spec)
+        for i in dims:
+            t = new[i]
+            if isinstance(t, FakeTensor):
+                with t.fake_mode:
+                    new[i] = torch.empty((size, *t.shape[1:]), dtype=t.dtype, device=t.device)
+            else:
+                new[i] = t[torch.arange(size) % t.shape[0]]
+    return new_model, tree_unflatten(new, spec)
+
+
+def _on_cpu(t):
+    return t.detach().to("cpu", copy=True)
 
 
 def batch_dims(small, larger) -> list[int]:
@@ -104,28 +128,45 @@ class _Marks:
             h.remove()
 
 
+SIMULATED = "simulated (fake tensors)"
+MEASURED = "measured (real steps on a CPU copy)"
+
+
 @dataclass
 class Simulation:
     peak_bytes: int
     static_bytes: int
     timeline: list  # (label, live bytes)
+    source: str = SIMULATED
+    split: bool = False  # a segment was recomputed in parts (its blocks cannot form segments)
+
+
+@contextlib.contextmanager
+def _real_step(seed):
+    """A real step that leaves the caller's RNG as it was (seeded with `seed` if given)."""
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        yield
 
 
 def simulate(model, batch, loss_fn, strategy, *, blocks=None, optimizer=None, marks=False,
-             resize=None, distributed=None) -> Simulation:
+             resize=None, distributed=None, real=False, seed=None) -> Simulation:
     """Peak memory of one training step with `strategy` applied (None: as the
     model is wrapped now), with the optimizer state in place as after a first
-    step, computed on fake tensors. The model itself is not touched.
-    `resize`: see `_fake_copy` (a batch of any size, without making one).
+    step, computed on fake tensors, or with `real=True` by a real step on a
+    CPU copy (see NOTE [real steps]). The model itself is not touched.
+    `resize`: see `_copy` (a batch of any size, without making one).
     `distributed`: ("ddp" | "fsdp", world size): the step of one rank of that
     run, `batch` being its share (see `memfit.distributed.rank_timeline`)."""
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fmodel, fbatch = _fake_copy(model, batch, mode, resize)
+    mode = _real_step(seed) if real else FakeTensorMode(allow_non_fake_inputs=True)
+    fmodel, fbatch = _copy(model, batch, _on_cpu if real else mode.from_tensor, resize)
     fmodel.train()
     if strategy is not None:
         apply(fmodel, strategy, blocks=blocks)
     opt = (optimizer or torch.optim.AdamW)(fmodel.parameters())
-    with mode:
+    with mode, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SegmentWarning)
         for p in fmodel.parameters():  # create the optimizer state without a warm-up step
             if p.requires_grad:
                 p.grad = torch.zeros_like(p)
@@ -145,13 +186,17 @@ def simulate(model, batch, loss_fn, strategy, *, blocks=None, optimizer=None, ma
             loss.backward()
             mem.mark("backward done")
             opt.step()
+    for w in caught:
+        if not issubclass(w.category, SegmentWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    source, split = MEASURED if real else SIMULATED, any(issubclass(w.category, SegmentWarning) for w in caught)
     if not distributed:
-        return Simulation(mem.peak_bytes, mem.static_bytes, mem.timeline)
+        return Simulation(mem.peak_bytes, mem.static_bytes, mem.timeline, source, split)
     from memfit.distributed import rank_timeline
     state = sum(t.numel() * t.element_size() for t in tree_leaves(list(opt.state.values()))
                 if isinstance(t, torch.Tensor))
     timeline = rank_timeline(model, *distributed, mem.timeline, list(grads.values()), mem.static_bytes, state)
-    return Simulation(max(v for _, v in timeline), timeline[0][1], timeline)
+    return Simulation(max(v for _, v in timeline), timeline[0][1], timeline, source, split)
 
 
 class _Elementwise(TorchDispatchMode):
@@ -179,14 +224,14 @@ def _recomputed_by_selective(counter) -> int:
     return sum(n for op, n in counter.get_flop_counts()["Global"].items() if op not in kept)
 
 
-def count_flops(model, batch, loss_fn, *, blocks=None):
+def count_flops(model, batch, loss_fn, *, blocks=None, real=False, seed=None):
     """Per block: (forward FLOPs of matmuls, convolutions and attention; those
     of them that `selective` recomputes; elements produced by the other ops;
     FLOPs of the expanding batched matmuls that `scores` recomputes);
     and the FLOPs of a whole plain training step. Counted on fake tensors, so
-    deterministic and cheap."""
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fmodel, fbatch = _fake_copy(model, batch, mode)
+    deterministic and cheap, or on a real step (see NOTE [real steps])."""
+    mode = _real_step(seed) if real else FakeTensorMode(allow_non_fake_inputs=True)
+    fmodel, fbatch = _copy(model, batch, _on_cpu if real else mode.from_tensor)
     remove(fmodel)
     fmodel.train()
     chain = [m for _, m in find_blocks(fmodel, blocks)]
@@ -292,6 +337,11 @@ class Profile:
     step_time_s: float | None = None
     extra_time_s: dict | None = None  # extra time of each uniform mode over plain
     modes: tuple = HOST_MODES  # the modes profiled (offload only on CUDA)
+    memory_source: str = SIMULATED  # or MEASURED: see NOTE [real steps]
+    uniform_peaks: dict | None = None  # the simulated peak of each mode used for every block
+    real_steps_because: str | None = None
+    seed: int | None = None        # the RNG seed of the real steps
+    segments: bool = True          # whether the chain's blocks can be recomputed as segments
 
     def recomputed_flops(self, mode: str, i: int) -> int:
         """Matmul / convolution / attention FLOPs recomputed for block i."""
@@ -317,9 +367,6 @@ class Profile:
     def step_cost(self, kind: str) -> float:
         return float(self.step_flops) if kind == "flops" else self.step_time_s
 
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
 
 def _read(sim: Simulation, n: int):
     """Per-block quantities out of a simulated step's timeline of marks."""
@@ -337,28 +384,78 @@ def _read(sim: Simulation, n: int):
                 head=head, tail=tail)
 
 
+def _all_ran(sim: Simulation, n: int) -> bool:
+    labels = {label for label, _ in sim.timeline}
+    return all(f"f<{i}" in labels for i in range(n))
+
+
+def _source(model, batch, loss_fn, n, **kw) -> tuple:
+    """How to profile: (real, seed, why, the plain step's simulation). See NOTE [real steps]."""
+    try:
+        t0 = time.perf_counter()
+        fake = simulate(model, batch, loss_fn, "none", **kw)
+        fake_s = time.perf_counter() - t0
+    except Exception as e:  # noqa: BLE001 - whatever the simulation cannot run, a real step may
+        why = f"the simulation cannot run this model's step ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    else:
+        if next(model.parameters()).device.type != "cpu" or fake.peak_bytes > available_cpu_bytes() / 2:
+            return False, None, None, fake   # a real step would not fit beside the model: trust the simulation
+        t0 = time.perf_counter()
+        real = simulate(model, batch, loss_fn, "none", real=True, seed=0, **kw)
+        real_s = time.perf_counter() - t0
+        if real.peak_bytes != fake.peak_bytes or not _all_ran(fake, n):
+            why = (f"the simulated step peaks {fake.peak_bytes / real.peak_bytes - 1:+.2%} off the real one "
+                   f"(the model takes another path on fake tensors)")
+        elif real_s < fake_s and _all_ran(real, n):
+            return True, 0, f"a real step of this model takes {real_s:.2f} s, simulating it {fake_s:.2f} s", real
+        else:
+            return False, None, None, fake
+    for seed in range(16):
+        sim = simulate(model, batch, loss_fn, "none", real=True, seed=seed, **kw)
+        if _all_ran(sim, n):
+            return True, seed, why, sim
+    raise MemfitError(f"the model skipped some of its {n} blocks in each of 16 training steps tried, so memfit "
+                      f"cannot profile them; lower the model's layer-drop probability while planning.")
+
+
+def available_cpu_bytes() -> int:
+    """Memory the host can still give (MemAvailable), or a large number where it cannot say."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 1 << 62
+
+
 def profile(model, batch, loss_fn, *, blocks=None, optimizer=None, timing=True, distributed=None) -> Profile:
     """Profile each block of `model`'s chain under each mode (keep,
-    recompute, selective, scores, pointwise). Memory and FLOPs are simulated; with `timing`, real
-    forward+backward passes of each kind are timed after a warm-up round.
+    recompute, selective, scores, pointwise). Memory and FLOPs are simulated
+    (or measured on real steps where the simulation cannot be trusted, see
+    NOTE [real steps]); with `timing`, real forward+backward passes of each
+    kind are timed after a warm-up round.
     `distributed`: profile one rank of a DDP or FSDP2 run (see `simulate`)."""
     names = [n for n, _ in find_blocks(model, blocks)]
     n = len(names)
     device = next(model.parameters()).device
-    sims = {}
-    for m in modes_for(device):
+    common = dict(blocks=blocks, optimizer=optimizer, distributed=distributed)
+    real, seed, why, plain = _source(model, batch, loss_fn, n, marks=True, **common)
+    sims = {KEEP: plain}
+    for m in modes_for("cpu" if real else device):
+        if m == KEEP:
+            continue
         try:
-            sims[m] = simulate(model, batch, loss_fn, UNIFORM[m], blocks=blocks, optimizer=optimizer, marks=True,
-                               distributed=distributed)
+            sims[m] = simulate(model, batch, loss_fn, UNIFORM[m], marks=True, real=real, seed=seed, **common)
         except Exception as e:  # noqa: BLE001 - offload's simulation has not run on every CUDA setup yet
             if m != OFFLOAD:
                 raise
             warnings.warn(f"memfit: offload left out of the plan, its simulation failed: {e}")
+    segments = n > 1 and not simulate(model, batch, loss_fn, "segments:1", real=real, seed=seed, **common).split
     modes = tuple(sims)
     reads = {m: _read(sim, n) for m, sim in sims.items()}
     keep, baseline = reads[KEEP], sims[KEEP]
     other = [keep["backward_start"][i] - keep["start"] - sum(keep["kept"][:i + 1]) for i in range(n)]
-    per_block, step_flops = count_flops(model, batch, loss_fn, blocks=blocks)
+    per_block, step_flops = count_flops(model, batch, loss_fn, blocks=blocks, real=real, seed=seed)
     prof = Profile(
         names=names, device=str(device), modes=modes,
         baseline_peak_bytes=baseline.peak_bytes, static_bytes=baseline.static_bytes,
@@ -366,7 +463,9 @@ def profile(model, batch, loss_fn, *, blocks=None, optimizer=None, timing=True, 
         kept={m: r["kept"] for m, r in reads.items()}, work={m: r["work"] for m, r in reads.items()},
         transient={m: r["transient"] for m, r in reads.items()},
         flops=[b[0] for b in per_block], selective_flops=[b[1] for b in per_block],
-        elementwise=[b[2] for b in per_block], scores_flops=[b[3] for b in per_block], step_flops=step_flops)
+        elementwise=[b[2] for b in per_block], scores_flops=[b[3] for b in per_block], step_flops=step_flops,
+        memory_source=MEASURED if real else SIMULATED, real_steps_because=why, seed=seed, segments=segments,
+        uniform_peaks={UNIFORM[m]: sim.peak_bytes for m, sim in sims.items()})
     if timing:
         t = time_strategies(model, batch, loss_fn, blocks=blocks)
         prof.step_time_s = t[KEEP]

@@ -103,19 +103,23 @@ def recomputed_blocks(units: list[Unit]) -> int:
 
 aten = torch.ops.aten
 # The ops whose outputs `selective` keeps: linear layers (which reach the
-# dispatcher as mm / addmm, whatever the input's rank), convolutions and fused
-# attention kernels, whose outputs are small for their cost. Batched matmuls
+# dispatcher as mm / addmm, whatever the input's rank, or as grouped matmuls
+# in a mixture of experts), convolutions and fused attention kernels, whose outputs are small for their cost. Batched matmuls
 # (bmm, baddbmm) are not kept: in a transformer they compute the attention
 # scores and their product with the values, whose B x heads x T x T tensors are
 # the "5as/h" term of Korthikanti et al. 2022 that selective recomputation removes.
-SAVED_OPS = {
-    aten.mm.default, aten.addmm.default,
-    aten.convolution.default, aten._convolution.default,
-    aten._scaled_dot_product_flash_attention.default,
-    aten._scaled_dot_product_efficient_attention.default,
-    aten._scaled_dot_product_cudnn_attention.default,
-    aten._scaled_dot_product_flash_attention_for_cpu.default,
-}
+def _ops(*names):
+    """The default overloads of the aten ops with these names that this torch has."""
+    return {getattr(aten, n).default for n in names if hasattr(aten, n)}
+
+
+SAVED_OPS = _ops(
+    "mm", "addmm", "_addmm_activation", "convolution", "_convolution",
+    # fused expert and quantized matmuls: a mixture of experts' linear layers
+    "_grouped_mm", "_scaled_grouped_mm", "_scaled_mm", "_int_mm", "_weight_int8pack_mm", "_weight_int4pack_mm",
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_fused_attention_overrideable", "_flash_attention_forward", "_efficient_attention_forward")
 
 
 # What `pointwise` keeps besides: every batched matrix product.

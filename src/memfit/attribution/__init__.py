@@ -67,10 +67,10 @@ def simulated_peak(model, clip, strategy) -> int:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from memfit.memory import track_memory
-    from memfit.profile import _fake_copy
+    from memfit.profile import _copy
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fmodel, (fclip,) = _fake_copy(model, (clip,), mode)
+    fmodel, (fclip,) = _copy(model, (clip,), mode.from_tensor)
     checkpoint_model(fmodel, strategy).eval()
     with mode, track_memory(fmodel, fclip, storage_tracker=True) as mem:
         _gradient(fmodel, fclip, 0)

@@ -1,0 +1,118 @@
+"""Tiny random-weight models of real architectures, built the way their users
+build them (transformers, diffusers, peft, plain torch), nothing downloaded.
+Each builder returns (model, batch, loss_fn). Dropout is on everywhere."""
+import torch
+from torch import nn
+
+V, T, B = 96, 16, 2
+
+
+def _ids(seed=1):
+    return torch.randint(1, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def _causal_lm(model, mask):
+    def loss_fn(m, batch):
+        kwargs = {"attention_mask": torch.ones_like(batch)} if mask else {}
+        return m(input_ids=batch, labels=batch, **kwargs).loss
+    return model, _ids(), loss_fn
+
+
+def _decoder_config(cls, **kw):
+    return cls(**{**dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         pad_token_id=0, bos_token_id=0, eos_token_id=0, attention_dropout=0.1), **kw})
+
+
+def llama(mask=True):
+    import transformers as tf
+    return _causal_lm(tf.LlamaForCausalLM(_decoder_config(tf.LlamaConfig)), mask)
+
+
+def gpt_neox():
+    """A decoder LM called without attention_mask (transformers then takes
+    another mask path on fake tensors)."""
+    import transformers as tf
+    cfg = tf.GPTNeoXConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                           num_attention_heads=4, max_position_embeddings=64, hidden_dropout=0.1,
+                           attention_dropout=0.1)
+    return _causal_lm(tf.GPTNeoXForCausalLM(cfg), mask=False)
+
+
+def lora_llama():
+    import peft
+    import transformers as tf
+    model = tf.LlamaForCausalLM(_decoder_config(tf.LlamaConfig))
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.1))
+    return _causal_lm(model, mask=False)
+
+
+def t5():
+    import transformers as tf
+    cfg = tf.T5Config(vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=3, num_decoder_layers=3,
+                      num_heads=4, dropout_rate=0.1, decoder_start_token_id=0, pad_token_id=0)
+    return tf.T5ForConditionalGeneration(cfg), _ids(), lambda m, b: m(input_ids=b, labels=b).loss
+
+
+def mixtral():
+    """MoE with the eager expert loop (`nonzero`: a data-dependent shape)."""
+    import transformers as tf
+    model = tf.MixtralForCausalLM(_decoder_config(tf.MixtralConfig, num_local_experts=4, num_experts_per_tok=2))
+    model.set_experts_implementation("eager")
+    return _causal_lm(model, mask=True)
+
+
+def wav2vec2():
+    """A speech model with LayerDrop and every dropout on."""
+    import transformers as tf
+    cfg = tf.Wav2Vec2Config(vocab_size=V, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                            intermediate_size=64, conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3),
+                            num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=4, layerdrop=0.2,
+                            hidden_dropout=0.1, activation_dropout=0.1, attention_dropout=0.1,
+                            feat_proj_dropout=0.1, mask_time_prob=0.0, pad_token_id=0, ctc_loss_reduction="mean")
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(B, 1600, generator=g), torch.randint(1, V, (B, 5), generator=g))
+    return tf.Wav2Vec2ForCTC(cfg), batch, lambda m, b: m(input_values=b[0], labels=b[1]).loss
+
+
+def unet():
+    from diffusers import UNet2DConditionModel
+    model = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+                                 block_out_channels=(32, 64), cross_attention_dim=32, attention_head_dim=8,
+                                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=16)
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(B, 4, 16, 16, generator=g), torch.randn(B, 8, 32, generator=g))
+
+    def loss_fn(m, b):
+        return m(b[0], torch.tensor([10, 500]), encoder_hidden_states=b[1]).sample.pow(2).mean()
+    return model, batch, loss_fn
+
+
+class LayerDropEncoder(nn.Module):
+    """A plain-torch encoder with LayerDrop written the usual way."""
+
+    def __init__(self, n_layers=6, width=32, p=0.2):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.TransformerEncoderLayer(width, 4, 2 * width, dropout=0.1, batch_first=True)
+                                     for _ in range(n_layers)])
+        self.head = nn.Linear(width, 10)
+        self.p = p
+
+    def forward(self, x):                      # x: (batch, time, width)
+        for layer in self.layers:
+            if self.training and torch.rand([]) < self.p:
+                continue
+            x = layer(x)
+        return self.head(x.mean(1))
+
+
+def layerdrop_encoder():
+    x = torch.randn(4, 12, 32, generator=torch.Generator().manual_seed(1))
+    return LayerDropEncoder(), x, lambda m, b: m(b).pow(2).mean()
+
+
+BUILDERS = {"llama (attention_mask)": llama, "gpt-neox (no attention_mask)": gpt_neox, "peft LoRA llama": lora_llama,
+            "t5 (encoder-decoder)": t5, "mixtral (MoE, eager experts)": mixtral,
+            "wav2vec2 (LayerDrop)": wav2vec2, "diffusers UNet2DConditionModel": unet,
+            "plain-torch LayerDrop": layerdrop_encoder}

@@ -1,0 +1,111 @@
+"""Real architectures (tests/real_models.py), as a new user brings them:
+every strategy trains exactly like the plain model (bitwise on CPU, dropout
+and LayerDrop on), and a plan fits its budget with its predicted peak within
+1% of the peak the storage tracker measures."""
+import copy
+
+import pytest
+import torch
+
+import memfit
+from memfit.memory import track_memory
+
+pytest.importorskip("transformers")
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+from real_models import BUILDERS  # noqa: E402
+
+STRATEGIES = ["blocks", "sqrt", "every:2", "selective", "scores", "pointwise"]
+REAL_STEPS = ("wav2vec2 (LayerDrop)", "plain-torch LayerDrop", "mixtral (MoE, eager experts)")  # fake tensors fail
+
+
+@pytest.fixture(scope="module", params=list(BUILDERS))
+def built(request):
+    torch.manual_seed(0)
+    return request.param, *BUILDERS[request.param]()
+
+
+def grads(model, batch, loss_fn, strategy):
+    m = memfit.apply(copy.deepcopy(model).train(), strategy)
+    torch.manual_seed(1)
+    loss = loss_fn(m, batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}, list(m.buffers())
+
+
+def test_every_strategy_gives_the_plain_gradients(built):
+    name, model, batch, loss_fn = built
+    loss, plain, buffers = grads(model, batch, loss_fn, "none")
+    for strategy in STRATEGIES:
+        loss_s, grads_s, buffers_s = grads(model, batch, loss_fn, strategy)
+        assert torch.equal(loss, loss_s) and plain.keys() == grads_s.keys(), (name, strategy)
+        assert all(torch.equal(plain[n], grads_s[n]) for n in plain), (name, strategy)
+        assert all(torch.equal(a, b) for a, b in zip(buffers, buffers_s)), (name, strategy)
+
+
+def measured_peak(model, batch, loss_fn, strategy):
+    """The tracker's peak of a training step (after a warm-up step made the
+    optimizer state) in which every block ran: LayerDrop models skip blocks in
+    some steps, and those peak lower."""
+    m = memfit.apply(copy.deepcopy(model).train(), strategy)
+    opt = torch.optim.AdamW(m.parameters())
+    blocks = [b for _, b in memfit.find_blocks(m)]
+    torch.manual_seed(0)
+    loss_fn(m, batch).backward()
+    opt.step()
+    for seed in range(32):
+        opt.zero_grad(set_to_none=True)
+        ran = set()
+        hooks = [b.register_forward_pre_hook(lambda mod, a, i=i: ran.add(i)) for i, b in enumerate(blocks)]
+        torch.manual_seed(seed)
+        with track_memory(m, opt, batch) as mem:
+            loss_fn(m, batch).backward()
+            opt.step()
+        for h in hooks:
+            h.remove()
+        if len(ran) == len(blocks):
+            return mem.peak_bytes
+    raise AssertionError("no step ran every block")
+
+
+def test_a_plan_fits_and_predicts_the_measured_peak(built):
+    name, model, batch, loss_fn = built
+    plain = measured_peak(model, batch, loss_fn, "none")
+    budget = (plain + measured_peak(model, batch, loss_fn, "blocks")) // 2
+    plan = memfit.plan(model, batch, loss_fn, budget, cost="flops")
+    assert plan.predicted_peak_bytes <= budget
+    assert abs(plan.baseline_peak_bytes / plain - 1) <= 0.01, name
+    assert abs(plan.predicted_peak_bytes / measured_peak(model, batch, loss_fn, plan) - 1) <= 0.01, name
+    memory = plan.sources["memory"]
+    if name in REAL_STEPS:  # the plan says where its numbers come from
+        assert memory.startswith("measured") and "cannot run" in memory, memory
+    if name == "diffusers UNet2DConditionModel":  # its up blocks take concatenated skips: no segments
+        assert plan.sources["segments"].startswith("not offered")
+
+
+def test_selective_keeps_a_mixture_of_experts_grouped_matmuls():
+    """Mixtral's grouped-matmul experts are linear layers: `selective` keeps
+    their outputs (no `_grouped_mm` runs again in backward), `blocks` does not."""
+    import transformers as tf
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from real_models import _causal_lm, _decoder_config
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func is torch.ops.aten._grouped_mm.default
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model, batch, loss_fn = _causal_lm(tf.MixtralForCausalLM(_decoder_config(
+        tf.MixtralConfig, num_local_experts=4, num_experts_per_tok=2)), mask=True)
+    model.set_experts_implementation("grouped_mm")
+    calls = {}
+    for strategy in ("none", "selective", "blocks"):
+        m = memfit.apply(copy.deepcopy(model), strategy)
+        with Count() as count:
+            loss_fn(m, batch).backward()
+        calls[strategy] = count.n
+    assert calls["none"] > 0 and calls["selective"] == calls["none"] < calls["blocks"]

@@ -107,12 +107,11 @@ def _bench(args, out: Console) -> int:
 
 
 def _train(args, out: Console) -> int:
-    import os
     from pathlib import Path
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from memfit.report import check_writable, fmt_bytes, write_json
+    from memfit.report import check_writable, fmt_bytes
     from memfit.train.config import resolve
     from memfit.train.loop import train
 
@@ -132,12 +131,16 @@ def _train(args, out: Console) -> int:
     out_dir = None
     if args.out:
         out_dir = Path(args.out)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise MemfitError(f"--out {out_dir} is a file; give a directory (it is created if missing).")
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise MemfitError(f"cannot create --out {out_dir} ({e.strerror}); choose a writable directory.") from None
         check_writable(out_dir / "model.pt")
     metrics_path = args.metrics or (out_dir / "metrics.jsonl" if out_dir else None)
-    partial = Path(f"{metrics_path}.partial") if metrics_path else None
-    if partial:
-        check_writable(partial)
+    if metrics_path:
+        check_writable(metrics_path)
     progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         TextColumn("{task.fields[status]}"), console=out)
     task = None
@@ -175,19 +178,20 @@ def _train(args, out: Console) -> int:
             progress.stop()
 
     try:
-        summary = train(cfg, callback=callback, out_dir=out_dir, metrics_path=partial)
+        summary = train(cfg, callback=callback, out_dir=out_dir, metrics_path=metrics_path)
     finally:
         progress.stop()
     if summary is None:  # a rank other than 0 of a distributed run: rank 0 reports and writes
         return 0
-    if partial:
-        os.replace(partial, metrics_path)
-        out.print(f"metrics written to {metrics_path}")
-    if out_dir:
-        write_json(out_dir / "summary.json", summary)
-        out.print(f"weights, resolved config and metrics written to {out_dir}")
     out.print(f"final loss {summary['final_loss']:.4f}" + (f", validation loss {summary['val_loss']:.4f}"
                                                             if summary["val_loss"] is not None else ""))
+    if "not_written" in summary:
+        raise MemfitError(f"the run finished but its files could not be written ({summary['not_written']}); "
+                          f"the results are above, and --out holds the previous run's files as they were.")
+    if metrics_path:
+        out.print(f"metrics written to {metrics_path}")
+    if out_dir:
+        out.print(f"weights, resolved config and metrics written to {out_dir}")
     return 0
 
 

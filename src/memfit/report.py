@@ -1,6 +1,7 @@
 """Tables and files made from what the library returns. Nothing here measures."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -20,29 +21,53 @@ def fmt_bytes(n: float) -> str:
 
 
 def check_writable(path: str | os.PathLike) -> Path:
-    """Fail before any work is done if `path` cannot be written."""
+    """Fail before any work is done if `path` cannot be written: by creating
+    (and removing) the temporary sibling that `atomic_write` will write."""
     path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise MemfitError(f"{path} is a directory; give a file path such as {path / 'report.json'}.")
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise MemfitError(f"cannot write {path}: directory {parent} does not exist or is not writable; "
-                          f"choose a path in an existing, writable directory.")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=_parent(path), prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise MemfitError(f"cannot write {path} ({e.strerror}); choose a path in an existing, writable "
+                          f"directory.") from None
     return path
 
 
-def write_json(path: str | os.PathLike, data) -> None:
-    """Write atomically: a reader never sees a half-written file."""
+def _parent(path: Path) -> Path:
+    return path.parent if str(path.parent) else Path(".")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | os.PathLike, write, mode: str = "w") -> None:
+    """Write `path` whole or not at all: `write(file)` fills a temporary
+    sibling, which then replaces `path`. The file gets the permissions a
+    plain `open` would give it (0666 less the umask)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=_parent(path), prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise
+
+
+def write_json(path: str | os.PathLike, data) -> None:
+    """Write `data` as JSON, atomically (see `atomic_write`)."""
+    atomic_write(path, lambda f: f.write(json.dumps(data, indent=2) + "\n"))
 
 
 def verify_table(r: dict) -> Table:

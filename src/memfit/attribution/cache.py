@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from memfit.errors import MemfitError
+from memfit.report import atomic_write
 
 
 def weights_hash(model) -> str:
@@ -37,20 +36,6 @@ def weights_hash(model) -> str:
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class Cache:
@@ -89,7 +74,7 @@ class Cache:
 
     def put(self, name: str, tensor: torch.Tensor) -> None:
         path = self.dir / f"{name}.pt"
-        _atomic_write(path, lambda f: torch.save(tensor.cpu(), f))
+        atomic_write(path, lambda f: torch.save(tensor.cpu(), f), "wb")
         self.files[name] = _sha256(path)
         data = json.dumps({**self.info, "files": self.files}, indent=1).encode()
-        _atomic_write(self.manifest_path, lambda f: f.write(data))
+        atomic_write(self.manifest_path, lambda f: f.write(data), "wb")

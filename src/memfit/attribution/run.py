@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import time
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from memfit.apply import remove
 from memfit.attribution import attribute, checkpoint_model, compare_scores
 from memfit.memory import track_memory
 from memfit.models import video
-from memfit.report import write_json
+from memfit.report import atomic_write, write_json
 
 
 def demo(per_class=2, iters=40, size="small", seed=0):
@@ -75,16 +74,14 @@ def write_outputs(results: dict, out_dir, classes: dict | None = None) -> list[P
     out = Path(out_dir)
     written = []
     for vid, r in results.items():
-        with open(out / f"{vid}.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["frame", "importance"])
-            w.writerows(enumerate(r["scores"]))
+        atomic_write(out / f"{vid}.csv", lambda f, r=r: csv.writer(f).writerows([("frame", "importance"),
+                                                                                *enumerate(r["scores"])]))
         write_json(out / f"{vid}.json", {"video": vid, **r, "class": (classes or {}).get(vid)})
         fig, ax = plt.subplots(figsize=(6, 2.5))
         ax.plot(r["scores"], marker=".")
         ax.set(xlabel="frame", ylabel="importance", title=f"{vid} (target {r['target']})")
         fig.tight_layout()
-        fig.savefig(out / f"{vid}.png", dpi=100)
+        atomic_write(out / f"{vid}.png", lambda f, fig=fig: fig.savefig(f, format="png", dpi=100), "wb")
         plt.close(fig)
         written += [out / f"{vid}.csv", out / f"{vid}.json", out / f"{vid}.png"]
     by_class = {}
@@ -96,8 +93,8 @@ def write_outputs(results: dict, out_dir, classes: dict | None = None) -> list[P
     ax.set(xlabel="frame", ylabel="mean importance", title="temporal importance by class")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "classes.png", dpi=110)
+    atomic_write(out / "classes.png", lambda f: fig.savefig(f, format="png", dpi=110), "wb")
     plt.close(fig)
     written.append(out / "classes.png")
-    (out / "summary.json").write_text(json.dumps({"videos": list(results), "classes": classes}, indent=1))
+    write_json(out / "summary.json", {"videos": list(results), "classes": classes})
     return written

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from memfit.fit import largest_batch
 from memfit.memory import track_memory
 from memfit.planner import Plan, parse_budget, plan
 from memfit.profile import simulate
+from memfit.report import atomic_write, write_json
 from memfit.train.config import dump
 from memfit.train.recipes import RECIPES
 from memfit.verify import resolve_device
@@ -120,7 +122,8 @@ def _train(cfg, recipe, ranks, callback, out_dir, metrics_path):
     model_ = distributed.wrap(model, ranks)  # after memfit, see NOTE [order with FSDP2] in memfit.distributed
     opt = torch.optim.AdamW(model_.parameters(), lr=t["learning_rate"], weight_decay=t["weight_decay"])
     scaler = torch.amp.GradScaler("cuda") if t["precision"] == "fp16" else None
-    metrics_file = open(metrics_path, "w") if metrics_path else contextlib.nullcontext()
+    staged = _Staged(out_dir, metrics_path)
+    metrics_file = open(staged.partial(metrics_path), "w") if metrics_path else contextlib.nullcontext()
     history, val_loss = [], None
     with metrics_file as mf:
         for it in range(1, t["max_iters"] + 1):
@@ -162,12 +165,37 @@ def _train(cfg, recipe, ranks, callback, out_dir, metrics_path):
         return None
     summary = {"report": report, "final_loss": history[-1]["loss"], "val_loss": val_loss,
                "peak_gb": max(m.get("memory/peak", m.get("memory/max_allocated", 0)) for m in history)}
-    if out_dir:
-        out = Path(out_dir)
-        torch.save(state, out / "model.pt")
-        (out / "config.yaml").write_text(dump(cfg))
+    try:
+        if out_dir:
+            out = Path(out_dir)
+            atomic_write(staged.partial(out / "model.pt"), lambda f: torch.save(state, f), "wb")
+            atomic_write(staged.partial(out / "config.yaml"), lambda f: f.write(dump(cfg)))
+            write_json(staged.partial(out / "summary.json"), summary)
+        staged.commit()
+    except OSError as e:
+        summary["not_written"] = f"{e.filename or out_dir}: {e.strerror}"
     callback("end", summary)
     return summary
+
+
+class _Staged:
+    """The run's output files, written under temporary names while it runs
+    and renamed together when it ends: a run killed at any moment leaves the
+    previous run's files in `--out` as they were (a kill in the microseconds
+    between the final renames aside)."""
+
+    def __init__(self, out_dir, metrics_path):
+        self.paths = [Path(out_dir) / n for n in ("model.pt", "config.yaml", "summary.json")] if out_dir else []
+        self.paths += [Path(metrics_path)] if metrics_path else []
+
+    @staticmethod
+    def partial(path) -> Path:
+        path = Path(path)
+        return path.with_name(f".{path.name}.partial")
+
+    def commit(self):
+        for path in self.paths:
+            os.replace(self.partial(path), path)
 
 
 def _report(cfg, model, data, loss_fn, ranks) -> dict:

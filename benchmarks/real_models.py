@@ -28,7 +28,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import memfit  # noqa: E402
 from memfit.report import write_json  # noqa: E402
-from real_models import BUILDERS  # noqa: E402
+from real_models import BUILDERS, MORE  # noqa: E402
 from test_real_models import STRATEGIES, grads, measured_peak  # noqa: E402
 
 
@@ -56,7 +56,7 @@ def main():
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     rows = []
-    for name, build in BUILDERS.items():
+    for name, build in {**BUILDERS, **MORE}.items():
         torch.manual_seed(0)
         rows.append(row(name, *build()))
     table = Table(title="memfit on real architectures (CPU)")

@@ -116,3 +116,35 @@ BUILDERS = {"llama (attention_mask)": llama, "gpt-neox (no attention_mask)": gpt
             "t5 (encoder-decoder)": t5, "mixtral (MoE, eager experts)": mixtral,
             "wav2vec2 (LayerDrop)": wav2vec2, "diffusers UNet2DConditionModel": unet,
             "plain-torch LayerDrop": layerdrop_encoder}
+
+
+def dit():
+    """A diffusion transformer (class-conditional DiT)."""
+    from diffusers import DiTTransformer2DModel
+    model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, num_layers=3,
+                                  sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=8,
+                                  dropout=0.1)
+    g = torch.Generator().manual_seed(1)
+    batch = torch.randn(B, 4, 8, 8, generator=g)
+
+    def loss_fn(m, b):
+        return m(b, timestep=torch.tensor([10, 500]), class_labels=torch.tensor([1, 3])).sample.pow(2).mean()
+    return model, batch, loss_fn
+
+
+def sd3():
+    """SD3's MMDiT, whose blocks take their inputs by keyword (no segments)."""
+    from diffusers import SD3Transformer2DModel
+    model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
+                                  num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                  pooled_projection_dim=8, out_channels=4, pos_embed_max_size=16)
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(B, 4, 8, 8, generator=g), torch.randn(B, 6, 16, generator=g), torch.randn(B, 8, generator=g))
+
+    def loss_fn(m, b):
+        return m(b[0], encoder_hidden_states=b[1], pooled_projections=b[2],
+                 timestep=torch.tensor([10, 500])).sample.pow(2).mean()
+    return model, batch, loss_fn
+
+
+MORE = {"diffusers DiT": dit, "diffusers SD3 transformer (keyword blocks)": sd3}  # the benchmark runs these too

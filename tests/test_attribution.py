@@ -84,7 +84,7 @@ def test_a_killed_run_resumes_from_the_cache(tmp_path):
     assert r.returncode == -9, r.stderr
     model, videos = tiny()
     cache = make_cache(tmp_path / "cache", model)
-    assert len(cache.files) == 5
+    assert len(cache.names()) == 5
     resumed = attribute(model, videos, mode="chunked", chunk_size=2, cache=cache)
     assert len(cache.reused) == 5 and not cache.corrupt
     fresh = attribute(model, videos, mode="chunked", chunk_size=2, cache=make_cache(tmp_path / "fresh", model))
@@ -96,11 +96,11 @@ def test_a_corrupt_file_is_detected_and_recomputed(tmp_path):
     model, videos = tiny(1)
     first = attribute(model, videos, mode="chunked", chunk_size=2, cache=make_cache(tmp_path, model))
     cache = make_cache(tmp_path, model)
-    victim = cache.dir / "video_000_chunk_001.pt"
+    victim, = cache.dir.glob("video_000_*_chunk_001.pt")
     victim.write_bytes(victim.read_bytes()[:50])           # truncated
     again = attribute(model, videos, mode="chunked", chunk_size=2, cache=cache)
-    assert cache.corrupt == ["video_000_chunk_001"] and again == first
-    assert make_cache(tmp_path, model).get("video_000_chunk_001") is not None  # rewritten, valid again
+    assert cache.corrupt == [victim.stem] and again == first
+    assert make_cache(tmp_path, model).get(victim.stem) is not None  # rewritten, valid again
 
 
 def test_changed_weights_or_config_do_not_reuse_the_cache(tmp_path):
@@ -109,7 +109,7 @@ def test_changed_weights_or_config_do_not_reuse_the_cache(tmp_path):
     with torch.no_grad():
         model.head.weight.add_(1.0)
     changed = make_cache(tmp_path, model)
-    assert not changed.files
+    assert not changed.names()
     other = Cache(tmp_path, "video-tiny", weights_hash(model), {"mode": "chunked", "chunk_size": 4})
     assert other.dir != changed.dir and len(list(tmp_path.iterdir())) == 3  # the old cache is kept
 
@@ -242,3 +242,78 @@ def test_cli_user_model_budget_and_per_video_targets(tmp_path):
     ]:
         bad = cli(*files, *(args if "--model" in args else ["--model", "mymodels:make", *args]), cwd=tmp_path)
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, (args, bad.stderr)
+
+
+def test_a_new_clip_with_an_old_name_is_not_served_the_old_gradients(tmp_path):
+    model, videos = tiny(2)
+    first = attribute(model, {"clip": videos["video_000"]}, mode="chunked", chunk_size=2,
+                      cache=make_cache(tmp_path, model))
+    cache = make_cache(tmp_path, model)
+    second = attribute(model, {"clip": videos["video_001"]}, mode="chunked", chunk_size=2, cache=cache)
+    assert not cache.reused and second != first
+    assert second == attribute(model, {"clip": videos["video_001"]}, mode="chunked", chunk_size=2)
+
+
+def test_targets_key_each_chunk_so_a_subset_reuses_its_chunks(tmp_path):
+    model, videos = tiny(2)
+    attribute(model, videos, {"video_000": 1, "video_001": 2}, mode="chunked", chunk_size=2,
+              cache=make_cache(tmp_path, model))
+    cache = make_cache(tmp_path, model)
+    attribute(model, {"video_000": videos["video_000"]}, {"video_000": 1}, mode="chunked", chunk_size=2, cache=cache)
+    assert len(cache.reused) == 4
+    cache = make_cache(tmp_path, model)
+    attribute(model, {"video_000": videos["video_000"]}, {"video_000": 2}, mode="chunked", chunk_size=2, cache=cache)
+    assert not cache.reused  # another target is another gradient
+
+
+def test_concurrent_runs_sharing_a_cache_keep_every_chunk(tmp_path):
+    script = textwrap.dedent("""
+        import sys
+        from memfit.attribution import Cache, attribute
+        from memfit.attribution.cache import weights_hash
+        from memfit.models import video
+        model, (clips, _), _ = video.build("tiny", batch_size=4)
+        first = int(sys.argv[2])
+        videos = {f"video_{i:03d}": clips[i] for i in range(first, first + 2)}
+        cache = Cache(sys.argv[1], "video-tiny", weights_hash(model), {"mode": "chunked", "chunk_size": 2})
+        attribute(model, videos, mode="chunked", chunk_size=2, cache=cache)
+    """)
+    runs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path), str(first)]) for first in (0, 2)]
+    assert [r.wait(timeout=300) for r in runs] == [0, 0]
+    model, _ = tiny(1)
+    cache = make_cache(tmp_path, model)
+    assert len(cache.names()) == 16 and all(cache.get(n) is not None for n in cache.names()) and not cache.corrupt
+
+
+def test_cli_same_file_name_in_two_directories_gives_two_results(tmp_path):
+    import json
+
+    import numpy as np
+    _, videos = tiny(2)
+    for d, clip in zip("ab", videos.values()):
+        (tmp_path / d).mkdir()
+        np.save(tmp_path / d / "clip_000.npy", clip.numpy())
+    r = cli(str(tmp_path / "a" / "clip_000.npy"), str(tmp_path / "b" / "clip_000.npy"), "--size", "tiny",
+            "--json", str(tmp_path / "r.json"))
+    assert r.returncode == 0, r.stderr
+    got = json.loads((tmp_path / "r.json").read_text())
+    assert set(got) == {"a-clip_000", "b-clip_000"} and got["a-clip_000"] != got["b-clip_000"]
+
+
+def test_cli_bad_target_fails_before_any_chunk_and_temporary_caches_go(tmp_path):
+    import os
+
+    import numpy as np
+    _, videos = tiny(2)
+    files = []
+    for vid, clip in videos.items():
+        np.save(tmp_path / f"{vid}.npy", clip.numpy())
+        files.append(str(tmp_path / f"{vid}.npy"))
+    bad = cli(*files, "--size", "tiny", "--target", "video_001=99", "--cache-dir", str(tmp_path / "cache"))
+    assert bad.returncode == 2 and "out of range for video_001" in bad.stderr, bad.stderr
+    assert not list((tmp_path / "cache").rglob("*.pt"))
+    (tmp_path / "tmp").mkdir()
+    ok = subprocess.run([sys.executable, "-m", "memfit", "attribute", *files, "--size", "tiny"], capture_output=True,
+                        text=True, timeout=300, env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
+    assert ok.returncode == 0, ok.stderr
+    assert not list((tmp_path / "tmp").iterdir())

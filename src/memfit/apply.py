@@ -75,6 +75,13 @@ def apply(model: nn.Module, strategy="blocks", blocks=None, state_replay=True, *
     """
     from memfit.planner import Plan, plan
 
+    if not isinstance(model, nn.Module):
+        raise MemfitError(f"apply takes a torch.nn.Module, not {type(model).__name__}; call "
+                          f"memfit.apply(model, 'blocks').")
+    if not (isinstance(strategy, (str, Plan)) or isinstance(strategy, (list, tuple))
+            and all(isinstance(u, strategies.Unit) for u in strategy)):
+        raise MemfitError(f"strategy {strategy!r} is not a strategy; give a string such as 'blocks' or "
+                          f"'selective', a memfit.Plan, or a list of memfit.strategies.Unit.")
     if budget is not None:
         if batch is None or loss_fn is None:
             raise MemfitError("apply(model, budget=...) needs batch= and loss_fn= to plan with.")
@@ -114,6 +121,8 @@ def apply(model: nn.Module, strategy="blocks", blocks=None, state_replay=True, *
 
 def remove(model: nn.Module) -> nn.Module:
     """Undo `apply`: every block gets its own forward back."""
+    if not isinstance(model, nn.Module):
+        raise MemfitError(f"remove takes the torch.nn.Module that apply wrapped, not {type(model).__name__}.")
     model.__dict__.pop("_memfit_applied", None)
     if model.__dict__.pop("_memfit_use_cache", False):
         model.config.use_cache = True

@@ -3,6 +3,7 @@ line and exit 2; a failed verification exits 1."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -229,6 +230,7 @@ def _fit(args, out: Console) -> int:
 
 
 def _attribute(args, out: Console) -> int:
+    import contextlib
     import tempfile
     from pathlib import Path
 
@@ -236,7 +238,7 @@ def _attribute(args, out: Console) -> int:
 
     from memfit.attribution import Cache, attribute, checkpoint_model, fit_budget
     from memfit.attribution.cache import weights_hash
-    from memfit.attribution.io import load_video
+    from memfit.attribution.io import load_video, video_ids
     from memfit.attribution.run import compare, demo, write_outputs
     from memfit.memory import track_memory
     from memfit.report import check_writable, fmt_bytes, require_matplotlib, write_json
@@ -255,15 +257,18 @@ def _attribute(args, out: Console) -> int:
         out.print("training the demo video model on synthetic clips (one motion pattern per class) ...")
         model, videos, classes = demo()
     else:
-        videos = {Path(v).stem: load_video(v) for v in args.videos}
+        videos = {vid: load_video(path) for vid, path in video_ids(args.videos).items()}
         classes = None
         model = _attribution_model(args)
-        for vid, clip in videos.items():
-            _check_clip(model, vid, clip)
+        n_classes = min(_check_clip(model, vid, clip) for vid, clip in videos.items())
     model.eval()
     targets = _targets(args.target or [], videos)
     if args.demo and targets is None:  # the demo knows each clip's true class: explain that one
         targets = {vid: models.video.MOTIONS.index(cls) for vid, cls in classes.items()}
+    for vid, target in (targets or {}).items() if not args.demo else ():
+        if not 0 <= target < n_classes:
+            raise MemfitError(f"target class {target} is out of range for {vid}; this model has classes 0 to "
+                              f"{n_classes - 1}.")
     frames = min(c.shape[0] for c in videos.values())
     if args.mode == "chunked" or args.compare:
         if not 1 <= args.chunk_size <= frames:
@@ -293,14 +298,14 @@ def _attribute(args, out: Console) -> int:
         else:
             report = None
             checkpoint_model(model, strategy)
-            cache_root = args.cache_dir or tempfile.mkdtemp(prefix="memfit_gradients_")
-            cache = Cache(cache_root, args.model, weights_hash(model),
-                          {"mode": args.mode, "chunk_size": args.chunk_size if args.mode == "chunked" else None,
-                           "targets": targets})
-            with track_memory(model) as mem:
-                results = attribute(model, videos, targets, mode=args.mode, chunk_size=args.chunk_size,
-                                    reduce=args.reduce, times_input=args.times_input, cache=cache,
-                                    progress=advance)
+            with contextlib.ExitStack() as stack:
+                cache_root = args.cache_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="memfit_"))
+                cache = Cache(cache_root, args.model, weights_hash(model),
+                              {"mode": args.mode, "chunk_size": args.chunk_size if args.mode == "chunked" else None})
+                with track_memory(model) as mem:
+                    results = attribute(model, videos, targets, mode=args.mode, chunk_size=args.chunk_size,
+                                        reduce=args.reduce, times_input=args.times_input, cache=cache,
+                                        progress=advance)
     finally:
         progress.stop()
     if report is not None:
@@ -323,7 +328,8 @@ def _attribute(args, out: Console) -> int:
         if json_path:
             write_json(json_path, {k: v for k, v in report.items() if k != "results"})
     else:
-        out.print(f"gradients cached in {cache.dir} ({len(cache.reused)} chunks reused"
+        where = f"cached in {cache.dir}" if args.cache_dir else "computed (no --cache-dir: nothing kept)"
+        out.print(f"gradients {where} ({len(cache.reused)} chunks reused"
                   + (f", {len(cache.corrupt)} corrupt and recomputed: {', '.join(cache.corrupt)}" if cache.corrupt
                      else "") + ")")
         out.print(f"checkpointing {strategy}: measured peak {fmt_bytes(mem.peak_bytes)} ({mem.source})"
@@ -365,7 +371,7 @@ def _check_clip(model, vid, clip):
         if tuple(clip.shape[1:]) != (cfg.channels, cfg.size, cfg.size) or clip.shape[0] > cfg.frames:
             raise MemfitError(f"video {vid} has shape {tuple(clip.shape)}; this model takes up to {cfg.frames} "
                               f"frames of {cfg.channels} x {cfg.size} x {cfg.size}.")
-        return
+        return cfg.classes
     try:
         with torch.no_grad():
             scores = model.eval()(clip[None])
@@ -375,6 +381,7 @@ def _check_clip(model, vid, clip):
     if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
         raise MemfitError(f"the model returned {type(scores).__name__} {tuple(getattr(scores, 'shape', ()))} for "
                           f"video {vid}; attribution needs class scores of shape (clips, classes).")
+    return scores.shape[1]
 
 
 def _targets(values: list[str], videos: dict) -> dict | None:
@@ -413,7 +420,8 @@ def _model_options(p: argparse.ArgumentParser) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="memfit", description="Make PyTorch training fit in memory by recomputing "
-                                "activations, and prove it is the same training.")
+                                "activations, and prove it is the same training.",
+                                epilog="--debug (anywhere, or MEMFIT_DEBUG=1): show the traceback of an error.")
     sub = p.add_subparsers(dest="command", required=True)
 
     v = sub.add_parser("verify", help="train with and without checkpointing; compare memory, time, gradients",
@@ -523,13 +531,41 @@ def main(argv=None) -> int:
     words, joined = iter(sys.argv[1:] if argv is None else argv), []
     for word in words:  # `--budget -5GiB` is a (bad) budget, not an option
         joined.append(f"--budget={next(words, '')}" if word == "--budget" else word)
-    args = parser().parse_args(joined)
+    debug = "--debug" in joined or os.environ.get("MEMFIT_DEBUG", "") not in ("", "0")
+    args = parser().parse_args([w for w in joined if w != "--debug"])
     out = Console()
     try:
         return args.run(args, out)
     except MemfitError as e:
+        if debug:
+            raise
         print(f"memfit: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - an error in the user's own code is bad input, not a memfit bug
+        frame = None if debug else _user_frame(e)
+        if frame is None:
+            raise
+        print(f"memfit: error: your code raised {type(e).__name__} in {frame.name} ({frame.filename}:{frame.lineno}): "
+              f"{(str(e).splitlines() or [''])[0]}; fix it, or run with --debug (MEMFIT_DEBUG=1) for the traceback.",
+              file=sys.stderr)
+        return 2
+
+
+def _user_frame(exc: BaseException):
+    """The innermost frame of `exc`'s traceback in the user's own code (not
+    memfit, the standard library or an installed package), or None."""
+    import sysconfig
+    import traceback
+    from pathlib import Path
+
+    libraries = [Path(__file__).resolve().parent, *(Path(p).resolve() for p in {
+        sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})]
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        path = Path(frame.filename).resolve()
+        if frame.filename.startswith("<frozen") or any(path.is_relative_to(lib) for lib in libraries):
+            continue
+        return frame
+    return None
 
 
 if __name__ == "__main__":

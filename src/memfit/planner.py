@@ -224,18 +224,42 @@ class Plan:
         try:
             data = json.loads(text)
             data["blocks"] = [BlockChoice(**b) for b in data["blocks"]]
-            return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
-        except (ValueError, TypeError, KeyError) as e:
+            plan = cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+            plan._validate()
+            return plan
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise MemfitError(f"not a memfit plan ({e}); make one with `memfit plan --json PATH` "
                               f"or Plan.to_json().") from None
+
+    def _validate(self) -> None:
+        """Raise ValueError unless the blocks form units: known modes, segments of consecutive blocks."""
+        if not self.blocks:
+            raise ValueError("it has no blocks")
+        names = [b.name for b in self.blocks]
+        for i, b in enumerate(self.blocks):
+            if b.mode not in strategies.MODES:
+                raise ValueError(f"block {b.name} has unknown mode {b.mode!r}")
+            if b.segment is not None:
+                if (not isinstance(b.segment, list) or len(b.segment) != 2 or b.segment[0] not in names
+                        or b.segment[1] not in names
+                        or not names.index(b.segment[0]) <= i <= names.index(b.segment[1])):
+                    raise ValueError(f"block {b.name} names segment {b.segment!r}, which does not contain it")
+        units = self.units
+        if any(u.stop - u.start > 1 and any(b.segment != self.blocks[u.start].segment or b.mode != u.mode
+                                              for b in self.blocks[u.start:u.stop]) for u in units):
+            raise ValueError("a segment's blocks disagree on their segment or mode")
 
     @classmethod
     def load(cls, path) -> "Plan":
         try:
-            with open(path) as f:
-                return cls.from_json(f.read())
+            with open(path, "rb") as f:
+                text = f.read().decode("utf-8")
         except OSError as e:
             raise MemfitError(f"cannot read plan {path}: {e.strerror}; give the path of a plan JSON file.") from None
+        except UnicodeDecodeError:
+            raise MemfitError(f"plan {path} is not a text file; give a plan JSON file made by `memfit plan "
+                              f"--json`.") from None
+        return cls.from_json(text)
 
     def check(self, names: list[str]) -> None:
         """Raise unless this plan was made for a chain with these block names."""

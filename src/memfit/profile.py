@@ -48,7 +48,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 from memfit import strategies
 from memfit.apply import SegmentWarning, applied_strategy, apply, remove
 from memfit.blocks import find_blocks
-from memfit.errors import MemfitError
+from memfit.errors import MemfitError, scalar_loss
 from memfit.flops import counting_flops
 from memfit.memory import track_memory
 from memfit.strategies import KEEP, MODES, OFFLOAD, POINTWISE, RECOMPUTE, SCORES, SELECTIVE
@@ -180,7 +180,7 @@ def simulate(model, batch, loss_fn, strategy, *, blocks=None, optimizer=None, ma
                 grads.setdefault(id(p), (len(mem.timeline), p.grad.numel() * p.grad.element_size()))
             for p in fmodel.parameters() if distributed else ():
                 p.register_post_accumulate_grad_hook(arrived)
-            loss = loss_fn(fmodel, fbatch)
+            loss = scalar_loss(loss_fn, fmodel, fbatch)
             if hooks:
                 hooks.remove()
             loss.backward()
@@ -395,6 +395,8 @@ def _source(model, batch, loss_fn, n, **kw) -> tuple:
         t0 = time.perf_counter()
         fake = simulate(model, batch, loss_fn, "none", **kw)
         fake_s = time.perf_counter() - t0
+    except MemfitError:
+        raise
     except Exception as e:  # noqa: BLE001 - whatever the simulation cannot run, a real step may
         why = f"the simulation cannot run this model's step ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
     else:

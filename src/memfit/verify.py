@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_map
 from memfit import strategies
 from memfit.apply import apply, wrapped_blocks
 from memfit.blocks import find_blocks
-from memfit.errors import MemfitError
+from memfit.errors import MemfitError, scalar_loss
 from memfit.flops import counting_flops
 from memfit.memory import static_tensors, track_memory
 from memfit.planner import Plan, plan
@@ -133,7 +133,7 @@ def _step(run: _Run, batch, loss_fn, seed, measure=contextlib.nullcontext):
     torch.manual_seed(seed)  # the same dropout masks for both runs
     run.opt.zero_grad(set_to_none=True)
     with measure() as result:
-        loss = loss_fn(run.model if run.forward is None else run.forward, batch)
+        loss = scalar_loss(loss_fn, run.model if run.forward is None else run.forward, batch)
         loss.backward()
         run.opt.step()
     run.losses.append(loss.detach())
@@ -181,7 +181,9 @@ def verify(model, batch, loss_fn, strategy="blocks", *, steps=5, device="cpu", s
     so the report shows the memory checkpointing saves under compile.
     """
     if steps < 1:
-        raise MemfitError(f"--steps must be at least 1, got {steps}.")
+        raise MemfitError(f"steps must be at least 1, got {steps}.")
+    if grad_tol is not None and not (isinstance(grad_tol, (int, float)) and 0 <= grad_tol < float("inf")):
+        raise MemfitError(f"grad_tol {grad_tol} must be a finite number of at least 0, like 1e-4 (0: bitwise).")
     if compile and compile not in torch._dynamo.list_backends(exclude_tags=()):
         raise MemfitError(f"unknown torch.compile backend {compile!r}; use inductor (the default), aot_eager, "
                           f"or another name torch._dynamo.list_backends() gives.")

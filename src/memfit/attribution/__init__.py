@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from memfit.apply import apply
-from memfit.attribution.cache import Cache
+from memfit.attribution.cache import Cache, clip_hash
 from memfit.errors import MemfitError
 
 __all__ = ["attribute", "frame_scores", "checkpoint_model", "fit_budget", "compare_scores", "Cache"]
@@ -126,9 +126,9 @@ def attribute(model, videos: dict, targets: dict | None = None, *, mode="exact",
             with torch.no_grad():
                 target = int(model(clip[None]).argmax(1))
         spans = chunks(clip.shape[0], mode, chunk_size)
-        grads = []
+        grads, digest = [], clip_hash(clip) if cache else None
         for idx, (s, e) in enumerate(spans):
-            name = f"{vid}_chunk_{idx:03d}"
+            name = Cache.name(vid, digest, target, idx) if cache else None
             g = cache.get(name) if cache else None
             if g is None:
                 g = _gradient(model, clip[s:e], target)

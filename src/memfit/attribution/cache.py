@@ -1,16 +1,22 @@
 """The on-disk cache of per-chunk gradients.
 
-Layout: `root/<key>/{video_id}_chunk_{idx:03d}.pt` and `root/<key>/manifest.json`,
-where `key` hashes the model's name, a hash of its weights and the config
-(mode, chunk size, target choice). A changed model, weights or config gets a
-new key: the cache is never silently reused for something else, and what
-was cached before is kept.
+Layout: `root/<key>/{video}_{clip}_t{target}_chunk_{idx:03d}.pt`, each with a
+`.sha256` file beside it. `key` hashes the model's name, a hash of its
+weights and the config (mode, chunk size); within it, a chunk's name holds
+everything else that determines its gradient: the first 12 hex digits of the
+SHA-256 of the clip's contents and the target class. A changed model,
+weights, config, clip or target never reuses a chunk computed for another,
+and what was cached before is kept; a subset of the videos, or other
+targets for some, reuse what they share.
 
-* Files are written to a temporary name in the same directory and renamed
-  (`os.replace`), and the manifest likewise, so a run killed at any moment
-  leaves no half-written file that a later run reads.
-* The manifest records a SHA-256 per file; a file whose bytes do not match
-  (truncated, corrupted) is reported in `corrupt` and recomputed.
+* Every file is written to a temporary name in the same directory and
+  renamed (`os.replace`), so a run killed at any moment leaves no
+  half-written file that a later run reads.
+* Each chunk's SHA-256 sits in its own small file, written after the chunk:
+  there is no shared manifest, so concurrent runs sharing a cache directory
+  never lose each other's entries. A chunk whose bytes do not match its
+  checksum (truncated, corrupted), or that has none, is reported in
+  `corrupt` and recomputed.
 * No pickle: tensors are saved with `torch.save` and read with
   `torch.load(weights_only=True)`.
 """
@@ -38,6 +44,10 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def clip_hash(clip: torch.Tensor) -> str:
+    return hashlib.sha256(clip.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
 class Cache:
     def __init__(self, root, model_name: str, weights: str, config: dict):
         self.info = {"model": model_name, "weights_sha256": weights, "config": config}
@@ -51,22 +61,24 @@ class Cache:
         except OSError as e:
             raise MemfitError(f"cannot write the cache directory {root}: {e.strerror}; choose a writable "
                               f"--cache-dir.") from None
-        self.manifest_path = self.dir / "manifest.json"
-        self.files: dict[str, str] = {}
         self.corrupt: list[str] = []
         self.reused: list[str] = []
-        if self.manifest_path.exists():
-            try:
-                self.files = json.loads(self.manifest_path.read_text())["files"]
-            except (ValueError, KeyError):
-                self.corrupt.append("manifest.json")  # every chunk is recomputed; files are rewritten
+
+    @staticmethod
+    def name(video: str, clip_sha: str, target: int, idx: int) -> str:
+        """The file name (without suffix) of one chunk's gradient."""
+        return f"{video}_{clip_sha[:12]}_t{target}_chunk_{idx:03d}"
+
+    def names(self) -> list[str]:
+        """The chunks held, valid or not."""
+        return sorted(p.stem for p in self.dir.glob("*.pt"))
 
     def get(self, name: str):
         """The cached tensor, or None (missing, or its checksum does not match)."""
-        path = self.dir / f"{name}.pt"
-        if name not in self.files or not path.exists():
+        path, checksum = self.dir / f"{name}.pt", self.dir / f"{name}.sha256"
+        if not path.exists():
             return None
-        if _sha256(path) != self.files[name]:
+        if not checksum.exists() or _sha256(path) != checksum.read_text().strip():
             self.corrupt.append(name)
             return None
         self.reused.append(name)
@@ -75,6 +87,5 @@ class Cache:
     def put(self, name: str, tensor: torch.Tensor) -> None:
         path = self.dir / f"{name}.pt"
         atomic_write(path, lambda f: torch.save(tensor.cpu(), f), "wb")
-        self.files[name] = _sha256(path)
-        data = json.dumps({**self.info, "files": self.files}, indent=1).encode()
-        atomic_write(self.manifest_path, lambda f: f.write(data), "wb")
+        digest = _sha256(path)
+        atomic_write(self.dir / f"{name}.sha256", lambda f: f.write(digest + "\n"))

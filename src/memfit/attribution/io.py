@@ -13,6 +13,22 @@ from memfit.errors import MemfitError
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
+def video_ids(paths) -> dict:
+    """An id per video path: its file or directory name without suffix, with
+    as many parent directories as it takes to tell apart videos of the same
+    name (`a/clip_000.npy`, `b/clip_000.npy` -> `a-clip_000`, `b-clip_000`).
+    The same path given twice is one video."""
+    paths = list(dict.fromkeys(Path(p).resolve() for p in paths))
+    ids = {}
+    for path in paths:
+        for depth in range(1, len(path.parts) + 1):
+            key = "-".join((*path.parent.parts[len(path.parts) - depth:], path.stem))
+            if sum(key == "-".join((*q.parent.parts[len(q.parts) - depth:], q.stem)) for q in paths) == 1:
+                break
+        ids[key] = path
+    return ids
+
+
 def load_video(path) -> torch.Tensor:
     """(T, C, H, W) float32 from an array file or a directory of frames."""
     path = Path(path)

@@ -76,6 +76,8 @@ def load(name: str, size: str | None = None, batch_size: int | None = None, seed
 
 def _user_factory(spec, options):
     module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise MemfitError(f"--model {spec!r} names no factory; give package.module:factory, like mymodel:make.")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # like `python -m`: modules in the current directory resolve
     try:
@@ -83,13 +85,24 @@ def _user_factory(spec, options):
     except ImportError as e:
         raise MemfitError(f"cannot import {module_name!r} ({e}); --model takes package.module:factory with "
                           f"the module importable from the current directory or an installed package.") from None
+    except SyntaxError as e:
+        raise MemfitError(f"{module_name!r} has a syntax error ({e.filename}, line {e.lineno}: {e.msg}); fix "
+                          f"it.") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise MemfitError(f"{module_name!r} has no function {attr!r}; --model takes package.module:factory, "
                           f"where factory() returns (model, batch, loss_fn).")
-    params = inspect.signature(factory).parameters
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
     accepts_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
     kwargs = {k: v for k, v in options.items() if v is not None and (accepts_all or k in params)}
+    missing = [n for n, p in params.items() if p.default is p.empty and n not in kwargs
+               and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if missing:
+        raise MemfitError(f"{spec} needs argument {missing[0]!r}, which memfit does not pass; memfit passes "
+                          f"size, batch_size and seed where the factory takes them: give it defaults.")
     result = factory(**kwargs)
     if (not isinstance(result, tuple) or len(result) != 3 or not isinstance(result[0], nn.Module)
             or not callable(result[2])):

@@ -49,6 +49,9 @@ def load(path: str | None) -> dict:
     except OSError as e:
         raise MemfitError(f"cannot read config {path}: {e.strerror}; give a YAML file such as "
                           f"configs/gpt-char.yaml.") from None
+    except UnicodeDecodeError:
+        raise MemfitError(f"config {path} is not a text file; give a YAML file such as configs/gpt-char.yaml.") \
+            from None
     except yaml.YAMLError as e:
         raise MemfitError(f"config {path} is not valid YAML ({str(e).splitlines()[0]}); fix the file.") from None
     if not isinstance(data, dict):

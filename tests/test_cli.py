@@ -1,0 +1,98 @@
+"""Bad input, one row each: one sentence that says what would work, exit code
+2, no traceback, and nothing half-written (issue: nothing lost, nothing wrong)."""
+import json
+from pathlib import Path
+
+import pytest
+from torch import nn
+
+import memfit
+from memfit import MemfitError
+from memfit.cli import main
+
+USER_MODULES = {
+    "raises_on_import.py": "1 / 0\n",
+    "broken_syntax.py": "def make(:\n",
+    "factories.py": """
+import torch
+from torch import nn
+
+
+def failing():
+    raise ValueError("no such dataset")
+
+
+def vector_loss():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    return model, torch.randn(2, 4), lambda m, b: m(b)
+""",
+}
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    for name, text in USER_MODULES.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / "binary.json").write_bytes(bytes(range(256)))
+    good = memfit.plan(*memfit.models.load("mlp", size="tiny")[:3], "90%", cost="flops")
+    data = json.loads(good.to_json())
+    (tmp_path / "empty.json").write_text(json.dumps({**data, "blocks": []}))
+    data["blocks"][0]["segment"] = ["nowhere", data["blocks"][1]["name"]]
+    (tmp_path / "segment.json").write_text(json.dumps(data))
+    (tmp_path / "a_file").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "mlp.yaml")
+VERIFY = ["verify", "--model", "mlp", "--size", "tiny", "--steps", "1"]
+ROWS = [
+    ([*VERIFY, "--strategy", "plan:binary.json"], "is not a text file"),
+    ([*VERIFY, "--strategy", "plan:empty.json"], "it has no blocks"),
+    ([*VERIFY, "--strategy", "plan:segment.json"], "does not contain it"),
+    (["verify", "--model", ":"], "names no factory"),
+    (["verify", "--model", "json:dumps"], "needs argument 'obj'"),
+    (["verify", "--model", "raises_on_import:make"], "your code raised ZeroDivisionError in <module>"),
+    (["verify", "--model", "broken_syntax:make"], "has a syntax error"),
+    (["verify", "--model", "factories:failing"], "your code raised ValueError in failing"),
+    (["verify", "--model", "factories:vector_loss", "--steps", "1"], "loss_fn returned a tensor of shape (2, 4)"),
+    ([*VERIFY, "--grad-tol", "-1"], "grad_tol -1.0 must be a finite number"),
+    ([*VERIFY, "--grad-tol", "nan"], "grad_tol nan must be a finite number"),
+    ([*VERIFY, "--json", "/proc/memfit.json"], "cannot write /proc/memfit.json"),
+    ([*VERIFY, "--json", "."], "is a directory"),
+    (["train", "--config", CONFIG, "--out", "a_file"], "is a file"),
+    (["train", "--config", CONFIG, "--out", "/proc/memfit-run"], "cannot create --out /proc/memfit-run"),
+    (["train", "--config", "binary.json"], "is not a text file"),
+]
+
+
+@pytest.mark.parametrize("args, message", ROWS, ids=[" ".join(a[1:]) for a, _ in ROWS])
+def test_bad_input_is_one_sentence_and_exit_2(workdir, capsys, args, message):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1, err
+
+
+def test_debug_shows_the_traceback(workdir):
+    with pytest.raises(ValueError, match="no such dataset"):
+        main(["verify", "--model", "factories:failing", "--debug"])
+
+
+@pytest.mark.parametrize("call", [lambda m: memfit.apply(m, None), lambda m: memfit.apply(m, 3),
+                                  lambda m: memfit.apply("model"), lambda m: memfit.remove("model")])
+def test_python_api_bad_arguments_raise_memfit_errors(call):
+    with pytest.raises(MemfitError):
+        call(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)))
+
+
+def test_outputs_are_written_with_the_umask_not_0600(tmp_path):
+    import os
+    from memfit.report import write_json
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "r.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
+    assert json.loads((tmp_path / "r.json").read_text()) == {"a": 1}
+

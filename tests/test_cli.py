@@ -63,6 +63,8 @@ ROWS = [
     (["train", "--config", CONFIG, "--out", "a_file"], "is a file"),
     (["train", "--config", CONFIG, "--out", "/proc/memfit-run"], "cannot create --out /proc/memfit-run"),
     (["train", "--config", "binary.json"], "is not a text file"),
+    (["fit", "--model", "mlp", "--size", "tiny", "--budget", "1KB", "--strategies", "none,blocks"],
+     "fits no batch with any of none, blocks: a batch of 1 peaks at"),
 ]
 
 

@@ -77,13 +77,13 @@ def check_optimal(prof, budget, kind, modes):
     assert cost <= min([c for (p, c), _ in scored if p <= budget - slack] or [cost]) + 1e-9
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(profiles(), st.integers(500, 12000))
 def test_dp_is_optimal_against_brute_force(prof, budget):
     check_optimal(prof, budget, "flops", HOST_MODES)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(profiles(MODES), st.integers(500, 12000))
 def test_dp_with_offload_and_time_cost_is_optimal(prof, budget):
     """A CUDA profile with offload as a sixth mode, under the time cost."""

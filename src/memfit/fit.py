@@ -14,8 +14,10 @@ import gc
 
 import torch
 
+from memfit.errors import MemfitError
 from memfit.planner import Plan, plan, plan_or_none
 from memfit.profile import batch_dims, simulate
+from memfit.report import fmt_bytes
 from memfit.verify import measure, time_step
 
 STRATEGIES = ("none", "blocks", "sqrt", "selective", "plan")
@@ -100,11 +102,13 @@ def fit(model, make_batch, loss_fn, budget: int, strategies=STRATEGIES, *, block
     None without `timing`), `memory_source`. For "plan", the largest batch
     for which a plan fits."""
     device = next(model.parameters()).device
-    rows = []
+    rows, smallest = [], None   # the peak of a batch of 1, where no batch fits
     for s in strategies:
         best = max((r["batch_size"] for r in rows), default=1)  # a plan fits at least what a strategy fits
         size, peak = largest_batch(model, make_batch, loss_fn, s, budget, blocks=blocks,
                                    at_least=best if s == "plan" else 1)
+        if not size:
+            smallest = peak if smallest is None else min(smallest, peak)
         row = {"strategy": s, "batch_size": size, "peak_bytes": peak if size else None,
                "time_per_sample_s": None, "memory_source": "simulated storage-tracker"}
         if size and device.type == "cuda":
@@ -116,4 +120,9 @@ def fit(model, make_batch, loss_fn, budget: int, strategies=STRATEGIES, *, block
             row["time_per_sample_s"] = time_step(model, batch, loss_fn, _strategy(model, batch, loss_fn, s, budget,
                                                                                 blocks), blocks=blocks) / size
         rows.append(row)
+    if rows and not any(r["batch_size"] for r in rows):
+        least = f"a batch of 1 peaks at {fmt_bytes(smallest)} at the least" if smallest != float("inf") else \
+            "no plan fits a batch of 1"
+        raise MemfitError(f"a budget of {fmt_bytes(budget)} fits no batch with any of {', '.join(strategies)}: "
+                          f"{least}; give a larger budget.")
     return rows

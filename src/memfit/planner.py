@@ -274,7 +274,9 @@ def _sources(prof: Profile, cost: str) -> dict:
     """Where the plan's numbers come from: memory and FLOPs simulated on fake
     tensors or measured on real steps (and why), cost timed or counted."""
     memory = prof.memory_source + (f": {prof.real_steps_because}" if prof.real_steps_because else "")
-    return {"memory": memory, "flops": memory.replace("measured", "counted on"),
+    return {"memory": memory,
+            "flops": "counted on real steps on a CPU copy" if prof.memory_source == MEASURED else
+                     "counted on fake tensors",
             "cost": "timed steps on " + prof.device if cost == "time" else "FLOPs counted",
             "segments": "offered" if prof.segments else "not offered: this chain's blocks cannot form segments"}
 

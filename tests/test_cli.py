@@ -3,7 +3,9 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from torch import nn
 
 import memfit
@@ -40,6 +42,13 @@ def workdir(tmp_path, monkeypatch):
     data["blocks"][0]["segment"] = ["nowhere", data["blocks"][1]["name"]]
     (tmp_path / "segment.json").write_text(json.dumps(data))
     (tmp_path / "a_file").write_text("x")
+    np.save(tmp_path / "ok.npy", np.zeros((8, 3, 16, 16), dtype="float32"))
+    np.save(tmp_path / "zero.npy", np.zeros((0, 3, 16, 16), dtype="float32"))
+    (tmp_path / "garbage.pt").write_bytes(b"not a tensor" * 10)
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pt")
+    (tmp_path / "frames").mkdir()
+    (tmp_path / "frames" / "frame_000.png").write_text("not an image")
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -63,6 +72,13 @@ ROWS = [
     (["train", "--config", CONFIG, "--out", "a_file"], "is a file"),
     (["train", "--config", CONFIG, "--out", "/proc/memfit-run"], "cannot create --out /proc/memfit-run"),
     (["train", "--config", "binary.json"], "is not a text file"),
+    (["attribute", "ok.npy", "--size", "huge"], "unknown size 'huge' for the video model"),
+    (["attribute", "zero.npy", "--size", "tiny"], "has no frames"),
+    (["attribute", "garbage.pt", "--size", "tiny"], "garbage.pt (not a tensor torch.load reads without pickle)"),
+    (["attribute", "frames", "--size", "tiny"], "frame_000.png'); give PNG or JPEG images"),
+    (["attribute", "ok.npy", "--size", "tiny", "--weights", "garbage.pt"], "cannot read weights garbage.pt"),
+    (["attribute", "ok.npy", "--size", "tiny", "--weights", "tensor.pt"], "hold a Tensor, not a state_dict"),
+    (["attribute", "ok.npy", "--size", "tiny", "--weights", "other.pt"], "Missing key(s) in state_dict"),
     (["fit", "--model", "mlp", "--size", "tiny", "--budget", "1KB", "--strategies", "none,blocks"],
      "fits no batch with any of none, blocks: a batch of 1 peaks at"),
 ]

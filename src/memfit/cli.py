@@ -350,6 +350,9 @@ def _attribution_model(args):
     """The model `memfit attribute` explains: the built-in video model, or a
     user's `package.module:factory`; with `--weights` loaded into it."""
     if args.model == "video":
+        if args.size and args.size not in models.video.SIZES:
+            raise MemfitError(f"unknown size {args.size!r} for the video model; sizes: "
+                              f"{', '.join(models.video.SIZES)}.")
         torch.manual_seed(0)  # without --weights: the same untrained model every run (and cache key)
         model = models.video.create_video(models.video.SIZES[args.size or "small"])
     else:
@@ -358,10 +361,19 @@ def _attribution_model(args):
         model = models.load(args.model)[0]
     if args.weights:
         try:
-            model.load_state_dict(torch.load(args.weights, weights_only=True))
-        except (OSError, RuntimeError) as e:
-            raise MemfitError(f"cannot load weights {args.weights} ({str(e).splitlines()[0]}); give a "
-                              f"state_dict saved from the same model.") from None
+            state = torch.load(args.weights, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - whatever torch cannot read as weights
+            raise MemfitError(f"cannot read weights {args.weights} ({type(e).__name__}: "
+                              f"{(str(e).splitlines() or [''])[0]}); give a state_dict saved with "
+                              f"torch.save(model.state_dict(), PATH).") from None
+        if not isinstance(state, dict):
+            raise MemfitError(f"weights {args.weights} hold a {type(state).__name__}, not a state_dict; save them "
+                              f"with torch.save(model.state_dict(), PATH).")
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:  # missing and unexpected keys, size mismatches: all of it, on one line
+            raise MemfitError(f"weights {args.weights} do not fit this model ({' '.join(str(e).split())}); give "
+                              f"a state_dict saved from the same model.") from None
     return model
 
 

@@ -2,6 +2,7 @@
 width, or directories of numbered PNG/JPEG frames (read with Pillow)."""
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 
@@ -45,12 +46,18 @@ def load_video(path) -> torch.Tensor:
         else:
             raise MemfitError(f"video {path} is neither .npy, .pt nor a directory of frames; convert it to one "
                               f"of those.")
-    except (ValueError, OSError, RuntimeError) as e:
-        raise MemfitError(f"cannot read video {path} ({e}); give a .npy or .pt array.") from None
+    except MemfitError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever numpy or torch cannot read as an array
+        why = "not a tensor torch.load reads without pickle" if isinstance(e, pickle.UnpicklingError) else \
+            f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+        raise MemfitError(f"cannot read video {path} ({why}); give a .npy or .pt array.") from None
     if not isinstance(clip, torch.Tensor) or clip.dim() != 4:
         shape = tuple(clip.shape) if isinstance(clip, torch.Tensor) else type(clip).__name__
         raise MemfitError(f"video {path} has shape {shape}; it must be 4-dimensional: frames x channels x "
                           f"height x width.")
+    if clip.shape[0] == 0:
+        raise MemfitError(f"video {path} has no frames; give clips of at least one frame.")
     return clip.float()
 
 
@@ -74,7 +81,11 @@ def _frames(directory: Path) -> torch.Tensor:
         from PIL import Image
     except ImportError:
         raise MemfitError("reading frame directories needs Pillow: pip install pillow.") from None
-    arrays = [np.asarray(Image.open(numbered[i]).convert("RGB"), dtype=np.float32) / 255 for i in range(first, last + 1)]
+    try:
+        arrays = [np.asarray(Image.open(numbered[i]).convert("RGB"), dtype=np.float32) / 255
+                  for i in range(first, last + 1)]
+    except OSError as e:  # PIL.UnidentifiedImageError included
+        raise MemfitError(f"cannot read a frame in {directory} ({e}); give PNG or JPEG images.") from None
     sizes = {a.shape for a in arrays}
     if len(sizes) > 1:
         raise MemfitError(f"frames in {directory} have mixed sizes {sorted(sizes)}; resize them to one size.")

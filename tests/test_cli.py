@@ -54,6 +54,7 @@ def workdir(tmp_path, monkeypatch):
 
 
 CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "mlp.yaml")
+GPT = str(Path(__file__).resolve().parent.parent / "configs" / "gpt-char.yaml")
 VERIFY = ["verify", "--model", "mlp", "--size", "tiny", "--steps", "1"]
 ROWS = [
     ([*VERIFY, "--strategy", "plan:binary.json"], "is not a text file"),
@@ -72,6 +73,10 @@ ROWS = [
     (["train", "--config", CONFIG, "--out", "a_file"], "is a file"),
     (["train", "--config", CONFIG, "--out", "/proc/memfit-run"], "cannot create --out /proc/memfit-run"),
     (["train", "--config", "binary.json"], "is not a text file"),
+    (["train", "--config", GPT, "--set", "model.name="], "unknown model ''"),
+    (["train", "--config", GPT, "--set", "model.n_head=3"], "must be a multiple of n_head 3"),
+    (["train", "--config", GPT, "--set", "model.block_size=0"], "block_size 0 at least 1"),
+    (["train", "--config", GPT, "--set", "model.dropout=2"], "dropout probability has to be between 0 and 1"),
     (["attribute", "ok.npy", "--size", "huge"], "unknown size 'huge' for the video model"),
     (["attribute", "zero.npy", "--size", "tiny"], "has no frames"),
     (["attribute", "garbage.pt", "--size", "tiny"], "garbage.pt (not a tensor torch.load reads without pickle)"),

@@ -78,6 +78,9 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
+        if cfg.n_embd % cfg.n_head or cfg.block_size < 1:
+            raise ValueError(f"n_embd {cfg.n_embd} must be a multiple of n_head {cfg.n_head}, and block_size "
+                             f"{cfg.block_size} at least 1")
         self.config = cfg
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),

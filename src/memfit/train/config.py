@@ -91,7 +91,7 @@ def resolve(path: str | None, overrides: dict) -> dict:
     """The config file merged over the defaults, then the `overrides`
     ({"training.batch_size": "64", ...}); checked key by key."""
     raw = load(path)
-    name = overrides.get("model.name") or (raw.get("model") or {}).get("name") or "gpt"
+    name = overrides["model.name"] if "model.name" in overrides else (raw.get("model") or {}).get("name") or "gpt"
     defaults = {"model": {"name": "gpt", **model_keys(name)}, "data": {"path": None},
                 "training": copy.deepcopy(TRAINING)}
     cfg = copy.deepcopy(defaults)

@@ -107,7 +107,10 @@ def _train(cfg, recipe, ranks, callback, out_dir, metrics_path):
     arch.update(data.model_overrides)
     gc = t["gradient_checkpointing"]
     budget = gc[len("budget:"):] if isinstance(gc, str) and gc.startswith("budget:") else None
-    model = recipe.create(arch, False if budget else gc).to(device).train()
+    try:
+        model = recipe.create(arch, False if budget else gc).to(device).train()
+    except (ValueError, TypeError, AssertionError) as e:
+        raise MemfitError(f"the model section cannot build a {cfg['model']['name']} ({e}); fix its values.") from None
     loss_fn = autocast_loss(recipe.loss_fn, device, t["precision"])
     first = _to(data.batch("train", t["batch_size"]), device)
     if budget:  # planned once, on rank 0, and sent to every rank

@@ -21,7 +21,9 @@ plain step and, for a model on the CPU, also runs it for real; if the
 simulation fails or differs from the real step by a byte, every step the
 planner needs is then run for real on a CPU copy of the model, with the same
 storage tracker (exact, at the cost of compute), and the plan says so
-(`Profile.memory_source`). A model that skips blocks at random is profiled
+(`Profile.memory_source`). Where the real step is simply faster than
+the simulation (small models: fake tensors cost Python per op), real steps
+are used too. A model that skips blocks at random is profiled
 on a step in which every block ran (the first of a few seeds that gives
 one): its steps that skip blocks peak lower than predicted.
 
@@ -137,7 +139,6 @@ class Simulation:
     peak_bytes: int
     static_bytes: int
     timeline: list  # (label, live bytes)
-    source: str = SIMULATED
     split: bool = False  # a segment was recomputed in parts (its blocks cannot form segments)
 
 
@@ -189,14 +190,14 @@ def simulate(model, batch, loss_fn, strategy, *, blocks=None, optimizer=None, ma
     for w in caught:
         if not issubclass(w.category, SegmentWarning):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    source, split = MEASURED if real else SIMULATED, any(issubclass(w.category, SegmentWarning) for w in caught)
+    split = any(issubclass(w.category, SegmentWarning) for w in caught)
     if not distributed:
-        return Simulation(mem.peak_bytes, mem.static_bytes, mem.timeline, source, split)
+        return Simulation(mem.peak_bytes, mem.static_bytes, mem.timeline, split)
     from memfit.distributed import rank_timeline
     state = sum(t.numel() * t.element_size() for t in tree_leaves(list(opt.state.values()))
                 if isinstance(t, torch.Tensor))
     timeline = rank_timeline(model, *distributed, mem.timeline, list(grads.values()), mem.static_bytes, state)
-    return Simulation(max(v for _, v in timeline), timeline[0][1], timeline, source, split)
+    return Simulation(max(v for _, v in timeline), timeline[0][1], timeline, split)
 
 
 class _Elementwise(TorchDispatchMode):
@@ -408,6 +409,8 @@ def _source(model, batch, loss_fn, n, **kw) -> tuple:
         if real.peak_bytes != fake.peak_bytes or not _all_ran(fake, n):
             why = (f"the simulated step peaks {fake.peak_bytes / real.peak_bytes - 1:+.2%} off the real one "
                    f"(the model takes another path on fake tensors)")
+            if _all_ran(real, n):
+                return True, 0, why, real
         elif real_s < fake_s and _all_ran(real, n):
             return True, 0, f"a real step of this model takes {real_s:.2f} s, simulating it {fake_s:.2f} s", real
         else:

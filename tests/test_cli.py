@@ -24,6 +24,11 @@ def failing():
     raise ValueError("no such dataset")
 
 
+def wrong_shape():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    return model, torch.randn(2, 3), lambda m, b: m(b).sum()
+
+
 def vector_loss():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     return model, torch.randn(2, 4), lambda m, b: m(b)
@@ -66,6 +71,8 @@ ROWS = [
     (["verify", "--model", "broken_syntax:make"], "has a syntax error"),
     (["verify", "--model", "factories:failing"], "your code raised ValueError in failing"),
     (["verify", "--model", "factories:vector_loss", "--steps", "1"], "loss_fn returned a tensor of shape (2, 4)"),
+    (["verify", "--model", "factories:wrong_shape", "--steps", "1"],
+     "factories.py:12): mat1 and mat2 shapes cannot be multiplied (2x3 and 4x4)"),
     ([*VERIFY, "--grad-tol", "-1"], "grad_tol -1.0 must be a finite number"),
     ([*VERIFY, "--grad-tol", "nan"], "grad_tol nan must be a finite number"),
     ([*VERIFY, "--json", "/proc/memfit.json"], "cannot write /proc/memfit.json"),
@@ -119,3 +126,31 @@ def test_outputs_are_written_with_the_umask_not_0600(tmp_path):
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
     assert json.loads((tmp_path / "r.json").read_text()) == {"a": 1}
 
+
+
+LATE = [
+    ([*VERIFY, "--json", "r.json"], "r.json", "PASS"),
+    (["plan", "--model", "mlp", "--size", "tiny", "--budget", "90%", "--cost", "flops", "--no-measure",
+      "--json", "r.json"], "r.json", "plan for"),
+    (["bench", "--model", "mlp", "--size", "tiny", "--budgets", "90", "--cost", "flops", "--json", "r.json"],
+     "r.json", "none"),
+    (["fit", "--model", "mlp", "--size", "tiny", "--budget", "4MiB", "--strategies", "none", "--no-time",
+      "--json", "r.json"], "r.json", "largest batch"),
+    (["attribute", "ok.npy", "--size", "tiny", "--json", "r.json"], "r.json", "most important frames"),
+]
+
+
+@pytest.mark.parametrize("args, path, shown", LATE, ids=[a[0] for a, _, _ in LATE])
+def test_a_write_that_fails_at_the_end_keeps_the_results_on_screen(workdir, capsys, monkeypatch, args, path, shown):
+    """The output path passed its check before the work; the disk filled up meanwhile."""
+    import errno
+    import os
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "fsync", full)
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert shown in captured.out, captured.out
+    assert f"the results are above, but writing the" in captured.err and "No space left on device" in captured.err
+    assert captured.err.count("\n") == 1 and not (workdir / path).exists() and not list(workdir.glob(".r.json*"))

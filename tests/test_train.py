@@ -174,3 +174,78 @@ def test_config_errors_in_library():
         resolve(None, {"optim.lr": 1})
     cfg = resolve(CONFIGS / "vit-jepa.yaml", {})
     assert cfg["training"]["gradient_checkpointing"] == {"encoder": True, "predictor": False}
+
+
+def _files(d: Path) -> dict:
+    return {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()}
+
+
+def _stage_run(out: Path, metrics: Path, content: bytes):
+    """A run's output, staged as `train` stages it (loop._Staged)."""
+    from memfit.train.loop import _Staged
+    staged = _Staged(out, metrics)
+    for name in (*_Staged.NAMES, metrics.name):
+        staged.path(out / name).write_bytes(content + name.encode())
+    return staged
+
+
+def test_a_kill_at_any_moment_of_the_final_writes_leaves_one_whole_run(tmp_path):
+    """Killed at every line of memfit's commit in turn, --out holds the old run or the new one, never a mix
+    (NOTE [whole runs]); the user's own file in --out is kept either way; the next run clears the leftovers."""
+    import os
+    out, killed_at = tmp_path / "run", []
+    for k in range(10_000):
+        out.mkdir(exist_ok=True)
+        for p in out.iterdir():
+            p.unlink()
+        old = _stage_run(out, out / "metrics.jsonl", b"old")
+        old.commit()
+        (out / "notes.txt").write_text("mine")
+        before = _files(out)
+        staged = _stage_run(out, out / "metrics.jsonl", b"new")
+        pid = os.fork()
+        if pid == 0:  # the child commits and is killed at its k-th line
+            lines = [0]
+
+            def trace(frame, event, arg):
+                if event == "line":
+                    lines[0] += 1
+                    if lines[0] > k:
+                        os._exit(9)
+                return trace
+            sys.settrace(lambda frame, *a: trace if "memfit" in frame.f_code.co_filename else None)
+            staged.commit()
+            sys.settrace(None)
+            os._exit(0)
+        status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        after = _files(out)
+        expected = {**before, **{n: b"new" + n.encode() for n in before if n != "notes.txt"}}
+        assert after in (before, expected), (k, sorted(after))
+        assert "." not in "".join(n[0] for n in after)  # nothing half-written is visible
+        if status == 0:
+            assert after == expected and not list(tmp_path.glob(".run.memfit-new"))
+            break
+        killed_at.append(after == expected)
+        _stage_run(out, out / "metrics.jsonl", b"next")  # the next run starts clean
+        assert not [p for p in tmp_path.glob(".run.memfit-new/*") if p.name == "notes.txt"]
+    assert k > 5 and False in killed_at and True in killed_at  # killed before and after the swap
+
+
+def test_a_run_killed_during_training_leaves_the_previous_run(tmp_path):
+    import random
+    import signal
+    import time
+    out = tmp_path / "run"
+    args = ("train", "--config", str(CONFIGS / "mlp.yaml"), "--out", str(out), "--log-interval", "1",
+            *[f"--set={k}={v}" for k, v in SMALL["mlp"].items()])
+    assert cli(*args, "--max-iters", "2").returncode == 0
+    first = _files(out)
+    run = subprocess.Popen([sys.executable, "-m", "memfit", *args, "--max-iters", "100000", "--seed", "1"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / ".run.memfit-new" / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text()) and run.poll() is None:
+        time.sleep(0.05)
+    time.sleep(random.Random(0).uniform(0, 0.5))
+    run.send_signal(signal.SIGKILL)
+    assert run.wait() == -signal.SIGKILL  # killed while training, with new metrics written
+    assert _files(out) == first

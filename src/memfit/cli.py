@@ -27,6 +27,17 @@ def _load(args):
     return device, model, batch, loss_fn
 
 
+def _save(out: Console, path, what: str, write) -> None:
+    """Write an output after the results are printed; if it cannot be
+    written now, say so in one sentence (the results are on screen)."""
+    try:
+        write()
+    except OSError as e:
+        raise MemfitError(f"the results are above, but writing the {what} to {path} failed ({e.strerror}); "
+                          f"free space or choose another path and run again.") from None
+    out.print(f"{what} written to {path}")
+
+
 def _verify(args, out: Console) -> int:
     from memfit.report import check_writable, verify_table, write_json
     from memfit.verify import parse_expected_reduction, verify
@@ -38,15 +49,14 @@ def _verify(args, out: Console) -> int:
                     blocks=args.blocks, expect_reduction=expect, grad_tol=args.grad_tol,
                     state_replay=not args.torch_checkpoint, name=args.model, compile=args.compile)
     out.print(verify_table(report))
-    if json_path:
-        write_json(json_path, report)
-        out.print(f"report written to {json_path}")
     if report["passed"]:
         out.print("[bold green]PASS[/]: same training"
                   + (f", {report['memory_reduction']:.1%} less peak memory" if report["memory_reduction"] else ""))
-        return 0
-    out.print("[bold red]FAIL[/]: " + "; ".join(report["failures"]))
-    return 1
+    else:
+        out.print("[bold red]FAIL[/]: " + "; ".join(report["failures"]))
+    if json_path:
+        _save(out, json_path, "report", lambda: write_json(json_path, report))
+    return 0 if report["passed"] else 1
 
 
 def _plan(args, out: Console) -> int:
@@ -68,9 +78,9 @@ def _plan(args, out: Console) -> int:
         measured["recompute_flops"] = measured["flops"] / base["flops"] - 1
     out.print(plan_table(p, measured))
     if json_path:
-        write_json(json_path, {**asdict(p), "measured_peak_bytes": measured and measured["peak_bytes"]})
-        out.print(f"plan written to {json_path} (apply it with memfit.apply(model, memfit.Plan.load(path)) "
-                  f"or --strategy plan:{json_path})")
+        _save(out, json_path, "plan", lambda: write_json(
+            json_path, {**asdict(p), "measured_peak_bytes": measured and measured["peak_bytes"]}))
+        out.print(f"apply it with memfit.apply(model, memfit.Plan.load(path)) or --strategy plan:{json_path}")
     return 0
 
 
@@ -98,12 +108,11 @@ def _bench(args, out: Console) -> int:
     rows = frontier(model, batch, loss_fn, budgets, cost=args.cost, blocks=args.blocks)
     out.print(bench_table(rows))
     if json_path:
-        write_json(json_path, {"model": args.model, "size": args.size, "device": str(device),
-                               "torch_version": torch.__version__, "cost": args.cost, "rows": rows})
-        out.print(f"rows written to {json_path}")
+        _save(out, json_path, "rows", lambda: write_json(json_path, {
+            "model": args.model, "size": args.size, "device": str(device), "torch_version": torch.__version__,
+            "cost": args.cost, "rows": rows}))
     if plot_path:
-        plot_frontier(rows, plot_path, title=f"{args.model} on {device}")
-        out.print(f"plot written to {plot_path}")
+        _save(out, plot_path, "plot", lambda: plot_frontier(rows, plot_path, title=f"{args.model} on {device}"))
     return 0
 
 
@@ -197,11 +206,9 @@ def _train(args, out: Console) -> int:
 
 
 def _fit(args, out: Console) -> int:
-    from rich.table import Table
-
     from memfit.fit import STRATEGIES, fit
     from memfit.planner import parse_budget
-    from memfit.report import check_writable, fmt_bytes, write_json
+    from memfit.report import check_writable, fit_table, fmt_bytes, write_json
 
     budget = parse_budget(args.budget)
     strategies = [s.strip() for s in args.strategies.split(",")] if args.strategies else list(STRATEGIES)
@@ -215,17 +222,10 @@ def _fit(args, out: Console) -> int:
     make_batch = lambda b: tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t,  # noqa: E731
                                     module.batch(size, b, args.seed))
     rows = fit(model, make_batch, loss_fn, budget, strategies, blocks=args.blocks, timing=not args.no_time)
-    t = Table(title=f"largest batch in {fmt_bytes(budget)}: {args.model} on {device}")
-    for col in ("strategy", "batch size", "peak", "time per sample"):
-        t.add_column(col, justify="left" if col == "strategy" else "right")
-    for r in rows:
-        t.add_row(r["strategy"], str(r["batch_size"]), fmt_bytes(r["peak_bytes"]) if r["peak_bytes"] else "-",
-                  f"{r['time_per_sample_s'] * 1e3:.2f} ms" if r["time_per_sample_s"] else "-")
-    out.print(t)
+    out.print(fit_table(rows, f"largest batch in {fmt_bytes(budget)}: {args.model} on {device}"))
     if json_path:
-        write_json(json_path, {"model": args.model, "size": size, "device": str(device), "budget_bytes": budget,
-                               "rows": rows})
-        out.print(f"rows written to {json_path}")
+        _save(out, json_path, "rows", lambda: write_json(json_path, {
+            "model": args.model, "size": size, "device": str(device), "budget_bytes": budget, "rows": rows}))
     return 0
 
 
@@ -234,14 +234,12 @@ def _attribute(args, out: Console) -> int:
     import tempfile
     from pathlib import Path
 
-    from rich.table import Table
-
     from memfit.attribution import Cache, attribute, checkpoint_model, fit_budget
     from memfit.attribution.cache import weights_hash
     from memfit.attribution.io import load_video, video_ids
     from memfit.attribution.run import compare, demo, write_outputs
     from memfit.memory import track_memory
-    from memfit.report import check_writable, fmt_bytes, require_matplotlib, write_json
+    from memfit.report import check_writable, compare_tables, fmt_bytes, require_matplotlib, write_json
 
     if not args.videos and not args.demo:
         raise MemfitError("give videos (.npy / .pt files or directories of numbered frames) or --demo.")
@@ -309,40 +307,30 @@ def _attribute(args, out: Console) -> int:
     finally:
         progress.stop()
     if report is not None:
-        t = Table(title=f"attribution modes over {len(videos)} videos")
-        for col in ("mode", "peak memory", "time"):
-            t.add_column(col, justify="left" if col == "mode" else "right")
-        for name, m in report["modes"].items():
-            t.add_row(name, fmt_bytes(m["peak_bytes"]), f"{m['time_s']:.2f} s")
-        out.print(t)
-        c = Table(title="agreement of per-frame importance")
-        for col in ("a vs b", "max relative error", "Pearson", "top-5 agreement"):
-            c.add_column(col, justify="left" if col == "a vs b" else "right")
-        for row in report["comparisons"]:
-            c.add_row(f"{row['a']} vs {row['b']}", f"{row['max_rel_error']:.3g}", f"{row['pearson']:.4f}",
-                      f"{row['top_k_agreement']:.0%}")
-        out.print(c)
+        for table in compare_tables(report, len(videos)):
+            out.print(table)
         out.print(f"chunked mode (chunks of {args.chunk_size}) is an approximation: the model's temporal "
                   f"transformer mixes frames, and a chunk sees only its own.")
         results = report["results"]["exact"]
-        if json_path:
-            write_json(json_path, {k: v for k, v in report.items() if k != "results"})
     else:
         where = f"cached in {cache.dir}" if args.cache_dir else "computed (no --cache-dir: nothing kept)"
         out.print(f"gradients {where} ({len(cache.reused)} chunks reused"
                   + (f", {len(cache.corrupt)} corrupt and recomputed: {', '.join(cache.corrupt)}" if cache.corrupt
+                     else "")
+                  + (f", {len(cache.unwritten)} computed but not cached: {cache.unwritten[0]}" if cache.unwritten
                      else "") + ")")
         out.print(f"checkpointing {strategy}: measured peak {fmt_bytes(mem.peak_bytes)} ({mem.source})"
                   + (f", simulated {fmt_bytes(predicted)}" if args.budget else ""))
-        if json_path:
-            write_json(json_path, results)
     for vid, r in results.items():
         top = sorted(range(len(r["scores"])), key=lambda i: -r["scores"][i])[:5]
         label = f" ({classes[vid]})" if classes else ""
         out.print(f"{vid}{label}: target {r['target']}, most important frames {top}")
+    if json_path:
+        data = results if report is None else {k: v for k, v in report.items() if k != "results"}
+        _save(out, json_path, "scores", lambda: write_json(json_path, data))
     if out_dir:
-        write_outputs(results, out_dir, classes)
-        out.print(f"per-video CSV, JSON and plots, and classes.png, written to {out_dir}")
+        _save(out, out_dir, "per-video CSV, JSON and plots",
+              lambda: write_outputs(results, out_dir, classes))
     return 0
 
 

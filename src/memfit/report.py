@@ -65,6 +65,19 @@ def atomic_write(path: str | os.PathLike, write, mode: str = "w") -> None:
         raise
 
 
+def exchange(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Swap the paths `a` and `b` (two directories) in one atomic step, where the
+    system can (Linux: renameat2 with RENAME_EXCHANGE); False where it cannot."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except AttributeError:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 def write_json(path: str | os.PathLike, data) -> None:
     """Write `data` as JSON, atomically (see `atomic_write`)."""
     atomic_write(path, lambda f: f.write(json.dumps(data, indent=2) + "\n"))
@@ -166,3 +179,30 @@ def plot_frontier(rows, path, title="") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def fit_table(rows: list[dict], title: str) -> Table:
+    """`memfit fit`: the largest batch that fits, per strategy."""
+    t = Table(title=title)
+    for col in ("strategy", "batch size", "peak", "time per sample"):
+        t.add_column(col, justify="left" if col == "strategy" else "right")
+    for r in rows:
+        t.add_row(r["strategy"], str(r["batch_size"]), fmt_bytes(r["peak_bytes"]) if r["peak_bytes"] else "-",
+                  f"{r['time_per_sample_s'] * 1e3:.2f} ms" if r["time_per_sample_s"] else "-")
+    return t
+
+
+def compare_tables(report: dict, n_videos: int) -> list[Table]:
+    """`memfit attribute --compare`: each mode's peak and time, and how far their scores agree."""
+    t = Table(title=f"attribution modes over {n_videos} videos")
+    for col in ("mode", "peak memory", "time"):
+        t.add_column(col, justify="left" if col == "mode" else "right")
+    for name, m in report["modes"].items():
+        t.add_row(name, fmt_bytes(m["peak_bytes"]), f"{m['time_s']:.2f} s")
+    c = Table(title="agreement of per-frame importance")
+    for col in ("a vs b", "max relative error", "Pearson", "top-5 agreement"):
+        c.add_column(col, justify="left" if col == "a vs b" else "right")
+    for row in report["comparisons"]:
+        c.add_row(f"{row['a']} vs {row['b']}", f"{row['max_rel_error']:.3g}", f"{row['pearson']:.4f}",
+                  f"{row['top_k_agreement']:.0%}")
+    return [t, c]

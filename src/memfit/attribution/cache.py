@@ -17,6 +17,8 @@ targets for some, reuse what they share.
   never lose each other's entries. A chunk whose bytes do not match its
   checksum (truncated, corrupted), or that has none, is reported in
   `corrupt` and recomputed.
+* A chunk the disk will not take (full, removed) is listed in `unwritten`;
+  its gradient is used all the same.
 * No pickle: tensors are saved with `torch.save` and read with
   `torch.load(weights_only=True)`.
 """
@@ -63,6 +65,7 @@ class Cache:
                               f"--cache-dir.") from None
         self.corrupt: list[str] = []
         self.reused: list[str] = []
+        self.unwritten: list[str] = []  # chunks computed but not cached
 
     @staticmethod
     def name(video: str, clip_sha: str, target: int, idx: int) -> str:
@@ -85,7 +88,12 @@ class Cache:
         return torch.load(path, weights_only=True)
 
     def put(self, name: str, tensor: torch.Tensor) -> None:
+        """Keep a chunk's gradient; if the disk will not take it (full, gone),
+        the run goes on with what it computed and `unwritten` says why."""
         path = self.dir / f"{name}.pt"
-        atomic_write(path, lambda f: torch.save(tensor.cpu(), f), "wb")
-        digest = _sha256(path)
-        atomic_write(self.dir / f"{name}.sha256", lambda f: f.write(digest + "\n"))
+        try:
+            atomic_write(path, lambda f: torch.save(tensor.cpu(), f), "wb")
+            digest = _sha256(path)
+            atomic_write(self.dir / f"{name}.sha256", lambda f: f.write(digest + "\n"))
+        except OSError as e:
+            self.unwritten.append(f"{name} ({e.strerror})")

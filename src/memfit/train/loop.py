@@ -3,12 +3,27 @@
 The library does not print: `train` calls `callback(event, data)` with
 ("start", startup report), ("step", metrics or None) after every step
 (metrics on log steps), and ("end", summary). `memfit train` renders them.
+
+NOTE [whole runs]
+A run killed at any moment leaves `--out` holding either the previous run's
+files or the new run's, never a mix and never a half-written file. The new
+run writes model.pt, config.yaml, summary.json and metrics.jsonl into a
+sibling directory, `.{out}.memfit-new`; at the end, the other files of
+`--out` are hard-linked into it, and the two directories are swapped in one
+atomic step (renameat2 RENAME_EXCHANGE, Linux). The sibling, now holding the
+previous run, is then removed (or by the next run, if a kill came first).
+Where that cannot be done (another system or file system, a parent
+directory memfit cannot write, a subdirectory in `--out`), each file is
+written under a temporary name in `--out` and renamed into place at the end:
+whole files, but a kill between those renames leaves a mix. A `--metrics`
+file outside `--out` is one file of its own, renamed into place.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -22,7 +37,7 @@ from memfit.fit import largest_batch
 from memfit.memory import track_memory
 from memfit.planner import Plan, parse_budget, plan
 from memfit.profile import simulate
-from memfit.report import atomic_write, write_json
+from memfit.report import atomic_write, exchange, write_json
 from memfit.train.config import dump
 from memfit.train.recipes import RECIPES
 from memfit.verify import resolve_device
@@ -126,7 +141,35 @@ def _train(cfg, recipe, ranks, callback, out_dir, metrics_path):
     opt = torch.optim.AdamW(model_.parameters(), lr=t["learning_rate"], weight_decay=t["weight_decay"])
     scaler = torch.amp.GradScaler("cuda") if t["precision"] == "fp16" else None
     staged = _Staged(out_dir, metrics_path)
-    metrics_file = open(staged.partial(metrics_path), "w") if metrics_path else contextlib.nullcontext()
+    try:
+        history, val_loss = _loop(t, recipe, model, model_, opt, scaler, loss_fn, data, first, ranks, callback,
+                                  staged.path(metrics_path) if metrics_path else None)
+    except BaseException:
+        staged.discard()
+        raise
+    state = distributed.full_state_dict(model_, ranks)
+    if not ranks.main:
+        return None
+    summary = {"report": report, "final_loss": history[-1]["loss"], "val_loss": val_loss,
+               "peak_gb": max(m.get("memory/peak", m.get("memory/max_allocated", 0)) for m in history)}
+    try:
+        if out_dir:
+            out = Path(out_dir)
+            atomic_write(staged.path(out / "model.pt"), lambda f: torch.save(state, f), "wb")
+            atomic_write(staged.path(out / "config.yaml"), lambda f: f.write(dump(cfg)))
+            write_json(staged.path(out / "summary.json"), summary)
+        staged.commit()
+    except OSError as e:
+        staged.discard()
+        summary["not_written"] = f"{e.filename or out_dir}: {e.strerror}"
+    callback("end", summary)
+    return summary
+
+
+def _loop(t, recipe, model, model_, opt, scaler, loss_fn, data, first, ranks, callback, metrics_path):
+    """The training steps; returns the logged metrics and the last validation loss."""
+    device = ranks.device
+    metrics_file = open(metrics_path, "w") if metrics_path else contextlib.nullcontext()
     history, val_loss = [], None
     with metrics_file as mf:
         for it in range(1, t["max_iters"] + 1):
@@ -163,42 +206,71 @@ def _train(cfg, recipe, ranks, callback, out_dir, metrics_path):
                     mf.write(json.dumps(metrics) + "\n")
                     mf.flush()
             callback("step", metrics)
-    state = distributed.full_state_dict(model_, ranks)
-    if not ranks.main:
-        return None
-    summary = {"report": report, "final_loss": history[-1]["loss"], "val_loss": val_loss,
-               "peak_gb": max(m.get("memory/peak", m.get("memory/max_allocated", 0)) for m in history)}
-    try:
-        if out_dir:
-            out = Path(out_dir)
-            atomic_write(staged.partial(out / "model.pt"), lambda f: torch.save(state, f), "wb")
-            atomic_write(staged.partial(out / "config.yaml"), lambda f: f.write(dump(cfg)))
-            write_json(staged.partial(out / "summary.json"), summary)
-        staged.commit()
-    except OSError as e:
-        summary["not_written"] = f"{e.filename or out_dir}: {e.strerror}"
-    callback("end", summary)
-    return summary
+    return history, val_loss
 
 
 class _Staged:
-    """The run's output files, written under temporary names while it runs
-    and renamed together when it ends: a run killed at any moment leaves the
-    previous run's files in `--out` as they were (a kill in the microseconds
-    between the final renames aside)."""
+    """The run's output files, written elsewhere while it runs and put in
+    place together when it ends (NOTE [whole runs])."""
+
+    NAMES = ("model.pt", "config.yaml", "summary.json")
 
     def __init__(self, out_dir, metrics_path):
-        self.paths = [Path(out_dir) / n for n in ("model.pt", "config.yaml", "summary.json")] if out_dir else []
-        self.paths += [Path(metrics_path)] if metrics_path else []
+        self.out = Path(out_dir) if out_dir else None
+        self.metrics = Path(metrics_path) if metrics_path else None
+        self.stage = None
+        if self.out is None:
+            return
+        stage = self.out.parent / f".{self.out.name}.memfit-new"
+        shutil.rmtree(stage, ignore_errors=True)  # what a killed run left: its new files, or the run before
+        with contextlib.suppress(OSError):
+            stage.mkdir()
+            if stage.stat().st_dev == self.out.stat().st_dev:
+                self.stage = stage
 
-    @staticmethod
-    def partial(path) -> Path:
-        path = Path(path)
-        return path.with_name(f".{path.name}.partial")
+    def path(self, final) -> Path:
+        """Where `final` is written while the run runs."""
+        final = Path(final)
+        if self.stage is not None and final.parent == self.out:
+            return self.stage / final.name
+        return final.with_name(f".{final.name}.partial")
 
     def commit(self):
-        for path in self.paths:
-            os.replace(self.partial(path), path)
+        finals = [self.out / n for n in self.NAMES] if self.out else []
+        finals += [self.metrics] if self.metrics else []
+        for final in finals:  # --metrics outside --out: a file of its own
+            if self.path(final).parent != self.stage:
+                os.replace(self.path(final), final)
+        if self.stage is None:
+            return
+        if not (self._link_the_rest() and exchange(self.stage, self.out)):
+            for final in finals:  # one file at a time (see NOTE [whole runs])
+                if self.path(final).parent == self.stage:
+                    os.replace(self.path(final), final)
+        self.discard()
+
+    def discard(self):
+        """Remove what the run wrote (a run that failed leaves --out as it was)."""
+        if self.stage is not None:
+            shutil.rmtree(self.stage, ignore_errors=True)
+        for final in [self.metrics] if self.metrics else []:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path(final))
+
+    def _link_the_rest(self) -> bool:
+        """Hard-link the other files of --out into the stage, so that the swap
+        keeps them; False if --out holds something that cannot be linked."""
+        for entry in os.scandir(self.out):
+            target = self.stage / entry.name
+            if target.exists() or target.is_symlink():
+                continue
+            if entry.is_symlink():
+                os.symlink(os.readlink(entry.path), target)
+            elif entry.is_file():
+                os.link(entry.path, target)
+            else:
+                return False
+        return True
 
 
 def _report(cfg, model, data, loss_fn, ranks) -> dict:

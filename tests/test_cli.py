@@ -76,7 +76,7 @@ ROWS = [
     ([*VERIFY, "--grad-tol", "-1"], "grad_tol -1.0 must be a finite number"),
     ([*VERIFY, "--grad-tol", "nan"], "grad_tol nan must be a finite number"),
     ([*VERIFY, "--json", "/proc/memfit.json"], "cannot write /proc/memfit.json"),
-    ([*VERIFY, "--json", "."], "is a directory"),
+    (["train", "--config", CONFIG, "--metrics", "."], "is a directory"),
     (["train", "--config", CONFIG, "--out", "a_file"], "is a file"),
     (["train", "--config", CONFIG, "--out", "/proc/memfit-run"], "cannot create --out /proc/memfit-run"),
     (["train", "--config", "binary.json"], "is not a text file"),

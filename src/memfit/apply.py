@@ -50,7 +50,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from memfit import strategies
-from memfit.blocks import find_blocks
+from memfit.blocks import find_blocks, find_chains
 from memfit.checkpoint import CallState, Region, _recomputes, run
 from memfit.errors import MemfitError
 from memfit.strategies import KEEP, OFFLOAD, RECOMPUTE
@@ -90,17 +90,22 @@ def apply(model: nn.Module, strategy="blocks", blocks=None, state_replay=True, *
         if applied and applied["units"] == strategy.units:
             return model  # the same plan is already in place
     remove(model)
-    chain = find_blocks(model, blocks)
+    if isinstance(strategy, Plan):  # its blocks, in the order the plan lists them (the forward's)
+        strategy.check([n for n, _ in find_blocks(model, blocks)])
+        blocks = [b.name for b in strategy.blocks]
+    chains = find_chains(model, blocks)
+    chain = [b for c in chains for b in c]
     if isinstance(strategy, Plan):
-        strategy.check([n for n, _ in chain])
         units = strategy.units
     else:
-        units = strategies.parse(strategy, len(chain)) if isinstance(strategy, str) else list(strategy)
-    _check_units(units, len(chain))
-    config = getattr(model, "config", None)
-    if getattr(config, "use_cache", None) is True:  # Hugging Face: a KV cache is state that recompute would append
-        config.use_cache = False                     # to a second time; their own checkpointing turns it off too
-        model.__dict__["_memfit_use_cache"] = True
+        units = strategies.parse(strategy, [len(c) for c in chains]) if isinstance(strategy, str) else list(strategy)
+    _check_units(units, [len(c) for c in chains])
+    # Hugging Face: a KV cache is state that recompute would append to a second time; their own checkpointing
+    # turns it off too. Every config counts: an encoder-decoder's decoder stack has a copy of its own.
+    configs = {id(c): c for m in model.modules() if getattr(c := getattr(m, "config", None), "use_cache", None) is True}
+    for config in configs.values():
+        config.use_cache = False
+    model.__dict__["_memfit_use_cache"] = list(configs.values())
     for unit in units:
         if unit.mode == KEEP:
             continue
@@ -124,8 +129,8 @@ def remove(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise MemfitError(f"remove takes the torch.nn.Module that apply wrapped, not {type(model).__name__}.")
     model.__dict__.pop("_memfit_applied", None)
-    if model.__dict__.pop("_memfit_use_cache", False):
-        model.config.use_cache = True
+    for config in model.__dict__.pop("_memfit_use_cache", []):
+        config.use_cache = True
     for m in model.modules():
         spec = m.__dict__.pop("_memfit", None)
         if spec is None:
@@ -161,15 +166,20 @@ def _containers(model, names):
     return [named[".".join(common[:k])] for k in range(len(common) + 1)]
 
 
-def _check_units(units, n):
+def _check_units(units, sizes):
+    n = sum(sizes)
     if not units or units[0].start != 0 or units[-1].stop != n or any(
             a.stop != b.start for a, b in zip(units, units[1:])) or any(
             u.stop <= u.start or u.mode not in strategies.MODES for u in units):
         raise MemfitError(f"the strategy's units must cover blocks 0..{n - 1} in order, each with a mode "
                           f"in {strategies.MODES}; this model has {n} blocks.")
+    starts = {sum(sizes[:k]) for k in range(len(sizes))}
     for u in units:
         if u.mode not in (KEEP, RECOMPUTE) and u.stop - u.start > 1:
             raise MemfitError(f"{u.mode} applies to one block at a time, not to a segment of several.")
+        if u.mode != KEEP and any(u.start < s < u.stop for s in starts):
+            raise MemfitError(f"a segment of blocks {u.start}..{u.stop - 1} spans two chains of blocks; a "
+                              f"segment recomputes consecutive blocks of one chain.")
 
 
 class _Spec:

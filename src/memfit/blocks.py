@@ -1,10 +1,10 @@
-"""Find the chain of repeated blocks in a model.
+"""Find the chains of repeated blocks in a model.
 
-The chain is what memfit checkpoints: the transformer layers of a GPT
+Chains are what memfit checkpoints: the transformer layers of a GPT
 (`transformer.h`, `model.layers`, `encoder.layer`, `blocks`), the residual
-blocks of a ResNet (`layer1` .. `layer4` together). Found automatically as the
-longest run of same-shaped children of `nn.ModuleList` / `nn.Sequential`
-containers, or named by the user.
+blocks of a ResNet (`layer1` .. `layer4` together), an encoder's and a
+decoder's layers, a U-Net's resnets and attention blocks. Found
+automatically (NOTE [discovery]) or named by the user.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torch import nn
 
 from memfit.errors import MemfitError
 
-__all__ = ["find_blocks"]
+__all__ = ["find_chains", "find_blocks", "chain_starts"]
 
 
 def _shape(m: nn.Module):
@@ -26,39 +26,91 @@ def _shape(m: nn.Module):
     return type(m)
 
 
-def find_blocks(model: nn.Module, blocks=None) -> list[tuple[str, nn.Module]]:
-    """The chain of blocks, as (qualified name, module) in model order.
+def find_chains(model: nn.Module, blocks=None) -> list[list[tuple[str, nn.Module]]]:
+    """Every chain of blocks in `model`, each as (qualified name, module) in
+    model order; the chains in model order too.
 
     `blocks`:
-      * None: found automatically (the longest run of same-shaped children of a
-        ModuleList or Sequential; sibling containers holding the same kind of
-        block, like a ResNet's `layer1`..`layer4`, form one chain; runs nested
-        inside another candidate's blocks are ignored);
+      * None: found automatically (NOTE [discovery]);
       * "path.to.container": the children of that ModuleList / Sequential;
-      * a glob over qualified module names, e.g. "encoder.layer.*", or several
-        separated by "|" ("encoder.blocks.*|predictor.blocks.*");
+      * a glob over qualified module names, e.g. "encoder.layer.*";
+      * several of these separated by "|": "encoder.block|decoder.block",
+        "encoder.blocks.*|predictor.blocks.*";
       * a list of qualified module names.
+    Named blocks form chains as discovered ones do: consecutive blocks of the
+    same kind in sibling containers.
+
+    NOTE [discovery]
+    A chain is a run of same-shaped children of `nn.ModuleList` /
+    `nn.Sequential` containers; sibling containers holding the same kind of
+    block (a ResNet's `layer1`..`layer4`) form one chain. Every chain is
+    kept: both towers, encoder and decoder, a U-Net's down, mid and up
+    blocks. Chains nested in another chain's blocks are left out (a block's
+    attention heads), except in a *stage*: a block made mostly (half its
+    parameters or more) of a nested chain of composite blocks, like a Swin or
+    ConvNeXt stage or a diffusion U-Net's down block. Stages are not blocks:
+    the blocks inside them are, which is the granularity that saves memory.
+    A lone block of a kind that forms a chain elsewhere (a U-Net's middle
+    attention) is a chain of one.
     """
     if blocks is None:
         return _auto(model)
     named = dict(model.named_modules())
-    if isinstance(blocks, str) and blocks in named and isinstance(named[blocks], (nn.Sequential, nn.ModuleList)):
-        prefix = f"{blocks}." if blocks else ""
-        found = [(f"{prefix}{n}", c) for n, c in named[blocks].named_children()]
-    elif isinstance(blocks, str):
-        patterns = blocks.split("|")
-        found = [(n, m) for n, m in named.items() if n and any(fnmatch.fnmatchcase(n, p) for p in patterns)]
-    else:
+    if isinstance(blocks, str):
+        found = []
+        for part in blocks.split("|"):
+            if part in named and isinstance(named[part], (nn.Sequential, nn.ModuleList)):
+                prefix = f"{part}." if part else ""
+                found += [(f"{prefix}{n}", c) for n, c in named[part].named_children()]
+            else:
+                found += [(n, m) for n, m in named.items() if n and fnmatch.fnmatchcase(n, part)]
+        found = sorted(dict(found).items(), key=lambda item: _order(model)[item[0]])
+    elif isinstance(blocks, (list, tuple)) and all(isinstance(n, str) for n in blocks):
         missing = [n for n in blocks if n not in named]
         if missing:
             raise MemfitError(f"no module named {missing[0]!r} in the model; name blocks by their qualified "
                               f"names as in model.named_modules(), e.g. {next(iter(_auto_names(model)), 'layers.0')!r}.")
         found = [(n, named[n]) for n in blocks]
+    else:
+        raise MemfitError(f"blocks={blocks!r} names no modules; give a container path like 'transformer.h', a "
+                          f"pattern like 'layers.*', or a list of module names.")
     found = _outermost(found)
     if not found:
         raise MemfitError(f"no blocks match {blocks!r}; pass the path of a ModuleList or Sequential "
                           f"(e.g. 'transformer.h') or a pattern over module names (e.g. 'layers.*').")
-    return found
+    chains = []
+    for name, m in found:
+        if chains and _kind(chains[-1][-1]) == _kind((name, m)):
+            chains[-1].append((name, m))
+        else:
+            chains.append([(name, m)])
+    return chains
+
+
+def find_blocks(model: nn.Module, blocks=None) -> list[tuple[str, nn.Module]]:
+    """The blocks of every chain (`find_chains`), as one list of (qualified
+    name, module) in model order."""
+    return [b for chain in find_chains(model, blocks) for b in chain]
+
+
+def chain_starts(model: nn.Module, blocks=None) -> list[int]:
+    """The position in `find_blocks(model, blocks)` of each chain's first block."""
+    starts, at = [], 0
+    for chain in find_chains(model, blocks):
+        starts.append(at)
+        at += len(chain)
+    return starts
+
+
+def _kind(item):
+    """Blocks of one kind in sibling containers: (their containers' parent, their shape)."""
+    name, m = item
+    container = name.rpartition(".")[0]
+    return (container.rpartition(".")[0] if container else None, _shape(m))
+
+
+def _order(model):
+    return {n: k for k, (n, _) in enumerate(model.named_modules())}
 
 
 def _outermost(found):
@@ -69,31 +121,55 @@ def _outermost(found):
     return out
 
 
+def _inside(name, chain):
+    return any(name.startswith(f"{member}.") for member, _ in chain)
+
+
 def _auto(model: nn.Module):
     groups: dict = {}  # (parent name, shape) -> [(name, module)]
     for name, container in model.named_modules():
         if not isinstance(container, (nn.Sequential, nn.ModuleList)):
             continue
         kids = list(container.named_children())
-        if len(kids) < 1:
+        if not kids:
             continue
         shape, count = Counter(_shape(c) for _, c in kids).most_common(1)[0]
         parent = name.rpartition(".")[0] if name else None
         prefix = f"{name}." if name else ""
-        groups.setdefault((parent, shape), []).extend(
-            (f"{prefix}{n}", c) for n, c in kids if _shape(c) == shape)
+        # a block holds modules of its own, unless its container holds nothing else: a ResNet stem's
+        # Conv2d, BatchNorm2d, ReLU are not blocks, the Linear layers of Sequential(Linear, Linear) are
+        members = [(f"{prefix}{n}", c) for n, c in kids
+                   if _shape(c) == shape and (count == len(kids) or any(True for _ in c.children()))]
+        if members:
+            groups.setdefault((parent, shape), []).extend(members)
     candidates = [g for g in groups.values() if len(g) >= 2]
-    members = [n for g in candidates for n, _ in g]
-    top = [g for g in candidates if not any(g[0][0].startswith(f"{n}.") for n in members)]
-    if not top:
+    blocks = [g for g in candidates if not _stage(g, candidates)]
+    chains = [g for g in blocks if not any(_inside(g[0][0], other) for other in blocks if other is not g)]
+    if not chains:
         raise MemfitError(f"no chain of repeated blocks found in {type(model).__name__}: memfit looks for an "
                           f"nn.ModuleList or nn.Sequential of two or more blocks of the same type; name them "
                           f"with blocks='path.to.container' or a pattern like 'layers.*'.")
-    return max(top, key=len)  # the first of the longest, in model order
+    kinds = {_shape(m) for chain in chains for _, m in chain}
+    for g in groups.values():  # lone blocks of a kind chained elsewhere
+        if len(g) == 1 and _shape(g[0][1]) in kinds and not any(_inside(g[0][0], c) or _inside(c[0][0], g)
+                                                                   for c in chains):
+            chains.append(g)
+    order = _order(model)
+    return sorted(chains, key=lambda chain: order[chain[0][0]])
+
+
+def _stage(group, candidates) -> bool:
+    """Whether `group`'s blocks are stages: half their parameters or more lie
+    in nested chains of composite blocks (NOTE [discovery])."""
+    nested = _outermost([b for g in candidates if g is not group and _inside(g[0][0], group) for b in g
+                         if any(True for _ in b[1].children())])
+    total = sum(p.numel() for _, m in group for p in m.parameters())
+    inner = sum(p.numel() for _, m in nested for p in m.parameters())
+    return total > 0 and inner >= total / 2
 
 
 def _auto_names(model):
     try:
-        return [n for n, _ in _auto(model)]
+        return [n for n, _ in find_blocks(model)]
     except MemfitError:
         return []

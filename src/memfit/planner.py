@@ -99,9 +99,11 @@ def _candidates(prof: Profile, kind: str) -> list[_Candidate]:
     """Every unit the plan may use: each block alone in each mode, and every
     segment of two or more consecutive recomputed blocks."""
     n, kept, work, tr, other = len(prof.names), prof.kept, prof.work, prof.transient, prof.other
+    starts = [sum(prof.chain_sizes[:k]) for k in range(len(prof.chain_sizes))]
     out = []
     for b in range(1, n + 1):
         i = b - 1
+        first = max(s for s in starts if s <= i)  # a segment stays inside its chain
         for mode in prof.modes:
             if mode == OFFLOAD and kind == "flops":  # costs time, not FLOPs
                 continue
@@ -110,7 +112,7 @@ def _candidates(prof: Profile, kind: str) -> list[_Candidate]:
         # Segments [a, b): the recompute materialises the blocks' activations as in `keep`, then
         # backward walks down them: at block k, blocks a..k are live and k's backward rises on top.
         running, cost, transient = None, prof.cost(RECOMPUTE, i, kind), tr[RECOMPUTE][i]
-        for a in range(b - 1, -1 if prof.segments else b - 2, -1):
+        for a in range(b - 1, first - 1 if prof.segments else b - 2, -1):
             at_a = kept[KEEP][a] + work[KEEP][a] + other[a]
             running = at_a if running is None else max(running + kept[KEEP][a], at_a)
             if a == b - 1:
@@ -262,9 +264,10 @@ class Plan:
         return cls.from_json(text)
 
     def check(self, names: list[str]) -> None:
-        """Raise unless this plan was made for a chain with these block names."""
+        """Raise unless this plan was made for blocks with these names (in any order:
+        a plan lists them in the order the forward calls them)."""
         mine = [b.name for b in self.blocks]
-        if mine != names:
+        if sorted(mine) != sorted(names):
             raise MemfitError(f"this plan was made for a model with {len(mine)} blocks ({mine[0]}..{mine[-1]}), "
                               f"not this one with {len(names)} ({names[0]}..{names[-1]}); make a plan for this "
                               f"model with memfit.plan or `memfit plan`.")
@@ -353,7 +356,7 @@ def plan(model, batch, loss_fn, budget, *, blocks=None, cost="time", optimizer=N
     solution = solve(prof, minimum, cost, bins=200)
     reachable = minimum
     if solution:
-        reachable = simulate(model, batch, loss_fn, solution[0], blocks=blocks, optimizer=optimizer,
+        reachable = simulate(model, batch, loss_fn, solution[0], blocks=prof.names, optimizer=optimizer,
                              distributed=distributed, real=prof.memory_source == MEASURED, seed=prof.seed).peak_bytes
     raise MemfitError(f"budget {fmt_bytes(budget_bytes)} is below the smallest peak checkpointing reaches for this "
                       f"model and batch, about {fmt_bytes(max(reachable, minimum))} (plain run: "
@@ -390,12 +393,12 @@ def plan_or_none(model, batch, loss_fn, budget, *, blocks=None, cost="time", opt
         units = [Unit(i, i + 1, KEEP) for i in range(len(prof.names))]
         found = (units, 0.0, prof.baseline_peak_bytes)
     else:
-        peaks = {tuple(strategies.parse(name, len(prof.names))): peak for name, peak in prof.uniform_peaks.items()}
+        peaks = {tuple(strategies.parse(name, prof.chain_sizes)): peak for name, peak in prof.uniform_peaks.items()}
 
         def peak_of(units):
             key = tuple(units)
             if key not in peaks:
-                peaks[key] = simulate(model, batch, loss_fn, units, blocks=blocks, optimizer=optimizer,
+                peaks[key] = simulate(model, batch, loss_fn, units, blocks=prof.names, optimizer=optimizer,
                                       distributed=distributed, real=prof.memory_source == MEASURED,
                                       seed=prof.seed).peak_bytes
             return peaks[key]
@@ -404,7 +407,7 @@ def plan_or_none(model, batch, loss_fn, budget, *, blocks=None, cost="time", opt
         # just meets, the DP can miss it. Each uniform strategy cheaper than the plan found is simulated,
         # and the cheapest that fits wins: no uniform strategy that fits the budget costs less than the plan.
         for name in UNIFORM_FALLBACKS:
-            units = strategies.parse(name, len(prof.names))
+            units = strategies.parse(name, prof.chain_sizes)
             if not prof.segments and any(u.stop - u.start > 1 and u.mode != KEEP for u in units):
                 continue
             total = sum(prof.cost(u.mode, i, cost) for u in units for i in range(u.start, u.stop))

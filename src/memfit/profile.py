@@ -49,7 +49,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from memfit import strategies
 from memfit.apply import SegmentWarning, applied_strategy, apply, remove
-from memfit.blocks import find_blocks
+from memfit.blocks import find_blocks, find_chains
 from memfit.errors import MemfitError, scalar_loss
 from memfit.flops import counting_flops
 from memfit.memory import track_memory
@@ -342,7 +342,12 @@ class Profile:
     uniform_peaks: dict | None = None  # the simulated peak of each mode used for every block
     real_steps_because: str | None = None
     seed: int | None = None        # the RNG seed of the real steps
-    segments: bool = True          # whether the chain's blocks can be recomputed as segments
+    segments: bool = True          # whether the chains' blocks can be recomputed as segments
+    chains: list | None = None     # the length of each chain, in the order of `names`
+
+    @property
+    def chain_sizes(self) -> list:
+        return self.chains or [len(self.names)]
 
     def recomputed_flops(self, mode: str, i: int) -> int:
         """Matmul / convolution / attention FLOPs recomputed for block i."""
@@ -377,12 +382,21 @@ def _read(sim: Simulation, n: int):
     transient = [max(live[at[f"f<{i}"]:at[f"f>{i}"] + 1]) - live[at[f"f<{i}"]] for i in range(n)]
     backward_start = [live[at[f"b<{i}"]] for i in range(n)]
     ends = [at[f"b<{i - 1}"] if i else at["backward done"] for i in range(n)]
-    work = [max(live[at[f"b<{i}"]:ends[i] + 1]) - backward_start[i] for i in range(n)]
+    work = [max(live[at[f"b<{i}"]:max(ends[i], at[f"b<{i}"]) + 1]) - backward_start[i] for i in range(n)]
     start = live[at["f<0"]]
     head = max(live[at[f"f>{n - 1}"]:at[f"b<{n - 1}"] + 1]) - live[at[f"f>{n - 1}"]]
     tail = max(live[at["backward done"]:])
     return dict(kept=kept, transient=transient, backward_start=backward_start, work=work, start=start,
                 head=head, tail=tail)
+
+
+def _forward_order(sim: Simulation, n: int) -> list:
+    """The blocks' indices in the order the step first called them."""
+    first = {}
+    for k, (label, _) in enumerate(sim.timeline):
+        if label.startswith("f<"):
+            first.setdefault(int(label[2:]), k)
+    return sorted(range(n), key=lambda i: first.get(i, len(sim.timeline) + i))
 
 
 def _all_ran(sim: Simulation, n: int) -> bool:
@@ -445,6 +459,12 @@ def profile(model, batch, loss_fn, *, blocks=None, optimizer=None, timing=True, 
     device = next(model.parameters()).device
     common = dict(blocks=blocks, optimizer=optimizer, distributed=distributed)
     real, seed, why, plain = _source(model, batch, loss_fn, n, marks=True, **common)
+    order = _forward_order(plain, n)
+    if order != list(range(n)):  # profile and plan the blocks in the order the forward calls them
+        names = [names[i] for i in order]
+        common["blocks"] = blocks = names
+        real, seed, why, plain = _source(model, batch, loss_fn, n, marks=True, **common)
+    chains = [len(c) for c in find_chains(model, blocks)]
     sims = {KEEP: plain}
     for m in modes_for("cpu" if real else device):
         if m == KEEP:
@@ -455,7 +475,8 @@ def profile(model, batch, loss_fn, *, blocks=None, optimizer=None, timing=True, 
             if m != OFFLOAD:
                 raise
             warnings.warn(f"memfit: offload left out of the plan, its simulation failed: {e}")
-    segments = n > 1 and not simulate(model, batch, loss_fn, "segments:1", real=real, seed=seed, **common).split
+    segments = max(chains) > 1 and not simulate(model, batch, loss_fn, "segments:1", real=real, seed=seed,
+                                                **common).split
     modes = tuple(sims)
     reads = {m: _read(sim, n) for m, sim in sims.items()}
     keep, baseline = reads[KEEP], sims[KEEP]
@@ -470,6 +491,7 @@ def profile(model, batch, loss_fn, *, blocks=None, optimizer=None, timing=True, 
         flops=[b[0] for b in per_block], selective_flops=[b[1] for b in per_block],
         elementwise=[b[2] for b in per_block], scores_flops=[b[3] for b in per_block], step_flops=step_flops,
         memory_source=MEASURED if real else SIMULATED, real_steps_because=why, seed=seed, segments=segments,
+        chains=chains,
         uniform_peaks={UNIFORM[m]: sim.peak_bytes for m, sim in sims.items()})
     if timing:
         t = time_strategies(model, batch, loss_fn, blocks=blocks)

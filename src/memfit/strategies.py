@@ -54,35 +54,48 @@ class Unit:
     mode: str
 
 
-def parse(strategy: str, n_blocks: int) -> list[Unit]:
-    """Units for a strategy string on a chain of `n_blocks` blocks."""
+def parse(strategy: str, chains) -> list[Unit]:
+    """Units for a strategy string over chains of these lengths (`chains`: a
+    list of lengths, or one int for a single chain), numbered across the
+    chains in order. A strategy applies to each chain alone: `every:K`
+    recomputes every K-th block of each chain, `sqrt` and `segments:N` cut
+    each chain into segments (never across two chains; a chain shorter than
+    N gets one segment per block)."""
+    sizes = [chains] if isinstance(chains, int) else list(chains)
     text = str(strategy).strip().lower()
     name, _, arg = text.partition(":")
     accepted = f"accepted: {', '.join(NAMES)} (K, N positive integers)"
     if name in ("none", "blocks", "sqrt", OFFLOAD, *SAC_MODES) and arg:
         raise MemfitError(f"strategy {strategy!r} takes no argument; {accepted}.")
-    if name == "none":
-        return [Unit(0, n_blocks, KEEP)]
-    if name == "blocks":
-        return [Unit(i, i + 1, RECOMPUTE) for i in range(n_blocks)]
-    if name in (*SAC_MODES, OFFLOAD):
-        return [Unit(i, i + 1, name) for i in range(n_blocks)]
-    if name == "sqrt":
-        return segments(n_blocks, max(1, round(math.sqrt(n_blocks))))
+    k = None
     if name in ("every", "segments"):
-        try:
-            k = int(arg)
-        except ValueError:
-            k = 0
-        if k < 1 or str(k) != arg:
+        k = int(arg) if arg.isdigit() and str(int(arg)) == arg else 0
+        if k < 1:
             raise MemfitError(f"{name}:{arg} needs a positive integer, like {name}:2; {accepted}.")
-        if name == "every":
-            return [Unit(i, i + 1, RECOMPUTE if i % k == 0 else KEEP) for i in range(n_blocks)]
-        if k > n_blocks:
-            raise MemfitError(f"segments:{k} asks for more segments than the {n_blocks} blocks found; "
-                              f"use segments:1 to segments:{n_blocks}.")
-        return segments(n_blocks, k)
-    raise MemfitError(f"unknown strategy {strategy!r}; {accepted}.")
+        if name == "segments" and k > max(sizes):
+            raise MemfitError(f"segments:{k} asks for more segments than the {max(sizes)} blocks of the longest "
+                              f"chain; use segments:1 to segments:{max(sizes)}.")
+    elif name not in ("none", "blocks", "sqrt", OFFLOAD, *SAC_MODES):
+        raise MemfitError(f"unknown strategy {strategy!r}; {accepted}.")
+    units, at = [], 0
+    for n in sizes:
+        units += [Unit(at + u.start, at + u.stop, u.mode) for u in _chain(name, k, n)]
+        at += n
+    return units
+
+
+def _chain(name: str, k: int | None, n: int) -> list[Unit]:
+    if name == "none":
+        return [Unit(0, n, KEEP)]
+    if name == "blocks":
+        return [Unit(i, i + 1, RECOMPUTE) for i in range(n)]
+    if name in (*SAC_MODES, OFFLOAD):
+        return [Unit(i, i + 1, name) for i in range(n)]
+    if name == "sqrt":
+        return segments(n, max(1, round(math.sqrt(n))))
+    if name == "every":
+        return [Unit(i, i + 1, RECOMPUTE if i % k == 0 else KEEP) for i in range(n)]
+    return segments(n, min(k, n))
 
 
 def segments(n_blocks: int, n: int) -> list[Unit]:
@@ -95,10 +108,6 @@ def segments(n_blocks: int, n: int) -> list[Unit]:
         units.append(Unit(start, stop, RECOMPUTE))
         start = stop
     return units
-
-
-def recomputed_blocks(units: list[Unit]) -> int:
-    return sum(u.stop - u.start for u in units if u.mode != KEEP)
 
 
 aten = torch.ops.aten

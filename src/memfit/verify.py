@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_map
 
 from memfit import strategies
 from memfit.apply import apply, wrapped_blocks
-from memfit.blocks import find_blocks
+from memfit.blocks import find_blocks, find_chains
 from memfit.errors import MemfitError, scalar_loss
 from memfit.flops import counting_flops
 from memfit.memory import static_tensors, track_memory
@@ -197,7 +197,8 @@ def verify(model, batch, loss_fn, strategy="blocks", *, steps=5, device="cpu", s
         the_plan.check(names)
         units = the_plan.units
     else:
-        units = strategies.parse(strategy, n_blocks) if isinstance(strategy, str) else strategy
+        sizes = [len(c) for c in find_chains(model, blocks)]
+        units = strategies.parse(strategy, sizes) if isinstance(strategy, str) else strategy
     if device.type != "cuda" and any(u.mode == strategies.OFFLOAD for u in units):
         raise MemfitError(f"offload moves saved tensors from a CUDA device to CPU memory, so on {device.type} it "
                           f"saves nothing; use --device cuda, or a strategy that recomputes.")
@@ -208,7 +209,7 @@ def verify(model, batch, loss_fn, strategy="blocks", *, steps=5, device="cpu", s
     for label in ("baseline", "checkpointed"):
         m = copy.deepcopy(model)
         if label == "checkpointed":
-            apply(m, units, blocks=blocks, state_replay=state_replay)
+            apply(m, the_plan or units, blocks=blocks, state_replay=state_replay)
         runs[label] = _Run(m, torch.optim.AdamW(m.parameters(), lr=1e-3), [], [],
                            forward=torch.compile(m, backend=compile) if compile else None)
     base, ckpt = runs["baseline"], runs["checkpointed"]

@@ -148,3 +148,85 @@ def sd3():
 
 
 MORE = {"diffusers DiT": dit, "diffusers SD3 transformer (keyword blocks)": sd3}  # the benchmark runs these too
+
+
+def clip():
+    """Two towers: a text and a vision transformer, trained with the contrastive loss."""
+    import transformers as tf
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, dropout=0.1,
+                 attention_dropout=0.1)
+    cfg = tf.CLIPConfig(text_config=dict(vocab_size=V, max_position_embeddings=T, bos_token_id=1, eos_token_id=2,
+                                         **tower),
+                        vision_config=dict(image_size=16, patch_size=4, **tower), projection_dim=16)
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randint(3, V, (B, T), generator=g), torch.randn(B, 3, 16, 16, generator=g))
+    return tf.CLIPModel(cfg), batch, lambda m, b: m(input_ids=b[0], pixel_values=b[1], return_loss=True).loss
+
+
+def whisper():
+    """Speech encoder-decoder: mel features in, tokens out."""
+    import transformers as tf
+    cfg = tf.WhisperConfig(vocab_size=V, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                           decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16,
+                           max_source_positions=16, max_target_positions=T, pad_token_id=0,
+                           decoder_start_token_id=1, dropout=0.1, attention_dropout=0.1)
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(B, 16, 32, generator=g), torch.randint(3, V, (B, 8), generator=g))
+    return tf.WhisperForConditionalGeneration(cfg), batch, lambda m, b: m(input_features=b[0], labels=b[1]).loss
+
+
+def swin():
+    """A hierarchical vision transformer: stages of windowed-attention blocks."""
+    import transformers as tf
+    cfg = tf.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=4,
+                        num_labels=4, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, drop_path_rate=0.1)
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(B, 3, 32, 32, generator=g), torch.tensor([1, 3]))
+    return tf.SwinForImageClassification(cfg), batch, lambda m, b: m(pixel_values=b[0], labels=b[1]).loss
+
+
+def convnext():
+    """A hierarchical convnet: four stages of ConvNeXt blocks with stochastic depth."""
+    import transformers as tf
+    cfg = tf.ConvNextConfig(hidden_sizes=[8, 16, 24, 32], depths=[2, 2, 2, 2], num_labels=4, drop_path_rate=0.1)
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(B, 3, 32, 32, generator=g), torch.tensor([1, 3]))
+    return tf.ConvNextForImageClassification(cfg), batch, lambda m, b: m(pixel_values=b[0], labels=b[1]).loss
+
+
+class UNet(nn.Module):
+    """A U-Net written the way people write one: a down path whose outputs
+    are kept for the up path, and skip concatenations."""
+
+    def __init__(self, c=8, depth=3):
+        super().__init__()
+        def conv(i, o):
+            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(),
+                                 nn.Conv2d(o, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU())
+        widths = [c * 2 ** k for k in range(depth + 1)]
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.down = nn.ModuleList([conv(widths[k], widths[k + 1]) for k in range(depth)])
+        self.up = nn.ModuleList([conv(widths[k + 1] + widths[k + 1], widths[k]) for k in reversed(range(depth))])
+        self.pool = nn.MaxPool2d(2)
+        self.head = nn.Conv2d(c, 1, 1)
+
+    def forward(self, x):
+        x, skips = self.stem(x), []
+        for block in self.down:
+            x = block(x)
+            skips.append(x)
+            x = self.pool(x)
+        for block in self.up:
+            x = nn.functional.interpolate(x, scale_factor=2)
+            x = block(torch.cat([x, skips.pop()], dim=1))
+        return self.head(x)
+
+
+def plain_unet():
+    g = torch.Generator().manual_seed(1)
+    return UNet(), torch.randn(B, 3, 32, 32, generator=g), lambda m, b: m(b).pow(2).mean()
+
+
+STACKS = {"diffusers UNet2DConditionModel": unet, "CLIP (two towers)": clip, "T5 (encoder-decoder)": t5,
+          "Whisper (encoder-decoder)": whisper, "Swin (stages)": swin, "ConvNeXt (stages)": convnext,
+          "plain-torch U-Net (skip concatenations)": plain_unet}

@@ -63,17 +63,18 @@ def apply(model: nn.Module, strategy="blocks", blocks=None, state_replay=True, *
     """Checkpoint the blocks of `model` according to `strategy`; returns `model`.
 
     `strategy`: a strategy string (`none`, `blocks`, `every:K`, `segments:N`,
-    `sqrt`, `selective`, `scores`, `pointwise`, `offload`), a `memfit.Plan`, or a list of `strategies.Unit`.
+    `sqrt`, `selective`, `scores`, `pointwise`, `offload`, `plan:60%` with `batch` and
+    `loss_fn`, `plan:FILE.json`), a `memfit.Plan`, or a list of `strategies.Unit`.
     With `budget=` ('60%', '8GiB', 'auto') and `batch`, `loss_fn`, it plans
     first (`memfit.plan`, cached by shapes) and applies the plan. `blocks`:
-    which modules form the chain (see `memfit.find_blocks`). Applying again
+    which modules are blocks (see `memfit.find_chains`; every chain found by default). Applying again
     replaces the previous strategy. Recomputation only happens in training mode with grad
     enabled; in eval mode a wrapped block is a plain call. `state_replay=False`
     reproduces PyTorch's own checkpoint, which writes BatchNorm statistics
     twice: only for showing the difference. `training_only=False` also
     recomputes in eval mode, for gradients of an eval-mode model (attribution).
     """
-    from memfit.planner import Plan, plan
+    from memfit.planner import Plan, plan, resolve_plan
 
     if not isinstance(model, nn.Module):
         raise MemfitError(f"apply takes a torch.nn.Module, not {type(model).__name__}; call "
@@ -86,9 +87,11 @@ def apply(model: nn.Module, strategy="blocks", blocks=None, state_replay=True, *
         if batch is None or loss_fn is None:
             raise MemfitError("apply(model, budget=...) needs batch= and loss_fn= to plan with.")
         strategy = plan(model, batch, loss_fn, budget, blocks=blocks, cost=cost)
-        applied = applied_strategy(model)
-        if applied and applied["units"] == strategy.units:
-            return model  # the same plan is already in place
+    strategy = resolve_plan(strategy, model, batch, loss_fn, blocks, cost) or strategy  # plan:60%, plan:FILE.json
+    applied = applied_strategy(model)
+    if isinstance(strategy, Plan) and applied and applied["units"] == strategy.units and \
+            applied["blocks"] == [b.name for b in strategy.blocks]:
+        return model  # the same plan is already in place
     remove(model)
     if isinstance(strategy, Plan):  # its blocks, in the order the plan lists them (the forward's)
         strategy.check([n for n, _ in find_blocks(model, blocks)])

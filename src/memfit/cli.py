@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 import torch
 from rich.console import Console
@@ -534,6 +535,8 @@ def main(argv=None) -> int:
     debug = "--debug" in joined or os.environ.get("MEMFIT_DEBUG", "") not in ("", "0")
     args = parser().parse_args([w for w in joined if w != "--debug"])
     out = Console()
+    warnings.formatwarning = lambda message, category, *rest, **kw: (
+        f"{message}\n" if str(message).startswith("memfit: ") else f"{category.__name__}: {message}\n")
     try:
         return args.run(args, out)
     except MemfitError as e:

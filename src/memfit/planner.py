@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -31,11 +32,11 @@ import torch
 from memfit import strategies
 from memfit.blocks import find_blocks
 from memfit.errors import MemfitError
-from memfit.profile import MEASURED, Profile, available_cpu_bytes, profile, simulate
+from memfit.profile import MEASURED, CoverageWarning, Profile, available_cpu_bytes, coverage_warning, profile, simulate
 from memfit.report import fmt_bytes
 from memfit.strategies import KEEP, OFFLOAD, RECOMPUTE, Unit
 
-__all__ = ["plan", "Plan", "parse_budget", "solve"]
+__all__ = ["plan", "Plan", "parse_budget", "solve", "resolve_plan"]
 
 BINS = 1000
 UNIFORM_FALLBACKS = ("pointwise", "scores", "selective", "every:3", "every:2", "blocks", "sqrt")
@@ -189,6 +190,7 @@ class Plan:
     predicted_recompute_flops: float  # matmul FLOPs recomputed, fraction of a plain step's
     signature: dict = field(default_factory=dict)
     sources: dict = field(default_factory=dict)  # where each number came from (see `_sources`)
+    coverage: float | None = None  # share of the plain step's saved activations inside the blocks
 
     @property
     def units(self) -> list[Unit]:
@@ -216,6 +218,9 @@ class Plan:
                 line += f"  (segment {b.segment[0]}..{b.segment[1]})"
             lines.append(line)
         lines += [f"  {what}: {where}" for what, where in self.sources.items()]
+        if self.coverage is not None:
+            lines.append(f"  coverage: {self.coverage:.0%} of the plain step's saved activations lie inside these "
+                         f"{len(self.blocks)} blocks")
         return "\n".join(lines)
 
     def to_json(self) -> str:
@@ -417,7 +422,26 @@ def plan_or_none(model, batch, loss_fn, budget, *, blocks=None, cost="time", opt
         units, total, peak = found
         recomputed = sum(prof.recomputed_flops(u.mode, i) for u in units for i in range(u.start, u.stop))
         result = Plan(_choices(prof, units, cost), budget_bytes, peak, prof.baseline_peak_bytes,
-                      total / prof.step_cost(cost), cost, recomputed / prof.step_flops, sig, _sources(prof, cost))
+                      total / prof.step_cost(cost), cost, recomputed / prof.step_flops, sig, _sources(prof, cost),
+                      prof.coverage)
+        if (warning := coverage_warning(prof.coverage)) is not None:
+            warnings.warn(f"memfit: {warning}.", CoverageWarning, stacklevel=3)
         _CACHE[key] = result
         return result
     return prof, budget_bytes
+
+
+def resolve_plan(strategy, model, batch, loss_fn, blocks=None, cost="time"):
+    """A `Plan` for `plan:BUDGET` (planned now for this batch), `plan:FILE.json`
+    (loaded) or a Plan; None for other strategies."""
+    if isinstance(strategy, Plan):
+        return strategy
+    if not isinstance(strategy, str) or not strategy.strip().lower().startswith("plan:"):
+        return None
+    arg = strategy.strip()[len("plan:"):]
+    if arg.endswith(".json"):
+        return Plan.load(arg)
+    if batch is None or loss_fn is None:
+        raise MemfitError(f"strategy {strategy!r} plans for a batch: give batch= and loss_fn= too, or a plan file "
+                          f"(plan:PATH.json).")
+    return plan(model, batch, loss_fn, arg, blocks=blocks, cost=cost)

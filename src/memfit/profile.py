@@ -55,7 +55,7 @@ from memfit.flops import counting_flops
 from memfit.memory import track_memory
 from memfit.strategies import KEEP, MODES, OFFLOAD, POINTWISE, RECOMPUTE, SCORES, SELECTIVE
 
-__all__ = ["profile", "simulate", "Profile"]
+__all__ = ["profile", "simulate", "Profile", "coverage"]
 
 UNIFORM = {KEEP: "none", RECOMPUTE: "blocks", SELECTIVE: "selective", SCORES: "scores", POINTWISE: "pointwise",
            OFFLOAD: "offload"}
@@ -344,6 +344,7 @@ class Profile:
     seed: int | None = None        # the RNG seed of the real steps
     segments: bool = True          # whether the chains' blocks can be recomputed as segments
     chains: list | None = None     # the length of each chain, in the order of `names`
+    coverage: float | None = None  # share of the plain step's saved activations inside the blocks
 
     @property
     def chain_sizes(self) -> list:
@@ -397,6 +398,48 @@ def _forward_order(sim: Simulation, n: int) -> list:
         if label.startswith("f<"):
             first.setdefault(int(label[2:]), k)
     return sorted(range(n), key=lambda i: first.get(i, len(sim.timeline) + i))
+
+
+def coverage_of(sim: Simulation, n: int) -> float:
+    """The share of the step's saved activations (what is live at the end of
+    the forward, above the static bytes) that the n blocks added."""
+    at = {label: k for k, (label, _) in enumerate(sim.timeline)}
+    live = [v for _, v in sim.timeline]
+    inside = sum(max(live[at[f"f>{i}"]] - live[at[f"f<{i}"]], 0) for i in range(n))
+    end = next((k for k, (label, _) in enumerate(sim.timeline) if label in ("backward", "forward end")), len(live))
+    total = live[end - 1] - sim.static_bytes
+    return min(inside / total, 1.0) if total > 0 else 1.0
+
+
+def coverage(model, batch, loss_fn, *, blocks=None) -> float | None:
+    """`coverage_of` the plain step: simulated, or measured where it cannot be
+    simulated; None if neither runs every block."""
+    n = len(find_blocks(model, blocks))
+    for real in (False, True):
+        try:
+            sim = simulate(model, batch, loss_fn, "none", blocks=blocks, marks=True, real=real, seed=0 if real else None)
+        except MemfitError:
+            raise
+        except Exception:  # noqa: BLE001 - see NOTE [real steps]
+            continue
+        if _all_ran(sim, n):
+            return coverage_of(sim, n)
+    return None
+
+
+class CoverageWarning(UserWarning):
+    """Much of the model's activations lie outside every block memfit checkpoints."""
+
+
+COVERAGE_WARNING = 0.5  # below this share of the activations inside the blocks, memfit says so
+
+
+def coverage_warning(share: float | None) -> str | None:
+    if share is None or share >= COVERAGE_WARNING:
+        return None
+    return (f"only {share:.0%} of the plain step's saved activations lie inside the blocks, so "
+            f"checkpointing them saves at most that much; name more blocks with blocks=... (--blocks), "
+            f"e.g. 'encoder.layers|decoder.layers'")
 
 
 def _all_ran(sim: Simulation, n: int) -> bool:
@@ -491,7 +534,7 @@ def profile(model, batch, loss_fn, *, blocks=None, optimizer=None, timing=True, 
         flops=[b[0] for b in per_block], selective_flops=[b[1] for b in per_block],
         elementwise=[b[2] for b in per_block], scores_flops=[b[3] for b in per_block], step_flops=step_flops,
         memory_source=MEASURED if real else SIMULATED, real_steps_because=why, seed=seed, segments=segments,
-        chains=chains,
+        chains=chains, coverage=coverage_of(plain, n),
         uniform_peaks={UNIFORM[m]: sim.peak_bytes for m, sim in sims.items()})
     if timing:
         t = time_strategies(model, batch, loss_fn, blocks=blocks)

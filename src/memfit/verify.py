@@ -19,6 +19,7 @@ import copy
 import functools
 import statistics
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -30,22 +31,10 @@ from memfit.blocks import find_blocks, find_chains
 from memfit.errors import MemfitError, scalar_loss
 from memfit.flops import counting_flops
 from memfit.memory import static_tensors, track_memory
-from memfit.planner import Plan, plan
+from memfit.planner import resolve_plan
+from memfit.profile import CoverageWarning, coverage, coverage_warning
 
 __all__ = ["verify", "measure", "time_step", "resolve_device", "resolve_plan", "parse_expected_reduction"]
-
-
-def resolve_plan(strategy, model, batch, loss_fn, blocks=None):
-    """A `Plan` for `plan:BUDGET` (planned now, cost measured in time),
-    `plan:FILE.json` (loaded) or a Plan; None for other strategies."""
-    if isinstance(strategy, Plan):
-        return strategy
-    if not isinstance(strategy, str) or not strategy.startswith("plan:"):
-        return None
-    arg = strategy[len("plan:"):]
-    if arg.endswith(".json"):
-        return Plan.load(arg)
-    return plan(model, batch, loss_fn, arg, blocks=blocks)
 
 
 def measure(model, batch, loss_fn, strategy, *, blocks=None, optimizer=None, timed_steps=2) -> dict:
@@ -280,6 +269,9 @@ def verify(model, batch, loss_fn, strategy="blocks", *, steps=5, device="cpu", s
         failures.append(f"losses differ (max difference {loss_diff:.3g})")
 
     recomputed = [n for n, mode in wrapped_blocks(ckpt.model)]
+    share = coverage(model, batch, loss_fn, blocks=blocks)
+    if (warning := coverage_warning(share)) is not None:
+        warnings.warn(f"memfit: {warning}.", CoverageWarning, stacklevel=2)
     checkpointed = summary(ckpt)
     if the_plan is not None:
         checkpointed["predicted_peak_bytes"] = the_plan.predicted_peak_bytes
@@ -292,6 +284,7 @@ def verify(model, batch, loss_fn, strategy="blocks", *, steps=5, device="cpu", s
         "torch_version": torch.__version__,
         "steps": steps,
         "blocks": {"found": n_blocks, "checkpointed": len(recomputed)},
+        "coverage": share,
         "state_replay": state_replay,
         "compile": compile,
         "baseline": summary(base),

@@ -103,8 +103,11 @@ def apply(model: nn.Module, strategy="blocks", blocks=None, state_replay=True, *
     else:
         units = strategies.parse(strategy, [len(c) for c in chains]) if isinstance(strategy, str) else list(strategy)
     _check_units(units, [len(c) for c in chains])
-    # Hugging Face: a KV cache is state that recompute would append to a second time; their own checkpointing
-    # turns it off too. Every config counts: an encoder-decoder's decoder stack has a copy of its own.
+    # NOTE [no KV cache]: a Hugging Face KV cache is state that recompute would append to a second time, so
+    # `apply` turns it off, as their own checkpointing does in training, on every config (an encoder-decoder's
+    # decoder stack has a copy of its own); `remove` turns it back on. Training with the cache on takes another
+    # path (a concatenation) whose gradients differ in the last bits, so `verify` compares with the plain
+    # model with the cache off: `apply(model, "none")`.
     configs = {id(c): c for m in model.modules() if getattr(c := getattr(m, "config", None), "use_cache", None) is True}
     for config in configs.values():
         config.use_cache = False

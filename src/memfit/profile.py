@@ -391,15 +391,6 @@ def _read(sim: Simulation, n: int):
                 head=head, tail=tail)
 
 
-def _forward_order(sim: Simulation, n: int) -> list:
-    """The blocks' indices in the order the step first called them."""
-    first = {}
-    for k, (label, _) in enumerate(sim.timeline):
-        if label.startswith("f<"):
-            first.setdefault(int(label[2:]), k)
-    return sorted(range(n), key=lambda i: first.get(i, len(sim.timeline) + i))
-
-
 def coverage_of(sim: Simulation, n: int) -> float:
     """The share of the step's saved activations (what is live at the end of
     the forward, above the static bytes) that the n blocks added."""
@@ -502,11 +493,6 @@ def profile(model, batch, loss_fn, *, blocks=None, optimizer=None, timing=True, 
     device = next(model.parameters()).device
     common = dict(blocks=blocks, optimizer=optimizer, distributed=distributed)
     real, seed, why, plain = _source(model, batch, loss_fn, n, marks=True, **common)
-    order = _forward_order(plain, n)
-    if order != list(range(n)):  # profile and plan the blocks in the order the forward calls them
-        names = [names[i] for i in order]
-        common["blocks"] = blocks = names
-        real, seed, why, plain = _source(model, batch, loss_fn, n, marks=True, **common)
     chains = [len(c) for c in find_chains(model, blocks)]
     sims = {KEEP: plain}
     for m in modes_for("cpu" if real else device):

@@ -196,9 +196,10 @@ def verify(model, batch, loss_fn, strategy="blocks", *, steps=5, device="cpu", s
 
     runs = {}
     for label in ("baseline", "checkpointed"):
-        m = copy.deepcopy(model)
-        if label == "checkpointed":
-            apply(m, the_plan or units, blocks=blocks, state_replay=state_replay)
+        # the baseline gets apply(none): no block is wrapped, but a Hugging Face KV cache is off in both runs
+        # (NOTE [no KV cache] in memfit.apply)
+        m = apply(copy.deepcopy(model), the_plan or units if label == "checkpointed" else "none", blocks=blocks,
+                  state_replay=state_replay)
         runs[label] = _Run(m, torch.optim.AdamW(m.parameters(), lr=1e-3), [], [],
                            forward=torch.compile(m, backend=compile) if compile else None)
     base, ckpt = runs["baseline"], runs["checkpointed"]

@@ -93,7 +93,7 @@ def apply(model: nn.Module, strategy="blocks", blocks=None, state_replay=True, *
             applied["blocks"] == [b.name for b in strategy.blocks]:
         return model  # the same plan is already in place
     remove(model)
-    if isinstance(strategy, Plan):  # its blocks, in the order the plan lists them (the forward's)
+    if isinstance(strategy, Plan):  # its blocks, as the plan lists them
         strategy.check([n for n, _ in find_blocks(model, blocks)])
         blocks = [b.name for b in strategy.blocks]
     chains = find_chains(model, blocks)

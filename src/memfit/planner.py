@@ -269,8 +269,7 @@ class Plan:
         return cls.from_json(text)
 
     def check(self, names: list[str]) -> None:
-        """Raise unless this plan was made for blocks with these names (in any order:
-        a plan lists them in the order the forward calls them)."""
+        """Raise unless this plan was made for blocks with these names (in any order)."""
         mine = [b.name for b in self.blocks]
         if sorted(mine) != sorted(names):
             raise MemfitError(f"this plan was made for a model with {len(mine)} blocks ({mine[0]}..{mine[-1]}), "

@@ -6,16 +6,22 @@ predicted peak is to the measured one.
 
 For each model (tiny random-weight configs from transformers, diffusers and
 peft, and a plain-torch LayerDrop encoder; nothing downloaded), on CPU:
-  chain        the blocks memfit finds
+  chains       the chains of blocks memfit finds, and how many blocks in all
+  coverage     share of the plain step's saved activations inside the blocks
   exact        strategies whose gradients, loss and buffers are bitwise equal
                to the plain run's, of blocks, sqrt, every:2, selective, scores, pointwise
   blocks       peak saved by `blocks`
+  own          peak saved by the model's own gradient checkpointing, where it has one
+  60%          a plan for 60% of the plain peak: its measured saving, or the smallest
+               budget it can reach where 60% is below it (tiny configs: parameters and
+               optimizer state dominate)
   plan         a plan for the budget halfway between the plain and `blocks`
                peaks: predicted peak against the tracker's measured one, in a
                step where every block ran (LayerDrop skips some in others)
   memory from  where the plan's numbers came from (simulated, or real steps and why)
 """
 import argparse
+import copy
 import datetime
 import platform
 import sys
@@ -28,12 +34,25 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import memfit  # noqa: E402
 from memfit.report import write_json  # noqa: E402
-from real_models import BUILDERS, MORE  # noqa: E402
+from real_models import BUILDERS, MORE, STACKS  # noqa: E402
 from test_real_models import STRATEGIES, grads, measured_peak  # noqa: E402
 
 
+def own_peak(model, batch, loss_fn):
+    """The measured peak with the model's own gradient checkpointing, or None if it has none."""
+    m = copy.deepcopy(model)
+    try:
+        if hasattr(m, "enable_gradient_checkpointing"):
+            m.enable_gradient_checkpointing()
+        else:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    except (AttributeError, ValueError):
+        return None
+    return measured_peak(m, batch, loss_fn, "none")
+
+
 def row(name, model, batch, loss_fn):
-    chain = [n for n, _ in memfit.find_blocks(model)]
+    chains = memfit.find_chains(model)
     loss, plain, buffers = grads(model, batch, loss_fn, "none")
     exact = []
     for s in STRATEGIES:
@@ -42,10 +61,17 @@ def row(name, model, batch, loss_fn):
                 and all(torch.equal(x, y) for x, y in zip(buffers, b)):
             exact.append(s)
     none, blocks = measured_peak(model, batch, loss_fn, "none"), measured_peak(model, batch, loss_fn, "blocks")
+    own = own_peak(model, batch, loss_fn)
     plan = memfit.plan(model, batch, loss_fn, (none + blocks) // 2, cost="flops")
     measured = measured_peak(model, batch, loss_fn, plan)
-    return {"model": name, "chain": f"{chain[0]}..{chain[-1]} ({len(chain)})", "exact": exact,
+    try:
+        at60 = 1 - measured_peak(model, batch, loss_fn, memfit.plan(model, batch, loss_fn, "60%", cost="flops")) / none
+    except memfit.MemfitError as e:
+        at60 = str(e).split("reaches for this model and batch, ")[-1].split(" (plain")[0]
+    return {"model": name, "chains": [f"{c[0][0]}..{c[-1][0]} ({len(c)})" for c in chains],
+            "blocks_found": sum(len(c) for c in chains), "coverage": plan.coverage, "exact": exact,
             "plain_peak_bytes": none, "blocks_saving": 1 - blocks / none,
+            "own_checkpointing_saving": None if own is None else 1 - own / none, "plan_60_saving": at60,
             "plan_predicted_bytes": plan.predicted_peak_bytes, "plan_measured_bytes": measured,
             "plan_error": plan.predicted_peak_bytes / measured - 1, "plain_error": plan.baseline_peak_bytes / none - 1,
             "memory_source": plan.sources["memory"], "segments": plan.sources["segments"]}
@@ -56,15 +82,19 @@ def main():
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     rows = []
-    for name, build in {**BUILDERS, **MORE}.items():
+    for name, build in {**BUILDERS, **MORE, **STACKS}.items():
         torch.manual_seed(0)
         rows.append(row(name, *build()))
     table = Table(title="memfit on real architectures (CPU)")
-    for col in ("model", "chain", "exact", "blocks", "plan predicted vs measured", "plain predicted vs measured",
-                "memory from"):
+    for col in ("model", "chains (blocks)", "coverage", "exact", "blocks", "own", "plan at 60%",
+                "plan predicted vs measured", "plain predicted vs measured", "memory from"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["model"], r["chain"], f"{len(r['exact'])}/{len(STRATEGIES)}", f"-{r['blocks_saving']:.1%}",
+        own, at60 = r["own_checkpointing_saving"], r["plan_60_saving"]
+        table.add_row(r["model"], f"{len(r['chains'])} ({r['blocks_found']})", f"{r['coverage']:.0%}",
+                      f"{len(r['exact'])}/{len(STRATEGIES)}", f"-{r['blocks_saving']:.1%}",
+                      "-" if own is None else f"-{own:.1%}",
+                      f"-{at60:.1%}" if isinstance(at60, float) else f"min {at60}",
                       f"{r['plan_error']:+.2%}", f"{r['plain_error']:+.2%}", r["memory_source"].split(":")[0])
     Console().print(table)
     date = datetime.date.today().isoformat()

@@ -227,6 +227,6 @@ def plain_unet():
     return UNet(), torch.randn(B, 3, 32, 32, generator=g), lambda m, b: m(b).pow(2).mean()
 
 
-STACKS = {"diffusers UNet2DConditionModel": unet, "CLIP (two towers)": clip, "T5 (encoder-decoder)": t5,
+STACKS = {"diffusers UNet2DConditionModel": unet, "CLIP (two towers)": clip, "t5 (encoder-decoder)": t5,
           "Whisper (encoder-decoder)": whisper, "Swin (stages)": swin, "ConvNeXt (stages)": convnext,
           "plain-torch U-Net (skip concatenations)": plain_unet}

@@ -131,3 +131,19 @@ def test_plan_is_made_once_and_fits_every_fsdp_rank(tmp_path):
     for r in (r0, r1):  # per rank: the prediction counts FSDP's sharded parameters, gradients and state
         assert r["predicted"] <= r["budget"]
         assert 0.85 * r["predicted"] <= r["peak"] <= 1.01 * r["predicted"], r
+
+
+def test_a_segment_plans_per_rank_prediction_counts_the_segment_as_one_fsdp_group():
+    """The planner simulates candidate units on a copy; the FSDP groups are that copy's units, as they will
+    be sharded, not whatever is applied to the model being planned (once: one group per block)."""
+    import copy
+
+    import memfit
+    from memfit.models import REGISTRY
+    from memfit.profile import simulate
+    model, batch, loss_fn = REGISTRY["gpt"].build("tiny", batch_size=2)
+    wrapped = memfit.apply(copy.deepcopy(model), "segments:1")  # what train shards and reports
+    expected = simulate(wrapped, batch, loss_fn, None, distributed=("fsdp", 2)).peak_bytes
+    assert simulate(model, batch, loss_fn, "segments:1", distributed=("fsdp", 2)).peak_bytes == expected
+    blocks = simulate(model, batch, loss_fn, "blocks", distributed=("fsdp", 2)).peak_bytes
+    assert expected != blocks

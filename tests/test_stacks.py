@@ -22,7 +22,7 @@ CHAINS = {  # the containers of the chains found, in model order
                                        "up_blocks.0.resnets", "up_blocks.1.attentions", "up_blocks.1.resnets",
                                        "mid_block.attentions", "mid_block.resnets"],
     "CLIP (two towers)": ["text_model.encoder.layers", "vision_model.encoder.layers"],
-    "T5 (encoder-decoder)": ["encoder.block", "decoder.block"],
+    "t5 (encoder-decoder)": ["encoder.block", "decoder.block"],
     "Whisper (encoder-decoder)": ["model.encoder.layers", "model.decoder.layers"],
     "Swin (stages)": ["swin.encoder.layers.0.blocks", "swin.encoder.layers.1.blocks"],
     "ConvNeXt (stages)": [f"convnext.encoder.stages.{k}.layers" for k in range(4)],
@@ -111,7 +111,7 @@ def test_coverage_says_when_blocks_leave_out_most_of_the_model():
 
 
 def test_the_kv_cache_is_off_while_applied_and_on_again_after():
-    model = STACKS["T5 (encoder-decoder)"]()[0]
+    model = STACKS["t5 (encoder-decoder)"]()[0]
     configs = [model.config, model.decoder.config]
     assert [c.use_cache for c in configs] == [True, True]
     memfit.apply(model, "blocks")

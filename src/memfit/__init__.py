@@ -1,7 +1,7 @@
 """memfit: make PyTorch training fit in memory by recomputing activations,
 and prove it is the same training."""
 from memfit.apply import apply, remove, wrapped_blocks
-from memfit.blocks import find_blocks
+from memfit.blocks import find_blocks, find_chains
 from memfit.checkpoint import checkpoint
 from memfit.errors import MemfitError
 from memfit.memory import track_memory
@@ -10,5 +10,5 @@ from memfit.profile import profile
 from memfit.verify import verify
 
 __version__ = "0.1.0"
-__all__ = ["checkpoint", "apply", "remove", "wrapped_blocks", "find_blocks", "track_memory", "plan", "Plan",
+__all__ = ["checkpoint", "apply", "remove", "wrapped_blocks", "find_blocks", "find_chains", "track_memory", "plan", "Plan",
            "profile", "verify", "MemfitError"]

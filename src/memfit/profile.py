@@ -196,7 +196,8 @@ def simulate(model, batch, loss_fn, strategy, *, blocks=None, optimizer=None, ma
     from memfit.distributed import rank_timeline
     state = sum(t.numel() * t.element_size() for t in tree_leaves(list(opt.state.values()))
                 if isinstance(t, torch.Tensor))
-    timeline = rank_timeline(model, *distributed, mem.timeline, list(grads.values()), mem.static_bytes, state)
+    # the copy, with the strategy simulated applied: its units are the FSDP groups (NOTE [order with FSDP2])
+    timeline = rank_timeline(fmodel, *distributed, mem.timeline, list(grads.values()), mem.static_bytes, state)
     return Simulation(max(v for _, v in timeline), timeline[0][1], timeline, split)
 
 

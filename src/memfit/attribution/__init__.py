@@ -35,11 +35,7 @@ def checkpoint_model(model: nn.Module, strategy="blocks") -> nn.Module:
     """Checkpoint every chain of blocks of a video model (its spatial and its
     temporal blocks), also in eval mode: attribution differentiates an
     eval-mode model."""
-    for part in (getattr(model, "frames", None), getattr(model, "temporal", None)) if hasattr(model, "temporal") \
-            else (model,):
-        if part is not None:
-            apply(part, strategy, training_only=False)
-    return model
+    return apply(model, strategy, training_only=False)
 
 
 def frame_scores(grad: torch.Tensor, clip: torch.Tensor, reduce="l2", times_input=False) -> torch.Tensor:

@@ -134,9 +134,7 @@ def create_video(cfg: VideoConfig | dict, gradient_checkpointing=False) -> Video
     if isinstance(cfg, dict):
         cfg = VideoConfig(**cfg)
     model = VideoModel(cfg)
-    checkpointing(model.frames, gradient_checkpointing)
-    checkpointing(model.temporal, gradient_checkpointing)
-    return model
+    return checkpointing(model, gradient_checkpointing)
 
 
 def build(size="small", batch_size=8, seed=0, gradient_checkpointing=False):

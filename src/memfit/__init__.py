@@ -1,11 +1,11 @@
 """memfit: make PyTorch training fit in memory by recomputing activations,
 and prove it is the same training."""
-from memfit.apply import apply, remove, wrapped_blocks
+from memfit.apply import remove, wrapped_blocks
 from memfit.blocks import find_blocks, find_chains
 from memfit.checkpoint import checkpoint
 from memfit.errors import MemfitError
 from memfit.memory import track_memory
-from memfit.planner import Plan, plan
+from memfit.planner import Plan, apply, plan  # apply: plans too (see memfit.planner.apply)
 from memfit.profile import profile
 from memfit.verify import verify
 

@@ -58,15 +58,13 @@ from memfit.strategies import KEEP, OFFLOAD, RECOMPUTE
 __all__ = ["apply", "remove", "wrapped_blocks", "applied_strategy"]
 
 
-def apply(model: nn.Module, strategy="blocks", blocks=None, state_replay=True, *, budget=None, batch=None,
-          loss_fn=None, cost="time", training_only=True) -> nn.Module:
+def apply(model: nn.Module, strategy="blocks", blocks=None, state_replay=True, *, training_only=True) -> nn.Module:
     """Checkpoint the blocks of `model` according to `strategy`; returns `model`.
 
     `strategy`: a strategy string (`none`, `blocks`, `every:K`, `segments:N`,
-    `sqrt`, `selective`, `scores`, `pointwise`, `offload`, `plan:60%` with `batch` and
-    `loss_fn`, `plan:FILE.json`), a `memfit.Plan`, or a list of `strategies.Unit`.
-    With `budget=` ('60%', '8GiB', 'auto') and `batch`, `loss_fn`, it plans
-    first (`memfit.plan`, cached by shapes) and applies the plan. `blocks`:
+    `sqrt`, `selective`, `scores`, `pointwise`, `offload`), a `memfit.Plan`, or a list of
+    `strategies.Unit`. (`memfit.apply`, in `memfit.planner`, also takes `plan:60%`,
+    `plan:FILE.json` and `budget=`, and calls this.) `blocks`:
     which modules are blocks (see `memfit.find_chains`; every chain found by default). Applying again
     replaces the previous strategy. Recomputation only happens in training mode with grad
     enabled; in eval mode a wrapped block is a plain call. `state_replay=False`
@@ -74,32 +72,25 @@ def apply(model: nn.Module, strategy="blocks", blocks=None, state_replay=True, *
     twice: only for showing the difference. `training_only=False` also
     recomputes in eval mode, for gradients of an eval-mode model (attribution).
     """
-    from memfit.planner import Plan, plan, resolve_plan
-
     if not isinstance(model, nn.Module):
         raise MemfitError(f"apply takes a torch.nn.Module, not {type(model).__name__}; call "
                           f"memfit.apply(model, 'blocks').")
-    if not (isinstance(strategy, (str, Plan)) or isinstance(strategy, (list, tuple))
+    plan = strategy if hasattr(strategy, "units") and hasattr(strategy, "check") else None  # a memfit.Plan
+    if not (isinstance(strategy, str) or plan is not None or isinstance(strategy, (list, tuple))
             and all(isinstance(u, strategies.Unit) for u in strategy)):
         raise MemfitError(f"strategy {strategy!r} is not a strategy; give a string such as 'blocks' or "
                           f"'selective', a memfit.Plan, or a list of memfit.strategies.Unit.")
-    if budget is not None:
-        if batch is None or loss_fn is None:
-            raise MemfitError("apply(model, budget=...) needs batch= and loss_fn= to plan with.")
-        strategy = plan(model, batch, loss_fn, budget, blocks=blocks, cost=cost)
-    strategy = resolve_plan(strategy, model, batch, loss_fn, blocks, cost) or strategy  # plan:60%, plan:FILE.json
-    applied = applied_strategy(model)
-    if isinstance(strategy, Plan) and applied and applied["units"] == strategy.units and \
-            applied["blocks"] == [b.name for b in strategy.blocks]:
-        return model  # the same plan is already in place
+    if isinstance(strategy, str) and strategy.strip().lower().startswith("plan:"):
+        raise MemfitError(f"strategy {strategy!r} is a plan: call memfit.apply (it plans or loads it), not "
+                          f"memfit.apply.apply.")
     remove(model)
-    if isinstance(strategy, Plan):  # its blocks, as the plan lists them
+    if plan is not None:  # its blocks, as the plan lists them
         strategy.check([n for n, _ in find_blocks(model, blocks)])
         blocks = [b.name for b in strategy.blocks]
     chains = find_chains(model, blocks)
     chain = [b for c in chains for b in c]
-    if isinstance(strategy, Plan):
-        units = strategy.units
+    if plan is not None:
+        units = plan.units
     else:
         units = strategies.parse(strategy, [len(c) for c in chains]) if isinstance(strategy, str) else list(strategy)
     _check_units(units, [len(c) for c in chains])

@@ -30,13 +30,15 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from memfit import strategies
+from memfit.apply import apply as apply_strategy
+from memfit.apply import applied_strategy
 from memfit.blocks import find_blocks
 from memfit.errors import MemfitError
 from memfit.profile import MEASURED, CoverageWarning, Profile, available_cpu_bytes, coverage_warning, profile, simulate
 from memfit.report import fmt_bytes
 from memfit.strategies import KEEP, OFFLOAD, RECOMPUTE, Unit
 
-__all__ = ["plan", "Plan", "parse_budget", "solve", "resolve_plan"]
+__all__ = ["plan", "Plan", "parse_budget", "solve", "resolve_plan", "apply"]
 
 BINS = 1000
 UNIFORM_FALLBACKS = ("pointwise", "scores", "selective", "every:3", "every:2", "blocks", "sqrt")
@@ -444,3 +446,22 @@ def resolve_plan(strategy, model, batch, loss_fn, blocks=None, cost="time"):
         raise MemfitError(f"strategy {strategy!r} plans for a batch: give batch= and loss_fn= too, or a plan file "
                           f"(plan:PATH.json).")
     return plan(model, batch, loss_fn, arg, blocks=blocks, cost=cost)
+
+
+def apply(model, strategy="blocks", blocks=None, state_replay=True, *, budget=None, batch=None, loss_fn=None,
+          cost="time", training_only=True):
+    """`memfit.apply`: checkpoint the blocks of `model` (`memfit.apply.apply`,
+    which this calls), plans included: a `Plan`, `plan:FILE.json`, and
+    `plan:60%` or `budget=` ('60%', '8GiB', 'auto') with `batch` and
+    `loss_fn`, planned first (cached by shapes: calling this every step plans
+    once). Returns `model`."""
+    if budget is not None:
+        if batch is None or loss_fn is None:
+            raise MemfitError("apply(model, budget=...) needs batch= and loss_fn= to plan with.")
+        strategy = plan(model, batch, loss_fn, budget, blocks=blocks, cost=cost)
+    strategy = resolve_plan(strategy, model, batch, loss_fn, blocks, cost) or strategy
+    applied = applied_strategy(model)
+    if isinstance(strategy, Plan) and applied and applied["units"] == strategy.units and \
+            applied["blocks"] == [b.name for b in strategy.blocks]:
+        return model  # the same plan is already in place
+    return apply_strategy(model, strategy, blocks, state_replay, training_only=training_only)

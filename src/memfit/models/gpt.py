@@ -119,7 +119,7 @@ def loss_fn(model, batch):
 
 def create_gpt(cfg: GPTConfig | dict, gradient_checkpointing=False) -> GPT:
     """The model, with `gradient_checkpointing` (bool, strategy, Plan) applied to its layers."""
-    from memfit.models import checkpointing
+    from memfit.models.switch import checkpointing
 
     return checkpointing(GPT(GPTConfig(**cfg) if isinstance(cfg, dict) else cfg), gradient_checkpointing)
 

@@ -43,7 +43,7 @@ def loss_fn(model, batch):
 
 def create_mlp(cfg: dict, gradient_checkpointing=False) -> MLP:
     """MLP(**cfg) (n_in, hidden, n_out, n_hidden, dropout) with `gradient_checkpointing` applied."""
-    from memfit.models import checkpointing
+    from memfit.models.switch import checkpointing
 
     return checkpointing(MLP(**cfg), gradient_checkpointing)
 

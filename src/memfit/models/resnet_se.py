@@ -86,7 +86,7 @@ def batch(size="small", batch_size=32, seed=0):
 def create_resnet_se(cfg: dict, gradient_checkpointing=False) -> ResNetSE:
     """ResNetSE(**cfg) (n_blocks, channels, planes) with `gradient_checkpointing`
     applied: seed 003's `use_checkpoint=True` is gradient_checkpointing=True."""
-    from memfit.models import checkpointing
+    from memfit.models.switch import checkpointing
 
     return checkpointing(ResNetSE(**cfg), gradient_checkpointing)
 

@@ -129,7 +129,7 @@ def batch(size="small", batch_size=8, seed=0):
 
 def create_video(cfg: VideoConfig | dict, gradient_checkpointing=False) -> VideoModel:
     """The model, with checkpointing applied to both chains (frames and temporal)."""
-    from memfit.models import checkpointing
+    from memfit.models.switch import checkpointing
 
     if isinstance(cfg, dict):
         cfg = VideoConfig(**cfg)

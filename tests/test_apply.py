@@ -344,3 +344,24 @@ def test_a_block_called_again_out_of_order_stays_exact():
     torch.manual_seed(0)
     with pytest.warns(SegmentWarning, match="out of order"):
         assert_same_training(SharedLoop(), torch.randn(4, 8), drop_loss, "segments:1")
+
+
+def test_a_strategy_per_chain_in_one_apply():
+    """{chain: strategy}: each named chain gets its own, the other chains are left plain."""
+    import copy
+    from memfit.models import vit_jepa
+    model, batch, loss_fn = vit_jepa.build("tiny", batch_size=2)
+    memfit.apply(model, {"encoder.blocks": "selective", "predictor.*": "sqrt"})
+    modes = dict(wrapped_blocks(model))
+    assert {n for n in modes if n.startswith("encoder.")} == {f"encoder.blocks.{i}" for i in range(3)}
+    assert set(modes.values()) == {"selective", "recompute"} and not any(n.startswith("target") for n in modes)
+    plain = copy.deepcopy(model)
+    memfit.remove(plain)
+    grads = []
+    for m in (plain, model):
+        torch.manual_seed(0)
+        loss_fn(m, batch).backward()
+        grads.append([p.grad for p in m.parameters() if p.grad is not None])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    with pytest.raises(MemfitError, match="maps chains to strategy strings"):
+        memfit.apply(model, {"encoder.blocks": True})

@@ -40,6 +40,7 @@ element if it returns a tuple). So:
 """
 from __future__ import annotations
 
+import fnmatch
 import functools
 import threading
 import types
@@ -62,7 +63,9 @@ def apply(model: nn.Module, strategy="blocks", blocks=None, state_replay=True, *
     """Checkpoint the blocks of `model` according to `strategy`; returns `model`.
 
     `strategy`: a strategy string (`none`, `blocks`, `every:K`, `segments:N`,
-    `sqrt`, `selective`, `scores`, `pointwise`, `offload`), a `memfit.Plan`, or a list of
+    `sqrt`, `selective`, `scores`, `pointwise`, `offload`), one per chain as a dict
+    (`{"encoder.blocks": "blocks", "predictor.blocks": "selective"}`: containers
+    or patterns, other chains left plain), a `memfit.Plan`, or a list of
     `strategies.Unit`. (`memfit.apply`, in `memfit.planner`, also takes `plan:60%`,
     `plan:FILE.json` and `budget=`, and calls this.) `blocks`:
     which modules are blocks (see `memfit.find_chains`; every chain found by default). Applying again
@@ -76,7 +79,12 @@ def apply(model: nn.Module, strategy="blocks", blocks=None, state_replay=True, *
         raise MemfitError(f"apply takes a torch.nn.Module, not {type(model).__name__}; call "
                           f"memfit.apply(model, 'blocks').")
     plan = strategy if hasattr(strategy, "units") and hasattr(strategy, "check") else None  # a memfit.Plan
-    if not (isinstance(strategy, str) or plan is not None or isinstance(strategy, (list, tuple))
+    if isinstance(strategy, dict):  # {chain: strategy}: each chain's own, the others left as they are
+        if not strategy or not all(isinstance(k, str) and isinstance(v, str) for k, v in strategy.items()):
+            raise MemfitError(f"a strategy per chain maps chains to strategy strings, like "
+                              f"{{'encoder.layers': 'blocks', 'decoder.layers': 'selective'}}; got {strategy!r}.")
+        blocks = "|".join(strategy)
+    if not (isinstance(strategy, (str, dict)) or plan is not None or isinstance(strategy, (list, tuple))
             and all(isinstance(u, strategies.Unit) for u in strategy)):
         raise MemfitError(f"strategy {strategy!r} is not a strategy; give a string such as 'blocks' or "
                           f"'selective', a memfit.Plan, or a list of memfit.strategies.Unit.")
@@ -91,6 +99,8 @@ def apply(model: nn.Module, strategy="blocks", blocks=None, state_replay=True, *
     chain = [b for c in chains for b in c]
     if plan is not None:
         units = plan.units
+    elif isinstance(strategy, dict):
+        units = _per_chain(strategy, chains)
     else:
         units = strategies.parse(strategy, [len(c) for c in chains]) if isinstance(strategy, str) else list(strategy)
     _check_units(units, [len(c) for c in chains])
@@ -161,6 +171,17 @@ def _containers(model, names):
         common.append(level[0])
     named = dict(model.named_modules())
     return [named[".".join(common[:k])] for k in range(len(common) + 1)]
+
+
+def _per_chain(strategy: dict, chains) -> list:
+    """Units for {chain container or pattern: strategy string}, each chain parsed with its own."""
+    units, at = [], 0
+    for chain in chains:
+        name = chain[0][0]
+        key = next(k for k in strategy if name.startswith(f"{k}.") or fnmatch.fnmatchcase(name, k))
+        units += [strategies.Unit(at + u.start, at + u.stop, u.mode) for u in strategies.parse(strategy[key], len(chain))]
+        at += len(chain)
+    return units
 
 
 def _check_units(units, sizes):

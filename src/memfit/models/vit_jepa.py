@@ -164,9 +164,7 @@ def create_jepa(cfg: JEPAConfig | dict, gradient_checkpointing=False) -> JEPA:
     if unknown:
         from memfit.errors import MemfitError
         raise MemfitError(f"gradient_checkpointing parts {sorted(unknown)} are unknown; use encoder and predictor.")
-    for part, value in parts.items():
-        checkpointing(getattr(model, part), value)
-    return model
+    return checkpointing(model, {f"{part}.blocks": value for part, value in parts.items()})  # one apply
 
 
 def build(size="small", batch_size=32, seed=0, gradient_checkpointing=False):

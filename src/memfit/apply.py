@@ -78,6 +78,25 @@ def apply(model: nn.Module, strategy="blocks", blocks=None, state_replay=True, *
     if not isinstance(model, nn.Module):
         raise MemfitError(f"apply takes a torch.nn.Module, not {type(model).__name__}; call "
                           f"memfit.apply(model, 'blocks').")
+    chain, units, blocks = _units(model, strategy, blocks)  # a bad strategy leaves what is applied as it was
+    remove(model)
+    # NOTE [no KV cache]: a Hugging Face KV cache is state that recompute would append to a second time, so
+    # `apply` turns it off, as their own checkpointing does in training, on every config (an encoder-decoder's
+    # decoder stack has a copy of its own); `remove` turns it back on. Training with the cache on takes another
+    # path (a concatenation) whose gradients differ in the last bits, so `verify` compares with the plain
+    # model with the cache off: `apply(model, "none")`.
+    configs = {id(c): c for m in model.modules() if getattr(c := getattr(m, "config", None), "use_cache", None) is True}
+    for config in configs.values():
+        config.use_cache = False
+    model.__dict__["_memfit_use_cache"] = list(configs.values())
+    _wrap(model, chain, units, state_replay, training_only)
+    model.__dict__["_memfit_applied"] = {"units": units, "blocks": blocks, "state_replay": state_replay,
+                                         "n_blocks": len(chain)}
+    return model
+
+
+def _units(model, strategy, blocks):
+    """(the blocks as (name, module), the units over them, the `blocks` that names them) for a strategy."""
     plan = strategy if hasattr(strategy, "units") and hasattr(strategy, "check") else None  # a memfit.Plan
     if isinstance(strategy, dict):  # {chain: strategy}: each chain's own, the others left as they are
         if not strategy or not all(isinstance(k, str) and isinstance(v, str) for k, v in strategy.items()):
@@ -91,12 +110,10 @@ def apply(model: nn.Module, strategy="blocks", blocks=None, state_replay=True, *
     if isinstance(strategy, str) and strategy.strip().lower().startswith("plan:"):
         raise MemfitError(f"strategy {strategy!r} is a plan: call memfit.apply (it plans or loads it), not "
                           f"memfit.apply.apply.")
-    remove(model)
     if plan is not None:  # its blocks, as the plan lists them
-        strategy.check([n for n, _ in find_blocks(model, blocks)])
-        blocks = [b.name for b in strategy.blocks]
+        plan.check([n for n, _ in find_blocks(model, blocks)])
+        blocks = [b.name for b in plan.blocks]
     chains = find_chains(model, blocks)
-    chain = [b for c in chains for b in c]
     if plan is not None:
         units = plan.units
     elif isinstance(strategy, dict):
@@ -104,15 +121,10 @@ def apply(model: nn.Module, strategy="blocks", blocks=None, state_replay=True, *
     else:
         units = strategies.parse(strategy, [len(c) for c in chains]) if isinstance(strategy, str) else list(strategy)
     _check_units(units, [len(c) for c in chains])
-    # NOTE [no KV cache]: a Hugging Face KV cache is state that recompute would append to a second time, so
-    # `apply` turns it off, as their own checkpointing does in training, on every config (an encoder-decoder's
-    # decoder stack has a copy of its own); `remove` turns it back on. Training with the cache on takes another
-    # path (a concatenation) whose gradients differ in the last bits, so `verify` compares with the plain
-    # model with the cache off: `apply(model, "none")`.
-    configs = {id(c): c for m in model.modules() if getattr(c := getattr(m, "config", None), "use_cache", None) is True}
-    for config in configs.values():
-        config.use_cache = False
-    model.__dict__["_memfit_use_cache"] = list(configs.values())
+    return [b for c in chains for b in c], units, blocks
+
+
+def _wrap(model, chain, units, state_replay, training_only):
     for unit in units:
         if unit.mode == KEEP:
             continue
@@ -126,9 +138,6 @@ def apply(model: nn.Module, strategy="blocks", blocks=None, state_replay=True, *
             block._memfit = _Spec(name, unit.mode, policy, segment, index, block.__dict__.get("forward"),
                                   state_replay, training_only)
             block.forward = types.MethodType(_forward, block)
-    model.__dict__["_memfit_applied"] = {"units": units, "blocks": blocks, "state_replay": state_replay,
-                                         "n_blocks": len(chain)}
-    return model
 
 
 def remove(model: nn.Module) -> nn.Module:

@@ -117,28 +117,12 @@ def _bench(args, out: Console) -> int:
     return 0
 
 
-def _train(args, out: Console) -> int:
+def _train_outputs(args):
+    """`--out` and `--metrics`, checked writable before any work: (out dir or None, metrics path or None)."""
     from pathlib import Path
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from memfit.report import check_writable
 
-    from memfit.report import check_writable, fmt_bytes
-    from memfit.train.config import resolve
-    from memfit.train.loop import train
-
-    overrides = {f"training.{k}": v for k, v in (
-        ("gradient_checkpointing", args.gradient_checkpointing), ("max_iters", args.max_iters),
-        ("batch_size", args.batch_size), ("precision", args.precision), ("device", args.device),
-        ("memory_budget", args.memory_budget), ("log_interval", args.log_interval), ("seed", args.seed),
-        ("distributed", args.distributed)) if v is not None}
-    if args.data is not None:
-        overrides["data.path"] = args.data
-    for item in args.set or []:
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise MemfitError(f"--set {item!r} must be KEY=VALUE, like training.learning_rate=3e-4.")
-        overrides[key.strip()] = value
-    cfg = resolve(args.config, overrides)
     out_dir = None
     if args.out:
         out_dir = Path(args.out)
@@ -152,8 +136,13 @@ def _train(args, out: Console) -> int:
     metrics_path = args.metrics or (out_dir / "metrics.jsonl" if out_dir else None)
     if metrics_path:
         check_writable(metrics_path)
-    progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                        TextColumn("{task.fields[status]}"), console=out)
+    return out_dir, metrics_path
+
+
+def _train_callback(out: Console, progress, max_iters: int):
+    """Renders `train`'s events: the startup report, a progress bar with each logged step, the end."""
+    from memfit.report import fmt_bytes
+
     task = None
 
     def callback(event, data):
@@ -175,7 +164,7 @@ def _train(args, out: Console) -> int:
             if "unigram_entropy" in r:
                 out.print(f"  Unigram entropy of the data: {r['unigram_entropy']:.3f} nats")
             progress.start()
-            task = progress.add_task("train", total=cfg["training"]["max_iters"], status="")
+            task = progress.add_task("train", total=max_iters, status="")
         elif event == "step":
             if data:
                 mem = " ".join(f"{k.split('/')[1]} {v:.3f} GB" for k, v in data.items() if k.startswith("memory/"))
@@ -188,6 +177,32 @@ def _train(args, out: Console) -> int:
         else:
             progress.stop()
 
+    return callback
+
+
+def _train(args, out: Console) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from memfit.train.config import resolve
+    from memfit.train.loop import train
+
+    overrides = {f"training.{k}": v for k, v in (
+        ("gradient_checkpointing", args.gradient_checkpointing), ("max_iters", args.max_iters),
+        ("batch_size", args.batch_size), ("precision", args.precision), ("device", args.device),
+        ("memory_budget", args.memory_budget), ("log_interval", args.log_interval), ("seed", args.seed),
+        ("distributed", args.distributed)) if v is not None}
+    if args.data is not None:
+        overrides["data.path"] = args.data
+    for item in args.set or []:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise MemfitError(f"--set {item!r} must be KEY=VALUE, like training.learning_rate=3e-4.")
+        overrides[key.strip()] = value
+    cfg = resolve(args.config, overrides)
+    out_dir, metrics_path = _train_outputs(args)
+    progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        TextColumn("{task.fields[status]}"), console=out)
+    callback = _train_callback(out, progress, cfg["training"]["max_iters"])
     try:
         summary = train(cfg, callback=callback, out_dir=out_dir, metrics_path=metrics_path)
     finally:
@@ -230,28 +245,12 @@ def _fit(args, out: Console) -> int:
     return 0
 
 
-def _attribute(args, out: Console) -> int:
-    import contextlib
-    import tempfile
-    from pathlib import Path
-
-    from memfit.attribution import Cache, attribute, checkpoint_model, fit_budget
-    from memfit.attribution.cache import weights_hash
+def _attribution_inputs(args, out: Console):
+    """(model in eval mode, videos, the demo's classes or None, targets or None), every one checked before
+    any work: the videos load and fit the model, the targets are its classes, the chunk size fits the clips."""
     from memfit.attribution.io import load_video, video_ids
-    from memfit.attribution.run import compare, demo, write_outputs
-    from memfit.memory import track_memory
-    from memfit.report import check_writable, compare_tables, fmt_bytes, require_matplotlib, write_json
+    from memfit.attribution.run import demo
 
-    if not args.videos and not args.demo:
-        raise MemfitError("give videos (.npy / .pt files or directories of numbered frames) or --demo.")
-    if args.budget and args.strategy:
-        raise MemfitError("give --budget (memfit chooses the checkpointing) or --strategy, not both.")
-    json_path = check_writable(args.json) if args.json else None
-    out_dir = Path(args.out) if args.out else None
-    if out_dir:
-        require_matplotlib()
-        out_dir.mkdir(parents=True, exist_ok=True)
-        check_writable(out_dir / "summary.json")
     if args.demo:
         out.print("training the demo video model on synthetic clips (one motion pattern per class) ...")
         model, videos, classes = demo()
@@ -272,16 +271,22 @@ def _attribute(args, out: Console) -> int:
     if args.mode == "chunked" or args.compare:
         if not 1 <= args.chunk_size <= frames:
             raise MemfitError(f"--chunk-size {args.chunk_size} must be between 1 and the clips' {frames} frames.")
-    strategy = args.strategy or "blocks"
-    if args.budget:
-        longest = max(videos.values(), key=len)
-        unit = longest[:args.chunk_size] if args.mode == "chunked" else longest
-        strategy, predicted, plain = fit_budget(model, unit, args.budget)
-        out.print(f"budget {args.budget}: checkpointing {strategy}, simulated peak {fmt_bytes(predicted)} for the "
-                  f"longest {'chunk' if args.mode == 'chunked' else 'clip'} (without checkpointing: "
-                  f"{fmt_bytes(plain)})")
+    return model, videos, classes, targets
+
+
+def _attribution_run(args, out: Console, model, videos, targets, strategy):
+    """Attribute, with a progress bar: (the --compare report or None, results, cache, memory tracker)."""
+    import contextlib
+    import tempfile
+
     from rich.progress import Progress
 
+    from memfit.attribution import Cache, attribute, checkpoint_model
+    from memfit.attribution.cache import weights_hash
+    from memfit.attribution.run import compare
+    from memfit.memory import track_memory
+
+    cache = mem = results = None
     progress = Progress(console=out, transient=True)
     bar = progress.add_task("attribute", total=None)
 
@@ -307,6 +312,36 @@ def _attribute(args, out: Console) -> int:
                                         progress=advance)
     finally:
         progress.stop()
+    return report, results, cache, mem
+
+
+def _attribute(args, out: Console) -> int:
+    from pathlib import Path
+
+    from memfit.attribution import fit_budget
+    from memfit.attribution.run import write_outputs
+    from memfit.report import check_writable, compare_tables, fmt_bytes, require_matplotlib, write_json
+
+    if not args.videos and not args.demo:
+        raise MemfitError("give videos (.npy / .pt files or directories of numbered frames) or --demo.")
+    if args.budget and args.strategy:
+        raise MemfitError("give --budget (memfit chooses the checkpointing) or --strategy, not both.")
+    json_path = check_writable(args.json) if args.json else None
+    out_dir = Path(args.out) if args.out else None
+    if out_dir:
+        require_matplotlib()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        check_writable(out_dir / "summary.json")
+    model, videos, classes, targets = _attribution_inputs(args, out)
+    strategy = args.strategy or "blocks"
+    if args.budget:
+        longest = max(videos.values(), key=len)
+        unit = longest[:args.chunk_size] if args.mode == "chunked" else longest
+        strategy, predicted, plain = fit_budget(model, unit, args.budget)
+        out.print(f"budget {args.budget}: checkpointing {strategy}, simulated peak {fmt_bytes(predicted)} for the "
+                  f"longest {'chunk' if args.mode == 'chunked' else 'clip'} (without checkpointing: "
+                  f"{fmt_bytes(plain)})")
+    report, results, cache, mem = _attribution_run(args, out, model, videos, targets, strategy)
     if report is not None:
         for table in compare_tables(report, len(videos)):
             out.print(table)
@@ -424,6 +459,16 @@ def parser() -> argparse.ArgumentParser:
                                 "activations, and prove it is the same training.",
                                 epilog="--debug (anywhere, or MEMFIT_DEBUG=1): show the traceback of an error.")
     sub = p.add_subparsers(dest="command", required=True)
+    _verify_command(sub)
+    _plan_command(sub)
+    _bench_command(sub)
+    _train_command(sub)
+    _fit_command(sub)
+    _attribute_command(sub)
+    return p
+
+
+def _verify_command(sub) -> None:
 
     v = sub.add_parser("verify", help="train with and without checkpointing; compare memory, time, gradients",
                        description="Train a model for a few steps without and with a checkpointing strategy, "
@@ -447,6 +492,8 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--json", metavar="PATH", help="write the report as JSON")
     v.set_defaults(run=_verify)
 
+
+def _plan_command(sub) -> None:
     pl = sub.add_parser("plan", help="the fastest checkpointing plan that fits a memory budget",
                         description="Profile the model's blocks, choose per block keep / pointwise / scores / "
                         "selective / recompute (offload on CUDA), and segments, to minimise recomputation under the budget, print the plan, then measure "
@@ -459,6 +506,8 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", metavar="PATH", help="write the plan as JSON")
     pl.set_defaults(run=_plan)
 
+
+def _bench_command(sub) -> None:
     b = sub.add_parser("bench", help="measure the memory/time frontier: plans at many budgets and every "
                        "uniform strategy")
     _model_options(b)
@@ -469,6 +518,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--plot", metavar="PNG", help="plot peak memory against slowdown (needs matplotlib)")
     b.set_defaults(run=_bench)
 
+
+def _train_command(sub) -> None:
     t = sub.add_parser("train", help="train a recipe from a YAML config, with a memory monitor",
                        description="Train one of the seeds' systems from a YAML config (configs/). Every key "
                        "can be overridden: the flags below, or --set section.key=value.")
@@ -490,6 +541,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--metrics", metavar="PATH", help="JSONL metrics file (default: DIR/metrics.jsonl with --out)")
     t.set_defaults(run=_train)
 
+
+def _fit_command(sub) -> None:
     f = sub.add_parser("fit", help="the largest batch that fits a memory budget, with each strategy")
     _model_options(f)
     f.add_argument("--budget", required=True, help="20GiB, 800MB, or auto")
@@ -498,6 +551,8 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--json", metavar="PATH", help="write rows strategy, batch_size, peak_bytes, time_per_sample_s")
     f.set_defaults(run=_fit)
 
+
+def _attribute_command(sub) -> None:
     a = sub.add_parser("attribute", help="per-frame gradient importance of video clips, exact or chunked",
                        description="Gradients of the video model's class score with respect to each input frame, "
                        "as a per-frame importance. Exact mode (default) runs the whole clip in one backward with "
@@ -525,7 +580,6 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--out", metavar="DIR", help="per-video CSV/JSON and plots")
     a.add_argument("--json", metavar="PATH", help="scores, or with --compare the modes and comparisons, as JSON")
     a.set_defaults(run=_attribute)
-    return p
 
 
 def main(argv=None) -> int:

@@ -340,6 +340,24 @@ def _fit(prof: Profile, budget: int, kind: str, peak_of):
     return best
 
 
+def _search(prof: Profile, budget_bytes: int, cost: str, peak_of):
+    """(units, cost, simulated peak) of the cheapest plan found that fits, or None."""
+    if prof.baseline_peak_bytes <= budget_bytes:  # the plain run fits: recompute nothing
+        return [Unit(i, i + 1, KEEP) for i in range(len(prof.names))], 0.0, prof.baseline_peak_bytes
+    found = _fit(prof, budget_bytes, cost, peak_of)
+    # NOTE [never worse than uniform]: the peak model rounds bytes up, so at a budget a uniform strategy
+    # just meets, the DP can miss it. Each uniform strategy cheaper than the plan found is simulated,
+    # and the cheapest that fits wins: no uniform strategy that fits the budget costs less than the plan.
+    for name in UNIFORM_FALLBACKS:
+        units = strategies.parse(name, prof.chain_sizes)
+        if not prof.segments and any(u.stop - u.start > 1 and u.mode != KEEP for u in units):
+            continue
+        total = sum(prof.cost(u.mode, i, cost) for u in units for i in range(u.start, u.stop))
+        if (found is None or total < found[1]) and (peak := peak_of(units)) <= budget_bytes:
+            found = (units, total, peak)
+    return found
+
+
 def signature(model, batch, blocks=None) -> dict:
     """What a plan depends on: the chain, the parameters' and inputs' shapes."""
     from torch.utils._pytree import tree_leaves
@@ -395,30 +413,16 @@ def plan_or_none(model, batch, loss_fn, budget, *, blocks=None, cost="time", opt
     prof = profile(model, batch, loss_fn, blocks=blocks, optimizer=optimizer, timing=cost == "time",
                    distributed=distributed)
     budget_bytes = parse_budget(budget, prof.baseline_peak_bytes, device)
-    if prof.baseline_peak_bytes <= budget_bytes:  # the plain run fits: recompute nothing
-        units = [Unit(i, i + 1, KEEP) for i in range(len(prof.names))]
-        found = (units, 0.0, prof.baseline_peak_bytes)
-    else:
-        peaks = {tuple(strategies.parse(name, prof.chain_sizes)): peak for name, peak in prof.uniform_peaks.items()}
+    peaks = {tuple(strategies.parse(name, prof.chain_sizes)): peak for name, peak in prof.uniform_peaks.items()}
 
-        def peak_of(units):
-            key = tuple(units)
-            if key not in peaks:
-                peaks[key] = simulate(model, batch, loss_fn, units, blocks=prof.names, optimizer=optimizer,
-                                      distributed=distributed, real=prof.memory_source == MEASURED,
-                                      seed=prof.seed).peak_bytes
-            return peaks[key]
-        found = _fit(prof, budget_bytes, cost, peak_of)
-        # NOTE [never worse than uniform]: the peak model rounds bytes up, so at a budget a uniform strategy
-        # just meets, the DP can miss it. Each uniform strategy cheaper than the plan found is simulated,
-        # and the cheapest that fits wins: no uniform strategy that fits the budget costs less than the plan.
-        for name in UNIFORM_FALLBACKS:
-            units = strategies.parse(name, prof.chain_sizes)
-            if not prof.segments and any(u.stop - u.start > 1 and u.mode != KEEP for u in units):
-                continue
-            total = sum(prof.cost(u.mode, i, cost) for u in units for i in range(u.start, u.stop))
-            if (found is None or total < found[1]) and (peak := peak_of(units)) <= budget_bytes:
-                found = (units, total, peak)
+    def peak_of(units):
+        key = tuple(units)
+        if key not in peaks:
+            peaks[key] = simulate(model, batch, loss_fn, units, blocks=prof.names, optimizer=optimizer,
+                                  distributed=distributed, real=prof.memory_source == MEASURED,
+                                  seed=prof.seed).peak_bytes
+        return peaks[key]
+    found = _search(prof, budget_bytes, cost, peak_of)
     if found is not None:
         units, total, peak = found
         recomputed = sum(prof.recomputed_flops(u.mode, i) for u in units for i in range(u.start, u.stop))
@@ -455,6 +459,8 @@ def apply(model, strategy="blocks", blocks=None, state_replay=True, *, budget=No
     `plan:60%` or `budget=` ('60%', '8GiB', 'auto') with `batch` and
     `loss_fn`, planned first (cached by shapes: calling this every step plans
     once). Returns `model`."""
+    if not isinstance(model, torch.nn.Module):
+        return apply_strategy(model, strategy)  # which says what it takes
     if budget is not None:
         if batch is None or loss_fn is None:
             raise MemfitError("apply(model, budget=...) needs batch= and loss_fn= to plan with.")

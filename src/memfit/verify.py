@@ -156,19 +156,32 @@ def _max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return diff / scale if scale > 0 else diff
 
 
-def verify(model, batch, loss_fn, strategy="blocks", *, steps=5, device="cpu", seed=0, blocks=None,
-           expect_reduction=None, grad_tol=None, state_replay=True, name=None, compile=None) -> dict:
-    """Run the comparison and return the report (a JSON-ready dict).
+def _summary(run) -> dict:
+    return {"peak_bytes": run.mem.peak_bytes, "static_bytes": run.mem.static_bytes,
+            "activation_bytes": run.mem.activation_bytes,
+            "step_time_s": statistics.median(run.times), "step_times_s": run.times, "flops": run.flops}
 
-    `expect_reduction`: (min, max) fraction of the baseline peak that must be
-    saved; by default any saving (> 0), and for strategy `none` no check.
-    `grad_tol`: the largest relative gradient difference that passes; 0
-    (bitwise) on CPU, 1e-4 on accelerators, whose kernels may not be
-    deterministic even without checkpointing.
-    `compile`: a `torch.compile` backend ("inductor", "aot_eager", ...): both
-    runs are compiled (the warm-up step compiles, outside every measurement),
-    so the report shows the memory checkpointing saves under compile.
-    """
+
+def _failures(reduction, is_none, expect_reduction, grad_rel, buffer_diff, loss_diff, grad_tol, first_loss) -> list:
+    """Why the checkpointed run is not the same training (or not the saving expected); empty if it is."""
+    failures = []
+    if expect_reduction is not None:
+        lo, hi = expect_reduction
+        if not lo <= reduction <= hi:
+            failures.append(f"memory reduction {reduction:.1%} is outside the expected {lo:.0%}..{hi:.0%}")
+    elif not is_none and reduction <= 0:
+        failures.append(f"no memory saved (reduction {reduction:.1%})")
+    if grad_rel > grad_tol:
+        failures.append(f"gradients differ (max relative difference {grad_rel:.3g} > {grad_tol:g})")
+    if buffer_diff > grad_tol:
+        failures.append(f"buffers differ (max relative difference {buffer_diff:.3g})")
+    if loss_diff > grad_tol * max(1.0, abs(first_loss)):
+        failures.append(f"losses differ (max difference {loss_diff:.3g})")
+
+    return failures
+
+
+def _check_arguments(steps, grad_tol, compile) -> None:
     if steps < 1:
         raise MemfitError(f"steps must be at least 1, got {steps}.")
     if grad_tol is not None and not (isinstance(grad_tol, (int, float)) and 0 <= grad_tol < float("inf")):
@@ -176,14 +189,13 @@ def verify(model, batch, loss_fn, strategy="blocks", *, steps=5, device="cpu", s
     if compile and compile not in torch._dynamo.list_backends(exclude_tags=()):
         raise MemfitError(f"unknown torch.compile backend {compile!r}; use inductor (the default), aot_eager, "
                           f"or another name torch._dynamo.list_backends() gives.")
-    device = torch.device(device)
-    model = model.to(device).train()
-    batch = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, batch)
-    names = [n for n, _ in find_blocks(model, blocks)]
-    n_blocks = len(names)
+
+
+def _units(strategy, model, batch, loss_fn, blocks, device):
+    """(the plan or None, the units) of a strategy, checked against the model and device."""
     the_plan = resolve_plan(strategy, model, batch, loss_fn, blocks)
     if the_plan is not None:
-        the_plan.check(names)
+        the_plan.check([n for n, _ in find_blocks(model, blocks)])
         units = the_plan.units
     else:
         sizes = [len(c) for c in find_chains(model, blocks)]
@@ -191,19 +203,11 @@ def verify(model, batch, loss_fn, strategy="blocks", *, steps=5, device="cpu", s
     if device.type != "cuda" and any(u.mode == strategies.OFFLOAD for u in units):
         raise MemfitError(f"offload moves saved tensors from a CUDA device to CPU memory, so on {device.type} it "
                           f"saves nothing; use --device cuda, or a strategy that recomputes.")
-    if grad_tol is None:
-        grad_tol = 0.0 if device.type == "cpu" else 1e-4
+    return the_plan, units
 
-    runs = {}
-    for label in ("baseline", "checkpointed"):
-        # the baseline gets apply(none): no block is wrapped, but a Hugging Face KV cache is off in both runs
-        # (NOTE [no KV cache] in memfit.apply)
-        m = apply(copy.deepcopy(model), the_plan or units if label == "checkpointed" else "none", blocks=blocks,
-                  state_replay=state_replay)
-        runs[label] = _Run(m, torch.optim.AdamW(m.parameters(), lr=1e-3), [], [],
-                           forward=torch.compile(m, backend=compile) if compile else None)
-    base, ckpt = runs["baseline"], runs["checkpointed"]
 
+def _run_both(base, ckpt, batch, loss_fn, seed, steps, device):
+    """The steps of both runs, side by side: (largest relative gradient difference, gradients bitwise equal)."""
     grad_rel, grads_bitwise = 0.0, True
 
     def compare_grads():
@@ -240,55 +244,34 @@ def verify(model, batch, loss_fn, strategy="blocks", *, steps=5, device="cpu", s
             _sync(device)
             run.times.append(time.perf_counter() - t0)
         compare_grads()
+    return grad_rel, grads_bitwise
 
+
+def _report(base, ckpt, *, grad_rel, grads_bitwise, grad_tol, units, the_plan, name, strategy, device, steps,
+            n_blocks, share, state_replay, compile, expect_reduction) -> dict:
+    """The report of two runs side by side (see `verify`)."""
     loss_diff = max((a - b).abs().item() for a, b in zip(base.losses, ckpt.losses))
-    buffers = list(zip(base.model.named_buffers(), ckpt.model.buffers()))
-    buffers_equal = all(torch.equal(a, b) for (_, a), b in buffers)
-    buffer_diff = max((_max_rel_diff(a.double(), b.double()) for (_, a), b in buffers), default=0.0)
-    params_equal = all(torch.equal(p, q) for p, q in zip(base.model.parameters(), ckpt.model.parameters()))
-
-    def summary(run):
-        return {"peak_bytes": run.mem.peak_bytes, "static_bytes": run.mem.static_bytes,
-                "activation_bytes": run.mem.activation_bytes,
-                "step_time_s": statistics.median(run.times), "step_times_s": run.times, "flops": run.flops}
-
+    buffers = list(zip(base.model.buffers(), ckpt.model.buffers()))
+    buffer_diff = max((_max_rel_diff(a.double(), b.double()) for a, b in buffers), default=0.0)
     reduction = 1 - ckpt.mem.peak_bytes / base.mem.peak_bytes
     slowdown = statistics.median(ckpt.times) / statistics.median(base.times) - 1
     is_none = all(u.mode == strategies.KEEP for u in units)
-    failures = []
-    if expect_reduction is not None:
-        lo, hi = expect_reduction
-        if not lo <= reduction <= hi:
-            failures.append(f"memory reduction {reduction:.1%} is outside the expected {lo:.0%}..{hi:.0%}")
-    elif not is_none and reduction <= 0:
-        failures.append(f"no memory saved (reduction {reduction:.1%})")
-    if grad_rel > grad_tol:
-        failures.append(f"gradients differ (max relative difference {grad_rel:.3g} > {grad_tol:g})")
-    if buffer_diff > grad_tol:
-        failures.append(f"buffers differ (max relative difference {buffer_diff:.3g})")
-    if loss_diff > grad_tol * max(1.0, abs(base.losses[0].item())):
-        failures.append(f"losses differ (max difference {loss_diff:.3g})")
-
-    recomputed = [n for n, mode in wrapped_blocks(ckpt.model)]
-    share = coverage(model, batch, loss_fn, blocks=blocks)
-    if (warning := coverage_warning(share)) is not None:
-        warnings.warn(f"memfit: {warning}.", CoverageWarning, stacklevel=2)
-    checkpointed = summary(ckpt)
-    if the_plan is not None:
-        checkpointed["predicted_peak_bytes"] = the_plan.predicted_peak_bytes
-        checkpointed["budget_bytes"] = the_plan.budget_bytes
+    failures = _failures(reduction, is_none, expect_reduction, grad_rel, buffer_diff, loss_diff, grad_tol,
+                         base.losses[0].item())
+    checkpointed = {**_summary(ckpt), **({"predicted_peak_bytes": the_plan.predicted_peak_bytes,
+                                         "budget_bytes": the_plan.budget_bytes} if the_plan else {})}
     return {
-        "model": name or type(model).__name__,
+        "model": name,
         "strategy": strategy if isinstance(strategy, str) else "plan" if the_plan else "custom",
         "device": str(device),
         "memory_source": base.mem.source,
         "torch_version": torch.__version__,
         "steps": steps,
-        "blocks": {"found": n_blocks, "checkpointed": len(recomputed)},
+        "blocks": {"found": n_blocks, "checkpointed": len(wrapped_blocks(ckpt.model))},
         "coverage": share,
         "state_replay": state_replay,
         "compile": compile,
-        "baseline": summary(base),
+        "baseline": _summary(base),
         "checkpointed": checkpointed,
         "memory_reduction": reduction,
         "slowdown": slowdown,
@@ -296,12 +279,50 @@ def verify(model, batch, loss_fn, strategy="blocks", *, steps=5, device="cpu", s
         "grads_bitwise_equal": grads_bitwise,
         "grads_max_rel_diff": grad_rel,
         "grad_tolerance": grad_tol,
-        "buffers_equal": buffers_equal,
+        "buffers_equal": all(torch.equal(a, b) for a, b in buffers),
         "buffers_max_rel_diff": buffer_diff,
         "losses_equal": loss_diff == 0,
         "loss_max_abs_diff": loss_diff,
-        "params_equal": params_equal,
+        "params_equal": all(torch.equal(p, q) for p, q in zip(base.model.parameters(), ckpt.model.parameters())),
         "expect_reduction": list(expect_reduction) if expect_reduction else None,
         "failures": failures,
         "passed": not failures,
     }
+
+
+def verify(model, batch, loss_fn, strategy="blocks", *, steps=5, device="cpu", seed=0, blocks=None,
+           expect_reduction=None, grad_tol=None, state_replay=True, name=None, compile=None) -> dict:
+    """Run the comparison and return the report (a JSON-ready dict).
+
+    `expect_reduction`: (min, max) fraction of the baseline peak that must be
+    saved; by default any saving (> 0), and for strategy `none` no check.
+    `grad_tol`: the largest relative gradient difference that passes; 0
+    (bitwise) on CPU, 1e-4 on accelerators, whose kernels may not be
+    deterministic even without checkpointing.
+    `compile`: a `torch.compile` backend ("inductor", "aot_eager", ...): both
+    runs are compiled (the warm-up step compiles, outside every measurement),
+    so the report shows the memory checkpointing saves under compile.
+    """
+    _check_arguments(steps, grad_tol, compile)
+    device = torch.device(device)
+    model = model.to(device).train()
+    batch = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, batch)
+    n_blocks = len(find_blocks(model, blocks))
+    the_plan, units = _units(strategy, model, batch, loss_fn, blocks, device)
+    if grad_tol is None:
+        grad_tol = 0.0 if device.type == "cpu" else 1e-4
+
+    # the baseline gets apply(none): no block is wrapped, but a Hugging Face KV cache is off in both runs
+    # (NOTE [no KV cache] in memfit.apply)
+    base, ckpt = (_Run(m, torch.optim.AdamW(m.parameters(), lr=1e-3), [], [],
+                       forward=torch.compile(m, backend=compile) if compile else None)
+                  for m in (apply(copy.deepcopy(model), s, blocks=blocks, state_replay=state_replay)
+                            for s in ("none", the_plan or units)))
+    grad_rel, grads_bitwise = _run_both(base, ckpt, batch, loss_fn, seed, steps, device)
+    share = coverage(model, batch, loss_fn, blocks=blocks)
+    if (warning := coverage_warning(share)) is not None:
+        warnings.warn(f"memfit: {warning}.", CoverageWarning, stacklevel=2)
+    return _report(base, ckpt, grad_rel=grad_rel, grads_bitwise=grads_bitwise, grad_tol=grad_tol, units=units,
+                   the_plan=the_plan, name=name or type(model).__name__, strategy=strategy, device=device,
+                   steps=steps, n_blocks=n_blocks, share=share, state_replay=state_replay, compile=compile,
+                   expect_reduction=expect_reduction)

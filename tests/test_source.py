@@ -1,5 +1,6 @@
-"""The modules of src/memfit import one another in one direction: no cycle,
-counting the imports inside functions too."""
+"""The shape of src/memfit: its modules import one another in one direction
+(no cycle, counting the imports inside functions too), and no function is
+over 60 lines."""
 import ast
 from pathlib import Path
 
@@ -54,3 +55,10 @@ def test_no_import_cycle_in_src_memfit():
 def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_function_in_src_memfit_is_over_60_lines():
+    long = [f"{p.relative_to(ROOT)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for p in ROOT.rglob("*.py") for node in ast.walk(ast.parse(p.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60]
+    assert not long, long

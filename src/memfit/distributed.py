@@ -45,6 +45,7 @@ from torch.utils._pytree import tree_map
 from memfit.apply import applied_strategy
 from memfit.blocks import find_blocks
 from memfit.errors import MemfitError
+from memfit.strategies import KEEP
 
 KINDS = ("none", "ddp", "fsdp")
 
@@ -141,7 +142,9 @@ def _groups(model: nn.Module) -> list[list[nn.Module]]:
     chain = [b for _, b in find_blocks(model, (applied or {}).get("blocks"))]
     if not applied:
         return [[b] for b in chain]
-    return [chain[u.start:u.stop] for u in applied["units"]]
+    # a segment is one group (NOTE [order with FSDP2]); blocks kept as they are, one group each
+    return [g for u in applied["units"] for g in ([[b] for b in chain[u.start:u.stop]] if u.mode == KEEP
+                                                   else [chain[u.start:u.stop]])]
 
 
 def _bytes(tensors) -> int:

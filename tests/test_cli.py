@@ -152,5 +152,5 @@ def test_a_write_that_fails_at_the_end_keeps_the_results_on_screen(workdir, caps
     assert main(args) == 2
     captured = capsys.readouterr()
     assert shown in captured.out, captured.out
-    assert f"the results are above, but writing the" in captured.err and "No space left on device" in captured.err
+    assert "the results are above, but writing the" in captured.err and "No space left on device" in captured.err
     assert captured.err.count("\n") == 1 and not (workdir / path).exists() and not list(workdir.glob(".r.json*"))

@@ -1,0 +1,147 @@
+"""memfit inside the trainers people already use.
+
+    from memfit.integrations.transformers import MemfitCallback   # transformers.Trainer
+    from memfit.integrations.lightning import MemfitCallback      # lightning.pytorch.Trainer
+
+Both callbacks do the same three things through `Session`: on the first
+training batch they plan for the budget with the trainer's own loss and
+apply the plan (NOTE [first batch]); they report what they chose; and they
+measure every step's peak with memfit's tracker. A plain loop, accelerate's
+included, needs none of this: `memfit.apply(model, budget=..., batch=...,
+loss_fn=...)` before `accelerator.prepare` (see the README).
+
+NOTE [first batch]
+The plan is made on the batch the trainer is about to train on, moved to
+the device and collated as the trainer does it, with the loss the trainer
+computes, and before its first forward: nothing has run yet, so the run is
+the run without memfit, step for step. Planning leaves no trace in it: it
+runs under `torch.random.fork_rng` (and the profiler puts back gradients and
+buffers), so the random numbers the trainer draws next (dropout, data
+order) are the ones it would have drawn. With several processes, rank 0
+plans (on a copy of the model when it times steps, so that DDP's gradient
+hooks on the real parameters never fire) and sends the plan to every rank,
+so every rank recomputes the same blocks.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+
+from memfit.apply import applied_strategy, wrapped_blocks
+from memfit.distributed import Ranks, on_main
+from memfit.errors import MemfitError
+from memfit.memory import track_memory
+from memfit.planner import Plan, apply, parse_budget, plan, resolve_plan
+from memfit.report import fmt_bytes
+
+__all__ = ["Session", "training_loss"]
+
+GB = 1e9
+
+
+def _ranks() -> Ranks:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return Ranks("ddp", dist.get_rank(), dist.get_world_size())
+    return Ranks()
+
+
+class Session:
+    """One training run's memfit: `prepare` plans and applies on the first
+    batch, `start` and `stop` measure each step's peak (bytes, in `peaks`)."""
+
+    def __init__(self, budget=None, strategy=None, cost="time", monitor=True):
+        if budget is not None and strategy is not None:
+            raise MemfitError("give budget= (memfit plans for it) or strategy= (applied as given), not both.")
+        if cost not in ("time", "flops"):
+            raise MemfitError(f"unknown cost {cost!r}; use time (measured) or flops (deterministic).")
+        if strategy is None:
+            budget = "auto" if budget is None else budget
+            parse_budget(budget, baseline_peak=1)  # a bad budget fails here, before the trainer starts
+        self.budget, self.strategy, self.cost, self.monitor = budget, strategy, cost, monitor
+        self.plan: Plan | None = None
+        self.report: str | None = None
+        self.peaks: list[int] = []
+        self._tracking = None
+
+    @property
+    def prepared(self) -> bool:
+        return self.report is not None
+
+    def prepare(self, model, batch, loss_fn, optimizer=None) -> str:
+        """Plan for the budget (or resolve the strategy) on `batch`, apply it
+        to `model` on every rank, and return the startup report."""
+        if _sharded(model):
+            raise MemfitError("the model is already sharded by FSDP, and memfit must be applied before sharding; "
+                              "call memfit.apply(model, ...) before the trainer wraps the model.")
+        ranks = _ranks()
+        opt_class = type(getattr(optimizer, "optimizer", optimizer)) if optimizer is not None else None
+
+        def choose():
+            with torch.random.fork_rng(devices=[p.device for p in model.parameters() if p.is_cuda][:1]):
+                planned = copy.deepcopy(model) if ranks.world > 1 and self.cost == "time" else model
+                if self.strategy is not None:
+                    chosen = resolve_plan(self.strategy, planned, batch, loss_fn, cost=self.cost) or self.strategy
+                else:
+                    chosen = plan(planned, batch, loss_fn, self.budget, cost=self.cost,
+                                  optimizer=opt_class, distributed=ranks.spec)
+            return chosen.to_json() if isinstance(chosen, Plan) else chosen
+        chosen = on_main(choose, ranks)
+        if isinstance(chosen, str) and chosen.lstrip().startswith("{"):
+            chosen = self.plan = Plan.from_json(chosen)
+        apply(model, chosen)
+        self.report = _report(model, self.plan, self.strategy, ranks)
+        return self.report
+
+    def start(self, *objects) -> None:
+        """Measure from now (`objects`: model, optimizer, batch, whose bytes are static)."""
+        if self.monitor and self.prepared and self._tracking is None:
+            self._tracking = track_memory(*objects)
+            self._tracking.__enter__()
+
+    def stop(self) -> int | None:
+        """The peak since `start`, in bytes (None when nothing was measured)."""
+        if self._tracking is None:
+            return None
+        self._tracking.__exit__(None, None, None)
+        peak, self._tracking = self._tracking.tracker.peak_bytes, None
+        self.peaks.append(peak)
+        return peak
+
+    def metrics(self, peak: int) -> dict:
+        """The numbers the trainers log: the step's peak and the budget, in GB."""
+        out = {"memory/peak": peak / GB}
+        if self.plan is not None:
+            out["memory/predicted_peak"] = self.plan.predicted_peak_bytes / GB
+            out["memory/budget"] = self.plan.budget_bytes / GB
+        return out
+
+
+def training_loss(output):
+    """The loss in what a model or training step returned: a tensor, a dict's
+    or a ModelOutput's `loss`, or a tuple's first element."""
+    if isinstance(output, dict):
+        output = output.get("loss")
+    elif isinstance(output, (tuple, list)) and output:
+        output = output[0]
+    if not isinstance(output, torch.Tensor):
+        raise MemfitError(f"the training step returned {type(output).__name__}, not a loss; memfit plans with the "
+                          f"loss it returns: a tensor, or a dict or model output with a 'loss'.")
+    return output
+
+
+def _report(model, chosen_plan, strategy, ranks) -> str:
+    wrapped = wrapped_blocks(model)
+    total = sum(applied_strategy(m)["n_blocks"] for m in model.modules() if applied_strategy(m))
+    head = f"memfit: checkpointing {len(wrapped)} of {total} blocks"
+    if ranks.world > 1:
+        head += f" on each of {ranks.world} processes (planned on rank 0, per rank)"
+    if chosen_plan is None:
+        return f"{head}, strategy {strategy}"
+    return f"{head}, budget {fmt_bytes(chosen_plan.budget_bytes)}:\n{chosen_plan}"
+
+
+def _sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())

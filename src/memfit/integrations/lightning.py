@@ -1,0 +1,97 @@
+"""memfit for Lightning.
+
+    from memfit.integrations.lightning import MemfitCallback
+    trainer = lightning.pytorch.Trainer(..., callbacks=[MemfitCallback(budget="60%")])
+
+On the first training batch, before its step, the callback plans for the
+budget with the LightningModule's `training_step` loss (under the
+Trainer's precision, with `self.log` silenced while planning) and applies
+the plan (NOTE [first batch] in `memfit.integrations`). The startup report
+is printed on rank 0; each step's peak, measured by memfit's tracker, is
+logged as `memory/peak` (GB) beside `memory/predicted_peak` and
+`memory/budget`. Under the DDP strategies memfit checkpoints the module
+inside DDP.
+
+NOTE [gradients before the forward]
+Lightning zeroes the gradients inside its closure, after `training_step`'s
+forward and before the backward, so the last step's gradients are alive
+through the forward: one more copy of the parameters at the peak, which
+the plan (like the Hugging Face Trainer, which zeroes them right after the
+optimizer step) does not hold. The callback frees them before the forward
+of each step in which Lightning would zero them anyway (the first batch of
+an accumulation window): the same training, a lower peak, the one planned.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.utilities import rank_zero_info
+
+from memfit.errors import MemfitError
+from memfit.integrations import Session, training_loss
+
+__all__ = ["MemfitCallback"]
+
+
+def step_loss(trainer, batch_idx):
+    """The loss of `training_step` as the planner calls it: `loss(module, batch)`."""
+    def loss(module, batch):
+        if module._trainer is None:  # the planner's copy of the module
+            module._trainer = trainer
+        with trainer.precision_plugin.train_step_context():
+            return training_loss(module.training_step(batch, batch_idx))
+    return loss
+
+
+@contextlib.contextmanager
+def _quiet(module):
+    """`self.log` and `self.log_dict` do nothing while memfit plans."""
+    module.log = module.log_dict = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        del module.log, module.log_dict
+
+
+class MemfitCallback(Callback):
+    """Plan for `budget` ('60%' of the plain step's peak, '20GiB', 'auto': the
+    device's free memory; the default) on the first batch and apply the
+    plan; or apply `strategy` ('blocks', 'plan:FILE.json', ...) as given.
+    `cost`: 'time' (timed on the device, the default) or 'flops'.
+    `monitor`: measure each step's peak (on CPU this slows steps down).
+    After training, `plan`, `report` and `peaks` (bytes per step) say what
+    was chosen and measured."""
+
+    def __init__(self, budget=None, strategy=None, cost="time", monitor=True):
+        self.session = Session(budget, strategy, cost, monitor)
+
+    plan = property(lambda self: self.session.plan)
+    report = property(lambda self: self.session.report)
+    peaks = property(lambda self: self.session.peaks)
+
+    def _prepare(self, trainer, module, batch, batch_idx):
+        if not module.automatic_optimization:
+            raise MemfitError("MemfitCallback plans with the loss training_step returns, which needs automatic "
+                              "optimization; with manual optimization call memfit.apply(self, ...) in setup().")
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        with _quiet(module):
+            report = self.session.prepare(module, batch, step_loss(trainer, batch_idx), optimizer)
+        rank_zero_info(report)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if not self.session.prepared:
+            self._prepare(trainer, pl_module, batch, batch_idx)
+        if batch_idx % trainer.accumulate_grad_batches == 0:  # NOTE [gradients before the forward]
+            for optimizer in trainer.optimizers:
+                optimizer.zero_grad(set_to_none=True)
+        self.session.start(pl_module, *trainer.optimizers, batch)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        peak = self.session.stop()
+        if peak is not None:
+            pl_module.log_dict(self.session.metrics(peak), on_step=True, on_epoch=False)
+
+    def on_exception(self, trainer, pl_module, exception):
+        self.session.stop()

@@ -1,0 +1,150 @@
+"""memfit.integrations: the real Hugging Face and Lightning trainers on CPU with
+tiny models, each with and without MemfitCallback, compared step for step."""
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from memfit.apply import wrapped_blocks
+from memfit.errors import MemfitError
+
+import trainers
+
+pytest.importorskip("transformers")
+pl = pytest.importorskip("lightning.pytorch")
+
+from memfit.integrations import Session  # noqa: E402
+from memfit.integrations import lightning as memfit_lightning  # noqa: E402
+from memfit.integrations import transformers as memfit_hf  # noqa: E402
+
+
+def check_fits(callback, peaks):
+    """The plan is applied and every measured step's peak fits the budget, as predicted."""
+    plan = callback.plan
+    assert plan is not None and any(b.mode != "keep" for b in plan.blocks), plan
+    assert len(peaks) == trainers.STEPS
+    assert max(peaks) <= plan.budget_bytes, (peaks, plan.budget_bytes)
+    # after the first step has made the optimizer state, the step is the one the plan predicted
+    assert abs(peaks[-1] - plan.predicted_peak_bytes) <= 0.01 * plan.predicted_peak_bytes, peaks
+
+
+@pytest.fixture(scope="module")
+def hf_plain(tmp_path_factory):
+    losses, _ = trainers.hf_run(out_dir=tmp_path_factory.mktemp("hf"))
+    return losses
+
+
+def test_hf_trainer_with_a_budget(hf_plain, tmp_path):
+    callback = memfit_hf.MemfitCallback(budget="60%", cost="flops")
+    losses, trainer = trainers.hf_run(callback, out_dir=tmp_path)
+    assert losses == hf_plain  # bitwise, dropout on
+    applied = dict(wrapped_blocks(trainer.model))
+    assert applied == {b.name: b.mode for b in callback.plan.blocks if b.mode != "keep"}
+    check_fits(callback, callback.peaks)
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert all(h["memory/peak"] * 1e9 <= callback.plan.budget_bytes for h in logged)
+    assert logged[-1]["memory/budget"] == callback.plan.budget_bytes / 1e9
+    assert "transformer.h.0" in callback.report and "predicted peak" in callback.report
+
+
+def test_hf_trainer_gradient_checkpointing_is_replaced(hf_plain, tmp_path):
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logging.getLogger("transformers.trainer").addHandler(handler)  # the logger does not propagate to the root
+    try:
+        callback = memfit_hf.MemfitCallback(strategy="blocks")
+        losses, trainer = trainers.hf_run(callback, out_dir=tmp_path, gradient_checkpointing=True)
+    finally:
+        logging.getLogger("transformers.trainer").removeHandler(handler)
+    said = [r.getMessage() for r in records if "memfit" in r.getMessage()]
+    assert len(said) == 1 and "gradient_checkpointing=True" in said[0], said
+    assert not trainer.model.is_gradient_checkpointing
+    assert len(wrapped_blocks(trainer.model)) == 4
+    assert losses == hf_plain
+
+
+def test_hf_trainer_budget_that_cannot_be_met_stops_before_training(tmp_path):
+    callback = memfit_hf.MemfitCallback(budget="1KB", cost="flops")
+    with pytest.raises(MemfitError, match=r"^budget 1000 B is below the smallest peak .*; give a budget of at least"):
+        trainers.hf_run(callback, out_dir=tmp_path)
+    assert callback.plan is None and callback.peaks == []
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"budget": "60 apples"}, "cannot read budget '60 apples'"),
+    ({"budget": "60%", "strategy": "blocks"}, "not both"),
+    ({"cost": "speed"}, "unknown cost 'speed'"),
+])
+def test_bad_arguments_fail_when_the_callback_is_made(kwargs, message):
+    with pytest.raises(MemfitError, match=message):
+        memfit_hf.MemfitCallback(**kwargs)
+    with pytest.raises(MemfitError, match=message):
+        memfit_lightning.MemfitCallback(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def lightning_plain():
+    losses, _ = trainers.lightning_run()
+    return losses
+
+
+def test_lightning_with_a_budget(lightning_plain):
+    callback = memfit_lightning.MemfitCallback(budget="60%", cost="flops")
+    losses, trainer = trainers.lightning_run(callback)
+    assert losses == lightning_plain  # bitwise, dropout on
+    assert dict(wrapped_blocks(trainer.lightning_module)) == \
+        {b.name: b.mode for b in callback.plan.blocks if b.mode != "keep"}
+    check_fits(callback, callback.peaks)
+    assert trainer.callback_metrics["memory/peak"].item() == pytest.approx(callback.peaks[-1] / 1e9)
+
+
+def test_lightning_budget_that_cannot_be_met_stops_before_training():
+    callback = memfit_lightning.MemfitCallback(budget="1KB", cost="flops")
+    with pytest.raises(MemfitError, match=r"^budget 1000 B is below the smallest peak"):
+        trainers.lightning_run(callback)
+    assert callback.plan is None and callback.peaks == []
+
+
+def test_accelerate_needs_only_memfit_apply():
+    plain, _, _ = trainers.accelerate_run()
+    losses, model, plan = trainers.accelerate_run(budget="60%")
+    assert losses == plain  # bitwise, dropout on
+    assert dict(wrapped_blocks(model)) == {b.name: b.mode for b in plan.blocks if b.mode != "keep"} != {}
+
+
+def test_session_leaves_the_random_numbers_alone():
+    """Planning on the first batch draws no number the training would have drawn."""
+    model = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Dropout(0.5))
+                                  for _ in range(3)])
+    batch = torch.randn(512, 16)
+    torch.manual_seed(3)
+    expected = torch.rand(3)
+    torch.manual_seed(3)
+    session = Session(budget="80%", cost="time")  # timed steps run dropout on the model itself
+    session.prepare(model, batch, lambda m, x: m(x).sum())
+    assert session.plan is not None and torch.equal(torch.rand(3), expected)
+
+
+def torchrun(kind, out):
+    script = Path(__file__).with_name("trainers.py")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script), kind, str(out), "80%"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.parametrize("kind", ["hf", "lightning"])
+def test_ddp_with_two_gloo_processes(kind, tmp_path):
+    """Each rank plans nothing of its own: rank 0's plan is applied on both, the
+    losses equal the run without memfit step for step, and each rank's peak fits."""
+    ranks = torchrun(kind, tmp_path / "run")
+    assert ranks[0]["plan"] == ranks[1]["plan"] and ranks[0]["wrapped"] == ranks[1]["wrapped"] != []
+    assert "on each of 2 processes" in ranks[0]["report"]
+    for r in ranks:
+        assert r["memfit"] == r["plain"]
+        assert len(r["peaks"]) == trainers.STEPS and max(r["peaks"]) <= r["plan"]["budget_bytes"], r["peaks"]

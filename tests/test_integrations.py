@@ -110,6 +110,14 @@ def test_lightning_budget_that_cannot_be_met_stops_before_training():
     assert callback.plan is None and callback.peaks == []
 
 
+def test_lightning_fsdp1_is_refused_before_it_wraps():
+    from types import SimpleNamespace
+    from lightning.pytorch.strategies import FSDPStrategy
+    trainer = SimpleNamespace(strategy=FSDPStrategy())  # the real strategy needs a GPU to run
+    with pytest.raises(MemfitError, match="use ModelParallelStrategy and memfit.integrations.lightning.fully_shard"):
+        memfit_lightning.MemfitCallback(budget="60%").setup(trainer, trainers.lightning_module(), "fit")
+
+
 def test_accelerate_needs_only_memfit_apply():
     plain, _, _ = trainers.accelerate_run()
     losses, model, plan = trainers.accelerate_run(budget="60%")
@@ -138,13 +146,14 @@ def torchrun(kind, out):
     return [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(2)]
 
 
-@pytest.mark.parametrize("kind", ["hf", "lightning"])
-def test_ddp_with_two_gloo_processes(kind, tmp_path):
-    """Each rank plans nothing of its own: rank 0's plan is applied on both, the
-    losses equal the run without memfit step for step, and each rank's peak fits."""
+@pytest.mark.parametrize("kind, how", [("hf", "DDP"), ("lightning", "DDP"), ("lightning-fsdp", "FSDP")])
+def test_two_gloo_processes(kind, how, tmp_path):
+    """DDP (and FSDP2 under Lightning's ModelParallelStrategy): rank 0's plan, for one
+    rank, is applied on both; the losses equal the run without memfit step for step,
+    and each rank's peak fits the budget."""
     ranks = torchrun(kind, tmp_path / "run")
     assert ranks[0]["plan"] == ranks[1]["plan"] and ranks[0]["wrapped"] == ranks[1]["wrapped"] != []
-    assert "on each of 2 processes" in ranks[0]["report"]
+    assert f"on each of 2 {how} processes" in ranks[0]["report"]
     for r in ranks:
         assert r["memfit"] == r["plain"]
         assert len(r["peaks"]) == trainers.STEPS and max(r["peaks"]) <= r["plan"]["budget_bytes"], r["peaks"]

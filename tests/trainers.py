@@ -3,7 +3,7 @@ memfit's callback, for tests/test_integrations.py. Also a script: under
 torchrun each process trains without, then with, memfit and writes what it
 saw to OUT.rankN.json.
 
-    python -m torch.distributed.run --nproc-per-node 2 tests/trainers.py hf|lightning OUT BUDGET
+    python -m torch.distributed.run --nproc-per-node 2 tests/trainers.py hf|lightning|lightning-fsdp OUT BUDGET
 """
 import json
 import sys
@@ -49,7 +49,8 @@ def hf_run(callback=None, out_dir="/tmp/memfit-hf", gradient_checkpointing=False
 
 # --- Lightning: a LightningModule with its own blocks, written the way people write them ----------------
 
-def lightning_module():
+def lightning_module(sharded=False):
+    """The module; `sharded`: FSDP2 in `configure_model`, for ModelParallelStrategy."""
     import lightning.pytorch as pl
 
     class Block(nn.Module):
@@ -83,7 +84,12 @@ def lightning_module():
         def configure_optimizers(self):
             return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
-    return TinyLM()
+    class ShardedTinyLM(TinyLM):
+        def configure_model(self):
+            from memfit.integrations.lightning import fully_shard
+            fully_shard(self, self.device_mesh["data_parallel"])
+
+    return ShardedTinyLM() if sharded else TinyLM()
 
 
 def lightning_run(callback=None, strategy="auto", devices=1, steps=STEPS):
@@ -102,7 +108,7 @@ def lightning_run(callback=None, strategy="auto", devices=1, steps=STEPS):
                          callbacks=[Losses()] + ([callback] if callback else []))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(lightning_module(), data)
+        trainer.fit(lightning_module(sharded=not isinstance(strategy, str)), data)
     return losses, trainer
 
 
@@ -145,8 +151,10 @@ def main(kind, out, budget):
         run = lambda cb: hf_run(cb, out_dir=f"{out}.hf")  # noqa: E731
     else:
         from memfit.integrations.lightning import MemfitCallback
-        strategy = "fsdp" if kind == "lightning-fsdp" else "ddp"
-        run = lambda cb: lightning_run(cb, strategy=strategy, devices=2)  # noqa: E731
+        from lightning.pytorch.strategies import ModelParallelStrategy
+        def run(cb):  # a new strategy for each Trainer
+            return lightning_run(cb, strategy=ModelParallelStrategy(2, 1) if kind == "lightning-fsdp" else "ddp",
+                                 devices=2)
     plain, _ = run(None)
     callback = MemfitCallback(budget=budget, cost="flops")
     with_memfit, trainer = run(callback)

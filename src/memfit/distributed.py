@@ -127,13 +127,17 @@ def wrap(model: nn.Module, ranks: Ranks) -> nn.Module:
         return DDP(model, device_ids=[ranks.device.index] if ranks.device.type == "cuda" else None)
     if ranks.kind == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = init_device_mesh(ranks.device.type, (ranks.world,))
-        for group in _groups(model):
-            fully_shard(group if len(group) > 1 else group[0], mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        shard(model, init_device_mesh(ranks.device.type, (ranks.world,)))
     return model
+
+
+def shard(model: nn.Module, mesh) -> nn.Module:
+    """FSDP2 over `mesh`, after memfit is applied: one group per memfit unit (a segment of
+    blocks is one group, NOTE [order with FSDP2]), then the root."""
+    from torch.distributed.fsdp import fully_shard
+    for group in _groups(model):
+        fully_shard(group if len(group) > 1 else group[0], mesh=mesh)
+    return fully_shard(model, mesh=mesh)
 
 
 def _groups(model: nn.Module) -> list[list[nn.Module]]:

@@ -41,9 +41,9 @@ __all__ = ["Session", "training_loss"]
 GB = 1e9
 
 
-def _ranks() -> Ranks:
+def _ranks(kind: str) -> Ranks:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return Ranks("ddp", dist.get_rank(), dist.get_world_size())
+        return Ranks(kind, dist.get_rank(), dist.get_world_size())
     return Ranks()
 
 
@@ -69,13 +69,15 @@ class Session:
     def prepared(self) -> bool:
         return self.report is not None
 
-    def prepare(self, model, batch, loss_fn, optimizer=None) -> str:
+    def prepare(self, model, batch, loss_fn, optimizer=None, kind="ddp") -> str:
         """Plan for the budget (or resolve the strategy) on `batch`, apply it
-        to `model` on every rank, and return the startup report."""
+        to `model` on every rank, and return the startup report. `kind`:
+        how several processes will train it, "ddp" or "fsdp" (sharded
+        after this, with `memfit.distributed.shard`)."""
         if _sharded(model):
             raise MemfitError("the model is already sharded by FSDP, and memfit must be applied before sharding; "
                               "call memfit.apply(model, ...) before the trainer wraps the model.")
-        ranks = _ranks()
+        ranks = _ranks(kind)
         opt_class = type(getattr(optimizer, "optimizer", optimizer)) if optimizer is not None else None
 
         def choose():
@@ -136,7 +138,7 @@ def _report(model, chosen_plan, strategy, ranks) -> str:
     total = sum(applied_strategy(m)["n_blocks"] for m in model.modules() if applied_strategy(m))
     head = f"memfit: checkpointing {len(wrapped)} of {total} blocks"
     if ranks.world > 1:
-        head += f" on each of {ranks.world} processes (planned on rank 0, per rank)"
+        head += f" on each of {ranks.world} {ranks.kind.upper()} processes (planned on rank 0, per rank)"
     if chosen_plan is None:
         return f"{head}, strategy {strategy}"
     return f"{head}, budget {fmt_bytes(chosen_plan.budget_bytes)}:\n{chosen_plan}"

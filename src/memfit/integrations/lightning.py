@@ -12,6 +12,16 @@ logged as `memory/peak` (GB) beside `memory/predicted_peak` and
 `memory/budget`. Under the DDP strategies memfit checkpoints the module
 inside DDP.
 
+Under `ModelParallelStrategy` (FSDP2) memfit must be applied before the
+module is sharded in `configure_model` (NOTE [order with FSDP2] in
+`memfit.distributed`), so the callback plans in `setup`, on the first batch
+of the training dataloader (drawn without touching the random numbers the
+training draws), for one rank of an FSDP2 run. Shard with
+`memfit.integrations.lightning.fully_shard(self, mesh)` in `configure_model`:
+one FSDP group per memfit unit, as the plan predicted. Lightning's FSDP1
+strategy (`strategy="fsdp"`, GPU only) wraps the module before any hook
+memfit could use; the callback stops at `setup` with a sentence saying so.
+
 NOTE [gradients before the forward]
 Lightning zeroes the gradients inside its closure, after `training_step`'s
 forward and before the backward, so the last step's gradients are alive
@@ -29,10 +39,17 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from memfit.distributed import shard
 from memfit.errors import MemfitError
 from memfit.integrations import Session, training_loss
 
-__all__ = ["MemfitCallback"]
+__all__ = ["MemfitCallback", "fully_shard"]
+
+
+def fully_shard(module, mesh):
+    """FSDP2 for `configure_model` under ModelParallelStrategy: one group per memfit
+    unit (a segment of blocks is one group), then the module."""
+    return shard(module, mesh)
 
 
 def step_loss(trainer, batch_idx):
@@ -55,6 +72,14 @@ def _quiet(module):
         del module.log, module.log_dict
 
 
+def _first_batch(trainer):
+    """The first training batch, on the device, drawn as the training loop will draw it again."""
+    with torch.random.fork_rng(devices=[]):
+        loader = trainer.fit_loop._data_source.dataloader()
+        batch = next(iter(loader))
+    return trainer.strategy.batch_to_device(batch)
+
+
 class MemfitCallback(Callback):
     """Plan for `budget` ('60%' of the plain step's peak, '20GiB', 'auto': the
     device's free memory; the default) on the first batch and apply the
@@ -71,14 +96,28 @@ class MemfitCallback(Callback):
     report = property(lambda self: self.session.report)
     peaks = property(lambda self: self.session.peaks)
 
-    def _prepare(self, trainer, module, batch, batch_idx):
+    def _prepare(self, trainer, module, batch, batch_idx, kind="ddp"):
         if not module.automatic_optimization:
             raise MemfitError("MemfitCallback plans with the loss training_step returns, which needs automatic "
                               "optimization; with manual optimization call memfit.apply(self, ...) in setup().")
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         with _quiet(module):
-            report = self.session.prepare(module, batch, step_loss(trainer, batch_idx), optimizer)
+            report = self.session.prepare(module, batch, step_loss(trainer, batch_idx), optimizer, kind)
         rank_zero_info(report)
+
+    def setup(self, trainer, pl_module, stage):
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+        if isinstance(trainer.strategy, FSDPStrategy):
+            raise MemfitError("Lightning's FSDPStrategy shards the module before memfit can be applied; use "
+                              "ModelParallelStrategy and memfit.integrations.lightning.fully_shard(self, mesh) in "
+                              "configure_model.")
+        if stage == "fit" and isinstance(trainer.strategy, ModelParallelStrategy) and not self.session.prepared:
+            mesh = trainer.strategy.device_mesh
+            if mesh["data_parallel"].size() != mesh.size():
+                raise MemfitError(f"memfit plans FSDP2 data parallelism, and this ModelParallelStrategy has tensor "
+                                  f"parallelism of {mesh['tensor_parallel'].size()}; use "
+                                  f"ModelParallelStrategy(data_parallel_size={mesh.size()}, tensor_parallel_size=1).")
+            self._prepare(trainer, pl_module, _first_batch(trainer), 0, kind="fsdp")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if not self.session.prepared:

@@ -51,21 +51,31 @@ def test_hf_trainer_with_a_budget(hf_plain, tmp_path):
     assert "transformer.h.0" in callback.report and "predicted peak" in callback.report
 
 
-def test_hf_trainer_gradient_checkpointing_is_replaced(hf_plain, tmp_path):
+@pytest.fixture
+def hf_warnings():
+    """What memfit says through the Trainer's logger (which does not propagate to the root)."""
     records = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = records.append
-    logging.getLogger("transformers.trainer").addHandler(handler)  # the logger does not propagate to the root
-    try:
-        callback = memfit_hf.MemfitCallback(strategy="blocks")
-        losses, trainer = trainers.hf_run(callback, out_dir=tmp_path, gradient_checkpointing=True)
-    finally:
-        logging.getLogger("transformers.trainer").removeHandler(handler)
-    said = [r.getMessage() for r in records if "memfit" in r.getMessage()]
+    logging.getLogger("transformers.trainer").addHandler(handler)
+    yield records
+    logging.getLogger("transformers.trainer").removeHandler(handler)
+
+
+def test_hf_trainer_gradient_checkpointing_is_replaced(hf_plain, tmp_path, hf_warnings):
+    callback = memfit_hf.MemfitCallback(strategy="blocks")
+    losses, trainer = trainers.hf_run(callback, out_dir=tmp_path, gradient_checkpointing=True)
+    said = [r.getMessage() for r in hf_warnings if "memfit" in r.getMessage()]
     assert len(said) == 1 and "gradient_checkpointing=True" in said[0], said
     assert not trainer.model.is_gradient_checkpointing
     assert len(wrapped_blocks(trainer.model)) == 4
     assert losses == hf_plain
+
+
+def test_hf_trainer_gradient_accumulation_is_said(tmp_path, hf_warnings):
+    trainers.hf_run(memfit_hf.MemfitCallback(strategy="blocks"), out_dir=tmp_path, steps=1, accumulation=2)
+    said = [r.getMessage() for r in hf_warnings if "memfit" in r.getMessage()]
+    assert len(said) == 1 and "accumulated over 2 batches" in said[0], said
 
 
 def test_hf_trainer_budget_that_cannot_be_met_stops_before_training(tmp_path):

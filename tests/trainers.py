@@ -32,7 +32,7 @@ class TokenData(torch.utils.data.Dataset):
         return {"input_ids": self.x[i], "labels": self.x[i]}
 
 
-def hf_run(callback=None, out_dir="/tmp/memfit-hf", gradient_checkpointing=False, steps=STEPS):
+def hf_run(callback=None, out_dir="/tmp/memfit-hf", gradient_checkpointing=False, steps=STEPS, accumulation=1):
     """(losses per step, trainer) of a tiny GPT-2 (dropout 0.1) trained for `steps`."""
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
     torch.manual_seed(0)
@@ -40,7 +40,7 @@ def hf_run(callback=None, out_dir="/tmp/memfit-hf", gradient_checkpointing=False
                                                 bos_token_id=0, eos_token_id=0))
     args = TrainingArguments(output_dir=str(out_dir), per_device_train_batch_size=BATCH // 2, max_steps=steps,
                              logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", seed=0,
-                             disable_tqdm=True, dataloader_num_workers=0,
+                             disable_tqdm=True, dataloader_num_workers=0, gradient_accumulation_steps=accumulation,
                              **({"gradient_checkpointing": True} if gradient_checkpointing else {}))
     trainer = Trainer(model=model, args=args, train_dataset=TokenData(), callbacks=[callback] if callback else [])
     trainer.train()

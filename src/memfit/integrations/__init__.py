@@ -36,7 +36,7 @@ from memfit.memory import track_memory
 from memfit.planner import Plan, apply, parse_budget, plan, resolve_plan
 from memfit.report import fmt_bytes
 
-__all__ = ["Session", "training_loss"]
+__all__ = ["Session", "training_loss", "accumulation_warning"]
 
 GB = 1e9
 
@@ -118,6 +118,15 @@ class Session:
             out["memory/predicted_peak"] = self.plan.predicted_peak_bytes / GB
             out["memory/budget"] = self.plan.budget_bytes / GB
         return out
+
+
+def accumulation_warning(steps: int) -> str | None:
+    """What to say when gradients are accumulated over `steps` batches (None for 1)."""
+    if steps <= 1:
+        return None
+    return (f"memfit: gradients are accumulated over {steps} batches; the plan predicts a step without "
+            f"accumulation, and the batches after the first also hold the gradients (one more copy of the "
+            f"trainable parameters) through their forward, which the predicted peak does not count.")
 
 
 def training_loss(output):

@@ -37,11 +37,11 @@ import contextlib
 
 import torch
 from lightning.pytorch import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from memfit.distributed import shard
 from memfit.errors import MemfitError
-from memfit.integrations import Session, training_loss
+from memfit.integrations import Session, accumulation_warning, training_loss
 
 __all__ = ["MemfitCallback", "fully_shard"]
 
@@ -104,6 +104,8 @@ class MemfitCallback(Callback):
         with _quiet(module):
             report = self.session.prepare(module, batch, step_loss(trainer, batch_idx), optimizer, kind)
         rank_zero_info(report)
+        if (said := accumulation_warning(trainer.accumulate_grad_batches)) is not None:
+            rank_zero_warn(said)
 
     def setup(self, trainer, pl_module, stage):
         from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy

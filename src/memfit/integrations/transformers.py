@@ -19,7 +19,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from memfit.integrations import Session, training_loss
+from memfit.integrations import Session, accumulation_warning, training_loss
 
 __all__ = ["MemfitCallback"]
 
@@ -68,6 +68,8 @@ class MemfitCallback(TrainerCallback):
         if _own_checkpointing_off(model):
             logger.warning("memfit: gradient_checkpointing=True is off for this run: memfit's callback "
                            "checkpoints the model instead.")
+        if (said := accumulation_warning(args.gradient_accumulation_steps)) is not None:
+            logger.warning(said)
         if self._hook is None:
             self._hook = model.register_forward_pre_hook(self._training_forward, with_kwargs=True)
 

@@ -41,3 +41,4 @@ data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randint(
 trainer = pl.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
                      callbacks=[MemfitCallback(budget="60%")])
 trainer.fit(TinyLM(), data)
+print({name: f"{value.item():.4f} GB" for name, value in trainer.callback_metrics.items() if name.startswith("memory/")})

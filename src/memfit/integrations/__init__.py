@@ -14,10 +14,11 @@ NOTE [first batch]
 The plan is made on the batch the trainer is about to train on, moved to
 the device and collated as the trainer does it, with the loss the trainer
 computes, and before its first forward: nothing has run yet, so the run is
-the run without memfit, step for step. Planning leaves no trace in it: it
-runs under `torch.random.fork_rng` (and the profiler puts back gradients and
-buffers), so the random numbers the trainer draws next (dropout, data
-order) are the ones it would have drawn. With several processes, rank 0
+the run without memfit, step for step. Planning leaves no trace in it: the
+planner runs its steps on copies, or on the model with its gradients,
+buffers and RNG state put back (`memfit.profile._untouched`), so the random
+numbers the trainer draws next (dropout, data order) are the ones it would
+have drawn. With several processes, rank 0
 plans (on a copy of the model when it times steps, so that DDP's gradient
 hooks on the real parameters never fire) and sends the plan to every rank,
 so every rank recomputes the same blocks.
@@ -81,13 +82,12 @@ class Session:
         opt_class = type(getattr(optimizer, "optimizer", optimizer)) if optimizer is not None else None
 
         def choose():
-            with torch.random.fork_rng(devices=[p.device for p in model.parameters() if p.is_cuda][:1]):
-                planned = copy.deepcopy(model) if ranks.world > 1 and self.cost == "time" else model
-                if self.strategy is not None:
-                    chosen = resolve_plan(self.strategy, planned, batch, loss_fn, cost=self.cost) or self.strategy
-                else:
-                    chosen = plan(planned, batch, loss_fn, self.budget, cost=self.cost,
-                                  optimizer=opt_class, distributed=ranks.spec)
+            planned = copy.deepcopy(model) if ranks.world > 1 and self.cost == "time" else model
+            if self.strategy is not None:
+                chosen = resolve_plan(self.strategy, planned, batch, loss_fn, cost=self.cost) or self.strategy
+            else:
+                chosen = plan(planned, batch, loss_fn, self.budget, cost=self.cost,
+                              optimizer=opt_class, distributed=ranks.spec)
             return chosen.to_json() if isinstance(chosen, Plan) else chosen
         chosen = on_main(choose, ranks)
         if isinstance(chosen, str) and chosen.lstrip().startswith("{"):

@@ -54,12 +54,14 @@ def test_hf_trainer_with_a_budget(hf_plain, tmp_path):
 @pytest.fixture
 def hf_warnings():
     """What memfit says through the Trainer's logger (which does not propagate to the root)."""
-    records = []
-    handler = logging.Handler(logging.WARNING)
+    records, logger = [], logging.getLogger("transformers.trainer")
+    handler, level = logging.Handler(logging.WARNING), logger.level
     handler.emit = records.append
-    logging.getLogger("transformers.trainer").addHandler(handler)
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)  # whatever verbosity other tests left to transformers
     yield records
-    logging.getLogger("transformers.trainer").removeHandler(handler)
+    logger.removeHandler(handler)
+    logger.setLevel(level)
 
 
 def test_hf_trainer_gradient_checkpointing_is_replaced(hf_plain, tmp_path, hf_warnings):

@@ -79,7 +79,7 @@ def test_checkpointing_on_or_off_is_the_same_training(recipe, strategy):
 
 def test_gpt_recipe_learns():
     """The default config's data, batch and learning rate, on a 2x64 model for 150 iterations (27 s on
-    2 cores; the 4x128 default takes 300 and minutes): validation loss clearly below the unigram entropy."""
+    2 cores; the 4x128 default for 300 was the suite's slowest test): validation loss clearly below the unigram entropy."""
     events = []
     summary = train(resolve(CONFIGS / "gpt-char.yaml", {"training.log_interval": "100", "model.n_layer": "2",
                                                         "model.n_embd": "64", "training.max_iters": "150"}),

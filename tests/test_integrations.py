@@ -64,6 +64,15 @@ def hf_warnings():
     logger.setLevel(level)
 
 
+def test_hf_trainer_fine_tuning_a_lora_adapter(tmp_path):
+    plain, _ = trainers.hf_run(out_dir=tmp_path, lora=True)
+    callback = memfit_hf.MemfitCallback(budget="60%", cost="flops")
+    losses, trainer = trainers.hf_run(callback, out_dir=tmp_path, lora=True)
+    assert losses == plain
+    assert [n for n, _ in wrapped_blocks(trainer.model)][0].startswith("base_model.model.transformer.h.")
+    check_fits(callback, callback.peaks)
+
+
 def test_hf_trainer_gradient_checkpointing_is_replaced(hf_plain, tmp_path, hf_warnings):
     callback = memfit_hf.MemfitCallback(strategy="blocks")
     losses, trainer = trainers.hf_run(callback, out_dir=tmp_path, gradient_checkpointing=True)

@@ -32,12 +32,17 @@ class TokenData(torch.utils.data.Dataset):
         return {"input_ids": self.x[i], "labels": self.x[i]}
 
 
-def hf_run(callback=None, out_dir="/tmp/memfit-hf", gradient_checkpointing=False, steps=STEPS, accumulation=1):
-    """(losses per step, trainer) of a tiny GPT-2 (dropout 0.1) trained for `steps`."""
+def hf_run(callback=None, out_dir="/tmp/memfit-hf", gradient_checkpointing=False, steps=STEPS, accumulation=1,
+           lora=False):
+    """(losses per step, trainer) of a tiny GPT-2 (dropout 0.1) trained for `steps`; `lora`: a peft LoRA
+    adapter on its attention, the base weights frozen."""
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=32, n_layer=4, n_head=2,
-                                                bos_token_id=0, eos_token_id=0))
+                                       bos_token_id=0, eos_token_id=0))
+    if lora:
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
     args = TrainingArguments(output_dir=str(out_dir), per_device_train_batch_size=BATCH // 2, max_steps=steps,
                              logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", seed=0,
                              disable_tqdm=True, dataloader_num_workers=0, gradient_accumulation_steps=accumulation,

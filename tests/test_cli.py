@@ -154,3 +154,19 @@ def test_a_write_that_fails_at_the_end_keeps_the_results_on_screen(workdir, caps
     assert shown in captured.out, captured.out
     assert "the results are above, but writing the" in captured.err and "No space left on device" in captured.err
     assert captured.err.count("\n") == 1 and not (workdir / path).exists() and not list(workdir.glob(".r.json*"))
+
+
+def test_fit_budget_auto_is_the_free_memory_of_the_device_used(monkeypatch, capsys):
+    """`fit --budget auto` asks the device the model runs on (it read the host's memory for --device cuda)."""
+    import memfit.cli
+    import memfit.fit
+    from memfit import planner
+    asked, budgets = [], []
+    model, _, loss_fn = memfit.models.load("mlp", size="tiny")[:3]
+    monkeypatch.setattr(memfit.cli, "_load", lambda args: (torch.device("cuda"), model, None, loss_fn))
+    monkeypatch.setattr(planner, "available_bytes", lambda device: asked.append(torch.device(device).type) or 2**30)
+    monkeypatch.setattr(memfit.fit, "fit", lambda m, mb, lf, budget, *a, **k: budgets.append(budget) or [
+        {"strategy": "none", "batch_size": 4, "peak_bytes": 100, "time_per_sample_s": None, "memory_source": "-"}])
+    assert main(["fit", "--model", "mlp", "--size", "tiny", "--budget", "auto", "--strategies", "none"]) == 0
+    assert asked[-1] == "cuda" and budgets == [2**30]
+    assert "largest batch in 1.0 GiB: mlp on cuda" in capsys.readouterr().out

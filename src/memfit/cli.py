@@ -226,10 +226,11 @@ def _fit(args, out: Console) -> int:
     from memfit.planner import parse_budget
     from memfit.report import check_writable, fit_table, fmt_bytes, write_json
 
-    budget = parse_budget(args.budget)
+    parse_budget(args.budget)  # a bad budget fails before any work
     strategies = [s.strip() for s in args.strategies.split(",")] if args.strategies else list(STRATEGIES)
     json_path = check_writable(args.json) if args.json else None
     device, model, _, loss_fn = _load(args)
+    budget = parse_budget(args.budget, device=device)  # auto: the free memory of the device used
     module = models.REGISTRY.get(args.model)
     if module is None:
         raise MemfitError("memfit fit works on the built-in models; for your own, call memfit.fit.fit(model, "

@@ -37,7 +37,7 @@ from memfit.memory import track_memory
 from memfit.planner import Plan, apply, parse_budget, plan, resolve_plan
 from memfit.report import fmt_bytes
 
-__all__ = ["Session", "training_loss", "accumulation_warning"]
+__all__ = ["Session", "SessionCallback", "training_loss", "accumulation_warning"]
 
 GB = 1e9
 
@@ -118,6 +118,23 @@ class Session:
             out["memory/predicted_peak"] = self.plan.predicted_peak_bytes / GB
             out["memory/budget"] = self.plan.budget_bytes / GB
         return out
+
+
+class SessionCallback:
+    """Plan for `budget` ('60%' of the plain step's peak, '20GiB', 'auto': the
+    device's free memory; the default) on the first batch and apply the
+    plan; or apply `strategy` ('blocks', 'plan:FILE.json', ...) as given.
+    `cost`: 'time' (timed on the device, the default) or 'flops'.
+    `monitor`: measure each step's peak (on CPU this slows steps down).
+    After training, `plan`, `report` and `peaks` (bytes per step) say what
+    was chosen and measured."""
+
+    def __init__(self, budget=None, strategy=None, cost="time", monitor=True):
+        self.session = Session(budget, strategy, cost, monitor)
+
+    plan = property(lambda self: self.session.plan)
+    report = property(lambda self: self.session.report)
+    peaks = property(lambda self: self.session.peaks)
 
 
 def accumulation_warning(steps: int) -> str | None:

@@ -41,7 +41,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from memfit.distributed import shard
 from memfit.errors import MemfitError
-from memfit.integrations import Session, accumulation_warning, training_loss
+from memfit.integrations import SessionCallback, accumulation_warning, training_loss
 
 __all__ = ["MemfitCallback", "fully_shard"]
 
@@ -80,21 +80,8 @@ def _first_batch(trainer):
     return trainer.strategy.batch_to_device(batch)
 
 
-class MemfitCallback(Callback):
-    """Plan for `budget` ('60%' of the plain step's peak, '20GiB', 'auto': the
-    device's free memory; the default) on the first batch and apply the
-    plan; or apply `strategy` ('blocks', 'plan:FILE.json', ...) as given.
-    `cost`: 'time' (timed on the device, the default) or 'flops'.
-    `monitor`: measure each step's peak (on CPU this slows steps down).
-    After training, `plan`, `report` and `peaks` (bytes per step) say what
-    was chosen and measured."""
-
-    def __init__(self, budget=None, strategy=None, cost="time", monitor=True):
-        self.session = Session(budget, strategy, cost, monitor)
-
-    plan = property(lambda self: self.session.plan)
-    report = property(lambda self: self.session.report)
-    peaks = property(lambda self: self.session.peaks)
+class MemfitCallback(SessionCallback, Callback):
+    __doc__ = SessionCallback.__doc__
 
     def _prepare(self, trainer, module, batch, batch_idx, kind="ddp"):
         if not module.automatic_optimization:

@@ -19,7 +19,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from memfit.integrations import Session, accumulation_warning, training_loss
+from memfit.integrations import SessionCallback, accumulation_warning, training_loss
 
 __all__ = ["MemfitCallback"]
 
@@ -44,24 +44,14 @@ def _own_checkpointing_off(model) -> bool:
     return False
 
 
-class MemfitCallback(TrainerCallback):
-    """Plan for `budget` ('60%' of the plain step's peak, '20GiB', 'auto': the
-    device's free memory; the default) on the first batch and apply the
-    plan; or apply `strategy` ('blocks', 'plan:FILE.json', ...) as given.
-    `cost`: 'time' (timed on the device, the default) or 'flops'.
-    `monitor`: measure each step's peak (on CPU this slows steps down).
-    After training, `plan`, `report` and `peaks` (bytes per step) say what
-    was chosen and measured."""
+class MemfitCallback(SessionCallback, TrainerCallback):
+    __doc__ = SessionCallback.__doc__
 
     def __init__(self, budget=None, strategy=None, cost="time", monitor=True):
-        self.session = Session(budget, strategy, cost, monitor)
+        super().__init__(budget, strategy, cost, monitor)
         self._hook = self._optimizer = None
         self._planning = False
         self._since_log: list[int] = []
-
-    plan = property(lambda self: self.session.plan)
-    report = property(lambda self: self.session.report)
-    peaks = property(lambda self: self.session.peaks)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._optimizer = optimizer

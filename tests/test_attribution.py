@@ -127,9 +127,6 @@ def test_bad_input(tmp_path):
         attribute(model, videos, reduce="l3")
 
 
-def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "memfit", "attribute", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=600)
 
 
 def write_frames(directory, n, sizes=None, skip=None):
@@ -142,7 +139,7 @@ def write_frames(directory, n, sizes=None, skip=None):
             Image.fromarray((np.random.rand(size, size, 3) * 255).astype("uint8")).save(directory / f"frame_{i:03d}.png")
 
 
-def test_cli_on_files_with_cache_and_outputs(tmp_path):
+def test_cli_on_files_with_cache_and_outputs(tmp_path, cli):
     import numpy as np
     _, videos = tiny(2)
     paths = []
@@ -152,21 +149,21 @@ def test_cli_on_files_with_cache_and_outputs(tmp_path):
     write_frames(tmp_path / "clip_dir", 8)
     args = [*paths, str(tmp_path / "clip_dir"), "--size", "tiny", "--mode", "chunked", "--chunk-size", "4",
             "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), "--json", str(tmp_path / "r.json")]
-    r = cli(*args)
+    r = cli("attribute", *args)
     assert r.returncode == 0, r.stderr
     assert "0 chunks reused" in r.stdout
     assert (tmp_path / "out" / "video_000.csv").exists() and (tmp_path / "out" / "classes.png").exists()
-    again = cli(*args)
+    again = cli("attribute", *args)
     assert "6 chunks reused" in again.stdout
     import json
     assert len(json.loads((tmp_path / "r.json").read_text())["clip_dir"]["scores"]) == 8
 
 
-def test_cli_compare_json(tmp_path):
+def test_cli_compare_json(tmp_path, cli):
     import numpy as np
     _, videos = tiny(1)
     np.save(tmp_path / "v.npy", videos["video_000"].numpy())
-    r = cli(str(tmp_path / "v.npy"), "--size", "tiny", "--compare", "--chunk-size", "4", "--json",
+    r = cli("attribute", str(tmp_path / "v.npy"), "--size", "tiny", "--compare", "--chunk-size", "4", "--json",
             str(tmp_path / "c.json"))
     assert r.returncode == 0, r.stderr
     import json
@@ -179,12 +176,12 @@ def test_cli_compare_json(tmp_path):
     assert {"max_rel_error", "pearson", "top_k_agreement"} <= set(pairs[("chunked", "exact")])
 
 
-def test_cli_bad_input_keeps_the_cache(tmp_path):
+def test_cli_bad_input_keeps_the_cache(tmp_path, cli):
     import numpy as np
     _, videos = tiny(1)
     np.save(tmp_path / "v.npy", videos["video_000"].numpy())
     np.save(tmp_path / "flat.npy", np.zeros((8, 16, 16), dtype="float32"))
-    ok = cli(str(tmp_path / "v.npy"), "--size", "tiny", "--cache-dir", str(tmp_path / "cache"))
+    ok = cli("attribute", str(tmp_path / "v.npy"), "--size", "tiny", "--cache-dir", str(tmp_path / "cache"))
     assert ok.returncode == 0
     cached = sorted(p.name for p in (tmp_path / "cache").rglob("*"))
     write_frames(tmp_path / "gaps", 5, skip=2)
@@ -199,8 +196,8 @@ def test_cli_bad_input_keeps_the_cache(tmp_path):
         ([str(tmp_path / "v.npy"), "--mode", "chunked", "--chunk-size", "9"], "--chunk-size 9"),
         ([str(tmp_path / "v.npy"), "--cache-dir", str(tmp_path / "file" / "c")], "cannot write the cache"),
     ]:
-        r = cli(*args, "--size", "tiny", "--cache-dir", str(tmp_path / "cache")) if "--cache-dir" not in args \
-            else cli(*args, "--size", "tiny")
+        r = cli("attribute", *args, "--size", "tiny", "--cache-dir", str(tmp_path / "cache")) if "--cache-dir" not in args \
+            else cli("attribute", *args, "--size", "tiny")
         assert r.returncode == 2, (args, r.stdout, r.stderr)
         assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert sorted(p.name for p in (tmp_path / "cache").rglob("*")) == cached
@@ -215,7 +212,7 @@ def make(seed=0):
 """
 
 
-def test_cli_user_model_budget_and_per_video_targets(tmp_path):
+def test_cli_user_model_budget_and_per_video_targets(tmp_path, cli):
     import json
 
     import numpy as np
@@ -224,7 +221,7 @@ def test_cli_user_model_budget_and_per_video_targets(tmp_path):
         np.save(tmp_path / f"{vid}.npy", clip.numpy())
     (tmp_path / "mymodels.py").write_text(FACTORY)
     files = [str(tmp_path / f"{vid}.npy") for vid in videos]
-    r = cli(*files, "--model", "mymodels:make", "--budget", "90%", "--target", "video_001=2", "--target", "1",
+    r = cli("attribute", *files, "--model", "mymodels:make", "--budget", "90%", "--target", "video_001=2", "--target", "1",
             "--json", str(tmp_path / "r.json"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "budget 90%: checkpointing" in r.stdout and "measured peak" in r.stdout
@@ -240,7 +237,7 @@ def test_cli_user_model_budget_and_per_video_targets(tmp_path):
         (["--budget", "50%", "--strategy", "blocks"], "not both"),
         (["--model", "mymodels:nothing"], "has no function 'nothing'"),
     ]:
-        bad = cli(*files, *(args if "--model" in args else ["--model", "mymodels:make", *args]), cwd=tmp_path)
+        bad = cli("attribute", *files, *(args if "--model" in args else ["--model", "mymodels:make", *args]), cwd=tmp_path)
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, (args, bad.stderr)
 
 
@@ -285,7 +282,7 @@ def test_concurrent_runs_sharing_a_cache_keep_every_chunk(tmp_path):
     assert len(cache.names()) == 16 and all(cache.get(n) is not None for n in cache.names()) and not cache.corrupt
 
 
-def test_cli_same_file_name_in_two_directories_gives_two_results(tmp_path):
+def test_cli_same_file_name_in_two_directories_gives_two_results(tmp_path, cli):
     import json
 
     import numpy as np
@@ -293,14 +290,14 @@ def test_cli_same_file_name_in_two_directories_gives_two_results(tmp_path):
     for d, clip in zip("ab", videos.values()):
         (tmp_path / d).mkdir()
         np.save(tmp_path / d / "clip_000.npy", clip.numpy())
-    r = cli(str(tmp_path / "a" / "clip_000.npy"), str(tmp_path / "b" / "clip_000.npy"), "--size", "tiny",
+    r = cli("attribute", str(tmp_path / "a" / "clip_000.npy"), str(tmp_path / "b" / "clip_000.npy"), "--size", "tiny",
             "--json", str(tmp_path / "r.json"))
     assert r.returncode == 0, r.stderr
     got = json.loads((tmp_path / "r.json").read_text())
     assert set(got) == {"a-clip_000", "b-clip_000"} and got["a-clip_000"] != got["b-clip_000"]
 
 
-def test_cli_bad_target_fails_before_any_chunk_and_temporary_caches_go(tmp_path):
+def test_cli_bad_target_fails_before_any_chunk_and_temporary_caches_go(tmp_path, cli):
     import os
 
     import numpy as np
@@ -309,7 +306,7 @@ def test_cli_bad_target_fails_before_any_chunk_and_temporary_caches_go(tmp_path)
     for vid, clip in videos.items():
         np.save(tmp_path / f"{vid}.npy", clip.numpy())
         files.append(str(tmp_path / f"{vid}.npy"))
-    bad = cli(*files, "--size", "tiny", "--target", "video_001=99", "--cache-dir", str(tmp_path / "cache"))
+    bad = cli("attribute", *files, "--size", "tiny", "--target", "video_001=99", "--cache-dir", str(tmp_path / "cache"))
     assert bad.returncode == 2 and "out of range for video_001" in bad.stderr, bad.stderr
     assert not list((tmp_path / "cache").rglob("*.pt"))
     (tmp_path / "tmp").mkdir()

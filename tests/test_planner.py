@@ -3,8 +3,6 @@ their budgets when measured."""
 import copy
 import itertools
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -204,12 +202,9 @@ def test_apply_with_a_budget_plans_and_applies():
         assert torch.equal(p.grad, q.grad)
 
 
-def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "memfit", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=600)
 
 
-def test_cli_plan_and_bench(tmp_path):
+def test_cli_plan_and_bench(tmp_path, cli):
     plan_path = tmp_path / "plan.json"
     r = cli("plan", "--model", "gpt", "--size", "tiny", "--budget", "60%", "--cost", "flops", "--json", str(plan_path))
     assert r.returncode == 0, r.stderr
@@ -245,7 +240,7 @@ def test_cli_plan_and_bench(tmp_path):
     (["verify", "--strategy", "plan:missing.json"], "cannot read plan"),
     (["verify", "--model", "mlp", "--size", "tiny", "--strategy", "offload"], "on cpu it saves nothing"),
 ])
-def test_cli_bad_input(args, message):
+def test_cli_bad_input(args, message, cli):
     r = cli(*args)
     assert r.returncode == 2, r.stdout + r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr

@@ -27,9 +27,6 @@ SMALL = {  # keeps each recipe's CPU run to seconds
 }
 
 
-def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "memfit", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=900)
 
 
 @pytest.mark.parametrize("recipe", list(SMALL))
@@ -104,7 +101,7 @@ def test_jepa_checkpoints_encoder_or_predictor():
     assert not memfit.wrapped_blocks(model.target_encoder)
 
 
-def test_cli_train_prints_the_startup_report_and_saves(tmp_path):
+def test_cli_train_prints_the_startup_report_and_saves(tmp_path, cli):
     out = tmp_path / "run"
     r = cli("train", "--config", str(CONFIGS / "gpt-char.yaml"), "--max-iters", "10", "--gradient-checkpointing",
             "true", "--set", "model.n_layer=2", "--set", "model.n_embd=32", "--out", str(out))
@@ -129,7 +126,7 @@ def test_cli_train_prints_the_startup_report_and_saves(tmp_path):
     (["--precision", "fp8"], "not one of fp32, bf16, fp16"),
     (["--set", "nonsense"], "must be KEY=VALUE"),
 ])
-def test_cli_train_bad_input(args, message):
+def test_cli_train_bad_input(args, message, cli):
     r = cli("train", "--max-iters", "1", *args)
     assert r.returncode == 2, r.stdout + r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
@@ -159,7 +156,7 @@ def test_fit_finds_the_largest_batch_that_fits():
     assert sizes["blocks"] > sizes["none"]
 
 
-def test_cli_fit(tmp_path):
+def test_cli_fit(tmp_path, cli):
     path = tmp_path / "fit.json"
     r = cli("fit", "--model", "resnet-se", "--size", "tiny", "--budget", "32MiB", "--strategies", "none,blocks",
             "--json", str(path))
@@ -233,7 +230,7 @@ def test_a_kill_at_any_moment_of_the_final_writes_leaves_one_whole_run(tmp_path)
     assert k > 5 and False in killed_at and True in killed_at  # killed before and after the swap
 
 
-def test_a_run_killed_during_training_leaves_the_previous_run(tmp_path):
+def test_a_run_killed_during_training_leaves_the_previous_run(tmp_path, cli):
     import random
     import signal
     import time

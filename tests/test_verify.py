@@ -1,7 +1,5 @@
 """`memfit verify`, through the library and the command line."""
 import json
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -12,12 +10,9 @@ from memfit import models, verify
 STRATEGIES = ["blocks", "every:2", "segments:2", "sqrt", "selective", "scores", "pointwise", "none"]
 
 
-def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "memfit", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=600)
 
 
-def test_default_gpt_blocks_halves_the_peak(tmp_path):
+def test_default_gpt_blocks_halves_the_peak(tmp_path, cli):
     """The issue's own check: `memfit verify --model gpt --strategy blocks --json r.json`."""
     out = tmp_path / "r.json"
     r = cli("verify", "--model", "gpt", "--strategy", "blocks", "--json", str(out), "--device", "cpu")
@@ -33,7 +28,7 @@ def test_default_gpt_blocks_halves_the_peak(tmp_path):
     assert report["recompute_flops"] > 0.2  # one extra forward per block
 
 
-def test_resnet_se_batchnorm_equal_and_torch_checkpoint_is_not(tmp_path):
+def test_resnet_se_batchnorm_equal_and_torch_checkpoint_is_not(tmp_path, cli):
     ours, theirs = tmp_path / "ours.json", tmp_path / "torch.json"
     r = cli("verify", "--model", "resnet-se", "--strategy", "blocks", "--steps", "2", "--json", str(ours))
     assert r.returncode == 0, r.stdout + r.stderr
@@ -87,7 +82,7 @@ def test_expect_reduction_range_decides_pass_or_fail():
     assert not report["passed"] and "outside the expected" in report["failures"][0]
 
 
-def test_user_factory(tmp_path):
+def test_user_factory(tmp_path, cli):
     (tmp_path / "mymodel.py").write_text(textwrap.dedent("""
         import torch
         from torch import nn
@@ -119,7 +114,7 @@ def test_user_factory(tmp_path):
     (["--json", "/no/such/dir/r.json"], "cannot write"),
     (["--device", "tpu"], "unknown device"),
 ])
-def test_bad_input_is_one_sentence_and_exit_2(tmp_path, args, message):
+def test_bad_input_is_one_sentence_and_exit_2(tmp_path, args, message, cli):
     (tmp_path / "badfactory.py").write_text(textwrap.dedent("""
         import torch
         from torch import nn

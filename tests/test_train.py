@@ -33,7 +33,7 @@ SMALL = {  # keeps each recipe's CPU run to seconds
 @pytest.mark.parametrize("checkpointing", [True, False])
 def test_each_recipe_trains_from_its_config(recipe, checkpointing):
     overrides = {**SMALL[recipe], "training.max_iters": "10", "training.log_interval": "5",
-                 "training.gradient_checkpointing": str(checkpointing).lower(), "training.memory_budget": "1GiB"}
+                 "training.gradient_checkpointing": str(checkpointing).lower(), "training.memory_budget": "256MiB"}
     events = []
     summary = train(resolve(CONFIGS / f"{recipe}.yaml", overrides), callback=lambda e, d: events.append((e, d)))
     report = events[0][1]
@@ -49,7 +49,8 @@ def test_checkpointing_lowers_the_monitored_peak_and_the_prediction_holds():
     for gc in ("true", "false"):
         events = []
         train(resolve(CONFIGS / "gpt-char.yaml", {"training.max_iters": "4", "training.log_interval": "2",
-                                                   "training.gradient_checkpointing": gc}),
+                                                   "training.gradient_checkpointing": gc,
+                                                   "training.memory_budget": "256MiB"}),  # a short probe search
               callback=lambda e, d: events.append((e, d)))
         report = events[0][1]
         measured = [d["memory/peak"] for e, d in events if e == "step" and d][-1] * 1e9
@@ -79,7 +80,8 @@ def test_gpt_recipe_learns():
     2 cores; the 4x128 default for 300 was the suite's slowest test): validation loss clearly below the unigram entropy."""
     events = []
     summary = train(resolve(CONFIGS / "gpt-char.yaml", {"training.log_interval": "100", "model.n_layer": "2",
-                                                        "model.n_embd": "64", "training.max_iters": "150"}),
+                                                        "model.n_embd": "64", "training.max_iters": "150",
+                                                        "training.memory_budget": "256MiB"}),
                     callback=lambda e, d: events.append((e, d)))
     entropy = events[0][1]["unigram_entropy"]
     assert summary["val_loss"] < entropy - 0.5, (summary["val_loss"], entropy)  # half a nat below, or more

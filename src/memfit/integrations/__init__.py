@@ -18,10 +18,10 @@ the run without memfit, step for step. Planning leaves no trace in it: the
 planner runs its steps on copies, or on the model with its gradients,
 buffers and RNG state put back (`memfit.profile._untouched`), so the random
 numbers the trainer draws next (dropout, data order) are the ones it would
-have drawn. With several processes, rank 0
-plans (on a copy of the model when it times steps, so that DDP's gradient
-hooks on the real parameters never fire) and sends the plan to every rank,
-so every rank recomputes the same blocks.
+have drawn. With several processes, rank 0 plans (on a copy of the model
+when it times steps, so that DDP's gradient hooks on the real parameters
+never fire) and sends the plan to every rank, so every rank recomputes the
+same blocks.
 """
 from __future__ import annotations
 

@@ -46,10 +46,7 @@ from memfit.integrations import SessionCallback, accumulation_warning, training_
 __all__ = ["MemfitCallback", "fully_shard"]
 
 
-def fully_shard(module, mesh):
-    """FSDP2 for `configure_model` under ModelParallelStrategy: one group per memfit
-    unit (a segment of blocks is one group), then the module."""
-    return shard(module, mesh)
+fully_shard = shard  # for configure_model under ModelParallelStrategy: one FSDP2 group per memfit unit
 
 
 def step_loss(trainer, batch_idx):

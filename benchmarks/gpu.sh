@@ -24,7 +24,7 @@ for dist in ddp fsdp; do
   done
 done
 # Issue 5: the CUDA tests (bf16 and fp16 gradients with and without checkpointing, RNG replay on CUDA).
-python -m pytest tests/test_compat.py tests/test_checkpoint.py -k cuda
+python -m pytest tests/test_compat.py tests/test_checkpointing.py -k cuda
 # Issue 5: memfit against Hugging Face's own checkpointing, on CUDA.
 python benchmarks/hf.py --device cuda
 echo "log written to $log"

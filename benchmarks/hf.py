@@ -30,9 +30,9 @@ from rich.table import Table
 
 import memfit
 from memfit.models import hf
-from memfit.profile import simulate
+from memfit.profiling import simulate
 from memfit.report import fmt_bytes, write_json
-from memfit.verify import measure, resolve_device
+from memfit.measurement import measure, resolve_device
 
 
 def hf_checkpointing(model, every=1):

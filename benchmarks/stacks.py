@@ -25,7 +25,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import memfit  # noqa: E402
 import real_models  # noqa: E402
-from memfit.profile import coverage  # noqa: E402
+from memfit.profiling import coverage  # noqa: E402
 from memfit.report import write_json  # noqa: E402
 from test_real_models import grads, measured_peak  # noqa: E402
 

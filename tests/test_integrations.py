@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from memfit.apply import wrapped_blocks
+from memfit.wrapping import wrapped_blocks
 from memfit.errors import MemfitError
 
 import trainers

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 import memfit
 from memfit import MemfitError, models
 from memfit.planner import Plan, _candidates, parse_budget, solve
-from memfit.profile import HOST_MODES, Profile
+from memfit.profiling import HOST_MODES, Profile
 from memfit.strategies import KEEP, MODES, OFFLOAD, RECOMPUTE, Unit
-from memfit.verify import verify
+from memfit.verification import verify
 
 
 
@@ -125,7 +125,7 @@ def test_plan_beats_uniform_strategies_that_fit():
     model, batch, loss_fn = models.load("gpt", size="tiny", batch_size=16)
     p = memfit.plan(model, batch, loss_fn, "60%", cost="flops")
     from memfit.bench import UNIFORM
-    from memfit.verify import measure
+    from memfit.measurement import measure
     base = measure(model, batch, loss_fn, "none", timed_steps=0)
     planned = measure(model, batch, loss_fn, p, timed_steps=0)
     fitting = 0
@@ -141,8 +141,8 @@ def test_plan_beats_uniform_strategies_that_fit():
 def test_a_budget_a_uniform_strategy_just_meets_is_planned(uniform):
     """At exactly the simulated peak of a uniform strategy, where the DP's rounded-up
     bytes may miss it, the plan still fits and costs no more than that strategy."""
-    from memfit.profile import simulate
-    from memfit.verify import measure
+    from memfit.profiling import simulate
+    from memfit.measurement import measure
     model, batch, loss_fn = models.load("resnet-se", size="tiny", batch_size=16)  # blocks: the DP alone misses it
     budget = simulate(model, batch, loss_fn, uniform).peak_bytes
     p = memfit.plan(model, batch, loss_fn, budget, cost="flops")

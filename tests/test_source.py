@@ -62,3 +62,18 @@ def test_no_function_in_src_memfit_is_over_60_lines():
             for p in ROOT.rglob("*.py") for node in ast.walk(ast.parse(p.read_text()))
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60]
     assert not long, long
+
+
+def test_init_rebinds_no_submodule_name():
+    """`memfit.X` is the module memfit/X.py or a name of its own, never both."""
+    import importlib
+
+    import memfit
+    names = {p.stem for p in ROOT.iterdir() if p.suffix == ".py" and p.stem not in ("__init__", "__main__")}
+    names |= {p.name for p in ROOT.iterdir() if (p / "__init__.py").exists()}
+    shadowed = []
+    for name in sorted(names):
+        module = importlib.import_module(f"memfit.{name}")
+        if getattr(memfit, name) is not module:
+            shadowed.append(name)
+    assert not shadowed, f"memfit/__init__.py rebinds the submodule names {shadowed}"

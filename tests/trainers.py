@@ -150,7 +150,7 @@ def accelerate_run(budget=None, steps=STEPS):
 def main(kind, out, budget):
     """One process of a torchrun: without memfit, then with it, in one process group."""
     import torch.distributed as dist
-    from memfit.apply import wrapped_blocks
+    from memfit.wrapping import wrapped_blocks
     if kind == "hf":
         from memfit.integrations.transformers import MemfitCallback
         run = lambda cb: hf_run(cb, out_dir=f"{out}.hf")  # noqa: E731

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from memfit.errors import MemfitError
 from memfit.planner import plan
-from memfit.profile import simulate
-from memfit.verify import measure
+from memfit.profiling import simulate
+from memfit.measurement import measure
 
 UNIFORM = ("none", "blocks", "every:2", "every:3", "sqrt", "selective", "scores", "pointwise")
 

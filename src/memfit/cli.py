@@ -17,7 +17,7 @@ from memfit.errors import MemfitError
 
 def _load(args):
     """Device, model (on it), batch and loss function from the model options."""
-    from memfit.verify import resolve_device
+    from memfit.measurement import resolve_device
 
     device = resolve_device(args.device)
     model, batch, loss_fn = models.load(args.model, args.size, args.batch_size, args.seed)
@@ -41,7 +41,7 @@ def _save(out: Console, path, what: str, write) -> None:
 
 def _verify(args, out: Console) -> int:
     from memfit.report import check_writable, verify_table, write_json
-    from memfit.verify import parse_expected_reduction, verify
+    from memfit.verification import parse_expected_reduction, verify
 
     expect = parse_expected_reduction(args.expect_reduction)
     json_path = check_writable(args.json) if args.json else None
@@ -65,7 +65,7 @@ def _plan(args, out: Console) -> int:
 
     from memfit.planner import parse_budget, plan
     from memfit.report import check_writable, plan_table, write_json
-    from memfit.verify import measure
+    from memfit.measurement import measure
 
     parse_budget(args.budget, baseline_peak=1)  # a bad budget fails before any work
     json_path = check_writable(args.json) if args.json else None

@@ -16,9 +16,9 @@ import torch
 
 from memfit.errors import MemfitError
 from memfit.planner import Plan, plan, plan_or_none
-from memfit.profile import batch_dims, simulate
+from memfit.profiling import batch_dims, simulate
 from memfit.report import fmt_bytes
-from memfit.verify import measure, time_step
+from memfit.measurement import measure
 
 STRATEGIES = ("none", "blocks", "sqrt", "selective", "plan")
 LIMIT = 1 << 20
@@ -117,8 +117,9 @@ def fit(model, make_batch, loss_fn, budget: int, strategies=STRATEGIES, *, block
                        time_per_sample_s=measured and measured["step_time_s"] / size, memory_source="cuda-allocator")
         elif size and timing:
             batch = make_batch(size)
-            row["time_per_sample_s"] = time_step(model, batch, loss_fn, _strategy(model, batch, loss_fn, s, budget,
-                                                                                blocks), blocks=blocks) / size
+            timed = measure(model, batch, loss_fn, _strategy(model, batch, loss_fn, s, budget, blocks), blocks=blocks,
+                            timed_steps=1, memory=False, flops=False)
+            row["time_per_sample_s"] = timed["step_time_s"] / size
         rows.append(row)
     if rows and not any(r["batch_size"] for r in rows):
         least = f"a batch of 1 peaks at {fmt_bytes(smallest)} at the least" if smallest != float("inf") else \

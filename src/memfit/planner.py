@@ -12,9 +12,9 @@ NOTE [exact, then checked]
 It solves the choice exactly by dynamic programming over the blocks and the
 bytes kept through the forward, discretised into 1000 bins rounded up (as in
 Beaumont et al. 2019, "Optimal checkpointing for heterogeneous chains"), with
-the peak model of `memfit.profile.Profile`. That model is additive and
+the peak model of `memfit.profiling.Profile`. That model is additive and
 therefore approximate where blocks interact; so the chosen plan's peak is then
-simulated exactly (fake tensors, see `memfit.profile`). If the simulation
+simulated exactly (fake tensors, see `memfit.profiling`). If the simulation
 exceeds the budget, the planner solves again with the budget lowered by the
 excess, until the simulated peak fits. The predicted peak it reports is the
 simulated one: on CPU it is what the step will measure, to the byte.
@@ -30,11 +30,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from memfit import strategies
-from memfit.apply import apply as apply_strategy
-from memfit.apply import applied_strategy
+from memfit.wrapping import apply as apply_strategy
+from memfit.wrapping import applied_strategy
 from memfit.blocks import find_blocks
 from memfit.errors import MemfitError
-from memfit.profile import MEASURED, CoverageWarning, Profile, available_cpu_bytes, coverage_warning, profile, simulate
+from memfit.profiling import MEASURED, CoverageWarning, Profile, available_cpu_bytes, coverage_warning, profile, simulate
 from memfit.report import fmt_bytes
 from memfit.strategies import KEEP, OFFLOAD, RECOMPUTE, Unit
 
@@ -454,7 +454,7 @@ def resolve_plan(strategy, model, batch, loss_fn, blocks=None, cost="time"):
 
 def apply(model, strategy="blocks", blocks=None, state_replay=True, *, budget=None, batch=None, loss_fn=None,
           cost="time", training_only=True):
-    """`memfit.apply`: checkpoint the blocks of `model` (`memfit.apply.apply`,
+    """`memfit.apply`: checkpoint the blocks of `model` (`memfit.wrapping.apply`,
     which this calls), plans included: a `Plan`, `plan:FILE.json`, and
     `plan:60%` or `budget=` ('60%', '8GiB', 'auto') with `batch` and
     `loss_fn`, planned first (cached by shapes: calling this every step plans

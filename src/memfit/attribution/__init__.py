@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from memfit.apply import apply
+from memfit.wrapping import apply
 from memfit.attribution.cache import Cache, clip_hash
 from memfit.errors import MemfitError
 
@@ -58,12 +58,12 @@ def _gradient(model, frames, target):
 
 def simulated_peak(model, clip, strategy) -> int:
     """Peak bytes of one exact attribution of `clip` with `strategy`,
-    simulated on fake tensors (see `memfit.profile`): exact on CPU, and
+    simulated on fake tensors (see `memfit.profiling`): exact on CPU, and
     nothing runs on the device."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from memfit.memory import track_memory
-    from memfit.profile import _copy
+    from memfit.profiling import _copy
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fmodel, (fclip,) = _copy(model, (clip,), mode.from_tensor)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from memfit.apply import remove
+from memfit.wrapping import remove
 from memfit.attribution import attribute, checkpoint_model, compare_scores
 from memfit.memory import track_memory
 from memfit.models import video

@@ -16,7 +16,7 @@ the device and collated as the trainer does it, with the loss the trainer
 computes, and before its first forward: nothing has run yet, so the run is
 the run without memfit, step for step. Planning leaves no trace in it: the
 planner runs its steps on copies, or on the model with its gradients,
-buffers and RNG state put back (`memfit.profile._untouched`), so the random
+buffers and RNG state put back (`memfit.profiling._untouched`), so the random
 numbers the trainer draws next (dropout, data order) are the ones it would
 have drawn. With several processes, rank 0 plans (on a copy of the model
 when it times steps, so that DDP's gradient hooks on the real parameters
@@ -30,7 +30,7 @@ import copy
 import torch
 import torch.distributed as dist
 
-from memfit.apply import applied_strategy, wrapped_blocks
+from memfit.wrapping import applied_strategy, wrapped_blocks
 from memfit.distributed import Ranks, on_main
 from memfit.errors import MemfitError
 from memfit.memory import track_memory

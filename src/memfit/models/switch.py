@@ -14,7 +14,7 @@ def checkpointing(module: nn.Module, value, blocks=None) -> nn.Module:
     (every block), a strategy string, a `memfit.Plan`, or "plan:FILE.json".
     Budgets (`budget:60%`) need a batch to plan with: `memfit train` and
     `memfit.apply(model, budget=..., batch=..., loss_fn=...)` take them."""
-    from memfit.apply import apply, remove
+    from memfit.wrapping import apply, remove
     from memfit.planner import Plan
 
     if isinstance(value, dict):  # {chain: setting}, each one of the settings below

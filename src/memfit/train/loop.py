@@ -31,16 +31,16 @@ import torch
 from torch.utils._pytree import tree_map
 
 from memfit import distributed
-from memfit.apply import apply, applied_strategy, wrapped_blocks
+from memfit.wrapping import apply, applied_strategy, wrapped_blocks
 from memfit.errors import MemfitError
 from memfit.fit import largest_batch
 from memfit.memory import track_memory
 from memfit.planner import Plan, parse_budget, plan
-from memfit.profile import simulate
+from memfit.profiling import simulate
 from memfit.report import atomic_write, exchange, write_json
 from memfit.train.config import dump
 from memfit.train.recipes import RECIPES
-from memfit.verify import resolve_device
+from memfit.measurement import resolve_device
 
 GB = 1e9
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

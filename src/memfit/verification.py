@@ -14,76 +14,23 @@ interleaved, and compares:
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import functools
 import statistics
-import time
 import warnings
-from dataclasses import dataclass
 
 import torch
 from torch.utils._pytree import tree_map
 
 from memfit import strategies
-from memfit.apply import apply, wrapped_blocks
+from memfit.wrapping import apply, wrapped_blocks
 from memfit.blocks import find_blocks, find_chains
-from memfit.errors import MemfitError, scalar_loss
-from memfit.flops import counting_flops
-from memfit.memory import static_tensors, track_memory
+from memfit.errors import MemfitError
+from memfit.measurement import Run
+from memfit.measurement import steps as run_steps
 from memfit.planner import resolve_plan
-from memfit.profile import CoverageWarning, coverage, coverage_warning
+from memfit.profiling import CoverageWarning, coverage, coverage_warning
 
-__all__ = ["verify", "measure", "time_step", "resolve_device", "resolve_plan", "parse_expected_reduction"]
-
-
-def measure(model, batch, loss_fn, strategy, *, blocks=None, optimizer=None, timed_steps=2) -> dict:
-    """One strategy on a copy of `model`, as verify measures it: peak bytes
-    of a steady-state step, median step time, and FLOPs of a step."""
-    device = next(model.parameters()).device
-    m = apply(copy.deepcopy(model).train(), strategy, blocks=blocks)
-    run = _Run(m, (optimizer or torch.optim.AdamW)(m.parameters()), [], [])
-    _step(run, batch, loss_fn, 0)
-    mem = _step(run, batch, loss_fn, 1, functools.partial(track_memory, m, run.opt, batch, device=device))
-    if device.type == "cuda":
-        _only_own(mem, run, batch)
-    flops = _step(run, batch, loss_fn, 2, counting_flops).get_total_flops()
-    for i in range(timed_steps):
-        _sync(device)
-        t0 = time.perf_counter()
-        _step(run, batch, loss_fn, 3 + i)
-        _sync(device)
-        run.times.append(time.perf_counter() - t0)
-    return {"peak_bytes": mem.peak_bytes, "activation_bytes": mem.activation_bytes, "memory_source": mem.source,
-            "step_time_s": statistics.median(run.times) if run.times else None, "flops": flops}
-
-
-def time_step(model, batch, loss_fn, strategy, *, blocks=None) -> float:
-    """Seconds of one training step of a copy of `model` with `strategy`, after a warm-up step."""
-    device = next(model.parameters()).device
-    m = apply(copy.deepcopy(model).train(), strategy, blocks=blocks)
-    run = _Run(m, torch.optim.AdamW(m.parameters()), [], [])
-    _step(run, batch, loss_fn, 0)
-    _sync(device)
-    t0 = time.perf_counter()
-    _step(run, batch, loss_fn, 1)
-    _sync(device)
-    return time.perf_counter() - t0
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if device not in available:
-        raise MemfitError(f"unknown device {device!r}; use auto, cpu, cuda or mps.")
-    if not available[device]:
-        raise MemfitError(f"{device} is not available on this machine; use --device auto or cpu.")
-    return torch.device(device)
+__all__ = ["verify", "parse_expected_reduction"]
 
 
 def parse_expected_reduction(text: str | None) -> tuple[float, float] | None:
@@ -98,56 +45,6 @@ def parse_expected_reduction(text: str | None) -> tuple[float, float] | None:
         raise MemfitError(f"--expect-reduction {text!r} must be MIN:MAX in percent with 0 <= MIN <= MAX <= 100, "
                           f"like 20:40.")
     return lo, hi
-
-
-@dataclass
-class _Run:
-    model: torch.nn.Module
-    opt: torch.optim.Optimizer
-    times: list
-    losses: list
-    mem: object = None
-    flops: int = 0
-    forward: torch.nn.Module | None = None  # what the loss calls: the model, or the model compiled
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _step(run: _Run, batch, loss_fn, seed, measure=contextlib.nullcontext):
-    """One training step; `measure()` wraps forward, backward and optimizer
-    step (the gradients of the previous step are freed before it)."""
-    torch.manual_seed(seed)  # the same dropout masks for both runs
-    run.opt.zero_grad(set_to_none=True)
-    with measure() as result:
-        loss = scalar_loss(loss_fn, run.model if run.forward is None else run.forward, batch)
-        loss.backward()
-        run.opt.step()
-    run.losses.append(loss.detach())
-    return result
-
-
-def _only_own(mem, run: _Run, batch) -> None:
-    """Take out of a CUDA measurement what else the device held at entry (the
-    other run, the caller's model, ...): the allocator counts it all. The run's
-    own static bytes are its parameters, buffers, optimizer state and batch;
-    its gradients were freed before the step."""
-    held = mem.static_bytes - _storage_bytes(static_tensors(list(run.model.parameters()),
-                                                            list(run.model.buffers()), run.opt, batch))
-    mem.peak_bytes -= held
-    mem.static_bytes -= held
-    if mem.forward_end_bytes is not None:
-        mem.forward_end_bytes -= held
-
-
-def _storage_bytes(tensors) -> int:
-    seen = {}
-    for t in tensors:
-        s = t.untyped_storage()
-        seen[id(s)] = s.nbytes()
-    return sum(seen.values())
 
 
 def _max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -206,7 +103,7 @@ def _units(strategy, model, batch, loss_fn, blocks, device):
     return the_plan, units
 
 
-def _run_both(base, ckpt, batch, loss_fn, seed, steps, device):
+def _run_both(base, ckpt, batch, loss_fn, seed, n_steps):
     """The steps of both runs, side by side: (largest relative gradient difference, gradients bitwise equal)."""
     grad_rel, grads_bitwise = 0.0, True
 
@@ -219,31 +116,8 @@ def _run_both(base, ckpt, batch, loss_fn, seed, steps, device):
                 grads_bitwise &= torch.equal(p.grad, q.grad)
                 grad_rel = max(grad_rel, _max_rel_diff(p.grad, q.grad))
 
-    # Step 0 warms up and creates the optimizer state; step 1 is measured for
-    # memory, step 2 for FLOPs (FlopCounterMode holds tensors: not in step 1).
-    for run in (base, ckpt):
-        _step(run, batch, loss_fn, seed)
-    compare_grads()
-    for run in (base, ckpt):
-        _sync(device)
-        mem = _step(run, batch, loss_fn, seed + 1, functools.partial(track_memory, run.model, run.opt, batch,
-                                                                      device=device))
-        if device.type == "cuda":
-            _only_own(mem, run, batch)
-        run.mem = mem
-    compare_grads()
-    for run in (base, ckpt):
-        run.flops = _step(run, batch, loss_fn, seed + 2, counting_flops).get_total_flops()
-    compare_grads()
-    for i in range(steps):
-        order = (base, ckpt) if i % 2 == 0 else (ckpt, base)
-        for run in order:
-            _sync(device)
-            t0 = time.perf_counter()
-            _step(run, batch, loss_fn, seed + 3 + i)
-            _sync(device)
-            run.times.append(time.perf_counter() - t0)
-        compare_grads()
+    # step k of both runs, then their gradients compared (see memfit.measurement.steps)
+    run_steps([base, ckpt], batch, loss_fn, seed=seed, timed=n_steps, after=lambda k: compare_grads())
     return grad_rel, grads_bitwise
 
 
@@ -313,12 +187,12 @@ def verify(model, batch, loss_fn, strategy="blocks", *, steps=5, device="cpu", s
         grad_tol = 0.0 if device.type == "cpu" else 1e-4
 
     # the baseline gets apply(none): no block is wrapped, but a Hugging Face KV cache is off in both runs
-    # (NOTE [no KV cache] in memfit.apply)
-    base, ckpt = (_Run(m, torch.optim.AdamW(m.parameters(), lr=1e-3), [], [],
-                       forward=torch.compile(m, backend=compile) if compile else None)
+    # (NOTE [no KV cache] in memfit.wrapping)
+    base, ckpt = (Run(m, torch.optim.AdamW(m.parameters(), lr=1e-3),
+                      forward=torch.compile(m, backend=compile) if compile else None)
                   for m in (apply(copy.deepcopy(model), s, blocks=blocks, state_replay=state_replay)
                             for s in ("none", the_plan or units)))
-    grad_rel, grads_bitwise = _run_both(base, ckpt, batch, loss_fn, seed, steps, device)
+    grad_rel, grads_bitwise = _run_both(base, ckpt, batch, loss_fn, seed, steps)
     share = coverage(model, batch, loss_fn, blocks=blocks)
     if (warning := coverage_warning(share)) is not None:
         warnings.warn(f"memfit: {warning}.", CoverageWarning, stacklevel=2)

@@ -7,7 +7,7 @@ from torch import nn
 
 import memfit
 from memfit import MemfitError
-from memfit.apply import SegmentWarning, wrapped_blocks
+from memfit.wrapping import SegmentWarning, wrapped_blocks
 from memfit.models import REGISTRY
 
 STRATEGIES = ["none", "blocks", "every:2", "every:3", "segments:2", "segments:3", "sqrt", "selective", "scores",

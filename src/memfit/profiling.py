@@ -48,10 +48,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from memfit import strategies
-from memfit.apply import SegmentWarning, applied_strategy, apply, remove
+from memfit.wrapping import SegmentWarning, applied_strategy, apply, remove
 from memfit.blocks import find_blocks, find_chains
 from memfit.errors import MemfitError, scalar_loss
 from memfit.flops import counting_flops
+from memfit.measurement import Run, steps
 from memfit.memory import track_memory
 from memfit.strategies import KEEP, MODES, OFFLOAD, POINTWISE, RECOMPUTE, SCORES, SELECTIVE
 
@@ -279,27 +280,16 @@ def _untouched(model):
 
 def time_strategies(model, batch, loss_fn, *, blocks=None, repeats=1) -> dict:
     """Median time of a forward+backward pass with each uniform strategy,
-    after one warm-up round."""
-    device = next(model.parameters()).device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = {m: [] for m in modes_for(device)}
+    applied in turn to `model` itself, after one warm-up round."""
     applied = applied_strategy(model)
+    runs = {m: Run(model, None, before=functools.partial(apply, model, UNIFORM[m], blocks=blocks))
+            for m in modes_for(next(model.parameters()).device)}
     with _untouched(model):
-        for r in range(repeats + 1):  # the first round warms up
-            for m in times:
-                apply(model, UNIFORM[m], blocks=blocks)
-                for p in model.parameters():
-                    p.grad = None
-                sync()
-                t0 = time.perf_counter()
-                loss_fn(model, batch).backward()
-                sync()
-                if r:
-                    times[m].append(time.perf_counter() - t0)
+        steps(list(runs.values()), batch, loss_fn, memory=False, flops=False, timed=repeats)
         remove(model)
         if applied:
             apply(model, applied["units"], blocks=applied["blocks"], state_replay=applied["state_replay"])
-    return {m: statistics.median(t) for m, t in times.items()}
+    return {m: statistics.median(run.times) for m, run in runs.items()}
 
 
 @dataclass

@@ -271,7 +271,7 @@ class Region:
     Between those calls the region can be paused: its saved-tensor hooks come
     off the thread's stack, so what the loop does between blocks is saved by
     autograd as usual, not recorded in the region (see NOTE [segments] in
-    `memfit.apply`).
+    `memfit.wrapping`).
 
     `owner` is the module whose forward opens the region: its own buffers are
     snapshotted too, since its pre-hooks ran before the region opened.

@@ -16,7 +16,7 @@ NOTE [segments]
 A segment (several consecutive blocks recomputed as one unit, keeping only the
 first block's input) must span calls that the model's own loop makes one at a
 time: `for block in self.blocks: x = block(x, mask)`. The first block called
-opens a checkpoint region (`memfit.checkpoint.Region`); each later block of
+opens a checkpoint region (`memfit.checkpointing.Region`); each later block of
 the segment that is called with the previous block's output as its first
 positional argument joins it, with its extra arguments and the RNG and
 autocast state it ran under (NOTE [per-call replay]); the last block closes
@@ -52,7 +52,7 @@ from torch.utils._pytree import tree_leaves
 
 from memfit import strategies
 from memfit.blocks import find_blocks, find_chains
-from memfit.checkpoint import CallState, Region, _recomputes, run
+from memfit.checkpointing import CallState, Region, _recomputes, run
 from memfit.errors import MemfitError
 from memfit.strategies import KEEP, OFFLOAD, RECOMPUTE
 
@@ -109,7 +109,7 @@ def _units(model, strategy, blocks):
                           f"'selective', a memfit.Plan, or a list of memfit.strategies.Unit.")
     if isinstance(strategy, str) and strategy.strip().lower().startswith("plan:"):
         raise MemfitError(f"strategy {strategy!r} is a plan: call memfit.apply (it plans or loads it), not "
-                          f"memfit.apply.apply.")
+                          f"memfit.wrapping.apply.")
     if plan is not None:  # its blocks, as the plan lists them
         plan.check([n for n, _ in find_blocks(model, blocks)])
         blocks = [b.name for b in plan.blocks]

@@ -1,0 +1,157 @@
+"""Real training steps, measured: the one loop behind `verify`, `measure`,
+`fit`, `bench` and the profiler's timings.
+
+A `Run` is a model with an optimizer (or none: forward and backward only).
+`steps` drives one or more runs through the same protocol, side by side:
+
+1. a warm-up step (it creates the optimizer state, and compiles a compiled
+   model), unmeasured;
+2. with `memory`, a step measured by `memfit.track_memory` (on CUDA, what
+   else the device held at entry is taken out);
+3. with `flops`, a step under the FLOP counter (it holds tensors, so never
+   the memory step);
+4. `timed` timed steps, the runs alternating which goes first.
+
+Every step of every run starts from `torch.manual_seed(seed + k)`, so the
+runs see the same dropout masks, and `after(k)` is called once all runs
+have made step k (verify compares gradients there).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from memfit.errors import MemfitError, scalar_loss
+from memfit.flops import counting_flops
+from memfit.memory import static_tensors, track_memory
+from memfit.wrapping import apply
+
+__all__ = ["Run", "steps", "measure", "resolve_device"]
+
+
+@dataclass
+class Run:
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer | None  # None: forward and backward only, the gradients freed before each
+    forward: torch.nn.Module | None = None  # what the loss calls: the model, or the model compiled
+    before: object = None  # called before each step, outside its measurement (the profiler applies a strategy)
+    times: list = field(default_factory=list)
+    losses: list = field(default_factory=list)
+    mem: object = None
+    flops: int = 0
+
+    def step(self, batch, loss_fn, seed, measure=None):
+        """One training step; `measure()` (a context manager) wraps forward,
+        backward and optimizer step, after the previous gradients are freed."""
+        torch.manual_seed(seed)  # the same dropout masks for every run
+        if self.opt is not None:
+            self.opt.zero_grad(set_to_none=True)
+        else:
+            for p in self.model.parameters():
+                p.grad = None
+        with (measure or contextlib.nullcontext)() as result:
+            loss = scalar_loss(loss_fn, self.model if self.forward is None else self.forward, batch)
+            loss.backward()
+            if self.opt is not None:
+                self.opt.step()
+        self.losses.append(loss.detach())
+        return result
+
+
+def _device(run: Run) -> torch.device:
+    return next(run.model.parameters()).device
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def steps(runs, batch, loss_fn, *, seed=0, memory=True, flops=True, timed=2, after=None) -> None:
+    """The protocol above; results land on each run (`mem`, `flops`, `times`, `losses`)."""
+    def each(k, order=runs):
+        for run in order:
+            if run.before is not None:
+                run.before()
+            device = _device(run)
+            _sync(device)
+            yield run, device
+        if after is not None:
+            after(k)
+
+    k = seed
+    for run, _ in each(k):
+        run.step(batch, loss_fn, k)
+    if memory:
+        k += 1
+        for run, device in each(k):
+            run.mem = run.step(batch, loss_fn, k, lambda: track_memory(run.model, run.opt, batch, device=device))
+            if device.type == "cuda":
+                _only_own(run.mem, run, batch)
+    if flops:
+        k += 1
+        for run, _ in each(k):
+            run.flops = run.step(batch, loss_fn, k, counting_flops).get_total_flops()
+    for i in range(timed):
+        k += 1
+        for run, device in each(k, runs if i % 2 == 0 else runs[::-1]):
+            t0 = time.perf_counter()
+            run.step(batch, loss_fn, k)
+            _sync(device)
+            run.times.append(time.perf_counter() - t0)
+
+
+def measure(model, batch, loss_fn, strategy, *, blocks=None, optimizer=None, timed_steps=2, memory=True,
+            flops=True) -> dict:
+    """One strategy on a copy of `model`, as verify measures it: `peak_bytes`
+    of a steady-state step, `step_time_s` (the median of `timed_steps`, None
+    for 0), and `flops` of a step (each None when not measured)."""
+    m = apply(copy.deepcopy(model).train(), strategy, blocks=blocks)
+    run = Run(m, (optimizer or torch.optim.AdamW)(m.parameters()))
+    steps([run], batch, loss_fn, memory=memory, flops=flops, timed=timed_steps)
+    mem = run.mem
+    return {"peak_bytes": mem and mem.peak_bytes, "activation_bytes": mem and mem.activation_bytes,
+            "memory_source": mem and mem.source, "step_time_s": statistics.median(run.times) if run.times else None,
+            "flops": run.flops if flops else None}
+
+
+def _only_own(mem, run: Run, batch) -> None:
+    """Take out of a CUDA measurement what else the device held at entry (the
+    other run, the caller's model, ...): the allocator counts it all. The run's
+    own static bytes are its parameters, buffers, optimizer state and batch;
+    its gradients were freed before the step."""
+    held = mem.static_bytes - _storage_bytes(static_tensors(list(run.model.parameters()),
+                                                            list(run.model.buffers()), run.opt, batch))
+    mem.peak_bytes -= held
+    mem.static_bytes -= held
+    if mem.forward_end_bytes is not None:
+        mem.forward_end_bytes -= held
+
+
+def _storage_bytes(tensors) -> int:
+    seen = {}
+    for t in tensors:
+        s = t.untyped_storage()
+        seen[id(s)] = s.nbytes()
+    return sum(seen.values())
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """"auto" is the accelerator if there is one, else the CPU."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if device not in available:
+        raise MemfitError(f"unknown device {device!r}; use auto, cpu, cuda or mps.")
+    if not available[device]:
+        raise MemfitError(f"device {device!r} is not available on this machine; use 'auto' or 'cpu'.")
+    return torch.device(device)

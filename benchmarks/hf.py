@@ -29,10 +29,10 @@ from rich.console import Console
 from rich.table import Table
 
 import memfit
+from memfit.measurement import measure, resolve_device
 from memfit.models import hf
 from memfit.profiling import simulate
 from memfit.report import fmt_bytes, write_json
-from memfit.measurement import measure, resolve_device
 
 
 def hf_checkpointing(model, every=1):

@@ -27,11 +27,11 @@ from rich.table import Table
 import memfit
 from memfit import models
 from memfit.bench import frontier
+from memfit.measurement import measure
 from memfit.models import gpt
 from memfit.planner import solve
 from memfit.profiling import profile
 from memfit.report import bench_table, plot_frontier, write_json
-from memfit.measurement import measure
 
 BUDGETS = (20, 30, 40, 50, 60, 70, 80, 90, 100)
 ISSUE_UNIFORM = ("blocks", "every:2", "every:3", "sqrt", "selective")

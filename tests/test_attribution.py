@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from memfit import MemfitError
-from memfit.attribution import Cache, attribute, checkpoint_model, compare_scores, fit_budget, simulated_peak
+from memfit.attribution import (
+    Cache,
+    attribute,
+    checkpoint_model,
+    choose_checkpointing,
+    compare_scores,
+    simulated_peak,
+)
 from memfit.attribution.cache import weights_hash
 from memfit.memory import track_memory
 from memfit.models import video
@@ -40,14 +47,14 @@ def test_budget_chooses_the_least_recomputation_that_fits():
     assert simulated_peak(model, clip, "none") == plain_mem.peak_bytes  # the simulation is exact here
     blocks = simulated_peak(model, clip, "blocks")
     budget = (blocks + plain_mem.peak_bytes) // 2
-    strategy, predicted, without = fit_budget(model, clip, budget)
+    strategy, predicted, without = choose_checkpointing(model, clip, budget=budget)
     assert without == plain_mem.peak_bytes and predicted <= budget and strategy != "none"
     with track_memory(model) as mem:
         fitted = attribute(model, videos, {"video_000": 1})
     assert fitted == plain and mem.peak_bytes <= budget and abs(mem.peak_bytes / predicted - 1) < 0.01
-    assert fit_budget(model, clip, "100%")[0] == "none"
+    assert choose_checkpointing(model, clip, budget="100%")[0] == "none"
     with pytest.raises(MemfitError, match="below the smallest attribution peak"):
-        fit_budget(model, clip, blocks // 2)
+        choose_checkpointing(model, clip, strategy="plan:" + str(blocks // 2))
 
 
 def test_chunked_is_an_approximation_and_is_measured():
@@ -130,8 +137,8 @@ def test_bad_input(tmp_path):
 
 
 def write_frames(directory, n, sizes=None, skip=None):
-    from PIL import Image
     import numpy as np
+    from PIL import Image
     directory.mkdir()
     for i in range(n):
         if i != skip:

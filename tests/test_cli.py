@@ -117,6 +117,7 @@ def test_python_api_bad_arguments_raise_memfit_errors(call):
 
 def test_outputs_are_written_with_the_umask_not_0600(tmp_path):
     import os
+
     from memfit.report import write_json
     old = os.umask(0o022)
     try:
@@ -160,11 +161,11 @@ def test_fit_budget_auto_is_the_free_memory_of_the_device_used(monkeypatch, caps
     """`fit --budget auto` asks the device the model runs on (it read the host's memory for --device cuda)."""
     import memfit.cli
     import memfit.fit
-    from memfit import planner
+    from memfit import schedule
     asked, budgets = [], []
     model, _, loss_fn = memfit.models.load("mlp", size="tiny")[:3]
     monkeypatch.setattr(memfit.cli, "_load", lambda args: (torch.device("cuda"), model, None, loss_fn))
-    monkeypatch.setattr(planner, "available_bytes", lambda device: asked.append(torch.device(device).type) or 2**30)
+    monkeypatch.setattr(schedule, "available_bytes", lambda device: asked.append(torch.device(device).type) or 2**30)
     monkeypatch.setattr(memfit.fit, "fit", lambda m, mb, lf, budget, *a, **k: budgets.append(budget) or [
         {"strategy": "none", "batch_size": 4, "peak_bytes": 100, "time_per_sample_s": None, "memory_source": "-"}])
     assert main(["fit", "--model", "mlp", "--size", "tiny", "--budget", "auto", "--strategies", "none"]) == 0

@@ -2,6 +2,7 @@
 stochastic depth, DataParallel, DDP. Each test compares against the same
 training without checkpointing."""
 import copy
+
 import pytest
 import torch
 from torch import nn
@@ -9,7 +10,6 @@ from torch import nn
 import memfit
 from memfit import models
 from memfit.models import REGISTRY, gpt
-
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

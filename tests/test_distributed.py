@@ -6,16 +6,15 @@ import sys
 
 import pytest
 import torch
+from test_compat import free_port, gpt_no_dropout
 
 import memfit
 from memfit import distributed
-from memfit.wrapping import applied_strategy
 from memfit.memory import track_memory
 from memfit.models import gpt
 from memfit.train.config import resolve
 from memfit.train.loop import train
-
-from test_compat import free_port, gpt_no_dropout
+from memfit.wrapping import applied_strategy
 
 SMALL = {"model.n_layer": "4", "model.n_embd": "64", "model.n_head": "2", "model.block_size": "32",
          "model.dropout": "0.0", "training.batch_size": "8", "training.max_iters": "3",

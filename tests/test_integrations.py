@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from memfit.wrapping import wrapped_blocks
-from memfit.errors import MemfitError
-
 import trainers
+
+from memfit.errors import MemfitError
+from memfit.wrapping import wrapped_blocks
 
 pytest.importorskip("transformers")
 pl = pytest.importorskip("lightning.pytorch")
@@ -133,6 +132,7 @@ def test_lightning_budget_that_cannot_be_met_stops_before_training():
 
 def test_lightning_fsdp1_is_refused_before_it_wraps():
     from types import SimpleNamespace
+
     from lightning.pytorch.strategies import FSDPStrategy
     trainer = SimpleNamespace(strategy=FSDPStrategy())  # the real strategy needs a GPU to run
     with pytest.raises(MemfitError, match="use ModelParallelStrategy and memfit.integrations.lightning.fully_shard"):

@@ -11,11 +11,11 @@ from hypothesis import strategies as st
 
 import memfit
 from memfit import MemfitError, models
-from memfit.planner import Plan, _candidates, parse_budget, solve
+from memfit.planner import _candidates, solve
 from memfit.profiling import HOST_MODES, Profile
+from memfit.schedule import Plan
 from memfit.strategies import KEEP, MODES, OFFLOAD, RECOMPUTE, Unit
 from memfit.verification import verify
-
 
 
 def all_plans(n, modes=HOST_MODES):
@@ -88,21 +88,6 @@ def test_dp_with_offload_and_time_cost_is_optimal(prof, budget):
     check_optimal(prof, budget, "time", MODES)
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("20GiB", 20 * 2**30), ("800MB", 800 * 10**6), ("1.5 GB", 1_500_000_000), ("4096", 4096), ("60%", 600),
-    ("100%", 1000), (123, 123)])
-def test_parse_budget(text, expected):
-    assert parse_budget(text, baseline_peak=1000) == expected
-
-
-@pytest.mark.parametrize("text, message", [
-    ("0", "must be positive"), ("-5GiB", "must be positive"), ("150%", "at most 100%"), ("0%", "above 0%"),
-    ("abc", "cannot read budget"), ("12 parsecs", "cannot read budget")])
-def test_bad_budgets(text, message):
-    with pytest.raises(MemfitError, match=message):
-        parse_budget(text, baseline_peak=1000)
-
-
 @pytest.mark.parametrize("name", ["gpt", "resnet-se", "mlp"])
 def test_plans_fit_their_budgets_and_predict_the_measured_peak(name):
     model, batch, loss_fn = models.load(name, size="tiny", batch_size=16)
@@ -141,8 +126,8 @@ def test_plan_beats_uniform_strategies_that_fit():
 def test_a_budget_a_uniform_strategy_just_meets_is_planned(uniform):
     """At exactly the simulated peak of a uniform strategy, where the DP's rounded-up
     bytes may miss it, the plan still fits and costs no more than that strategy."""
-    from memfit.profiling import simulate
     from memfit.measurement import measure
+    from memfit.profiling import simulate
     model, batch, loss_fn = models.load("resnet-se", size="tiny", batch_size=16)  # blocks: the DP alone misses it
     budget = simulate(model, batch, loss_fn, uniform).peak_bytes
     p = memfit.plan(model, batch, loss_fn, budget, cost="flops")

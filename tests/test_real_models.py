@@ -87,9 +87,8 @@ def test_selective_keeps_a_mixture_of_experts_grouped_matmuls():
     """Mixtral's grouped-matmul experts are linear layers: `selective` keeps
     their outputs (no `_grouped_mm` runs again in backward), `blocks` does not."""
     import transformers as tf
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from real_models import _causal_lm, _decoder_config
+    from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
         n = 0

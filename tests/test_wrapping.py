@@ -7,8 +7,8 @@ from torch import nn
 
 import memfit
 from memfit import MemfitError
-from memfit.wrapping import SegmentWarning, wrapped_blocks
 from memfit.models import REGISTRY
+from memfit.wrapping import SegmentWarning, wrapped_blocks
 
 STRATEGIES = ["none", "blocks", "every:2", "every:3", "segments:2", "segments:3", "sqrt", "selective", "scores",
               "pointwise", "offload"]  # offload: on CPU, the mechanism only (it moves nothing)
@@ -349,6 +349,7 @@ def test_a_block_called_again_out_of_order_stays_exact():
 def test_a_strategy_per_chain_in_one_apply():
     """{chain: strategy}: each named chain gets its own, the other chains are left plain."""
     import copy
+
     from memfit.models import vit_jepa
     model, batch, loss_fn = vit_jepa.build("tiny", batch_size=2)
     memfit.apply(model, {"encoder.blocks": "selective", "predictor.*": "sqrt"})

@@ -121,9 +121,10 @@ def lightning_run(callback=None, strategy="auto", devices=1, steps=STEPS):
 
 def accelerate_run(budget=None, steps=STEPS):
     """(losses per step, model, plan) of the tiny GPT-2 trained in a plain accelerate loop."""
-    import memfit
     from accelerate import Accelerator
     from transformers import GPT2Config, GPT2LMHeadModel
+
+    import memfit
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=32, n_layer=4, n_head=2,
                                        bos_token_id=0, eos_token_id=0))
@@ -150,13 +151,15 @@ def accelerate_run(budget=None, steps=STEPS):
 def main(kind, out, budget):
     """One process of a torchrun: without memfit, then with it, in one process group."""
     import torch.distributed as dist
+
     from memfit.wrapping import wrapped_blocks
     if kind == "hf":
         from memfit.integrations.transformers import MemfitCallback
         run = lambda cb: hf_run(cb, out_dir=f"{out}.hf")  # noqa: E731
     else:
-        from memfit.integrations.lightning import MemfitCallback
         from lightning.pytorch.strategies import ModelParallelStrategy
+
+        from memfit.integrations.lightning import MemfitCallback
         def run(cb):  # a new strategy for each Trainer
             return lightning_run(cb, strategy=ModelParallelStrategy(2, 1) if kind == "lightning-fsdp" else "ddp",
                                  devices=2)

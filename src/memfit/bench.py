@@ -3,9 +3,9 @@ next to every uniform strategy, each measured."""
 from __future__ import annotations
 
 from memfit.errors import MemfitError
+from memfit.measurement import measure
 from memfit.planner import plan
 from memfit.profiling import simulate
-from memfit.measurement import measure
 
 UNIFORM = ("none", "blocks", "every:2", "every:3", "sqrt", "selective", "scores", "pointwise")
 

@@ -41,9 +41,9 @@ def _save(out: Console, path, what: str, write) -> None:
 
 def _verify(args, out: Console) -> int:
     from memfit.report import check_writable, verify_table, write_json
-    from memfit.verification import parse_expected_reduction, verify
+    from memfit.verification import verify
 
-    expect = parse_expected_reduction(args.expect_reduction)
+    expect = _expected_reduction(args.expect_reduction)
     json_path = check_writable(args.json) if args.json else None
     device, model, batch, loss_fn = _load(args)
     report = verify(model, batch, loss_fn, args.strategy, steps=args.steps, device=device, seed=args.seed,
@@ -60,17 +60,32 @@ def _verify(args, out: Console) -> int:
     return 0 if report["passed"] else 1
 
 
+def _expected_reduction(text: str | None) -> tuple[float, float] | None:
+    """'20:40' (percent) -> (0.2, 0.4). None -> None (the default check)."""
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(x.strip().rstrip("%")) / 100 for x in text.split(":"))
+    except ValueError:
+        lo = hi = float("nan")
+    if not (0 <= lo <= hi <= 100):
+        raise MemfitError(f"--expect-reduction {text!r} must be MIN:MAX in percent with 0 <= MIN <= MAX <= 100, "
+                          f"like 20:40.")
+    return lo, hi
+
+
 def _plan(args, out: Console) -> int:
     from dataclasses import asdict
 
-    from memfit.planner import parse_budget, plan
-    from memfit.report import check_writable, plan_table, write_json
     from memfit.measurement import measure
+    from memfit.planner import plan
+    from memfit.report import check_writable, plan_table, write_json
+    from memfit.schedule import Budget
 
-    parse_budget(args.budget, baseline_peak=1)  # a bad budget fails before any work
+    budget = Budget.parse(args.budget)  # a bad budget fails before any work
     json_path = check_writable(args.json) if args.json else None
     device, model, batch, loss_fn = _load(args)
-    p = plan(model, batch, loss_fn, args.budget, blocks=args.blocks, cost=args.cost)
+    p = plan(model, batch, loss_fn, budget, blocks=args.blocks, cost=args.cost)
     out.print(str(p), markup=False, highlight=False)
     measured = None
     if not args.no_measure:
@@ -98,7 +113,13 @@ def _parse_budgets(text: str) -> list[float]:
 
 def _bench(args, out: Console) -> int:
     from memfit.bench import frontier
-    from memfit.report import bench_table, check_writable, plot_frontier, require_matplotlib, write_json
+    from memfit.report import (
+        bench_table,
+        check_writable,
+        plot_frontier,
+        require_matplotlib,
+        write_json,
+    )
 
     budgets = _parse_budgets(args.budgets)
     json_path = check_writable(args.json) if args.json else None
@@ -181,7 +202,13 @@ def _train_callback(out: Console, progress, max_iters: int):
 
 
 def _train(args, out: Console) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     from memfit.train.config import resolve
     from memfit.train.loop import train
@@ -223,14 +250,14 @@ def _train(args, out: Console) -> int:
 
 def _fit(args, out: Console) -> int:
     from memfit.fit import STRATEGIES, fit
-    from memfit.planner import parse_budget
     from memfit.report import check_writable, fit_table, fmt_bytes, write_json
+    from memfit.schedule import Budget
 
-    parse_budget(args.budget)  # a bad budget fails before any work
+    budget = Budget.parse(args.budget)  # a bad budget fails before any work
     strategies = [s.strip() for s in args.strategies.split(",")] if args.strategies else list(STRATEGIES)
     json_path = check_writable(args.json) if args.json else None
     device, model, _, loss_fn = _load(args)
-    budget = parse_budget(args.budget, device=device)  # auto: the free memory of the device used
+    budget = budget.bytes(device=device)  # auto: the free memory of the device used
     module = models.REGISTRY.get(args.model)
     if module is None:
         raise MemfitError("memfit fit works on the built-in models; for your own, call memfit.fit.fit(model, "
@@ -319,14 +346,18 @@ def _attribution_run(args, out: Console, model, videos, targets, strategy):
 def _attribute(args, out: Console) -> int:
     from pathlib import Path
 
-    from memfit.attribution import fit_budget
+    from memfit.attribution import choose_checkpointing
     from memfit.attribution.run import write_outputs
-    from memfit.report import check_writable, compare_tables, fmt_bytes, require_matplotlib, write_json
+    from memfit.report import (
+        check_writable,
+        compare_tables,
+        fmt_bytes,
+        require_matplotlib,
+        write_json,
+    )
 
     if not args.videos and not args.demo:
         raise MemfitError("give videos (.npy / .pt files or directories of numbered frames) or --demo.")
-    if args.budget and args.strategy:
-        raise MemfitError("give --budget (memfit chooses the checkpointing) or --strategy, not both.")
     json_path = check_writable(args.json) if args.json else None
     out_dir = Path(args.out) if args.out else None
     if out_dir:
@@ -334,11 +365,10 @@ def _attribute(args, out: Console) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
         check_writable(out_dir / "summary.json")
     model, videos, classes, targets = _attribution_inputs(args, out)
-    strategy = args.strategy or "blocks"
-    if args.budget:
-        longest = max(videos.values(), key=len)
-        unit = longest[:args.chunk_size] if args.mode == "chunked" else longest
-        strategy, predicted, plain = fit_budget(model, unit, args.budget)
+    longest = max(videos.values(), key=len)
+    unit = longest[:args.chunk_size] if args.mode == "chunked" else longest
+    strategy, predicted, plain = choose_checkpointing(model, unit, budget=args.budget, strategy=args.strategy)
+    if predicted is not None:
         out.print(f"budget {args.budget}: checkpointing {strategy}, simulated peak {fmt_bytes(predicted)} for the "
                   f"longest {'chunk' if args.mode == 'chunked' else 'clip'} (without checkpointing: "
                   f"{fmt_bytes(plain)})")

@@ -42,10 +42,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from memfit.wrapping import applied_strategy
 from memfit.blocks import find_blocks
 from memfit.errors import MemfitError
 from memfit.strategies import KEEP
+from memfit.wrapping import applied_strategy
 
 KINDS = ("none", "ddp", "fsdp")
 
@@ -71,11 +71,11 @@ class Ranks:
 def setup(kind: str, device: torch.device) -> Ranks:
     """Join the process group torchrun set up (or make one of one process)."""
     if kind not in KINDS:
-        raise MemfitError(f"unknown --distributed {kind!r}; use none, ddp or fsdp.")
+        raise MemfitError(f"unknown distributed kind {kind!r}; use none, ddp or fsdp.")
     if kind == "none":
         return Ranks(device=device)
     if device.type not in ("cpu", "cuda"):
-        raise MemfitError(f"--distributed runs on cpu (gloo) or cuda (nccl), not {device.type}; use --device cpu.")
+        raise MemfitError(f"distributed training runs on cpu (gloo) or cuda (nccl), not {device.type}; use the cpu device.")
     owns = not dist.is_initialized()
     if owns:
         if device.type == "cuda":
@@ -229,6 +229,9 @@ def full_state_dict(model: nn.Module, ranks: Ranks) -> dict:
     if ranks.kind == "ddp":
         return model.module.state_dict()
     if ranks.kind == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return model.state_dict()

@@ -15,10 +15,11 @@ import gc
 import torch
 
 from memfit.errors import MemfitError
-from memfit.planner import Plan, plan, plan_or_none
+from memfit.measurement import measure
+from memfit.planner import plan, plan_or_none
 from memfit.profiling import batch_dims, simulate
 from memfit.report import fmt_bytes
-from memfit.measurement import measure
+from memfit.schedule import Plan
 
 STRATEGIES = ("none", "blocks", "sqrt", "selective", "plan")
 LIMIT = 1 << 20

@@ -28,7 +28,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
+from torch.utils._python_dispatch import (
+    TorchDispatchMode,
+    is_traceable_wrapper_subclass,
+)
 from torch.utils._pytree import tree_leaves
 
 __all__ = ["track_memory", "MemoryTracker", "CPU_SOURCE", "CUDA_SOURCE"]
@@ -231,3 +234,23 @@ class track_memory:
         t.end_bytes = t._live()
         t.timeline.append(("end", t.end_bytes))
         return False
+
+
+def available_cpu_bytes() -> int:
+    """Memory the host can still give (MemAvailable), or a large number where it cannot say."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 1 << 62
+
+
+def available_bytes(device: torch.device) -> int:
+    """Free memory on `device`, minus a 10% safety margin."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_allocated(device)  # what this process holds is ours to plan with
+    else:
+        free = available_cpu_bytes()
+    return int(free * 0.9)

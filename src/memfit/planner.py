@@ -23,69 +23,32 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from memfit import strategies
-from memfit.wrapping import apply as apply_strategy
-from memfit.wrapping import applied_strategy
+from memfit import schedule, strategies
 from memfit.blocks import find_blocks
 from memfit.errors import MemfitError
-from memfit.profiling import MEASURED, CoverageWarning, Profile, available_cpu_bytes, coverage_warning, profile, simulate
+from memfit.profiling import (
+    MEASURED,
+    CoverageWarning,
+    Profile,
+    coverage_warning,
+    profile,
+    simulate,
+)
 from memfit.report import fmt_bytes
+from memfit.schedule import BlockChoice, Budget, Plan
 from memfit.strategies import KEEP, OFFLOAD, RECOMPUTE, Unit
+from memfit.wrapping import applied_strategy
+from memfit.wrapping import apply as apply_strategy
 
-__all__ = ["plan", "Plan", "parse_budget", "solve", "resolve_plan", "apply"]
+__all__ = ["plan", "solve", "resolve_plan", "apply"]
 
 BINS = 1000
 UNIFORM_FALLBACKS = ("pointwise", "scores", "selective", "every:3", "every:2", "blocks", "sqrt")
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-_BUDGET = re.compile(r"^\s*(-?\s*(?:\d+(?:\.\d*)?|\.\d+))\s*([a-z]*)\s*$", re.IGNORECASE)
-BUDGET_HELP = "a size like 20GiB or 800MB, a percentage of the plain run's peak like 60%, or auto"
-
-
-def available_bytes(device) -> int:
-    """Free memory on `device`, minus a 10% safety margin."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        free += torch.cuda.memory_allocated(device)  # what this process holds is ours to plan with
-    else:
-        free = available_cpu_bytes()
-    return int(free * 0.9)
-
-
-def parse_budget(budget, baseline_peak: int | None = None, device="cpu") -> int:
-    """Bytes for a budget: bytes (int), '20GiB', '800MB', '60%' of `baseline_peak`, or 'auto'."""
-    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
-        if budget > 0:
-            return int(budget)
-        raise MemfitError(f"budget {budget} must be positive; give {BUDGET_HELP}.")
-    text = str(budget).strip()
-    if text.lower() == "auto":
-        return available_bytes(device)
-    if text.endswith("%"):
-        try:
-            pct = float(text[:-1])
-        except ValueError:
-            pct = float("nan")
-        if not 0 < pct <= 100:
-            raise MemfitError(f"budget {text} must be a percentage above 0% and at most 100% of the plain "
-                              f"run's peak; give {BUDGET_HELP}.")
-        if baseline_peak is None:
-            raise MemfitError("a percentage budget needs the plain run's peak; give a size like 20GiB instead.")
-        return int(baseline_peak * pct / 100)
-    m = _BUDGET.match(text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise MemfitError(f"cannot read budget {text!r}; give {BUDGET_HELP}.")
-    value = float(m.group(1).replace(" ", "")) * _UNITS[m.group(2).lower()]
-    if value <= 0:
-        raise MemfitError(f"budget {text} must be positive; give {BUDGET_HELP}.")
-    return int(value)
 
 
 @dataclass(frozen=True)
@@ -166,117 +129,6 @@ def solve(prof: Profile, budget: float, kind: str = "time", bins: int = BINS):
         k -= math.ceil(c.kept / step) if c.kept > 0 else 0
         j = c.start
     return units[::-1], float(final.min())
-
-
-@dataclass
-class BlockChoice:
-    name: str
-    mode: str                 # keep, pointwise, scores, selective or recompute
-    segment: list | None      # [first, last] block names of its segment, if recomputed with others
-    kept_bytes: int           # what it keeps through the forward
-    cost: float               # its share of the plan's overhead (fraction of a plain step)
-
-
-@dataclass
-class Plan:
-    """Per block, the strategy chosen, the bytes it keeps and what it costs;
-    for the step, the predicted peak and overhead. Data: `to_json` /
-    `from_json`, and `memfit.apply(model, plan)` on any model of the same shape."""
-
-    blocks: list
-    budget_bytes: int
-    predicted_peak_bytes: int
-    baseline_peak_bytes: int
-    predicted_overhead: float   # recomputation cost as a fraction of a plain step's
-    cost: str                   # "time" or "flops"
-    predicted_recompute_flops: float  # matmul FLOPs recomputed, fraction of a plain step's
-    signature: dict = field(default_factory=dict)
-    sources: dict = field(default_factory=dict)  # where each number came from (see `_sources`)
-    coverage: float | None = None  # share of the plain step's saved activations inside the blocks
-
-    @property
-    def units(self) -> list[Unit]:
-        units, i = [], 0
-        while i < len(self.blocks):
-            b = self.blocks[i]
-            size = 1
-            if b.segment:
-                size = 1 + next(k for k in range(i, len(self.blocks)) if self.blocks[k].name == b.segment[1]) - i
-            units.append(Unit(i, i + size, b.mode))
-            i += size
-        return units
-
-    def __str__(self) -> str:
-        kind = "time" if self.cost == "time" else "FLOPs"
-        width = max(len(b.name) for b in self.blocks)
-        lines = [f"plan for a budget of {fmt_bytes(self.budget_bytes)} (plain run: "
-                 f"{fmt_bytes(self.baseline_peak_bytes)}): predicted peak {fmt_bytes(self.predicted_peak_bytes)}, "
-                 f"+{self.predicted_overhead:.1%} {kind}"]
-        for b in self.blocks:
-            line = f"  {b.name:<{width}}  {b.mode:<9}  keeps {fmt_bytes(b.kept_bytes):>10}"
-            if b.cost:
-                line += f"  +{b.cost:.1%} {kind}"
-            if b.segment:
-                line += f"  (segment {b.segment[0]}..{b.segment[1]})"
-            lines.append(line)
-        lines += [f"  {what}: {where}" for what, where in self.sources.items()]
-        if self.coverage is not None:
-            lines.append(f"  coverage: {self.coverage:.0%} of the plain step's saved activations lie inside these "
-                         f"{len(self.blocks)} blocks")
-        return "\n".join(lines)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> "Plan":
-        try:
-            data = json.loads(text)
-            data["blocks"] = [BlockChoice(**b) for b in data["blocks"]]
-            plan = cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
-            plan._validate()
-            return plan
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
-            raise MemfitError(f"not a memfit plan ({e}); make one with `memfit plan --json PATH` "
-                              f"or Plan.to_json().") from None
-
-    def _validate(self) -> None:
-        """Raise ValueError unless the blocks form units: known modes, segments of consecutive blocks."""
-        if not self.blocks:
-            raise ValueError("it has no blocks")
-        names = [b.name for b in self.blocks]
-        for i, b in enumerate(self.blocks):
-            if b.mode not in strategies.MODES:
-                raise ValueError(f"block {b.name} has unknown mode {b.mode!r}")
-            if b.segment is not None:
-                if (not isinstance(b.segment, list) or len(b.segment) != 2 or b.segment[0] not in names
-                        or b.segment[1] not in names
-                        or not names.index(b.segment[0]) <= i <= names.index(b.segment[1])):
-                    raise ValueError(f"block {b.name} names segment {b.segment!r}, which does not contain it")
-        units = self.units
-        if any(u.stop - u.start > 1 and any(b.segment != self.blocks[u.start].segment or b.mode != u.mode
-                                              for b in self.blocks[u.start:u.stop]) for u in units):
-            raise ValueError("a segment's blocks disagree on their segment or mode")
-
-    @classmethod
-    def load(cls, path) -> "Plan":
-        try:
-            with open(path, "rb") as f:
-                text = f.read().decode("utf-8")
-        except OSError as e:
-            raise MemfitError(f"cannot read plan {path}: {e.strerror}; give the path of a plan JSON file.") from None
-        except UnicodeDecodeError:
-            raise MemfitError(f"plan {path} is not a text file; give a plan JSON file made by `memfit plan "
-                              f"--json`.") from None
-        return cls.from_json(text)
-
-    def check(self, names: list[str]) -> None:
-        """Raise unless this plan was made for blocks with these names (in any order)."""
-        mine = [b.name for b in self.blocks]
-        if sorted(mine) != sorted(names):
-            raise MemfitError(f"this plan was made for a model with {len(mine)} blocks ({mine[0]}..{mine[-1]}), "
-                              f"not this one with {len(names)} ({names[0]}..{names[-1]}); make a plan for this "
-                              f"model with memfit.plan or `memfit plan`.")
 
 
 def _sources(prof: Profile, cost: str) -> dict:
@@ -404,15 +256,15 @@ def plan_or_none(model, batch, loss_fn, budget, *, blocks=None, cost="time", opt
     if cost not in ("time", "flops"):
         raise MemfitError(f"unknown cost {cost!r}; use time (measured) or flops (deterministic).")
     sig = signature(model, batch, blocks)
-    key = json.dumps([sig, str(budget), cost, str(blocks), getattr(optimizer, "__name__", None), distributed],
+    key = json.dumps([sig, Budget.parse(budget).text, cost, str(blocks), getattr(optimizer, "__name__", None), distributed],
                      sort_keys=True)
     if key in _CACHE:
         return _CACHE[key]
     device = next(model.parameters()).device
-    parse_budget(budget, baseline_peak=1, device=device)  # a bad budget fails before profiling
+    budget = Budget.parse(budget)  # a bad budget fails before profiling
     prof = profile(model, batch, loss_fn, blocks=blocks, optimizer=optimizer, timing=cost == "time",
                    distributed=distributed)
-    budget_bytes = parse_budget(budget, prof.baseline_peak_bytes, device)
+    budget_bytes = budget.bytes(prof.baseline_peak_bytes, device)
     peaks = {tuple(strategies.parse(name, prof.chain_sizes)): peak for name, peak in prof.uniform_peaks.items()}
 
     def peak_of(units):
@@ -437,19 +289,15 @@ def plan_or_none(model, batch, loss_fn, budget, *, blocks=None, cost="time", opt
 
 
 def resolve_plan(strategy, model, batch, loss_fn, blocks=None, cost="time"):
-    """A `Plan` for `plan:BUDGET` (planned now for this batch), `plan:FILE.json`
-    (loaded) or a Plan; None for other strategies."""
-    if isinstance(strategy, Plan):
-        return strategy
-    if not isinstance(strategy, str) or not strategy.strip().lower().startswith("plan:"):
-        return None
-    arg = strategy.strip()[len("plan:"):]
-    if arg.endswith(".json"):
-        return Plan.load(arg)
+    """The `Plan` a schedule names (planned now for `batch` when it is a
+    budget, loaded when it is a file), or None when it names no plan."""
+    s = schedule.parse(strategy)
+    if s.budget is None:
+        return s.strategy if isinstance(s.strategy, Plan) else None
     if batch is None or loss_fn is None:
-        raise MemfitError(f"strategy {strategy!r} plans for a batch: give batch= and loss_fn= too, or a plan file "
-                          f"(plan:PATH.json).")
-    return plan(model, batch, loss_fn, arg, blocks=blocks, cost=cost)
+        raise MemfitError(f"checkpointing {str(s)!r} plans for a batch: give batch and loss_fn too, or a plan "
+                          f"file (plan:PATH.json).")
+    return plan(model, batch, loss_fn, s.budget, blocks=blocks, cost=cost)
 
 
 def apply(model, strategy="blocks", blocks=None, state_replay=True, *, budget=None, batch=None, loss_fn=None,
@@ -461,11 +309,8 @@ def apply(model, strategy="blocks", blocks=None, state_replay=True, *, budget=No
     once). Returns `model`."""
     if not isinstance(model, torch.nn.Module):
         return apply_strategy(model, strategy)  # which says what it takes
-    if budget is not None:
-        if batch is None or loss_fn is None:
-            raise MemfitError("apply(model, budget=...) needs batch= and loss_fn= to plan with.")
-        strategy = plan(model, batch, loss_fn, budget, blocks=blocks, cost=cost)
-    strategy = resolve_plan(strategy, model, batch, loss_fn, blocks, cost) or strategy
+    s = schedule.parse(strategy if budget is None else Budget.parse(budget))
+    strategy = resolve_plan(s, model, batch, loss_fn, blocks, cost) or s.strategy
     applied = applied_strategy(model)
     if isinstance(strategy, Plan) and applied and applied["units"] == strategy.units and \
             applied["blocks"] == [b.name for b in strategy.blocks]:

@@ -48,13 +48,21 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from memfit import strategies
-from memfit.wrapping import SegmentWarning, applied_strategy, apply, remove
 from memfit.blocks import find_blocks, find_chains
 from memfit.errors import MemfitError, scalar_loss
 from memfit.flops import counting_flops
 from memfit.measurement import Run, steps
-from memfit.memory import track_memory
-from memfit.strategies import KEEP, MODES, OFFLOAD, POINTWISE, RECOMPUTE, SCORES, SELECTIVE
+from memfit.memory import available_cpu_bytes, track_memory
+from memfit.strategies import (
+    KEEP,
+    MODES,
+    OFFLOAD,
+    POINTWISE,
+    RECOMPUTE,
+    SCORES,
+    SELECTIVE,
+)
+from memfit.wrapping import SegmentWarning, applied_strategy, apply, remove
 
 __all__ = ["profile", "simulate", "Profile", "coverage"]
 
@@ -370,13 +378,18 @@ def _read(sim: Simulation, n: int):
     """Per-block quantities out of a simulated step's timeline of marks."""
     at = {label: k for k, (label, _) in enumerate(sim.timeline)}
     live = [v for _, v in sim.timeline]
+    # A block run without grad (a frozen EMA target encoder) has no backward: it is taken to start its
+    # backward at the end of the step, with nothing to do; the blocks' backward as a whole starts at the first.
+    done = at["backward done"]
+    b = [at.get(f"b<{i}", done) for i in range(n)]
     kept = [live[at[f"f>{i}"]] - live[at[f"f<{i}"]] for i in range(n)]
     transient = [max(live[at[f"f<{i}"]:at[f"f>{i}"] + 1]) - live[at[f"f<{i}"]] for i in range(n)]
-    backward_start = [live[at[f"b<{i}"]] for i in range(n)]
-    ends = [at[f"b<{i - 1}"] if i else at["backward done"] for i in range(n)]
-    work = [max(live[at[f"b<{i}"]:max(ends[i], at[f"b<{i}"]) + 1]) - backward_start[i] for i in range(n)]
+    backward_start = [live[b[i]] for i in range(n)]
+    ends = [b[i - 1] if i and b[i - 1] != done else min((k for k in b if k > b[i]), default=done) for i in range(n)]
+    work = [max(live[b[i]:max(ends[i], b[i]) + 1]) - backward_start[i] for i in range(n)]
     start = live[at["f<0"]]
-    head = max(live[at[f"f>{n - 1}"]:at[f"b<{n - 1}"] + 1]) - live[at[f"f>{n - 1}"]]
+    head = max(live[at[f"f>{n - 1}"]:min(b) + 1]) - live[at[f"f>{n - 1}"]] if b[n - 1] == done else \
+        max(live[at[f"f>{n - 1}"]:b[n - 1] + 1]) - live[at[f"f>{n - 1}"]]
     tail = max(live[at["backward done"]:])
     return dict(kept=kept, transient=transient, backward_start=backward_start, work=work, start=start,
                 head=head, tail=tail)
@@ -420,7 +433,7 @@ def coverage_warning(share: float | None) -> str | None:
     if share is None or share >= COVERAGE_WARNING:
         return None
     return (f"only {share:.0%} of the plain step's saved activations lie inside the blocks, so "
-            f"checkpointing them saves at most that much; name more blocks with blocks=... (--blocks), "
+            f"checkpointing them saves at most that much; name more blocks with blocks=..., "
             f"e.g. 'encoder.layers|decoder.layers'")
 
 
@@ -460,16 +473,6 @@ def _source(model, batch, loss_fn, n, **kw) -> tuple:
             return True, seed, why, sim
     raise MemfitError(f"the model skipped some of its {n} blocks in each of 16 training steps tried, so memfit "
                       f"cannot profile them; lower the model's layer-drop probability while planning.")
-
-
-def available_cpu_bytes() -> int:
-    """Memory the host can still give (MemAvailable), or a large number where it cannot say."""
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return 1 << 62
 
 
 def profile(model, batch, loss_fn, *, blocks=None, optimizer=None, timing=True, distributed=None) -> Profile:

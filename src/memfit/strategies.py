@@ -54,6 +54,21 @@ class Unit:
     mode: str
 
 
+def check(strategy: str) -> str:
+    """The strategy string, lowercased, once its name and argument are known good."""
+    text = str(strategy).strip().lower()
+    name, _, arg = text.partition(":")
+    accepted = f"accepted: {', '.join(NAMES)} (K, N positive integers)"
+    if name in ("none", "blocks", "sqrt", OFFLOAD, *SAC_MODES) and arg:
+        raise MemfitError(f"strategy {strategy!r} takes no argument; {accepted}.")
+    if name in ("every", "segments"):
+        if not (arg.isdigit() and str(int(arg)) == arg and int(arg) >= 1):
+            raise MemfitError(f"{name}:{arg} needs a positive integer, like {name}:2; {accepted}.")
+    elif name not in ("none", "blocks", "sqrt", OFFLOAD, *SAC_MODES):
+        raise MemfitError(f"unknown strategy {strategy!r}; {accepted}.")
+    return text
+
+
 def parse(strategy: str, chains) -> list[Unit]:
     """Units for a strategy string over chains of these lengths (`chains`: a
     list of lengths, or one int for a single chain), numbered across the
@@ -62,21 +77,11 @@ def parse(strategy: str, chains) -> list[Unit]:
     each chain into segments (never across two chains; a chain shorter than
     N gets one segment per block)."""
     sizes = [chains] if isinstance(chains, int) else list(chains)
-    text = str(strategy).strip().lower()
-    name, _, arg = text.partition(":")
-    accepted = f"accepted: {', '.join(NAMES)} (K, N positive integers)"
-    if name in ("none", "blocks", "sqrt", OFFLOAD, *SAC_MODES) and arg:
-        raise MemfitError(f"strategy {strategy!r} takes no argument; {accepted}.")
-    k = None
-    if name in ("every", "segments"):
-        k = int(arg) if arg.isdigit() and str(int(arg)) == arg else 0
-        if k < 1:
-            raise MemfitError(f"{name}:{arg} needs a positive integer, like {name}:2; {accepted}.")
-        if name == "segments" and k > max(sizes):
-            raise MemfitError(f"segments:{k} asks for more segments than the {max(sizes)} blocks of the longest "
-                              f"chain; use segments:1 to segments:{max(sizes)}.")
-    elif name not in ("none", "blocks", "sqrt", OFFLOAD, *SAC_MODES):
-        raise MemfitError(f"unknown strategy {strategy!r}; {accepted}.")
+    name, _, arg = check(strategy).partition(":")
+    k = int(arg) if arg else None
+    if name == "segments" and k > max(sizes):
+        raise MemfitError(f"segments:{k} asks for more segments than the {max(sizes)} blocks of the longest "
+                          f"chain; use segments:1 to segments:{max(sizes)}.")
     units, at = [], 0
     for n in sizes:
         units += [Unit(at + u.start, at + u.stop, u.mode) for u in _chain(name, k, n)]

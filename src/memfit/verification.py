@@ -22,29 +22,15 @@ import torch
 from torch.utils._pytree import tree_map
 
 from memfit import strategies
-from memfit.wrapping import apply, wrapped_blocks
 from memfit.blocks import find_blocks, find_chains
 from memfit.errors import MemfitError
 from memfit.measurement import Run
 from memfit.measurement import steps as run_steps
 from memfit.planner import resolve_plan
 from memfit.profiling import CoverageWarning, coverage, coverage_warning
+from memfit.wrapping import apply, wrapped_blocks
 
-__all__ = ["verify", "parse_expected_reduction"]
-
-
-def parse_expected_reduction(text: str | None) -> tuple[float, float] | None:
-    """'20:40' (percent) -> (0.2, 0.4). None -> None (the default check)."""
-    if text is None:
-        return None
-    try:
-        lo, hi = (float(x.strip().rstrip("%")) / 100 for x in text.split(":"))
-    except ValueError:
-        lo = hi = float("nan")
-    if not (0 <= lo <= hi <= 100):
-        raise MemfitError(f"--expect-reduction {text!r} must be MIN:MAX in percent with 0 <= MIN <= MAX <= 100, "
-                          f"like 20:40.")
-    return lo, hi
+__all__ = ["verify"]
 
 
 def _max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -99,7 +85,7 @@ def _units(strategy, model, batch, loss_fn, blocks, device):
         units = strategies.parse(strategy, sizes) if isinstance(strategy, str) else strategy
     if device.type != "cuda" and any(u.mode == strategies.OFFLOAD for u in units):
         raise MemfitError(f"offload moves saved tensors from a CUDA device to CPU memory, so on {device.type} it "
-                          f"saves nothing; use --device cuda, or a strategy that recomputes.")
+                          f"saves nothing; use the cuda device, or a strategy that recomputes.")
     return the_plan, units
 
 

@@ -50,10 +50,11 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from memfit import strategies
+from memfit import schedule, strategies
 from memfit.blocks import find_blocks, find_chains
 from memfit.checkpointing import CallState, Region, _recomputes, run
 from memfit.errors import MemfitError
+from memfit.schedule import Plan
 from memfit.strategies import KEEP, OFFLOAD, RECOMPUTE
 
 __all__ = ["apply", "remove", "wrapped_blocks", "applied_strategy"]
@@ -97,19 +98,14 @@ def apply(model: nn.Module, strategy="blocks", blocks=None, state_replay=True, *
 
 def _units(model, strategy, blocks):
     """(the blocks as (name, module), the units over them, the `blocks` that names them) for a strategy."""
-    plan = strategy if hasattr(strategy, "units") and hasattr(strategy, "check") else None  # a memfit.Plan
+    s = schedule.parse(strategy)
+    if s.budget is not None:
+        raise MemfitError(f"checkpointing {str(s)!r} plans for a budget: call memfit.apply with batch and "
+                          f"loss_fn (it plans, then calls this), not memfit.wrapping.apply.")
+    strategy = s.strategy
+    plan = strategy if isinstance(strategy, Plan) else None
     if isinstance(strategy, dict):  # {chain: strategy}: each chain's own, the others left as they are
-        if not strategy or not all(isinstance(k, str) and isinstance(v, str) for k, v in strategy.items()):
-            raise MemfitError(f"a strategy per chain maps chains to strategy strings, like "
-                              f"{{'encoder.layers': 'blocks', 'decoder.layers': 'selective'}}; got {strategy!r}.")
         blocks = "|".join(strategy)
-    if not (isinstance(strategy, (str, dict)) or plan is not None or isinstance(strategy, (list, tuple))
-            and all(isinstance(u, strategies.Unit) for u in strategy)):
-        raise MemfitError(f"strategy {strategy!r} is not a strategy; give a string such as 'blocks' or "
-                          f"'selective', a memfit.Plan, or a list of memfit.strategies.Unit.")
-    if isinstance(strategy, str) and strategy.strip().lower().startswith("plan:"):
-        raise MemfitError(f"strategy {strategy!r} is a plan: call memfit.apply (it plans or loads it), not "
-                          f"memfit.wrapping.apply.")
     if plan is not None:  # its blocks, as the plan lists them
         plan.check([n for n, _ in find_blocks(model, blocks)])
         blocks = [b.name for b in plan.blocks]

@@ -20,14 +20,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from memfit.wrapping import apply
+from memfit import schedule
 from memfit.attribution.cache import Cache, clip_hash
 from memfit.errors import MemfitError
+from memfit.wrapping import apply
 
-__all__ = ["attribute", "frame_scores", "checkpoint_model", "fit_budget", "compare_scores", "Cache"]
+__all__ = ["attribute", "frame_scores", "checkpoint_model", "choose_checkpointing", "compare_scores", "Cache"]
 
 REDUCE = ("l2", "l1", "max")
-# Uniform strategies from the least recomputation to the least memory: what `fit_budget` tries in turn.
+# Uniform strategies from the least recomputation to the least memory: what `choose_checkpointing` tries in turn.
 LADDER = ("none", "pointwise", "scores", "selective", "blocks")
 
 
@@ -73,26 +74,33 @@ def simulated_peak(model, clip, strategy) -> int:
     return mem.peak_bytes
 
 
-def fit_budget(model, clip, budget) -> tuple[str, int, int]:
-    """Checkpoint `model` with the first strategy of `LADDER` whose simulated
-    peak for `clip` (the longest clip) fits `budget` (bytes, '2GiB', '60%' of
-    the peak without checkpointing, or 'auto'): (strategy, its peak, the peak
-    without checkpointing). Raises, naming the smallest peak, if none fits."""
-    from memfit.planner import parse_budget
+def choose_checkpointing(model, clip, *, budget=None, strategy=None) -> tuple:
+    """Checkpoint `model` for attributing `clip` (the longest clip, or chunk)
+    and return (the strategy, its simulated peak, the peak without
+    checkpointing; both None unless planned). `strategy`: any spelling
+    `memfit.schedule.parse` reads, applied as given (default `blocks`);
+    `budget` (or `plan:BUDGET`): bytes, '2GiB', '60%' of the peak without
+    checkpointing, or 'auto'; then the first strategy of `LADDER` whose
+    simulated peak fits. Raises, naming the smallest peak, if none fits."""
     from memfit.report import fmt_bytes
 
+    if budget is not None and strategy is not None:
+        raise MemfitError("give a budget (memfit chooses the checkpointing) or a strategy, not both.")
+    s = schedule.parse(schedule.Budget.parse(budget) if budget is not None else strategy or "blocks")
+    if s.budget is None:
+        checkpoint_model(model, s.strategy)
+        return s.strategy, None, None
     device = next(model.parameters()).device
-    parse_budget(budget, 1, device)  # a bad budget fails before any simulation
     peaks = {}
-    for strategy in LADDER:
-        peaks[strategy] = simulated_peak(model, clip, strategy)
-        limit = parse_budget(budget, peaks["none"], device)
-        if peaks[strategy] <= limit:
-            checkpoint_model(model, strategy)
-            return strategy, peaks[strategy], peaks["none"]
+    for name in LADDER:
+        peaks[name] = simulated_peak(model, clip, name)
+        limit = s.budget.bytes(peaks["none"], device)
+        if peaks[name] <= limit:
+            checkpoint_model(model, name)
+            return name, peaks[name], peaks["none"]
     raise MemfitError(f"budget {fmt_bytes(limit)} is below the smallest attribution peak checkpointing reaches, "
                       f"{fmt_bytes(min(peaks.values()))} (without checkpointing: {fmt_bytes(peaks['none'])}); "
-                      f"give at least that, or use --mode chunked.")
+                      f"give at least that, or attribute in chunks (mode='chunked').")
 
 
 def chunks(n_frames: int, mode: str, chunk_size: int | None):

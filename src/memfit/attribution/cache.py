@@ -62,7 +62,7 @@ class Cache:
             probe.unlink()
         except OSError as e:
             raise MemfitError(f"cannot write the cache directory {root}: {e.strerror}; choose a writable "
-                              f"--cache-dir.") from None
+                              f"cache directory.") from None
         self.corrupt: list[str] = []
         self.reused: list[str] = []
         self.unwritten: list[str] = []  # chunks computed but not cached

@@ -30,12 +30,14 @@ import copy
 import torch
 import torch.distributed as dist
 
-from memfit.wrapping import applied_strategy, wrapped_blocks
+from memfit import schedule
 from memfit.distributed import Ranks, on_main
 from memfit.errors import MemfitError
 from memfit.memory import track_memory
-from memfit.planner import Plan, apply, parse_budget, plan, resolve_plan
+from memfit.planner import apply, plan
 from memfit.report import fmt_bytes
+from memfit.schedule import Budget, Plan
+from memfit.wrapping import applied_strategy, wrapped_blocks
 
 __all__ = ["Session", "SessionCallback", "training_loss", "accumulation_warning"]
 
@@ -57,10 +59,10 @@ class Session:
             raise MemfitError("give budget= (memfit plans for it) or strategy= (applied as given), not both.")
         if cost not in ("time", "flops"):
             raise MemfitError(f"unknown cost {cost!r}; use time (measured) or flops (deterministic).")
-        if strategy is None:
-            budget = "auto" if budget is None else budget
-            parse_budget(budget, baseline_peak=1)  # a bad budget fails here, before the trainer starts
-        self.budget, self.strategy, self.cost, self.monitor = budget, strategy, cost, monitor
+        # a bad budget or strategy fails here, before the trainer starts
+        self.schedule = schedule.parse(Budget.parse("auto" if budget is None else budget) if strategy is None
+                                       else strategy)
+        self.strategy, self.cost, self.monitor = strategy, cost, monitor
         self.plan: Plan | None = None
         self.report: str | None = None
         self.peaks: list[int] = []
@@ -83,10 +85,9 @@ class Session:
 
         def choose():
             planned = copy.deepcopy(model) if ranks.world > 1 and self.cost == "time" else model
-            if self.strategy is not None:
-                chosen = resolve_plan(self.strategy, planned, batch, loss_fn, cost=self.cost) or self.strategy
-            else:
-                chosen = plan(planned, batch, loss_fn, self.budget, cost=self.cost,
+            chosen = self.schedule.strategy
+            if self.schedule.budget is not None:
+                chosen = plan(planned, batch, loss_fn, self.schedule.budget, cost=self.cost,
                               optimizer=opt_class, distributed=ranks.spec)
             return chosen.to_json() if isinstance(chosen, Plan) else chosen
         chosen = on_main(choose, ranks)

@@ -16,7 +16,7 @@ from torch import nn
 
 from memfit.errors import MemfitError
 from memfit.models import gpt, mlp, resnet_se, video, vit_jepa
-from memfit.models.switch import OFF, ON, checkpointing  # noqa: F401 - for `memfit.models.checkpointing`
+from memfit.models.switch import checkpointing  # noqa: F401 - for `memfit.models.checkpointing`
 
 REGISTRY = {"gpt": gpt, "mlp": mlp, "resnet-se": resnet_se, "vit-jepa": vit_jepa, "video": video}
 DEFAULT = "gpt"
@@ -45,20 +45,20 @@ def load(name: str, size: str | None = None, batch_size: int | None = None, seed
 def _user_factory(spec, options):
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise MemfitError(f"--model {spec!r} names no factory; give package.module:factory, like mymodel:make.")
+        raise MemfitError(f"model {spec!r} names no factory; give package.module:factory, like mymodel:make.")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # like `python -m`: modules in the current directory resolve
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise MemfitError(f"cannot import {module_name!r} ({e}); --model takes package.module:factory with "
+        raise MemfitError(f"cannot import {module_name!r} ({e}); a model is named package.module:factory, with "
                           f"the module importable from the current directory or an installed package.") from None
     except SyntaxError as e:
         raise MemfitError(f"{module_name!r} has a syntax error ({e.filename}, line {e.lineno}: {e.msg}); fix "
                           f"it.") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise MemfitError(f"{module_name!r} has no function {attr!r}; --model takes package.module:factory, "
+        raise MemfitError(f"{module_name!r} has no function {attr!r}; a model is named package.module:factory, "
                           f"where factory() returns (model, batch, loss_fn).")
     try:
         params = inspect.signature(factory).parameters

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 SIZES = {  # (input features, hidden width, classes)
     "tiny": (32, 64, 10),
     "small": (512, 512, 10),

@@ -153,13 +153,18 @@ def create_jepa(cfg: JEPAConfig | dict, gradient_checkpointing=False) -> JEPA:
     """The model, with checkpointing applied to the encoder, the predictor or
     both: a bool, a strategy string or Plan for both, or a dict
     {"encoder": ..., "predictor": ...}."""
+    from memfit import schedule
     from memfit.models.switch import checkpointing
 
     if isinstance(cfg, dict):
         cfg = JEPAConfig(**cfg)
     model = JEPA(cfg)
-    parts = gradient_checkpointing if isinstance(gradient_checkpointing, dict) else {
-        "encoder": gradient_checkpointing, "predictor": gradient_checkpointing}
+    if not isinstance(gradient_checkpointing, dict):
+        s = schedule.parse(gradient_checkpointing)
+        if not isinstance(s.strategy, str):  # a plan (or a budget): for the whole model
+            return checkpointing(model, s)
+        gradient_checkpointing = {"encoder": s.strategy, "predictor": s.strategy}
+    parts = gradient_checkpointing
     unknown = set(parts) - {"encoder", "predictor"}
     if unknown:
         from memfit.errors import MemfitError

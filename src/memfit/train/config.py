@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from memfit import schedule
 from memfit.errors import MemfitError
 
 TRAINING = {
@@ -115,6 +116,12 @@ def resolve(path: str | None, overrides: dict) -> dict:
     if t["distributed"] not in DISTRIBUTED:
         raise MemfitError(f"training.distributed {t['distributed']!r} is not one of {', '.join(DISTRIBUTED)}; "
                           f"ddp and fsdp run under torchrun.")
+    for key, parse in (("gradient_checkpointing", schedule.parse), ("memory_budget", schedule.Budget.parse)):
+        if t[key] is not None:
+            try:
+                parse(t[key])  # a bad value fails before any work
+            except MemfitError as e:
+                raise MemfitError(f"training.{key}: {e}") from None
     if t["precision"] not in PRECISIONS:
         raise MemfitError(f"training.precision {t['precision']!r} is not one of {', '.join(PRECISIONS)}.")
     return cfg

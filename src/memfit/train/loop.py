@@ -30,17 +30,18 @@ from pathlib import Path
 import torch
 from torch.utils._pytree import tree_map
 
-from memfit import distributed
-from memfit.wrapping import apply, applied_strategy, wrapped_blocks
+from memfit import distributed, schedule
 from memfit.errors import MemfitError
 from memfit.fit import largest_batch
+from memfit.measurement import resolve_device
 from memfit.memory import track_memory
-from memfit.planner import Plan, parse_budget, plan
+from memfit.planner import plan
 from memfit.profiling import simulate
 from memfit.report import atomic_write, exchange, write_json
+from memfit.schedule import Budget, Plan
 from memfit.train.config import dump
 from memfit.train.recipes import RECIPES
-from memfit.measurement import resolve_device
+from memfit.wrapping import applied_strategy, apply, wrapped_blocks
 
 GB = 1e9
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -99,8 +100,8 @@ def train(cfg: dict, *, callback=lambda event, data: None, out_dir=None, metrics
     recipe = RECIPES[name]
     device = resolve_device(t["device"])
     if t["precision"] == "fp16" and device.type != "cuda":
-        raise MemfitError("fp16 training needs CUDA (a gradient scaler against underflow); use --precision bf16 "
-                          "or fp32 on this device.")
+        raise MemfitError("fp16 training needs CUDA (a gradient scaler against underflow); set training.precision "
+                          "to bf16 or fp32 on this device.")
     ranks = distributed.setup(t["distributed"], device)
     try:
         summary = _train(cfg, recipe, ranks, callback if ranks.main else lambda event, data: None,
@@ -121,7 +122,7 @@ def _train(cfg, recipe, ranks, callback, out_dir, metrics_path):
     data = recipe.data(arch, cfg["data"], t["seed"])
     arch.update(data.model_overrides)
     gc = t["gradient_checkpointing"]
-    budget = gc[len("budget:"):] if isinstance(gc, str) and gc.startswith("budget:") else None
+    budget = schedule.parse(gc).budget
     try:
         model = recipe.create(arch, False if budget else gc).to(device).train()
     except (ValueError, TypeError, AssertionError) as e:
@@ -282,7 +283,7 @@ def _report(cfg, model, data, loss_fn, ranks) -> dict:
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         predicted = simulate(model, _to(data.batch("train", n), device), loss_fn, None,
                              distributed=ranks.spec).peak_bytes
-        memory_budget = parse_budget(t["memory_budget"] or "auto", baseline_peak=predicted, device=device)
+        memory_budget = Budget.parse(t["memory_budget"] or "auto").bytes(predicted, device)
         recommended, _ = largest_batch(model, lambda b: _to(data.batch("train", b), device), loss_fn, None,
                                        memory_budget, distributed=ranks.spec)
     for k, g in data.generators.items():
@@ -293,7 +294,7 @@ def _report(cfg, model, data, loss_fn, ranks) -> dict:
               "gradient_checkpointing": checkpointing_status(model), "batch_size": t["batch_size"],
               "distributed": ranks.kind, "world_size": ranks.world,
               "predicted_peak_bytes": predicted, "memory_budget_bytes": memory_budget,
-              "memory_budget_source": "--memory-budget" if t["memory_budget"] else "free device memory less 10%",
+              "memory_budget_source": "training.memory_budget" if t["memory_budget"] else "free device memory less 10%",
               "recommended_batch_size": recommended * ranks.world}
     if hasattr(data, "unigram_entropy"):
         report["unigram_entropy"] = data.unigram_entropy

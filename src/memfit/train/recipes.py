@@ -33,7 +33,7 @@ class CharData:
                     text = f.read()
             except (OSError, UnicodeDecodeError) as e:
                 raise MemfitError(f"cannot read data file {path}: {getattr(e, 'strerror', None) or e}; "
-                                  f"give a UTF-8 text file with --data.") from None
+                                  f"give a UTF-8 text file as data.path.") from None
         if len(text) < 10 * (block_size + 1):
             raise MemfitError(f"data file {path} has {len(text)} characters; the GPT recipe needs at least "
                               f"{10 * (block_size + 1)} for sequences of {block_size}.")

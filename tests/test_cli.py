@@ -115,20 +115,6 @@ def test_python_api_bad_arguments_raise_memfit_errors(call):
         call(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)))
 
 
-def test_outputs_are_written_with_the_umask_not_0600(tmp_path):
-    import os
-
-    from memfit.report import write_json
-    old = os.umask(0o022)
-    try:
-        write_json(tmp_path / "r.json", {"a": 1})
-    finally:
-        os.umask(old)
-    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
-    assert json.loads((tmp_path / "r.json").read_text()) == {"a": 1}
-
-
-
 LATE = [
     ([*VERIFY, "--json", "r.json"], "r.json", "PASS"),
     (["plan", "--model", "mlp", "--size", "tiny", "--budget", "90%", "--cost", "flops", "--no-measure",
@@ -157,17 +143,3 @@ def test_a_write_that_fails_at_the_end_keeps_the_results_on_screen(workdir, caps
     assert captured.err.count("\n") == 1 and not (workdir / path).exists() and not list(workdir.glob(".r.json*"))
 
 
-def test_fit_budget_auto_is_the_free_memory_of_the_device_used(monkeypatch, capsys):
-    """`fit --budget auto` asks the device the model runs on (it read the host's memory for --device cuda)."""
-    import memfit.cli
-    import memfit.fit
-    from memfit import schedule
-    asked, budgets = [], []
-    model, _, loss_fn = memfit.models.load("mlp", size="tiny")[:3]
-    monkeypatch.setattr(memfit.cli, "_load", lambda args: (torch.device("cuda"), model, None, loss_fn))
-    monkeypatch.setattr(schedule, "available_bytes", lambda device: asked.append(torch.device(device).type) or 2**30)
-    monkeypatch.setattr(memfit.fit, "fit", lambda m, mb, lf, budget, *a, **k: budgets.append(budget) or [
-        {"strategy": "none", "batch_size": 4, "peak_bytes": 100, "time_per_sample_s": None, "memory_source": "-"}])
-    assert main(["fit", "--model", "mlp", "--size", "tiny", "--budget", "auto", "--strategies", "none"]) == 0
-    assert asked[-1] == "cuda" and budgets == [2**30]
-    assert "largest batch in 1.0 GiB: mlp on cuda" in capsys.readouterr().out

@@ -37,7 +37,7 @@ def test_a_share_needs_the_plain_peak_and_auto_asks_the_device(monkeypatch):
 
 @pytest.mark.parametrize("spellings, expected", [
     ((True, 1, "true", "On", "yes", "1", "blocks", " BLOCKS "), Schedule("blocks")),
-    ((False, 0, None, "false", "off", "no", "0", "none"), Schedule("none")),
+    ((False, 0, "false", "off", "no", "0", "none"), Schedule("none")),
     (("plan:60%", "budget:60%", " Plan: 60% "), Schedule(budget=Budget("60%", fraction=0.6))),
     (("every:2", "EVERY:2"), Schedule("every:2")),
     (({"encoder.layers": True, "decoder.layers": "off"},), Schedule({"encoder.layers": "blocks",
@@ -50,7 +50,7 @@ def test_every_spelling_reads_as_one_value(spellings, expected):
 
 @pytest.mark.parametrize("value, message", [
     ("everything", "unknown strategy"), ("every:0", "positive integer"), ("blocks:2", "takes no argument"),
-    (2, "not understood"), (0.5, "not understood"), (object(), "not understood"),
+    (2, "not understood"), (0.5, "not understood"), (None, "not understood"), (object(), "not understood"),
     ({"encoder.layers": "plan:60%"}, "one budget covers all chains"), ({}, "maps chains to strategies"),
     ("budget:p.json", "write it plan:p.json"), ("plan:missing.json", "cannot read plan missing.json"),
     ("plan:lots", "cannot read budget")])

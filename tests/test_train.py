@@ -1,5 +1,4 @@
 """Recipes: configs, `memfit train`, the memory monitor, the startup report and `memfit fit`."""
-import copy
 import json
 import subprocess
 import sys
@@ -10,8 +9,6 @@ import torch
 
 import memfit
 from memfit import MemfitError, models
-from memfit.fit import largest_batch
-from memfit.memory import track_memory
 from memfit.train.config import resolve
 from memfit.train.loop import train
 
@@ -132,42 +129,6 @@ def test_cli_train_bad_input(args, message, cli):
     r = cli("train", "--max-iters", "1", *args)
     assert r.returncode == 2, r.stdout + r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
-
-
-def test_fit_finds_the_largest_batch_that_fits():
-    """At the batch `fit` reports a real step fits the budget; one sample more does not."""
-    model, _, loss_fn = models.load("resnet-se", "tiny")
-    make = lambda b: models.resnet_se.batch("tiny", b)  # noqa: E731
-    budget = 24 * 2**20
-    sizes = {}
-    for strategy in ("none", "blocks"):
-        size, _ = largest_batch(model, make, loss_fn, strategy, budget)
-        sizes[strategy] = size
-        for b, fits in ((size, True), (size + 1, False)):
-            m = memfit.apply(copy.deepcopy(model), strategy)
-            opt = torch.optim.AdamW(m.parameters())
-            for p in m.parameters():
-                p.grad = torch.zeros_like(p)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            batch = make(b)
-            with track_memory(m, opt, batch) as mem:
-                loss_fn(m, batch).backward()
-                opt.step()
-            assert (mem.peak_bytes <= budget) == fits, (strategy, b, mem.peak_bytes)
-    assert sizes["blocks"] > sizes["none"]
-
-
-def test_cli_fit(tmp_path, cli):
-    path = tmp_path / "fit.json"
-    r = cli("fit", "--model", "resnet-se", "--size", "tiny", "--budget", "32MiB", "--strategies", "none,blocks",
-            "--json", str(path))
-    assert r.returncode == 0, r.stderr
-    rows = {row["strategy"]: row for row in json.loads(path.read_text())["rows"]}
-    assert rows["blocks"]["batch_size"] > rows["none"]["batch_size"] > 0
-    assert {"strategy", "batch_size", "peak_bytes", "time_per_sample_s"} <= set(rows["none"])
-    r = cli("fit", "--model", "resnet-se", "--budget", "0")
-    assert r.returncode == 2 and "must be positive" in r.stderr
 
 
 def test_config_errors_in_library():

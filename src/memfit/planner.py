@@ -278,7 +278,9 @@ def plan_or_none(model, batch, loss_fn, budget, *, blocks=None, cost="time", opt
     if found is not None:
         units, total, peak = found
         recomputed = sum(prof.recomputed_flops(u.mode, i) for u in units for i in range(u.start, u.stop))
-        result = Plan(_choices(prof, units, cost), budget_bytes, peak, prof.baseline_peak_bytes,
+        choices = {c.name: c for c in _choices(prof, units, cost)}  # and the blocks left plain, in model order
+        choices = [choices.get(name) or BlockChoice(name, KEEP, None, 0, 0.0) for name in sig["blocks"]]
+        result = Plan(choices, budget_bytes, peak, prof.baseline_peak_bytes,
                       total / prof.step_cost(cost), cost, recomputed / prof.step_flops, sig, _sources(prof, cost),
                       prof.coverage)
         if (warning := coverage_warning(prof.coverage)) is not None:

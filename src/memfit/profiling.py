@@ -27,6 +27,15 @@ are used too. A model that skips blocks at random is profiled
 on a step in which every block ran (the first of a few seeds that gives
 one): its steps that skip blocks peak lower than predicted.
 
+NOTE [blocks without a backward]
+A block run without grad (a frozen EMA teacher, the target encoder of a
+JEPA, frozen first layers whose input needs no gradient) saves nothing and
+has no backward, so checkpointing it does nothing, and the peak model, whose
+terms follow the blocks' backward, has no place for it. Such blocks (seen in
+the plain step: no gradient reached their output) are left out of the
+profile and the plan's choice (`Profile.fixed`), and the plan lists them as
+`keep`.
+
 Times are measured on real forward+backward passes of the model (its
 gradients, buffers and RNG state are restored afterwards): the extra time of
 all-`blocks` and of each all-selective mode over plain, split between blocks in
@@ -40,7 +49,7 @@ import functools
 import statistics
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
@@ -344,6 +353,7 @@ class Profile:
     segments: bool = True          # whether the chains' blocks can be recomputed as segments
     chains: list | None = None     # the length of each chain, in the order of `names`
     coverage: float | None = None  # share of the plain step's saved activations inside the blocks
+    fixed: list = field(default_factory=list)  # blocks left plain: they have no backward (not in `names`)
 
     @property
     def chain_sizes(self) -> list:
@@ -487,6 +497,13 @@ def profile(model, batch, loss_fn, *, blocks=None, optimizer=None, timing=True, 
     device = next(model.parameters()).device
     common = dict(blocks=blocks, optimizer=optimizer, distributed=distributed)
     real, seed, why, plain = _source(model, batch, loss_fn, n, marks=True, **common)
+    labels = {label for label, _ in plain.timeline}
+    fixed = [name for i, name in enumerate(names) if f"b<{i}" not in labels]
+    if 0 < len(fixed) < n:  # NOTE [blocks without a backward]
+        prof = profile(model, batch, loss_fn, blocks=[x for x in names if x not in fixed], optimizer=optimizer,
+                       timing=timing, distributed=distributed)
+        prof.fixed = fixed
+        return prof
     chains = [len(c) for c in find_chains(model, blocks)]
     sims = {KEEP: plain}
     for m in modes_for("cpu" if real else device):

@@ -224,8 +224,8 @@ def parse(value) -> Schedule:
         return value
     if isinstance(value, (Plan, Budget)):
         return Schedule(budget=value) if isinstance(value, Budget) else Schedule(value)
-    if value is None or isinstance(value, (bool, int)) and not isinstance(value, float):
-        if isinstance(value, int) and value not in (0, 1):
+    if isinstance(value, (bool, int)):
+        if value not in (0, 1):
             raise MemfitError(f"checkpointing {value!r} is not understood; give {SPELLINGS}.")
         return Schedule("blocks" if value else "none")
     if isinstance(value, (list, tuple)) and value and all(isinstance(u, Unit) for u in value):
@@ -253,7 +253,7 @@ def _per_chain(value: dict) -> dict:
                           f"{{'encoder.layers': 'blocks', 'decoder.layers': 'selective'}}; got {value!r}.")
     out = {}
     for chain, v in value.items():
-        s = parse(v)
+        s = parse(False if v is None else v)  # YAML null: off
         if not isinstance(s.strategy, str):
             raise MemfitError(f"chain {chain!r} is given {v!r}; per chain give a strategy string such as blocks "
                               f"or selective: one budget covers all chains, as plan:60% for the whole model.")

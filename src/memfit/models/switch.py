@@ -13,7 +13,7 @@ def checkpointing(module: nn.Module, value, blocks=None) -> nn.Module:
     `memfit.schedule.parse` reads. Budgets (`budget:60%`) need a batch to
     plan with: `memfit train` and `memfit.apply(model, "plan:60%", batch=...,
     loss_fn=...)` take them."""
-    s = schedule.parse(value)
+    s = schedule.parse(False if value is None else value)  # YAML's null: off
     if s.budget is not None:
         raise MemfitError(f"gradient_checkpointing {value!r} needs a batch to plan with; use it with memfit train, "
                           f"or call memfit.apply(model, {str(s)!r}, batch=..., loss_fn=...).")

@@ -160,7 +160,7 @@ def create_jepa(cfg: JEPAConfig | dict, gradient_checkpointing=False) -> JEPA:
         cfg = JEPAConfig(**cfg)
     model = JEPA(cfg)
     if not isinstance(gradient_checkpointing, dict):
-        s = schedule.parse(gradient_checkpointing)
+        s = schedule.parse(False if gradient_checkpointing is None else gradient_checkpointing)
         if not isinstance(s.strategy, str):  # a plan (or a budget): for the whole model
             return checkpointing(model, s)
         gradient_checkpointing = {"encoder": s.strategy, "predictor": s.strategy}

@@ -1,0 +1,63 @@
+"""memfit.fit: the largest batch that fits a budget, with each strategy, as a real step measures it."""
+import copy
+import json
+
+import torch
+
+import memfit
+from memfit import models
+from memfit.cli import main
+from memfit.fit import largest_batch
+from memfit.memory import track_memory
+
+
+def test_fit_finds_the_largest_batch_that_fits():
+    """At the batch `fit` reports a real step fits the budget; one sample more does not."""
+    model, _, loss_fn = models.load("resnet-se", "tiny")
+    make = lambda b: models.resnet_se.batch("tiny", b)  # noqa: E731
+    budget = 24 * 2**20
+    sizes = {}
+    for strategy in ("none", "blocks"):
+        size, _ = largest_batch(model, make, loss_fn, strategy, budget)
+        sizes[strategy] = size
+        for b, fits in ((size, True), (size + 1, False)):
+            m = memfit.apply(copy.deepcopy(model), strategy)
+            opt = torch.optim.AdamW(m.parameters())
+            for p in m.parameters():
+                p.grad = torch.zeros_like(p)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            batch = make(b)
+            with track_memory(m, opt, batch) as mem:
+                loss_fn(m, batch).backward()
+                opt.step()
+            assert (mem.peak_bytes <= budget) == fits, (strategy, b, mem.peak_bytes)
+    assert sizes["blocks"] > sizes["none"]
+
+
+def test_cli_fit(tmp_path, cli):
+    path = tmp_path / "fit.json"
+    r = cli("fit", "--model", "resnet-se", "--size", "tiny", "--budget", "32MiB", "--strategies", "none,blocks",
+            "--json", str(path))
+    assert r.returncode == 0, r.stderr
+    rows = {row["strategy"]: row for row in json.loads(path.read_text())["rows"]}
+    assert rows["blocks"]["batch_size"] > rows["none"]["batch_size"] > 0
+    assert {"strategy", "batch_size", "peak_bytes", "time_per_sample_s"} <= set(rows["none"])
+    r = cli("fit", "--model", "resnet-se", "--budget", "0")
+    assert r.returncode == 2 and "must be positive" in r.stderr
+
+
+def test_fit_budget_auto_is_the_free_memory_of_the_device_used(monkeypatch, capsys):
+    """`fit --budget auto` asks the device the model runs on (it read the host's memory for --device cuda)."""
+    import memfit.cli
+    import memfit.fit
+    from memfit import schedule
+    asked, budgets = [], []
+    model, _, loss_fn = memfit.models.load("mlp", size="tiny")[:3]
+    monkeypatch.setattr(memfit.cli, "_load", lambda args: (torch.device("cuda"), model, None, loss_fn))
+    monkeypatch.setattr(schedule, "available_bytes", lambda device: asked.append(torch.device(device).type) or 2**30)
+    monkeypatch.setattr(memfit.fit, "fit", lambda m, mb, lf, budget, *a, **k: budgets.append(budget) or [
+        {"strategy": "none", "batch_size": 4, "peak_bytes": 100, "time_per_sample_s": None, "memory_source": "-"}])
+    assert main(["fit", "--model", "mlp", "--size", "tiny", "--budget", "auto", "--strategies", "none"]) == 0
+    assert asked[-1] == "cuda" and budgets == [2**30]
+    assert "largest batch in 1.0 GiB: mlp on cuda" in capsys.readouterr().out

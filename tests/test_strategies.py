@@ -1,0 +1,58 @@
+"""memfit.strategies: the units each strategy string means, and what each policy keeps."""
+import pytest
+import torch
+from torch.utils.checkpoint import CheckpointPolicy
+
+from memfit import MemfitError
+from memfit.strategies import (KEEP, RECOMPUTE, Unit, check, parse, pointwise_policy, scores_policy,
+                               selective_policy)
+
+aten = torch.ops.aten
+
+
+def spans(units):
+    return [(u.start, u.stop, u.mode) for u in units]
+
+
+def test_each_strategy_over_one_chain():
+    assert spans(parse("none", 4)) == [(0, 4, KEEP)]
+    assert spans(parse("blocks", 3)) == [(0, 1, RECOMPUTE), (1, 2, RECOMPUTE), (2, 3, RECOMPUTE)]
+    assert [u.mode for u in parse("every:3", 7)] == [RECOMPUTE, KEEP, KEEP] * 2 + [RECOMPUTE]
+    assert [(u.start, u.stop) for u in parse("segments:3", 7)] == [(0, 3), (3, 5), (5, 7)]
+    assert [(u.start, u.stop) for u in parse("sqrt", 12)] == [(0, 4), (4, 8), (8, 12)]
+    assert spans(parse("Selective", 2)) == [(0, 1, "selective"), (1, 2, "selective")]
+
+
+def test_a_strategy_applies_to_each_chain_alone():
+    """Segments never cross from one chain into the next; every:K restarts in each chain."""
+    assert [(u.start, u.stop) for u in parse("segments:2", [3, 5])] == [(0, 2), (2, 3), (3, 6), (6, 8)]
+    assert [u.start for u in parse("every:2", [3, 3]) if u.mode == RECOMPUTE] == [0, 2, 3, 5]
+    assert [(u.start, u.stop) for u in parse("segments:3", [2, 6])] == [(0, 1), (1, 2), (2, 4), (4, 6), (6, 8)]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("every:0", "positive integer"), ("segments:-1", "positive integer"), ("every:x", "positive integer"),
+    ("every:02", "positive integer"), ("sqrt:2", "takes no argument"), ("checkpoint-all", "unknown strategy")])
+def test_bad_strategy_strings(bad, message):
+    with pytest.raises(MemfitError, match=message):
+        check(bad)
+
+
+def test_more_segments_than_blocks_is_refused():
+    with pytest.raises(MemfitError, match="more segments than the 7 blocks"):
+        parse("segments:9", [7, 3])
+    assert Unit(0, 1, KEEP) == parse("none", 1)[0]
+
+
+def test_what_each_policy_keeps():
+    q, k = torch.empty(8, 16, 4), torch.empty(8, 4, 16)  # q @ k^T: 16 x 16 scores from 16 x 4 inputs
+    scores, v = torch.empty(8, 16, 16), torch.empty(8, 16, 4)  # scores @ v: smaller than its inputs
+    save = CheckpointPolicy.MUST_SAVE
+    kept = {name: [policy(None, op, *args) == save for op, args in (
+        (aten.mm.default, ()), (aten.bmm.default, (q, k)), (aten.bmm.default, (scores, v)),
+        (aten.gelu.default, ()))] for name, policy in (
+        ("selective", selective_policy), ("scores", scores_policy), ("pointwise", pointwise_policy))}
+    #                     linear  q @ k^T  scores @ v  gelu
+    assert kept == {"selective": [True, False, False, False],
+                    "scores": [True, False, True, False],
+                    "pointwise": [True, True, True, False]}

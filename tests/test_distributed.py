@@ -64,7 +64,7 @@ def test_torchrun_fsdp_with_a_budget(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (("--gradient-checkpointing", "budget:10%"), "memfit: error: budget"),       # found while planning on rank 0
-    (("--set", "training.memory_budget=lots"), "memfit: error: cannot read budget"),  # in rank 0's startup report
+    (("--set", "training.memory_budget=lots"), "memfit: error: training.memory_budget: cannot read budget"),  # config
 ])
 def test_torchrun_errors_on_rank_0_stop_every_rank(tmp_path, args, message):
     run = torchrun(tmp_path, "--distributed", "fsdp", *args)

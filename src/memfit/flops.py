@@ -6,6 +6,11 @@ would count as free on CPU and its recomputation as costless. They take the
 same arguments as the CUDA kernels, so torch's own counting functions are
 registered for them here. Nor has it one for `_grouped_mm`, the experts'
 matmul of a mixture of experts (its backward is made of `_grouped_mm` too).
+
+The counter's mode says `ignore_compile_internals`, as the memory tracker's
+does (NOTE [compiled code] in memfit.memory): compiled code runs under it,
+and it counts the aten ops that code calls. Inductor's fused kernels are
+not ops it sees; the matmuls inductor leaves to aten are.
 """
 from __future__ import annotations
 
@@ -43,6 +48,39 @@ MISSING = {
 }
 
 
+class _CompiledToo(flop_counter._FlopCounterMode):
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        # compiled code wraps random ops (dropout) in these; torch's counter has no rule for them
+        hops = torch.ops.higher_order
+        if func in (hops.run_and_save_rng_state, hops.run_with_rng_state):
+            out = func(*args, **(kwargs or {}))
+            op, op_args = (args[0], args[1:]) if func is hops.run_and_save_rng_state else (args[1], args[2:])
+            result = out[1] if func is hops.run_and_save_rng_state else out
+            self.counter._count_flops(op._overloadpacket, result, op_args, kwargs or {})
+            return out
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+class _Counter(FlopCounterMode):
+    """FlopCounterMode's totals ("Global"), without its module hooks (dynamo would trace them into compiled code),
+    and with the mode above."""
+
+    def __enter__(self):
+        self.flop_counts.clear()
+        self.mode = _CompiledToo(self)
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        mode, self.mode = self.mode, None
+        return mode.__exit__(*exc)
+
+
 def counting_flops() -> FlopCounterMode:
-    """A FlopCounterMode that also counts CPU attention and grouped matmuls; `.get_total_flops()` after."""
-    return FlopCounterMode(display=False, custom_mapping=MISSING)
+    """A FlopCounterMode that also counts CPU attention and grouped matmuls, and compiled code; `.get_total_flops()`
+    after."""
+    return _Counter(display=False, custom_mapping=MISSING)

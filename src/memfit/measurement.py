@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -28,10 +29,10 @@ import torch
 
 from memfit.errors import MemfitError, scalar_loss
 from memfit.flops import counting_flops
-from memfit.memory import static_tensors, track_memory
+from memfit.memory import static_tensors, storage_bytes, track_memory
 from memfit.wrapping import apply
 
-__all__ = ["Run", "steps", "measure", "resolve_device"]
+__all__ = ["Run", "steps", "measure", "compiled", "resolve_device"]
 
 
 @dataclass
@@ -40,6 +41,9 @@ class Run:
     opt: torch.optim.Optimizer | None  # None: forward and backward only, the gradients freed before each
     forward: torch.nn.Module | None = None  # what the loss calls: the model, or the model compiled
     before: object = None  # called before each step, outside its measurement (the profiler applies a strategy)
+    allocator_events: bool = False  # measure memory by the CPU allocator's events (inductor's compiled code)
+    graph_calls: list | None = None  # counts the compiled graphs' runs, for a forward made by `compiled`
+    graphs_per_step: list = field(default_factory=list)  # how many compiled graphs ran in each step
     times: list = field(default_factory=list)
     losses: list = field(default_factory=list)
     mem: object = None
@@ -48,6 +52,7 @@ class Run:
     def step(self, batch, loss_fn, seed, measure=None):
         """One training step; `measure()` (a context manager) wraps forward,
         backward and optimizer step, after the previous gradients are freed."""
+        before = len(self.graph_calls) if self.graph_calls is not None else 0
         torch.manual_seed(seed)  # the same dropout masks for every run
         if self.opt is not None:
             self.opt.zero_grad(set_to_none=True)
@@ -60,6 +65,8 @@ class Run:
             if self.opt is not None:
                 self.opt.step()
         self.losses.append(loss.detach())
+        if self.graph_calls is not None:
+            self.graphs_per_step.append(len(self.graph_calls) - before)
         return result
 
 
@@ -90,7 +97,9 @@ def steps(runs, batch, loss_fn, *, seed=0, memory=True, flops=True, timed=2, aft
     if memory:
         k += 1
         for run, device in each(k):
-            run.mem = run.step(batch, loss_fn, k, lambda: track_memory(run.model, run.opt, batch, device=device))
+            tracked = functools.partial(track_memory, run.model, run.opt, batch, device=device,
+                                        allocator_events=run.allocator_events)
+            run.mem = run.step(batch, loss_fn, k, tracked)
             if device.type == "cuda":
                 _only_own(run.mem, run, batch)
     if flops:
@@ -104,6 +113,22 @@ def steps(runs, batch, loss_fn, *, seed=0, memory=True, flops=True, timed=2, aft
             run.step(batch, loss_fn, k)
             _sync(device)
             run.times.append(time.perf_counter() - t0)
+
+
+def compiled(model, backend: str):
+    """`model` compiled with `backend`, and a list that grows by one each
+    time one of its compiled graphs runs: a step that runs none ran eagerly."""
+    inner, calls = torch._dynamo.lookup_backend(backend), []
+
+    def counting(gm, example_inputs):
+        graph = inner(gm, example_inputs)
+
+        def run(*args):
+            calls.append(1)
+            return graph(*args)
+        run._boxed_call = getattr(graph, "_boxed_call", False)  # called with a list of inputs, if it is
+        return run
+    return torch.compile(model, backend=counting), calls
 
 
 def measure(model, batch, loss_fn, strategy, *, blocks=None, optimizer=None, timed_steps=2, memory=True,
@@ -125,20 +150,12 @@ def _only_own(mem, run: Run, batch) -> None:
     other run, the caller's model, ...): the allocator counts it all. The run's
     own static bytes are its parameters, buffers, optimizer state and batch;
     its gradients were freed before the step."""
-    held = mem.static_bytes - _storage_bytes(static_tensors(list(run.model.parameters()),
+    held = mem.static_bytes - storage_bytes(static_tensors(list(run.model.parameters()),
                                                             list(run.model.buffers()), run.opt, batch))
     mem.peak_bytes -= held
     mem.static_bytes -= held
     if mem.forward_end_bytes is not None:
         mem.forward_end_bytes -= held
-
-
-def _storage_bytes(tensors) -> int:
-    seen = {}
-    for t in tensors:
-        s = t.untyped_storage()
-        seen[id(s)] = s.nbytes()
-    return sum(seen.values())
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -16,6 +16,20 @@ The number is bytes of live tensor storage.
   containers of them). The same step gives the same peak, to the byte, on
   every run and at any thread count.
 
+NOTE [compiled code]
+Dynamo runs a compiled graph only when no dispatch mode is active that asks
+to see every op, and falls back to eager code otherwise. The storage counter
+says `ignore_compile_internals`: it is off while torch.compile traces and
+compiles, and on while the compiled code runs. So it sees what a compiled
+step really allocates where the compiled code calls aten ops (the
+`aot_eager` backends: to the byte, tested against allocator events), and
+it passes the higher-order ops of compiled code (`run_and_save_rng_state`)
+through. Inductor's CPU kernels allocate their buffers without an op the
+dispatcher sees, so for them `track_memory(..., allocator_events=True)`
+reads the CPU allocator's events from `torch.profiler` instead (source
+`EVENTS_SOURCE`): static bytes as above, plus the highest rise of
+allocations over frees; it finds no end of the forward.
+
 The end of the forward is found without help: it is the moment the autograd
 engine runs its first op. `forward_end_bytes` is what was live then, and
 `activation_bytes` is that minus the static bytes: what the forward kept for
@@ -23,6 +37,9 @@ backward (plus the loss and outputs).
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import weakref
 from dataclasses import dataclass, field
 
@@ -38,6 +55,7 @@ __all__ = ["track_memory", "MemoryTracker", "CPU_SOURCE", "CUDA_SOURCE"]
 
 CPU_SOURCE = "storage-tracker"
 CUDA_SOURCE = "cuda-allocator"
+EVENTS_SOURCE = "cpu-allocator events (torch.profiler)"
 
 
 def _in_backward() -> bool:
@@ -74,7 +92,14 @@ class MemoryTracker:
 class _StorageCounter(TorchDispatchMode):
     """Counts the storages ops create. NOTE: FSDP2 frees and re-allocates its
     gathered parameters with `UntypedStorage.resize_`, which no op dispatch
-    sees, so `resize_` is wrapped while the counter is active."""
+    sees, so `resize_` is wrapped while the counter is active. Compiled code
+    runs under it: NOTE [compiled code]."""
+
+    supports_higher_order_operators = True
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True
 
     def __init__(self, tracker: "_TrackerCPU"):
         super().__init__()
@@ -152,6 +177,52 @@ class _TrackerCPU(MemoryTracker):
         return self.live
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """File descriptor 2 points at /dev/null inside (what C++ code prints there is dropped)."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+@dataclass
+class _TrackerEvents(MemoryTracker):
+    """The CPU allocator's events, read from `torch.profiler` (NOTE [compiled code])."""
+
+    live: int = 0
+
+    @property
+    def activation_bytes(self) -> None:
+        return None  # the events do not show where the forward ends
+
+    def start(self):
+        from torch.profiler import ProfilerActivity, profile
+        self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        with _quiet_stderr():  # kineto prints a line to stderr at each start and stop
+            self._profile.__enter__()
+
+    def stop(self):
+        with _quiet_stderr():
+            self._profile.__exit__(None, None, None)
+        events = sorted((e for e in self._profile.profiler.kineto_results.events() if e.name() == "[memory]"
+                         and e.device_type() == torch.autograd.DeviceType.CPU), key=lambda e: e.start_ns())
+        live = 0
+        for e in events:
+            live += e.nbytes()
+            self.peak_bytes = max(self.peak_bytes, self.static_bytes + live)
+        self.live = self.static_bytes + live
+        del self._profile
+
+    def _live(self) -> int:
+        return self.live
+
+
 @dataclass
 class _TrackerCUDA(MemoryTracker):
     def _live(self) -> int:
@@ -160,6 +231,12 @@ class _TrackerCUDA(MemoryTracker):
 
 class _ForwardEnd(TorchDispatchMode):
     """Reads the allocator once, at the first op the autograd engine runs."""
+
+    supports_higher_order_operators = True
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True
 
     def __init__(self, tracker: _TrackerCUDA):
         super().__init__()
@@ -198,9 +275,10 @@ class track_memory:
     defaults to the device of the first tensor among `objects`, else CPU.
     """
 
-    def __init__(self, *objects, device=None, storage_tracker=False):
+    def __init__(self, *objects, device=None, storage_tracker=False, allocator_events=False):
         tensors = static_tensors(*objects)
         self._storage_tracker = storage_tracker  # also on CUDA (simulated steps have no allocator)
+        self._events = allocator_events  # on the CPU, for inductor's compiled code (NOTE [compiled code])
         if device is None:
             device = tensors[0].device if tensors else torch.device("cpu")
         self.device = torch.device(device)
@@ -213,6 +291,10 @@ class track_memory:
             t = _TrackerCUDA(CUDA_SOURCE, str(self.device))
             t.static_bytes = t.peak_bytes = t._live()
             self._mode = _ForwardEnd(t)
+        elif self._events and self.device.type == "cpu":
+            t = _TrackerEvents(EVENTS_SOURCE, str(self.device))
+            t.static_bytes = t.peak_bytes = t.live = storage_bytes(self._tensors)
+            self._mode = contextlib.nullcontext()
         else:
             t = _TrackerCPU(CPU_SOURCE, str(self.device))
             for x in self._tensors:
@@ -223,17 +305,30 @@ class track_memory:
         t.timeline.append(("start", t.static_bytes))
         self.tracker = t
         self._mode.__enter__()
+        if isinstance(t, _TrackerEvents):
+            t.start()
         return t
 
     def __exit__(self, *exc):
         self._mode.__exit__(*exc)
         t = self.tracker
+        if isinstance(t, _TrackerEvents):
+            t.stop()
         if isinstance(t, _TrackerCUDA):
             torch.cuda.synchronize(self.device)
             t.peak_bytes = torch.cuda.max_memory_allocated(self.device)
         t.end_bytes = t._live()
         t.timeline.append(("end", t.end_bytes))
         return False
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages under `tensors`."""
+    seen = {}
+    for t in tensors:
+        s = t.untyped_storage()
+        seen[id(s)] = s.nbytes()
+    return sum(seen.values())
 
 
 def available_cpu_bytes() -> int:

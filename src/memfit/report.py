@@ -98,11 +98,12 @@ def verify_table(r: dict) -> Table:
         t.add_row("  predicted by the plan", "", fmt_bytes(c["predicted_peak_bytes"]),
                   f"budget {fmt_bytes(c['budget_bytes'])}")
     t.add_row("  static (params, optimizer state, batch)", fmt_bytes(b["static_bytes"]), fmt_bytes(c["static_bytes"]), "")
-    t.add_row("  kept for backward at end of forward", fmt_bytes(b["activation_bytes"]),
-              fmt_bytes(c["activation_bytes"]),
-              f"{c['activation_bytes'] / b['activation_bytes'] - 1:+.1%}" if b["activation_bytes"] else "")
-    if r.get("coverage") is not None:
-        t.add_row("    of it inside the blocks (coverage)", f"{r['coverage']:.0%}", "", "")
+    if b["activation_bytes"] is not None:  # allocator events do not show the end of the forward
+        t.add_row("  kept for backward at end of forward", fmt_bytes(b["activation_bytes"]),
+                  fmt_bytes(c["activation_bytes"]),
+                  f"{c['activation_bytes'] / b['activation_bytes'] - 1:+.1%}" if b["activation_bytes"] else "")
+        if r.get("coverage") is not None:
+            t.add_row("    of it inside the blocks (coverage)", f"{r['coverage']:.0%}", "", "")
     t.add_row(f"time per step (median of {r['steps']})", f"{b['step_time_s'] * 1e3:.1f} ms",
               f"{c['step_time_s'] * 1e3:.1f} ms", f"{r['slowdown']:+.1%}")
     t.add_row("FLOPs per step", f"{b['flops'] / 1e9:.2f} G", f"{c['flops'] / 1e9:.2f} G", f"{r['recompute_flops']:+.1%}")

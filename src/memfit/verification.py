@@ -177,9 +177,10 @@ def verify(model, batch, loss_fn, strategy="blocks", *, steps=5, device="cpu", s
     saved; by default any saving (> 0), and for strategy `none` no check.
     `grad_tol`: the largest relative gradient difference that passes; 0
     (bitwise) on CPU, 1e-4 on accelerators, whose kernels may not be
-    deterministic even without checkpointing, and under backends that
-    generate kernels (inductor), which fuse the plain and the checkpointed
-    graph differently.
+    deterministic even without checkpointing, and under compile backends
+    other than `eager` and `aot_eager` (decompositions, the partitioner's
+    recomputation, inductor's kernels sum the plain and the checkpointed
+    graph in other orders).
     `compile`: a `torch.compile` backend ("inductor", "aot_eager", ...): both
     runs are compiled (the warm-up step compiles, outside every measurement),
     so the report shows the memory checkpointing saves under compile. The
@@ -194,8 +195,9 @@ def verify(model, batch, loss_fn, strategy="blocks", *, steps=5, device="cpu", s
     n_blocks = len(find_blocks(model, blocks))
     the_plan, units = _units(strategy, model, batch, loss_fn, blocks, device)
     if grad_tol is None:
-        # inductor's kernels for the plain and the checkpointed graph differ: their sums are not bitwise equal
-        grad_tol = 0.0 if device.type == "cpu" and (not compile or compile in SEEN_BY_THE_TRACKER) else 1e-4
+        # compiled with decompositions and a partitioner (or inductor's kernels), the plain and the checkpointed
+        # graphs sum in other orders: not bitwise equal
+        grad_tol = 0.0 if device.type == "cpu" and compile in (None, "eager", "aot_eager") else 1e-4
 
     # the baseline gets apply(none): no block is wrapped, but a Hugging Face KV cache is off in both runs
     # (NOTE [no KV cache] in memfit.wrapping)

@@ -37,8 +37,8 @@ BACKEND = "aot_eager_decomp_partition"
 COMPILE_BUDGETS = tuple(round(0.1 * i, 1) for i in range(11))
 PLAN_BUDGETS = (30, 40, 50, 60, 70, 80, 90)
 UNIFORM = ("none", "blocks", "every:2", "sqrt", "selective", "scores", "pointwise")
-SETUPS = {"gpt": dict(size="tiny", batch_size=16), "resnet-se": dict(size="tiny", batch_size=16),
-          "hf:llama": dict(size="tiny", batch_size=8)}
+SETUPS = {"gpt": dict(size="tiny", batch_size=64), "resnet-se": dict(size="tiny", batch_size=64),
+          "hf:llama": dict(size="tiny", batch_size=32)}
 
 
 def eager_run(model, strategy):
@@ -115,14 +115,26 @@ def compare(rows):
 def table(comparisons) -> Table:
     t = Table(title=f"memfit plans against torch.compile's activation_memory_budget ({BACKEND}), recomputed "
                     f"FLOPs as a share of a plain step")
-    for c in ("model", "plan", "peak (% plain)", "predicted", "memfit", "compile at <= this peak",
-              "uniform at <= this peak", "slowdown"):
-        t.add_column(c, justify="left" if c in ("model", "plan") else "right")
+    for c in ("model", "cost", "budget", "peak", "vs predicted", "memfit", "compile", "uniform", "slowdown"):
+        t.add_column(c, justify="left" if c in ("model", "cost") else "right")
     pct = lambda x: "-" if x is None else f"{x:.1%}"  # noqa: E731
     for c in comparisons:
-        t.add_row(c["model"], f"{c['kind']} {c['level']}%", f"{c['peak']:.1%}", f"{c['prediction_error']:+.2%}",
-                  pct(c["recompute_flops"]), pct(c["compile_at_this_peak"]), pct(c["uniform_at_this_peak"]),
-                  f"{c['slowdown']:+.1%}")
+        t.add_row(c["model"], c["kind"][len("plan ("):-1], f"{c['level']}%", f"{c['peak']:.1%}",
+                  f"{c['prediction_error']:+.2%}", pct(c["recompute_flops"]), pct(c["compile_at_this_peak"]),
+                  pct(c["uniform_at_this_peak"]), f"{c['slowdown']:+.1%}")
+    return t
+
+
+def frontier_table(rows) -> Table:
+    t = Table(title="the other rows: peak (% of plain) / recomputed FLOPs / slowdown")
+    t.add_column("model")
+    t.add_column("kind")
+    t.add_column("points")
+    for name in sorted({r["model"] for r in rows}):
+        for kind in ("compile budget", "plan (flops), compiled", "uniform"):
+            pts = [r for r in rows if r["model"] == name and r["kind"] == kind]
+            t.add_row(name, kind, "  ".join(f"{r['level']}: {r['peak']:.0%}/{r['recompute_flops']:.1%}/"
+                                            f"{r['slowdown']:+.0%}" for r in pts))
     return t
 
 
@@ -161,7 +173,9 @@ def main():
         rows += rows_for(name, runs, plans)
     comparisons = compare(rows)
     out.print(table(comparisons))
+    out.print(frontier_table(rows))
     device = "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name().replace(" ", "-")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     stem = Path(args.out) / f"compile-frontier-{device}-{datetime.date.today()}"
     write_json(stem.with_suffix(".json"), {
         "device": device, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),

@@ -199,8 +199,8 @@ def test_cli_bad_input_keeps_the_cache(tmp_path, cli):
         ([str(tmp_path / "flat.npy")], "must be 4-dimensional"),
         ([str(tmp_path / "gaps")], "gaps (missing number 2)"),
         ([str(tmp_path / "mixed")], "mixed sizes"),
-        ([str(tmp_path / "v.npy"), "--mode", "chunked", "--chunk-size", "0"], "--chunk-size 0"),
-        ([str(tmp_path / "v.npy"), "--mode", "chunked", "--chunk-size", "9"], "--chunk-size 9"),
+        ([str(tmp_path / "v.npy"), "--mode", "chunked", "--chunk-size", "0"], "chunk size 0 must be between 1"),
+        ([str(tmp_path / "v.npy"), "--mode", "chunked", "--chunk-size", "9"], "chunk size 9 must be between 1"),
         ([str(tmp_path / "v.npy"), "--cache-dir", str(tmp_path / "file" / "c")], "cannot write the cache"),
     ]:
         r = cli("attribute", *args, "--size", "tiny", "--cache-dir", str(tmp_path / "cache")) if "--cache-dir" not in args \
@@ -321,3 +321,15 @@ def test_cli_bad_target_fails_before_any_chunk_and_temporary_caches_go(tmp_path,
                         text=True, timeout=300, env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
     assert ok.returncode == 0, ok.stderr
     assert not list((tmp_path / "tmp").iterdir())
+
+
+def test_inputs_are_checked_by_the_library_before_any_work():
+    from memfit.attribution import check_inputs
+    model, videos = tiny(1)
+    with pytest.raises(MemfitError, match="target class 99 is out of range for video_000"):
+        check_inputs(model, videos, {"video_000": 99})
+    with pytest.raises(MemfitError, match="chunk size 0 must be between 1 and the clips'"):
+        check_inputs(model, videos, mode="chunked", chunk_size=0)
+    with pytest.raises(MemfitError, match="this model takes up to"):
+        check_inputs(model, {"wide": torch.zeros(2, 3, 5, 5)})
+    check_inputs(model, videos, {"video_000": 1}, mode="chunked", chunk_size=2)

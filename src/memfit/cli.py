@@ -276,6 +276,7 @@ def _fit(args, out: Console) -> int:
 def _attribution_inputs(args, out: Console):
     """(model in eval mode, videos, the demo's classes or None, targets or None), every one checked before
     any work: the videos load and fit the model, the targets are its classes, the chunk size fits the clips."""
+    from memfit.attribution import check_inputs
     from memfit.attribution.io import load_video, video_ids
     from memfit.attribution.run import demo
 
@@ -286,19 +287,11 @@ def _attribution_inputs(args, out: Console):
         videos = {vid: load_video(path) for vid, path in video_ids(args.videos).items()}
         classes = None
         model = _attribution_model(args)
-        n_classes = min(_check_clip(model, vid, clip) for vid, clip in videos.items())
     model.eval()
     targets = _targets(args.target or [], videos)
     if args.demo and targets is None:  # the demo knows each clip's true class: explain that one
         targets = {vid: models.video.MOTIONS.index(cls) for vid, cls in classes.items()}
-    for vid, target in (targets or {}).items() if not args.demo else ():
-        if not 0 <= target < n_classes:
-            raise MemfitError(f"target class {target} is out of range for {vid}; this model has classes 0 to "
-                              f"{n_classes - 1}.")
-    frames = min(c.shape[0] for c in videos.values())
-    if args.mode == "chunked" or args.compare:
-        if not 1 <= args.chunk_size <= frames:
-            raise MemfitError(f"--chunk-size {args.chunk_size} must be between 1 and the clips' {frames} frames.")
+    check_inputs(model, videos, targets, mode="chunked" if args.compare else args.mode, chunk_size=args.chunk_size)
     return model, videos, classes, targets
 
 
@@ -309,8 +302,7 @@ def _attribution_run(args, out: Console, model, videos, targets, strategy):
 
     from rich.progress import Progress
 
-    from memfit.attribution import Cache, attribute, checkpoint_model
-    from memfit.attribution.cache import weights_hash
+    from memfit.attribution import attribute, cache_for, checkpoint_model
     from memfit.attribution.run import compare
     from memfit.memory import track_memory
 
@@ -332,8 +324,7 @@ def _attribution_run(args, out: Console, model, videos, targets, strategy):
             checkpoint_model(model, strategy)
             with contextlib.ExitStack() as stack:
                 cache_root = args.cache_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="memfit_"))
-                cache = Cache(cache_root, args.model, weights_hash(model),
-                              {"mode": args.mode, "chunk_size": args.chunk_size if args.mode == "chunked" else None})
+                cache = cache_for(cache_root, args.model, model, args.mode, args.chunk_size)
                 with track_memory(model) as mem:
                     results = attribute(model, videos, targets, mode=args.mode, chunk_size=args.chunk_size,
                                         reduce=args.reduce, times_input=args.times_input, cache=cache,
@@ -430,25 +421,6 @@ def _attribution_model(args):
             raise MemfitError(f"weights {args.weights} do not fit this model ({' '.join(str(e).split())}); give "
                               f"a state_dict saved from the same model.") from None
     return model
-
-
-def _check_clip(model, vid, clip):
-    cfg = getattr(model, "config", None)
-    if isinstance(cfg, models.video.VideoConfig):
-        if tuple(clip.shape[1:]) != (cfg.channels, cfg.size, cfg.size) or clip.shape[0] > cfg.frames:
-            raise MemfitError(f"video {vid} has shape {tuple(clip.shape)}; this model takes up to {cfg.frames} "
-                              f"frames of {cfg.channels} x {cfg.size} x {cfg.size}.")
-        return cfg.classes
-    try:
-        with torch.no_grad():
-            scores = model.eval()(clip[None])
-    except RuntimeError as e:
-        raise MemfitError(f"the model cannot take video {vid} of shape {tuple(clip.shape)} "
-                          f"({str(e).splitlines()[0]}); give clips of the shape the model expects.") from None
-    if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
-        raise MemfitError(f"the model returned {type(scores).__name__} {tuple(getattr(scores, 'shape', ()))} for "
-                          f"video {vid}; attribution needs class scores of shape (clips, classes).")
-    return scores.shape[1]
 
 
 def _targets(values: list[str], videos: dict) -> dict | None:

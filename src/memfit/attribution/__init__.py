@@ -21,11 +21,12 @@ import torch
 from torch import nn
 
 from memfit import schedule
-from memfit.attribution.cache import Cache, clip_hash
+from memfit.attribution.cache import Cache, clip_hash, weights_hash
 from memfit.errors import MemfitError
+from memfit.models.video import VideoConfig
 from memfit.wrapping import apply
 
-__all__ = ["attribute", "frame_scores", "checkpoint_model", "choose_checkpointing", "compare_scores", "Cache"]
+__all__ = ["attribute", "frame_scores", "checkpoint_model", "choose_checkpointing", "check_inputs", "cache_for", "compare_scores", "Cache"]
 
 REDUCE = ("l2", "l1", "max")
 # Uniform strategies from the least recomputation to the least memory: what `choose_checkpointing` tries in turn.
@@ -101,6 +102,45 @@ def choose_checkpointing(model, clip, *, budget=None, strategy=None) -> tuple:
     raise MemfitError(f"budget {fmt_bytes(limit)} is below the smallest attribution peak checkpointing reaches, "
                       f"{fmt_bytes(min(peaks.values()))} (without checkpointing: {fmt_bytes(peaks['none'])}); "
                       f"give at least that, or attribute in chunks (mode='chunked').")
+
+
+def check_inputs(model, videos: dict, targets: dict | None = None, *, mode="exact", chunk_size=8) -> None:
+    """Every input, checked before any work: each clip fits `model`, each
+    target is one of its classes, the chunk size fits the clips (chunked)."""
+    n_classes = min(_classes(model, vid, clip) for vid, clip in videos.items())
+    for vid, target in (targets or {}).items():
+        if not 0 <= target < n_classes:
+            raise MemfitError(f"target class {target} is out of range for {vid}; this model has classes 0 to "
+                              f"{n_classes - 1}.")
+    frames = min(c.shape[0] for c in videos.values())
+    if mode == "chunked" and not 1 <= chunk_size <= frames:
+        raise MemfitError(f"chunk size {chunk_size} must be between 1 and the clips' {frames} frames.")
+
+
+def _classes(model, vid, clip):
+    cfg = getattr(model, "config", None)
+    if isinstance(cfg, VideoConfig):
+        if tuple(clip.shape[1:]) != (cfg.channels, cfg.size, cfg.size) or clip.shape[0] > cfg.frames:
+            raise MemfitError(f"video {vid} has shape {tuple(clip.shape)}; this model takes up to {cfg.frames} "
+                              f"frames of {cfg.channels} x {cfg.size} x {cfg.size}.")
+        return cfg.classes
+    try:
+        with torch.no_grad():
+            scores = model.eval()(clip[None])
+    except RuntimeError as e:
+        raise MemfitError(f"the model cannot take video {vid} of shape {tuple(clip.shape)} "
+                          f"({str(e).splitlines()[0]}); give clips of the shape the model expects.") from None
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
+        raise MemfitError(f"the model returned {type(scores).__name__} {tuple(getattr(scores, 'shape', ()))} for "
+                          f"video {vid}; attribution needs class scores of shape (clips, classes).")
+    return scores.shape[1]
+
+
+def cache_for(root, model_name: str, model, mode: str, chunk_size: int) -> Cache:
+    """The cache of one model's gradients under one attribution setting (its key: the model, its weights' hash,
+    the mode and, chunked, the chunk size)."""
+    return Cache(root, model_name, weights_hash(model),
+                 {"mode": mode, "chunk_size": chunk_size if mode == "chunked" else None})
 
 
 def chunks(n_frames: int, mode: str, chunk_size: int | None):

@@ -73,7 +73,6 @@ def runs_for(name, model, batch, loss_fn, out: Console):
         if ("flops", pct) in plans:
             runs[("plan (flops), compiled", pct)] = compiled_run(model, plans[("flops", pct)], 1.0, batch, loss_fn)
     for b in COMPILE_BUDGETS:
-        torch._dynamo.reset()
         runs[("compile budget", b)] = compiled_run(model, "none", b, batch, loss_fn)
     return runs, plans
 
@@ -164,6 +163,10 @@ def main():
     args = ap.parse_args()
     out = Console()
     torch._dynamo.config.cache_size_limit = 256
+    # Each copy of a model gets a compiled graph of its own, compiled under its own budget. Inlined (the
+    # default), copies of one class share the first one's graph, and a reset would recompile them all under
+    # the last budget set.
+    torch._dynamo.config.inline_inbuilt_nn_modules = False
     rows = []
     for name in args.models.split(","):
         model, batch, loss_fn = models.load(name, seed=0, **SETUPS[name])

@@ -77,3 +77,19 @@ def test_init_rebinds_no_submodule_name():
         if getattr(memfit, name) is not module:
             shadowed.append(name)
     assert not shadowed, f"memfit/__init__.py rebinds the submodule names {shadowed}"
+
+
+def test_library_errors_name_arguments_not_cli_flags():
+    """Only the CLI speaks of its flags; a command quoted whole (`memfit plan --json PATH`) may stand in a hint."""
+    import re
+    found = []
+    for p in ROOT.rglob("*.py"):
+        if p.name in ("cli.py", "__main__.py"):
+            continue
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "MemfitError":
+                text = "".join(c.value for c in ast.walk(node) if isinstance(c, ast.Constant)
+                               and isinstance(c.value, str))
+                if re.search(r"(?<![\w-])--[a-z]", re.sub(r"`memfit [^`]*`", "", text)):
+                    found.append(f"{p.relative_to(ROOT)}:{node.lineno}: {text[:80]}")
+    assert not found, found

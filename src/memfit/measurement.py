@@ -81,7 +81,7 @@ def _sync(device):
 
 def steps(runs, batch, loss_fn, *, seed=0, memory=True, flops=True, timed=2, after=None) -> None:
     """The protocol above; results land on each run (`mem`, `flops`, `times`, `losses`)."""
-    def each(k, order=runs):
+    def each(k, order=runs):  # each run, prepared for step k; `after(k)` once the last has made its step
         for run in order:
             if run.before is not None:
                 run.before()

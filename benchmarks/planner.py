@@ -81,7 +81,7 @@ def planning_time(n_layer=48):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    prof = profile(model, batch, gpt.loss_fn, timing=False)
+    prof = profile(model, batch, gpt.loss_fn, cost="flops")
     profiling = time.perf_counter() - t0
     budget = prof.baseline_peak_bytes * 0.5
     t0 = time.perf_counter()

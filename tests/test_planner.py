@@ -46,15 +46,14 @@ def profiles(draw, modes=HOST_MODES):
     n = draw(st.integers(1, 5 if modes == HOST_MODES else 4))
     ints = st.integers(0, 1000)
     per_mode = lambda: {m: [draw(ints) for _ in range(n)] for m in MODES}  # noqa: E731
+    costs = {kind: {m: [0.0 if m == KEEP else draw(st.floats(0, 100)) for _ in range(n)] for m in modes}
+             for kind in ("flops", "time")}
+    costs["flops"][OFFLOAD] = [float("inf")] * n
     return Profile(names=[f"b{i}" for i in range(n)], device="cuda" if OFFLOAD in modes else "cpu", modes=modes,
-                   extra_time_s={m: draw(st.floats(0, 1)) for m in modes}, step_time_s=1.0,
-                   baseline_peak_bytes=10**5, static_bytes=0,
+                   step_time_s=1.0, baseline_peak_bytes=10**5, static_bytes=0,
                    start=draw(st.integers(0, 500)), head=draw(ints), tail=draw(st.integers(0, 3000)),
                    other=[draw(ints) for _ in range(n)], kept=per_mode(), work=per_mode(), transient=per_mode(),
-                   flops=[draw(st.integers(1, 100)) for _ in range(n)],
-                   selective_flops=[draw(st.integers(0, 10)) for _ in range(n)],
-                   scores_flops=[draw(st.integers(0, 10)) for _ in range(n)],
-                   elementwise=[draw(st.integers(1, 100)) for _ in range(n)], step_flops=1000)
+                   costs=costs, recomputed={m: [0] * n for m in modes}, step_flops=1000)
 
 
 def check_optimal(prof, budget, kind, modes):

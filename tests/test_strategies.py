@@ -1,11 +1,10 @@
 """memfit.strategies: the units each strategy string means, and what each policy keeps."""
 import pytest
 import torch
-from torch.utils.checkpoint import CheckpointPolicy
+from torch.utils.checkpoint import CheckpointPolicy, SelectiveCheckpointContext
 
 from memfit import MemfitError
-from memfit.strategies import (KEEP, RECOMPUTE, Unit, check, parse, pointwise_policy, scores_policy,
-                               selective_policy)
+from memfit.strategies import KEEP, RECOMPUTE, Unit, check, parse, policy
 
 aten = torch.ops.aten
 
@@ -48,11 +47,52 @@ def test_what_each_policy_keeps():
     q, k = torch.empty(8, 16, 4), torch.empty(8, 4, 16)  # q @ k^T: 16 x 16 scores from 16 x 4 inputs
     scores, v = torch.empty(8, 16, 16), torch.empty(8, 16, 4)  # scores @ v: smaller than its inputs
     save = CheckpointPolicy.MUST_SAVE
-    kept = {name: [policy(None, op, *args) == save for op, args in (
+    forward = SelectiveCheckpointContext(is_recompute=False)
+    kept = {name: [policy(name)()(forward, op, *args) == save for op, args in (
         (aten.mm.default, ()), (aten.bmm.default, (q, k)), (aten.bmm.default, (scores, v)),
-        (aten.gelu.default, ()))] for name, policy in (
-        ("selective", selective_policy), ("scores", scores_policy), ("pointwise", pointwise_policy))}
+        (aten.gelu.default, ()))] for name in ("selective", "scores", "pointwise")}
     #                     linear  q @ k^T  scores @ v  gelu
     assert kept == {"selective": [True, False, False, False],
                     "scores": [True, False, True, False],
                     "pointwise": [True, True, True, False]}
+
+
+def _two_dropouts(x):
+    a, _ = torch.native_dropout(x.sin(), 0.5, True)      # ops 0 (sin), 1 (native_dropout)
+    b, _ = torch.native_dropout(a.cos(), 0.5, True)      # ops 2, 3
+    return (b * 2).sum()
+
+
+@pytest.mark.parametrize("mode", ["ops:native_dropout@1", "ops:sin@0,native_dropout@1", "ops:native_dropout@3",
+                                  "ops:sin@0,cos@2"])
+def test_op_level_modes_give_the_plain_gradients_with_random_ops(mode):
+    """NOTE [random ops]: saving the first dropout and recomputing the second
+    would draw the second mask from the first one's numbers; memfit saves the
+    second too, and the gradient is the plain one, bitwise."""
+    from memfit.checkpointing import run
+    x = torch.randn(64, requires_grad=True)
+    torch.manual_seed(3)
+    plain, = torch.autograd.grad(_two_dropouts(x), x)
+    torch.manual_seed(3)
+    got, = torch.autograd.grad(run(_two_dropouts, (x,), {}, policy=policy(mode)), x)
+    assert torch.equal(plain, got)
+
+
+def test_op_level_mode_strings():
+    from memfit.strategies import known, ops_mode, saved_ops
+    assert ops_mode({12: "gelu", 3: "mm", 7: "add.Tensor"}) == "ops:mm@3,add.Tensor@7,gelu@12"
+    assert saved_ops("ops:mm@3,add.Tensor@7,gelu@12") == {12: "gelu", 3: "mm", 7: "add.Tensor"}
+    assert known("ops:mm@0") and known("selective") and not known("ops:") and not known("ops:mm") \
+        and not known("ops:3") and not known("ops:mm@a") and not known("ops")
+    with pytest.raises(ValueError, match="not an op-level mode"):
+        saved_ops("selective")
+
+
+def test_attention_draws_random_numbers_only_with_dropout():
+    from memfit.strategies import draws_random
+    q = torch.empty(1, 2, 4, 8)
+    flash = aten._scaled_dot_product_flash_attention_for_cpu.default
+    assert draws_random(flash, (q, q, q, 0.1), {}) and not draws_random(flash, (q, q, q), {})
+    assert not draws_random(flash, (q, q, q), {"dropout_p": 0.0})
+    assert draws_random(aten.native_dropout.default, (q, 0.5, True), {})
+    assert not draws_random(aten.mm.default, (), {})

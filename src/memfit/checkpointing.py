@@ -28,6 +28,7 @@ import torch
 import torch.utils.checkpoint as tuc
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils import _python_dispatch
 
 __all__ = ["checkpoint", "Region"]
 
@@ -41,7 +42,8 @@ def checkpoint(fn, *args, **kwargs):
 
 
 def run(fn, args, kwargs, policy=None, state_replay=True, training_only=True):
-    """`checkpoint` with an optional selective policy (see `memfit.strategies`).
+    """`checkpoint` with an optional selective policy: `policy()` returns a
+    fresh policy function for each checkpointed call (`memfit.strategies.policy`).
 
     `state_replay=False` gives PyTorch's own semantics (buffers written again
     by the recompute), for comparison only. `training_only=False` recomputes
@@ -52,7 +54,7 @@ def run(fn, args, kwargs, policy=None, state_replay=True, training_only=True):
     if torch.compiler.is_compiling():  # dynamo traces torch's own checkpoint as one operator, not a Region
         if policy is None:
             return tuc.checkpoint(fn, *args, use_reentrant=False, **kwargs)
-        context = functools.partial(tuc.create_selective_checkpoint_contexts, policy)
+        context = lambda: tuc.create_selective_checkpoint_contexts(policy())  # noqa: E731
         return tuc.checkpoint(fn, *args, use_reentrant=False, context_fn=context, **kwargs)
     region = Region(lambda *a: fn(*a, **kwargs), args, policy, owner=_owner(fn), state_replay=state_replay)
     try:
@@ -112,6 +114,16 @@ def _written(buf, version, snapshot) -> bool:
     return not torch.equal(buf, snapshot)
 
 
+def _outside_policy():
+    """Hide the snapshot's copies from a selective-checkpoint policy: they are
+    not the block's ops, and would shift the numbers of the ops after them
+    (NOTE [op-level modes] in memfit.strategies). The modes below it (the
+    memory tracker, fake tensors) still see them."""
+    if isinstance(_python_dispatch._get_current_dispatch_mode(), tuc._CachingTorchDispatchMode):
+        return _python_dispatch._pop_mode_temporarily()
+    return contextlib.nullcontext()
+
+
 class _StateReplay:
     def __init__(self, owner):
         self._owner = owner
@@ -123,10 +135,11 @@ class _StateReplay:
     def _snapshot(self, module, args=None):
         if threading.get_ident() != self._thread:
             return
-        for name, buf in module._buffers.items():
-            key = (id(module), name)
-            if buf is not None and key not in self._seen:
-                self._seen[key] = (module, name, buf, buf._version, buf.detach().clone())
+        with _outside_policy():
+            for name, buf in module._buffers.items():
+                key = (id(module), name)
+                if buf is not None and key not in self._seen:
+                    self._seen[key] = (module, name, buf, buf._version, buf.detach().clone())
 
     def enter_forward(self):
         if self._owner is not None:
@@ -171,14 +184,14 @@ def _context_fn(owner, policy, state_replay=True):
     if not state_replay:
         if policy is None:
             return tuc.noop_context_fn
-        return lambda: tuc.create_selective_checkpoint_contexts(policy)
+        return lambda: tuc.create_selective_checkpoint_contexts(policy())
 
     def context_fn():
         replay = _StateReplay(owner)
         if policy is None:
             fwd, rec = contextlib.nullcontext(), contextlib.nullcontext()
         else:
-            fwd, rec = tuc.create_selective_checkpoint_contexts(policy)
+            fwd, rec = tuc.create_selective_checkpoint_contexts(policy())
         return (_Context(replay.enter_forward, replay.exit_forward, fwd),
                 _Context(replay.enter_recompute, replay.exit_recompute, rec))
 

@@ -84,3 +84,12 @@ def counting_flops() -> FlopCounterMode:
     """A FlopCounterMode that also counts CPU attention and grouped matmuls, and compiled code; `.get_total_flops()`
     after."""
     return _Counter(display=False, custom_mapping=MISSING)
+
+
+_REGISTRY = counting_flops().flop_registry
+
+
+def op_flops(func, args, kwargs, out) -> int:
+    """The FLOPs the counter above counts for one call of `func`."""
+    formula = _REGISTRY.get(getattr(func, "overloadpacket", None))
+    return int(formula(*args, **(kwargs or {}), out_val=out)) if formula else 0

@@ -74,7 +74,7 @@ def _candidates(prof: Profile, kind: str) -> list[_Candidate]:
             if mode == OFFLOAD and kind == "flops":  # costs time, not FLOPs
                 continue
             need = max(other[i] + kept[mode][i] + work[mode][i], tr[mode][i])
-            out.append(_Candidate(i, b, mode, kept[mode][i], need, prof.cost(mode, i, kind)))
+            out.append(_Candidate(i, b, prof.mode(mode, i), kept[mode][i], need, prof.costs[kind][mode][i]))
         # Segments [a, b): the recompute materialises the blocks' activations as in `keep`, then
         # backward walks down them: at block k, blocks a..k are live and k's backward rises on top.
         running, cost, transient = None, prof.cost(RECOMPUTE, i, kind), tr[RECOMPUTE][i]
@@ -138,8 +138,15 @@ def _sources(prof: Profile, cost: str) -> dict:
     return {"memory": memory,
             "flops": "counted on real steps on a CPU copy" if prof.memory_source == MEASURED else
                      "counted on fake tensors",
-            "cost": "timed steps on " + prof.device if cost == "time" else "FLOPs counted",
+            "cost": _time_source(prof) if cost == "time" else "FLOPs counted",
             "segments": "offered" if prof.segments else "not offered: this chain's blocks cannot form segments"}
+
+
+def _time_source(prof: Profile) -> str:
+    m = prof.time_model
+    return (f"time model of {m.device} (NOTE [time model]): {m.per_flop * 1e12:.2g} ps/FLOP, "
+            f"{m.per_byte * 1e12:.2g} ps/byte, {m.per_op * 1e6:.2g} us/op; timings spread {m.spread:.0%}, "
+            f"fit within {m.error:.0%}")
 
 
 def _choices(prof: Profile, units, kind) -> list[BlockChoice]:
@@ -148,7 +155,7 @@ def _choices(prof: Profile, units, kind) -> list[BlockChoice]:
     for u in units:
         segment = [prof.names[u.start], prof.names[u.stop - 1]] if u.stop - u.start > 1 else None
         for i in range(u.start, u.stop):
-            kept = prof.kept[u.mode][i] if (segment is None or i == u.stop - 1) else 0
+            kept = prof.kept[prof.label(u.mode, i)][i] if (segment is None or i == u.stop - 1) else 0
             out.append(BlockChoice(prof.names[i], u.mode, segment, int(kept), prof.cost(u.mode, i, kind) / step))
     return out
 
@@ -244,7 +251,7 @@ def plan_or_none(model, batch, loss_fn, budget, *, blocks=None, cost="time", opt
 
     `budget`: bytes, '20GiB', '800MB', '60%' (of the plain run's peak, with
     the same batch and optimizer), or 'auto' (free device memory less 10%).
-    `cost`: 'time' (measured, the default) or 'flops' (deterministic).
+    `cost`: 'time' (the device's time model, memfit.timemodel; the default) or 'flops' (deterministic).
     `optimizer`: the optimizer class whose state counts (default AdamW).
     `distributed`: ("ddp" | "fsdp", world size) plans for one rank of that
     run, `batch` being the rank's share (see `memfit.distributed.rank_timeline`);
@@ -254,7 +261,7 @@ def plan_or_none(model, batch, loss_fn, budget, *, blocks=None, cost="time", opt
     returns (profile, budget bytes) instead of raising when no plan fits.
     """
     if cost not in ("time", "flops"):
-        raise MemfitError(f"unknown cost {cost!r}; use time (measured) or flops (deterministic).")
+        raise MemfitError(f"unknown cost {cost!r}; use time (the device's time model) or flops (deterministic).")
     sig = signature(model, batch, blocks)
     key = json.dumps([sig, Budget.parse(budget).text, cost, str(blocks), getattr(optimizer, "__name__", None), distributed],
                      sort_keys=True)
@@ -262,8 +269,7 @@ def plan_or_none(model, batch, loss_fn, budget, *, blocks=None, cost="time", opt
         return _CACHE[key]
     device = next(model.parameters()).device
     budget = Budget.parse(budget)  # a bad budget fails before profiling
-    prof = profile(model, batch, loss_fn, blocks=blocks, optimizer=optimizer, timing=cost == "time",
-                   distributed=distributed)
+    prof = profile(model, batch, loss_fn, blocks=blocks, optimizer=optimizer, cost=cost, distributed=distributed)
     budget_bytes = budget.bytes(prof.baseline_peak_bytes, device)
     peaks = {tuple(strategies.parse(name, prof.chain_sizes)): peak for name, peak in prof.uniform_peaks.items()}
 

@@ -46,12 +46,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import statistics
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import torch
+import torch.utils.checkpoint as tuc
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
@@ -59,8 +60,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 from memfit import strategies
 from memfit.blocks import find_blocks, find_chains
 from memfit.errors import MemfitError, scalar_loss
-from memfit.flops import counting_flops
-from memfit.measurement import Run, steps
+from memfit.flops import op_flops
 from memfit.memory import available_cpu_bytes, track_memory
 from memfit.strategies import (
     KEEP,
@@ -70,8 +70,10 @@ from memfit.strategies import (
     RECOMPUTE,
     SCORES,
     SELECTIVE,
+    Unit,
 )
-from memfit.wrapping import SegmentWarning, applied_strategy, apply, remove
+from memfit.timemodel import calibrate
+from memfit.wrapping import SegmentWarning, apply
 
 __all__ = ["profile", "simulate", "Profile", "coverage"]
 
@@ -219,94 +221,105 @@ def simulate(model, batch, loss_fn, strategy, *, blocks=None, optimizer=None, ma
     return Simulation(max(v for _, v in timeline), timeline[0][1], timeline, split)
 
 
-class _Elementwise(TorchDispatchMode):
-    """Counts the elements produced by the ops that do no matrix work (all
-    but matmuls, convolutions, attention and views): their cost, 1 per
-    element; and the FLOPs of the batched matmuls `scores` recomputes."""
+@dataclass
+class Op:
+    """One op of a block's forward, as the selective-checkpoint dispatch mode
+    sees it (NOTE [op-level modes] in memfit.strategies)."""
 
-    def __init__(self):
+    name: str
+    flops: int           # matmul, convolution and attention FLOPs (the FLOP counter's)
+    elements: int        # elements it produces, if it does no matrix work and is no view: the FLOP cost's 1 each
+    moved: int           # bytes it reads and writes (0 for a view)
+    new_bytes: int       # bytes of the storages it creates
+    random: bool         # it draws random numbers (NOTE [random ops])
+    presets: frozenset   # the preset modes that save its output
+    saveable: bool = True  # its output can be saved: a new storage that no later op of the block writes in place
+
+
+_IGNORED = getattr(tuc, "SAC_IGNORED_OPS", {torch.ops.aten.detach.default})
+
+
+class _OpRecorder(TorchDispatchMode):
+    """Every op of a training step: the step's totals (FLOPs, bytes moved,
+    ops: what the time model needs), and inside each block's forward each op
+    the selective-checkpoint mode would see, as an `Op`; `last[i]`, the last
+    op of block i after which autograd saved a tensor: a recompute stops
+    there (torch's early stop), so the ops after it are never recomputed."""
+
+    def __init__(self, n):
         super().__init__()
-        self.count = self.expanding_flops = 0
+        self.blocks, self.last = [[] for _ in range(n)], [-1] * n
+        self.block = None  # the block whose forward runs
+        self.flops = self.moved = self.count = 0
+        self._made = {}  # id(storage) -> (weakref, op index): the op of this block that created it
+
+    def saved(self, tensor):  # a saved-tensor pack hook
+        if self.block is not None:
+            self.last[self.block] = len(self.blocks[self.block]) - 1
+        return tensor
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if strategies.expands(func, args):
-            a, b = args[-2], args[-1]
-            self.expanding_flops += 2 * a.numel() * b.shape[2]
-        elif func not in strategies.MATRIX_OPS and not func.is_view:
-            self.count += sum(t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in _IGNORED or func in strategies.UNNUMBERED:
+            return out
+        ins = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        view = getattr(func, "is_view", False)
+        flops = op_flops(func, args, kwargs, out)
+        moved = 0 if view else sum(t.numel() * t.element_size() for t in ins + outs)
+        self.flops, self.moved, self.count = self.flops + flops, self.moved + moved, self.count + 1
+        if self.block is None:
+            return out
+        ops = self.blocks[self.block]
+        for t in _written(func, args, kwargs):  # an output written in place later cannot be saved
+            ref, k = self._made.get(id(t.untyped_storage()), (None, None))
+            if ref is not None and ref() is t.untyped_storage():
+                ops[k].saveable = False
+        inputs = {id(t.untyped_storage()) for t in ins}
+        new = {} if view else {id(s): s for t in outs if id(s := t.untyped_storage()) not in inputs}
+        for key, storage in new.items():
+            self._made[key] = (weakref.ref(storage), len(ops))
+        elements = 0 if view or func in strategies.MATRIX_OPS else sum(t.numel() for t in outs)
+        presets = frozenset(m for m, decide in strategies.PRESETS.items() if decide(len(ops), func, args))
+        ops.append(Op(strategies.op_name(func), flops, elements, moved, sum(st.nbytes() for st in new.values()),
+                      strategies.draws_random(func, args, kwargs), presets, saveable=bool(new)))
         return out
 
 
-def _recomputed_by_selective(counter) -> int:
-    """FLOPs counted so far for ops `selective` does not keep (batched matmuls)."""
-    kept = {op.overloadpacket for op in strategies.SAVED_OPS}
-    return sum(n for op, n in counter.get_flop_counts()["Global"].items() if op not in kept)
+def _written(func, args, kwargs):
+    """The tensors `func` writes in place (its arguments marked `(a!)`)."""
+    schema = getattr(func, "_schema", None)
+    if schema is None:
+        return []
+    values = [args[i] if i < len(args) else kwargs.get(a.name) for i, a in enumerate(schema.arguments)]
+    return [t for a, v in zip(schema.arguments, values) if a.alias_info is not None and a.alias_info.is_write
+            for t in tree_leaves(v) if isinstance(t, torch.Tensor)]
 
 
-def count_flops(model, batch, loss_fn, *, blocks=None, real=False, seed=None):
-    """Per block: (forward FLOPs of matmuls, convolutions and attention; those
-    of them that `selective` recomputes; elements produced by the other ops;
-    FLOPs of the expanding batched matmuls that `scores` recomputes);
-    and the FLOPs of a whole plain training step. Counted on fake tensors, so
+def record_ops(model, batch, loss_fn, *, blocks=None, real=False, seed=None) -> _OpRecorder:
+    """The ops of a plain training step (`_OpRecorder`), on fake tensors, so
     deterministic and cheap, or on a real step (see NOTE [real steps])."""
     mode = _real_step(seed) if real else FakeTensorMode(allow_non_fake_inputs=True)
     fmodel, fbatch = _copy(model, batch, _on_cpu if real else mode.from_tensor)
-    remove(fmodel)
+    apply(fmodel, "none", blocks=blocks)  # as every step memfit runs: no KV cache (NOTE [no KV cache])
     fmodel.train()
     chain = [m for _, m in find_blocks(fmodel, blocks)]
-    flops, elementwise = counting_flops(), _Elementwise()
-    per_block, start = [None] * len(chain), {}
+    rec = _OpRecorder(len(chain))
 
-    def totals():
-        return (flops.get_total_flops(), _recomputed_by_selective(flops), elementwise.count,
-                elementwise.expanding_flops)
+    def enter(i, *_):
+        rec.block, rec._made = i, {}
 
-    handles = [h for i, m in enumerate(chain) for h in (
-        m.register_forward_pre_hook(lambda mod, args, i=i: start.__setitem__(i, totals())),
-        m.register_forward_hook(lambda mod, args, out, i=i: per_block.__setitem__(
-            i, tuple(b - a for a, b in zip(start[i], totals())))))]
-    with mode, flops, elementwise:
+    def leave(*_):
+        rec.block = None
+    handles = [h for i, m in enumerate(chain) for h in (m.register_forward_pre_hook(functools.partial(enter, i)),
+                                                         m.register_forward_hook(leave))]
+    with mode, rec, torch.autograd.graph.saved_tensors_hooks(rec.saved, lambda t: t):
         loss = loss_fn(fmodel, fbatch)
         for h in handles:
             h.remove()
         loss.backward()
-    return per_block, flops.get_total_flops()
-
-
-@contextlib.contextmanager
-def _untouched(model):
-    """Run training passes on `model` and leave no trace: gradients, buffers
-    (BatchNorm statistics) and the RNG state are put back."""
-    grads = [(p, p.grad) for p in model.parameters()]
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    was_training = model.training
-    devices = [d for d in {p.device for p in model.parameters()} if d.type == "cuda"]
-    with torch.random.fork_rng(devices=devices):
-        try:
-            model.train()
-            yield
-        finally:
-            for p, g in grads:
-                p.grad = g
-            with torch.no_grad():
-                for b, saved in buffers:
-                    b.copy_(saved)
-            model.train(was_training)
-
-
-def time_strategies(model, batch, loss_fn, *, blocks=None, repeats=1) -> dict:
-    """Median time of a forward+backward pass with each uniform strategy,
-    applied in turn to `model` itself, after one warm-up round."""
-    applied = applied_strategy(model)
-    runs = {m: Run(model, None, before=functools.partial(apply, model, UNIFORM[m], blocks=blocks))
-            for m in modes_for(next(model.parameters()).device)}
-    with _untouched(model):
-        steps(list(runs.values()), batch, loss_fn, memory=False, flops=False, timed=repeats)
-        remove(model)
-        if applied:
-            apply(model, applied["units"], blocks=applied["blocks"], state_replay=applied["state_replay"])
-    return {m: statistics.median(run.times) for m, run in runs.items()}
+    return rec
 
 
 @dataclass
@@ -325,6 +338,14 @@ class Profile:
     backward; `head` the rise between the last block and the start of
     backward; `tail` the peak after the blocks' backward (the stem's backward
     and the optimizer step).
+
+    The modes m are labels: `keep`, `recompute`, the presets, `offload`, and
+    the op-level frontier's points `ops/1`, `ops/2`, ..., which stand for a
+    mode of each block's own (`points[label][i]`, an `ops:...` mode: NOTE
+    [op-level frontier]). `costs[kind][m][i]` is what recomputing block i
+    under m costs: `flops` (matmul FLOPs plus one per element of the other
+    ops) or `time` (seconds, NOTE [time model] in memfit.timemodel);
+    `recomputed[m][i]` its matmul FLOPs alone.
     """
 
     names: list
@@ -338,14 +359,13 @@ class Profile:
     kept: dict
     work: dict
     transient: dict       # rise inside each block's forward, per mode
-    flops: list           # forward FLOPs of matmuls, convolutions, attention per block
-    selective_flops: list  # those of them that `selective` recomputes (batched-matmul attention)
-    scores_flops: list    # those of them that `scores` recomputes (expanding batched matmuls)
-    elementwise: list     # elements produced by the ops that do no matrix work, per block
+    costs: dict           # kind -> mode -> per block
+    recomputed: dict      # mode -> per block: matmul FLOPs recomputed
     step_flops: int       # FLOPs of a plain training step
-    step_time_s: float | None = None
-    extra_time_s: dict | None = None  # extra time of each uniform mode over plain
-    modes: tuple = HOST_MODES  # the modes profiled (offload only on CUDA)
+    step_time_s: float | None = None  # a plain step, predicted by the time model
+    modes: tuple = HOST_MODES  # the modes profiled (offload only on CUDA), op-level points included
+    points: dict = field(default_factory=dict)  # op-level label -> each block's ops:... mode
+    time_model: object = None  # the memfit.timemodel.TimeModel the time costs come from
     memory_source: str = SIMULATED  # or MEASURED: see NOTE [real steps]
     uniform_peaks: dict | None = None  # the simulated peak of each mode used for every block
     real_steps_because: str | None = None
@@ -359,29 +379,99 @@ class Profile:
     def chain_sizes(self) -> list:
         return self.chains or [len(self.names)]
 
+    def label(self, mode: str, i: int) -> str:
+        """The mode's label in the tables: itself, or for an `ops:...` mode of block i its point's."""
+        if not strategies.is_ops(mode):
+            return mode
+        return next(label for label, per_block in self.points.items() if per_block[i] == mode)
+
+    def mode(self, label: str, i: int) -> str:
+        """The mode block i is applied with under `label`."""
+        return self.points[label][i] if label in self.points else label
+
     def recomputed_flops(self, mode: str, i: int) -> int:
         """Matmul / convolution / attention FLOPs recomputed for block i."""
-        return {KEEP: 0, RECOMPUTE: self.flops[i], SELECTIVE: self.selective_flops[i],
-                SCORES: self.scores_flops[i], POINTWISE: 0, OFFLOAD: 0}[mode]
+        return self.recomputed[self.label(mode, i)][i]
 
     def cost(self, mode: str, i: int, kind: str) -> float:
-        """What recomputing block i under `mode` costs: FLOPs (matmul FLOPs
-        plus one per elementwise element) or seconds (the measured extra time
-        of the mode, split between blocks in proportion to their FLOP cost)."""
-        if mode == KEEP:
-            return 0.0
-        if mode == OFFLOAD:  # transfer time, split by the bytes each block moves; no FLOPs
-            if kind == "flops":
-                return float("inf")
-            moved = self.kept[KEEP]
-            return max(self.extra_time_s[OFFLOAD], 0.0) * moved[i] / max(sum(moved), 1)
-        flop_cost = [self.recomputed_flops(mode, j) + self.elementwise[j] for j in range(len(self.names))]
-        if kind == "flops":
-            return float(flop_cost[i])
-        return max(self.extra_time_s[mode], 0.0) * flop_cost[i] / max(sum(flop_cost), 1)
+        """What recomputing block i under `mode` costs: FLOPs or seconds."""
+        return self.costs[kind][self.label(mode, i)][i]
 
     def step_cost(self, kind: str) -> float:
         return float(self.step_flops) if kind == "flops" else self.step_time_s
+
+
+def saved_by(mode: str, ops: list) -> set:
+    """The indices of the ops whose outputs `mode` saves, NOTE [random ops] applied."""
+    if mode == KEEP:
+        return set(range(len(ops)))
+    if strategies.is_ops(mode):
+        saved = {k for k, name in strategies.saved_ops(mode).items() if k < len(ops) and ops[k].name == name}
+    else:
+        saved = {k for k, op in enumerate(ops) if mode in op.presets}
+    drawn = False
+    for k, op in enumerate(ops):
+        if op.random:
+            if drawn:
+                saved.add(k)
+            drawn = drawn or k in saved
+    return saved
+
+
+def _op_cost(op: Op, kind: str, model) -> float:
+    return op.flops + op.elements if kind == "flops" else model.seconds(op.flops, op.moved)
+
+
+def _block_costs(mode, ops, last, kind, model) -> float:
+    """What recomputing a block's ops under `mode` costs: the ops it does not save, up to the last one
+    whose output backward needs (torch's early stop)."""
+    saved = saved_by(mode, ops)
+    return sum(_op_cost(op, kind, model) for k, op in enumerate(ops[:last + 1]) if k not in saved)
+
+
+# NOTE [op-level frontier]
+# Between keeping a block's activations and recomputing them all lie the
+# choices of which of its ops' outputs to save. A recompute re-runs every op
+# it has not saved (up to the last one backward needs), so each op is an item:
+# saving it costs the bytes of the storage it creates and saves its recompute
+# cost (its FLOPs plus one per element, or its time). The exact Pareto
+# frontier of (bytes saved, cost avoided) over a block's items is a knapsack,
+# computed here by merging and pruning lists of points. Its points that leave
+# `FRONTIER` shares of the block's whole recompute cost (halving from a half:
+# the planner trades memory against small costs) become modes `ops:...` for
+# that block. The chain's blocks each get their own points, and
+# the profile simulates "point j in every block" like a uniform mode, so the
+# planner's peak model has exact kept, work and transient bytes for each.
+# Ops that cannot be saved: views and in-place ops (no storage of their own),
+# outputs written in place later (torch's cache refuses them), random ops
+# (NOTE [random ops]: saving them would force saving later ones).
+FRONTIER = (0.5, 0.25, 0.12, 0.06, 0.03, 0.015)
+
+
+def frontier(ops: list, last: int, kind: str, model=None, shares=FRONTIER) -> list[str]:
+    """The distinct `ops:...` modes of a block that leave these shares of its recompute cost, fewest bytes first."""
+    items = [(k, op.new_bytes, _op_cost(op, kind, model)) for k, op in enumerate(ops[:last + 1])
+             if op.saveable and not op.random and op.new_bytes > 0]
+    names = {k: op.name for k, op in enumerate(ops)}
+    items = [it for it in items if it[2] > 0]
+    pareto = [(0, 0.0, frozenset())]  # (bytes, cost avoided, ops saved), bytes ascending, cost strictly rising
+    total = sum(b for _, b, _ in items)
+    for k, b, c in items:
+        merged = sorted(pareto + [(pb + b, pc + c, ps | {k}) for pb, pc, ps in pareto], key=lambda p: (p[0], -p[1]))
+        pareto = []
+        for p in merged:
+            if not pareto or p[1] > pareto[-1][1]:
+                pareto.append(p)
+        if len(pareto) > 256:  # thin: the first point of each 1/256 of the bytes
+            bucket = [int(p[0] * 256 / total) for p in pareto]
+            pareto = [p for j, p in enumerate(pareto) if j == 0 or bucket[j] != bucket[j - 1]]
+    modes, whole = [], sum(_op_cost(op, kind, model) for op in ops[:last + 1])
+    for share in shares:  # the fewest bytes that leave at most this share of the block's recompute cost
+        best = next((p for p in pareto if whole - p[1] <= share * whole), pareto[-1])
+        mode = strategies.ops_mode({k: names[k] for k in best[2]})
+        if best[2] and mode not in modes:
+            modes.append(mode)
+    return modes
 
 
 def _read(sim: Simulation, n: int):
@@ -485,12 +575,13 @@ def _source(model, batch, loss_fn, n, **kw) -> tuple:
                       f"cannot profile them; lower the model's layer-drop probability while planning.")
 
 
-def profile(model, batch, loss_fn, *, blocks=None, optimizer=None, timing=True, distributed=None) -> Profile:
-    """Profile each block of `model`'s chain under each mode (keep,
-    recompute, selective, scores, pointwise). Memory and FLOPs are simulated
-    (or measured on real steps where the simulation cannot be trusted, see
-    NOTE [real steps]); with `timing`, real forward+backward passes of each
-    kind are timed after a warm-up round.
+def profile(model, batch, loss_fn, *, blocks=None, optimizer=None, cost="flops", distributed=None) -> Profile:
+    """Profile each block of `model`'s chain under each mode (keep, recompute,
+    the presets, offload on CUDA, and the points of each block's op-level
+    frontier for the `cost` kind). Memory and FLOPs are simulated (or
+    measured on real steps where the simulation cannot be trusted, see NOTE
+    [real steps]); with `cost="time"` the time model of the model's device
+    (memfit.timemodel) prices each op.
     `distributed`: profile one rank of a DDP or FSDP2 run (see `simulate`)."""
     names = [n for n, _ in find_blocks(model, blocks)]
     n = len(names)
@@ -501,40 +592,49 @@ def profile(model, batch, loss_fn, *, blocks=None, optimizer=None, timing=True, 
     fixed = [name for i, name in enumerate(names) if f"b<{i}" not in labels]
     if 0 < len(fixed) < n:  # NOTE [blocks without a backward]
         prof = profile(model, batch, loss_fn, blocks=[x for x in names if x not in fixed], optimizer=optimizer,
-                       timing=timing, distributed=distributed)
+                       cost=cost, distributed=distributed)
         prof.fixed = fixed
         return prof
     chains = [len(c) for c in find_chains(model, blocks)]
+    model_t = calibrate(device) if cost == "time" else None
+    rec = record_ops(model, batch, loss_fn, blocks=blocks, real=real, seed=seed)
+    per_block = [frontier(rec.blocks[i], rec.last[i], cost, model_t) for i in range(n)]
+    points = {f"ops/{j + 1}": [modes[min(j, len(modes) - 1)] if modes else RECOMPUTE for modes in per_block]
+              for j in range(max(map(len, per_block), default=0))}
     sims = {KEEP: plain}
-    for m in modes_for("cpu" if real else device):
+    for m in (*modes_for("cpu" if real else device), *points):
         if m == KEEP:
             continue
+        units = [Unit(i, i + 1, points[m][i]) for i in range(n)] if m in points else UNIFORM[m]
         try:
-            sims[m] = simulate(model, batch, loss_fn, UNIFORM[m], marks=True, real=real, seed=seed, **common)
+            sims[m] = simulate(model, batch, loss_fn, units, marks=True, real=real, seed=seed, **common)
         except Exception as e:  # noqa: BLE001 - offload's simulation has not run on every CUDA setup yet
             if m != OFFLOAD:
                 raise
             warnings.warn(f"memfit: offload left out of the plan, its simulation failed: {e}")
     segments = max(chains) > 1 and not simulate(model, batch, loss_fn, "segments:1", real=real, seed=seed,
                                                 **common).split
-    modes = tuple(sims)
     reads = {m: _read(sim, n) for m, sim in sims.items()}
     keep, baseline = reads[KEEP], sims[KEEP]
     other = [keep["backward_start"][i] - keep["start"] - sum(keep["kept"][:i + 1]) for i in range(n)]
-    per_block, step_flops = count_flops(model, batch, loss_fn, blocks=blocks, real=real, seed=seed)
-    prof = Profile(
-        names=names, device=str(device), modes=modes,
+    kinds = ("flops", "time") if model_t else ("flops",)
+    mode_of = lambda m, i: points[m][i] if m in points else m  # noqa: E731
+    costs = {kind: {m: [_block_costs(mode_of(m, i), rec.blocks[i], rec.last[i], kind, model_t) for i in range(n)]
+                    for m in sims if m != OFFLOAD} for kind in kinds}
+    costs["flops"][OFFLOAD] = [float("inf")] * n
+    if model_t and OFFLOAD in sims:  # to the host and back: NOTE [time model]
+        costs["time"][OFFLOAD] = [2 * k * (model_t.per_offloaded_byte or 0) for k in keep["kept"]]
+    recomputed = {m: [sum(op.flops for k, op in enumerate(rec.blocks[i][:rec.last[i] + 1])
+                          if k not in saved_by(mode_of(m, i), rec.blocks[i])) for i in range(n)]
+                  for m in sims if m != OFFLOAD}
+    recomputed[OFFLOAD] = [0] * n
+    return Profile(
+        names=names, device=str(device), modes=tuple(sims), points=points, time_model=model_t,
         baseline_peak_bytes=baseline.peak_bytes, static_bytes=baseline.static_bytes,
         start=keep["start"], head=keep["head"], tail=keep["tail"], other=other,
         kept={m: r["kept"] for m, r in reads.items()}, work={m: r["work"] for m, r in reads.items()},
-        transient={m: r["transient"] for m, r in reads.items()},
-        flops=[b[0] for b in per_block], selective_flops=[b[1] for b in per_block],
-        elementwise=[b[2] for b in per_block], scores_flops=[b[3] for b in per_block], step_flops=step_flops,
+        transient={m: r["transient"] for m, r in reads.items()}, costs=costs, recomputed=recomputed,
+        step_flops=rec.flops, step_time_s=model_t.seconds(rec.flops, rec.moved, rec.count) if model_t else None,
         memory_source=MEASURED if real else SIMULATED, real_steps_because=why, seed=seed, segments=segments,
         chains=chains, coverage=coverage_of(plain, n),
-        uniform_peaks={UNIFORM[m]: sim.peak_bytes for m, sim in sims.items()})
-    if timing:
-        t = time_strategies(model, batch, loss_fn, blocks=blocks)
-        prof.step_time_s = t[KEEP]
-        prof.extra_time_s = {m: t[m] - t[KEEP] for m in modes if m != KEEP}
-    return prof
+        uniform_peaks={UNIFORM[m]: sim.peak_bytes for m, sim in sims.items() if m not in points})

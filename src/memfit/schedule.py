@@ -95,7 +95,7 @@ class Budget:
 @dataclass
 class BlockChoice:
     name: str
-    mode: str                 # keep, pointwise, scores, selective or recompute
+    mode: str                 # keep, pointwise, scores, selective, recompute, offload or ops:... (op-level)
     segment: list | None      # [first, last] block names of its segment, if recomputed with others
     kept_bytes: int           # what it keeps through the forward
     cost: float               # its share of the plan's overhead (fraction of a plain step)
@@ -170,7 +170,7 @@ class Plan:
             raise ValueError("it has no blocks")
         names = [b.name for b in self.blocks]
         for i, b in enumerate(self.blocks):
-            if b.mode not in strategies.MODES:
+            if not strategies.known(b.mode):
                 raise ValueError(f"block {b.name} has unknown mode {b.mode!r}")
             if b.segment is not None:
                 if (not isinstance(b.segment, list) or len(b.segment) != 2 or b.segment[0] not in names

@@ -140,16 +140,6 @@ SAVED_OPS = _ops(
 MATRIX_OPS = SAVED_OPS | {aten.bmm.default, aten.baddbmm.default}
 
 
-def selective_policy(ctx, op, *args, **kwargs):
-    """Keep the outputs of `SAVED_OPS`, recompute everything else."""
-    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def pointwise_policy(ctx, op, *args, **kwargs):
-    """Keep the outputs of `MATRIX_OPS`, recompute everything else."""
-    return CheckpointPolicy.MUST_SAVE if op in MATRIX_OPS else CheckpointPolicy.PREFER_RECOMPUTE
-
-
 def expands(op, args) -> bool:
     """A batched matmul whose output has more elements than each of its inputs."""
     if op not in (aten.bmm.default, aten.baddbmm.default):
@@ -159,10 +149,128 @@ def expands(op, args) -> bool:
     return out > a.numel() and out > b.numel()
 
 
-def scores_policy(ctx, op, *args, **kwargs):
-    """Keep the outputs of `MATRIX_OPS` except expanding batched matmuls."""
-    keep = op in MATRIX_OPS and not expands(op, args)
-    return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
+# What each preset saves: `decide(k, op, args)` for the k-th op of a block's forward.
+def _selective(k, op, args) -> bool:
+    return op in SAVED_OPS
 
 
-POLICIES = {SELECTIVE: selective_policy, SCORES: scores_policy, POINTWISE: pointwise_policy}
+def _pointwise(k, op, args) -> bool:
+    return op in MATRIX_OPS
+
+
+def _scores(k, op, args) -> bool:
+    return op in MATRIX_OPS and not expands(op, args)
+
+
+PRESETS = {SELECTIVE: _selective, SCORES: _scores, POINTWISE: _pointwise}
+
+
+# NOTE [op-level modes]
+# A mode `ops:mm@3,addmm@7,gelu@12` saves the outputs of the block forward's
+# op invocations number 3, 7 and 12 (counting every op the selective-
+# checkpoint dispatch mode shows the policy, from 0, in the order the forward
+# calls them), provided they are the ops named, and recomputes the rest. The
+# planner builds them from a block's own ops (`memfit.profiling`, NOTE
+# [op-level frontier]); they apply one block at a time, like the presets. The
+# names guard against a run that calls other ops than the profiled one
+# (transformers takes another code path on fake tensors): an op that is not
+# the one named is recomputed, which costs time, never memory or exactness.
+OPS = "ops"
+
+
+def op_name(op) -> str:
+    """`mm` for aten.mm.default, `add.Tensor` for aten.add.Tensor."""
+    return str(op).removeprefix("aten.").removesuffix(".default")
+
+
+def is_ops(mode: str) -> bool:
+    return isinstance(mode, str) and mode.startswith(OPS + ":")
+
+
+def ops_mode(saved: dict) -> str:
+    """The mode that saves these op invocations ({number: op name})."""
+    return f"{OPS}:" + ",".join(f"{saved[k]}@{k}" for k in sorted(saved))
+
+
+def saved_ops(mode: str) -> dict:
+    """{number: op name} of the op invocations an `ops:...` mode saves; ValueError if it is not one."""
+    body = mode[len(OPS) + 1:] if is_ops(mode) else ""
+    pairs = [p.rpartition("@") for p in body.split(",")]
+    if not body or not all(name and at and k.isdigit() for name, at, k in pairs):
+        raise ValueError(f"{mode!r} is not an op-level mode like ops:mm@3,addmm@7")
+    return {int(k): name for name, _, k in pairs}
+
+
+def known(mode) -> bool:
+    """A mode a unit may have: one of MODES, or an op-level mode."""
+    if mode in MODES:
+        return True
+    try:
+        saved_ops(mode)
+    except ValueError:
+        return False
+    return True
+
+
+# Ops the policy does not number: a tensor constant made inside a forward
+# reaches the dispatch modes as `lift_fresh` under fake tensors only, so
+# counting it would number the ops of a simulated step and a real one apart.
+UNNUMBERED = _ops("lift_fresh", "lift_fresh_copy")
+
+
+def draws_random(op, args, kwargs) -> bool:
+    """The op draws random numbers: it is tagged nondeterministic_seeded and,
+    for the attention kernels that carry that tag, has a dropout_p above 0."""
+    if not isinstance(op, torch._ops.OpOverload) or torch.Tag.nondeterministic_seeded not in op.tags:
+        return False
+    names = [a.name for a in op._schema.arguments]
+    if "dropout_p" not in names:
+        return True
+    i = names.index("dropout_p")
+    p = kwargs.get("dropout_p", args[i] if i < len(args) else 0.0)
+    return bool(p)
+
+
+# NOTE [random ops]
+# torch's recompute restores the RNG state of the region's start once, then
+# runs the ops it did not save, skipping the ones it saved. A saved op that
+# drew random numbers (dropout inside a fused attention kernel on CUDA, a
+# saved dropout) is skipped, so the generator is not advanced past its draw,
+# and every random op recomputed after it draws other numbers than in the
+# forward: another dropout mask, silently wrong gradients. So once a block
+# has saved one random op, every later random op in it is saved too; a random
+# op recomputed then always follows only recomputed random ops, and replays
+# exactly. Every policy memfit builds goes through this rule (`policy`).
+
+def policy(mode: str):
+    """A function that returns a fresh selective-checkpoint policy for one
+    checkpointed call of a block under `mode` (a preset, or `ops:...`), with
+    NOTE [random ops] applied; None for modes without one."""
+    if is_ops(mode):
+        saved = saved_ops(mode)
+        decide = lambda k, op, args: saved.get(k) == op_name(op)  # noqa: E731
+    elif mode in PRESETS:
+        decide = PRESETS[mode]
+    else:
+        return None
+
+    def fresh():
+        decisions, saved_random = [], False
+
+        def policy_fn(ctx, op, *args, **kwargs):
+            nonlocal saved_random
+            if op in UNNUMBERED:
+                return CheckpointPolicy.PREFER_RECOMPUTE
+            if ctx.is_recompute:  # older torch asks again while recomputing: answer as in the forward
+                save = decisions[policy_fn.replayed % len(decisions)]
+                policy_fn.replayed += 1
+            else:
+                save = decide(len(decisions), op, args)
+                if draws_random(op, args, kwargs):
+                    save = save or saved_random
+                    saved_random = saved_random or save
+                decisions.append(save)
+            return CheckpointPolicy.MUST_SAVE if save else CheckpointPolicy.PREFER_RECOMPUTE
+        policy_fn.replayed = 0
+        return policy_fn
+    return fresh

@@ -129,7 +129,7 @@ def _wrap(model, chain, units, state_replay, training_only):
         if len(members) > 1:
             segment = _Segment([n for n, _ in members])
             segment.hook(_containers(model, segment.names))
-        policy = strategies.POLICIES.get(unit.mode)
+        policy = strategies.policy(unit.mode)
         for index, (name, block) in enumerate(members):
             block._memfit = _Spec(name, unit.mode, policy, segment, index, block.__dict__.get("forward"),
                                   state_replay, training_only)
@@ -193,9 +193,9 @@ def _check_units(units, sizes):
     n = sum(sizes)
     if not units or units[0].start != 0 or units[-1].stop != n or any(
             a.stop != b.start for a, b in zip(units, units[1:])) or any(
-            u.stop <= u.start or u.mode not in strategies.MODES for u in units):
+            u.stop <= u.start or not strategies.known(u.mode) for u in units):
         raise MemfitError(f"the strategy's units must cover blocks 0..{n - 1} in order, each with a mode "
-                          f"in {strategies.MODES}; this model has {n} blocks.")
+                          f"in {strategies.MODES} or an op-level mode like ops:3,7; this model has {n} blocks.")
     starts = {sum(sizes[:k]) for k in range(len(sizes))}
     for u in units:
         if u.mode not in (KEEP, RECOMPUTE) and u.stop - u.start > 1:

@@ -15,17 +15,14 @@ The plan is made on the batch the trainer is about to train on, moved to
 the device and collated as the trainer does it, with the loss the trainer
 computes, and before its first forward: nothing has run yet, so the run is
 the run without memfit, step for step. Planning leaves no trace in it: the
-planner runs its steps on copies, or on the model with its gradients,
-buffers and RNG state put back (`memfit.profiling._untouched`), so the random
-numbers the trainer draws next (dropout, data order) are the ones it would
-have drawn. With several processes, rank 0 plans (on a copy of the model
-when it times steps, so that DDP's gradient hooks on the real parameters
-never fire) and sends the plan to every rank, so every rank recomputes the
-same blocks.
+planner runs its steps on copies, and times ops for its time model on
+constant tensors of its own (NOTE [time model]), so the random numbers the
+trainer draws next (dropout, data order) are the ones it would have drawn.
+With several processes, rank 0 plans and sends the plan to every rank, so
+every rank recomputes the same blocks.
 """
 from __future__ import annotations
 
-import copy
 
 import torch
 import torch.distributed as dist
@@ -58,7 +55,7 @@ class Session:
         if budget is not None and strategy is not None:
             raise MemfitError("give budget= (memfit plans for it) or strategy= (applied as given), not both.")
         if cost not in ("time", "flops"):
-            raise MemfitError(f"unknown cost {cost!r}; use time (measured) or flops (deterministic).")
+            raise MemfitError(f"unknown cost {cost!r}; use time (the device's time model) or flops (deterministic).")
         # a bad budget or strategy fails here, before the trainer starts
         self.schedule = schedule.parse(Budget.parse("auto" if budget is None else budget) if strategy is None
                                        else strategy)
@@ -84,10 +81,9 @@ class Session:
         opt_class = type(getattr(optimizer, "optimizer", optimizer)) if optimizer is not None else None
 
         def choose():
-            planned = copy.deepcopy(model) if ranks.world > 1 and self.cost == "time" else model
             chosen = self.schedule.strategy
             if self.schedule.budget is not None:
-                chosen = plan(planned, batch, loss_fn, self.schedule.budget, cost=self.cost,
+                chosen = plan(model, batch, loss_fn, self.schedule.budget, cost=self.cost,
                               optimizer=opt_class, distributed=ranks.spec)
             return chosen.to_json() if isinstance(chosen, Plan) else chosen
         chosen = on_main(choose, ranks)
@@ -125,7 +121,7 @@ class SessionCallback:
     """Plan for `budget` ('60%' of the plain step's peak, '20GiB', 'auto': the
     device's free memory; the default) on the first batch and apply the
     plan; or apply `strategy` ('blocks', 'plan:FILE.json', ...) as given.
-    `cost`: 'time' (timed on the device, the default) or 'flops'.
+    `cost`: 'time' (the device's time model, the default) or 'flops'.
     `monitor`: measure each step's peak (on CPU this slows steps down).
     After training, `plan`, `report` and `peaks` (bytes per step) say what
     was chosen and measured."""

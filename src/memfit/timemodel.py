@@ -1,0 +1,131 @@
+"""How long an op takes on a device, from its FLOPs and the bytes it moves.
+
+    model = calibrate("cpu")
+    model.seconds(flops=2 * 512**3, moved=3 * 512**2 * 4)   # one 512 x 512 matmul
+
+NOTE [time model]
+Recomputing an op in eager mode costs its FLOPs (matmuls, convolutions,
+attention), the bytes it reads and writes (norms, activations, dropout: no
+FLOPs to speak of, all memory traffic) and a fixed cost per op (dispatch; on
+a tiny model on a CPU it is most of the time). So an op takes
+
+    seconds = per_flop * FLOPs + per_byte * bytes moved + per_op
+
+with the three coefficients fitted, on the device in use, from ops of known
+FLOPs and bytes: matmuls of four sizes, an elementwise product at four sizes
+and a view. Each is timed `repeats` times in rounds, the ops interleaved
+within a round, so that a burst of load on a busy machine falls on all of
+them alike; the fit uses each op's median, by least squares on the relative
+error with no negative coefficient. `spread`, the median over the ops of
+(upper quartile - lower quartile) / median, says how noisy the machine was
+while calibrating; `error`, the median relative error of the fit, how well
+three numbers describe the device. The coefficients are rounded to two
+significant digits, so that recalibrating on the same machine gives the same
+plans unless the machine changed by more than that.
+
+memfit used to split the measured extra time of a few whole steps between the
+blocks instead; on a loaded machine those steps were noise (a plan at 60% of
+the peak recomputing 4x the FLOPs of a uniform strategy that fit).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["TimeModel", "calibrate"]
+
+
+@dataclass(frozen=True)
+class TimeModel:
+    device: str
+    per_flop: float
+    per_byte: float
+    per_op: float
+    spread: float        # median interquartile range / median of the timed ops
+    error: float         # median |fit / measured - 1| over the timed ops
+    per_offloaded_byte: float | None = None  # a byte to the host and back (CUDA only)
+
+    def seconds(self, flops=0, moved=0, ops=1) -> float:
+        return self.per_flop * flops + self.per_byte * moved + self.per_op * ops
+
+
+_CACHE: dict = {}
+
+
+def calibrate(device="cpu", repeats=7) -> TimeModel:
+    """The time model of `device`, fitted once per process and device."""
+    device = torch.device(device)
+    key = (str(device), repeats)
+    if key not in _CACHE:
+        _CACHE[key] = _fit(device, repeats)
+    return _CACHE[key]
+
+
+def _probes(device):
+    """(name, function, FLOPs, bytes moved) of each op timed, on constant tensors: calibrating draws no random
+    numbers, so it leaves the training's RNG as it was."""
+    out = []
+    for n in (32, 96, 192, 384):
+        a, b = torch.full((n, n), 0.5, device=device), torch.full((n, n), 2.0, device=device)
+        out.append((f"mm {n}", lambda a=a, b=b: torch.mm(a, b), 2 * n ** 3, 3 * n * n * 4))
+    for n in (2 ** 10, 2 ** 14, 2 ** 18, 2 ** 21):
+        a, b = torch.full((n,), 0.5, device=device), torch.full((n,), 2.0, device=device)
+        out.append((f"mul {n}", lambda a=a, b=b: torch.mul(a, b), 0, 3 * n * 4))
+    a = torch.zeros(64, 64, device=device)
+    out.append(("view", lambda a=a: a.view(-1), 0, 0))
+    return out
+
+
+def _time(fn, sync, calls) -> float:
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / calls
+
+
+def _fit(device, repeats) -> TimeModel:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    probes = _probes(device)
+    calls = [max(1, min(200, int(4e-3 / max(_time(fn, sync, 3), 1e-7)))) for _, fn, _, _ in probes]  # ~4 ms a time
+    times = [[] for _ in probes]
+    for _ in range(repeats):
+        for k, (_, fn, _, _) in enumerate(probes):
+            times[k].append(_time(fn, sync, calls[k]))
+    medians = [statistics.median(t) for t in times]
+    spread = statistics.median((q[2] - q[0]) / m for q, m in
+                               ((statistics.quantiles(t, n=4), m) for t, m in zip(times, medians)))
+    x = torch.tensor([[f, b, 1.0] for _, _, f, b in probes], dtype=torch.float64)
+    y = torch.tensor(medians, dtype=torch.float64)
+    coef = _nonnegative_fit(x / y[:, None], torch.ones_like(y))  # relative error: each row divided by its time
+    coef = [float(f"{c:.2g}") for c in coef.tolist()]
+    fitted = x @ torch.tensor(coef, dtype=torch.float64)
+    error = statistics.median((fitted / y - 1).abs().tolist())
+    return TimeModel(str(device), *coef, spread=spread, error=error,
+                     per_offloaded_byte=_offload_seconds_per_byte(device, sync) if device.type == "cuda" else None)
+
+
+def _nonnegative_fit(a, b):
+    """Least squares a @ c = b with c >= 0: columns whose coefficient comes out negative are dropped and the rest
+    refitted (enough for three columns that each describe a cost)."""
+    cols = list(range(a.shape[1]))
+    while True:
+        c = torch.linalg.lstsq(a[:, cols], b[:, None]).solution[:, 0]
+        if (c >= 0).all() or len(cols) == 1:
+            out = torch.zeros(a.shape[1], dtype=a.dtype)
+            out[cols] = c.clamp(min=0)
+            return out
+        cols.pop(int(torch.argmin(c)))
+
+
+def _offload_seconds_per_byte(device, sync) -> float:
+    """A byte copied to pinned host memory and back (`save_on_cpu`'s path)."""
+    x = torch.empty(2 ** 24, device=device)
+    host = torch.empty(x.shape, pin_memory=True)
+    t = statistics.median(_time(lambda: (host.copy_(x, non_blocking=True), x.copy_(host, non_blocking=True)),
+                                sync, 5) for _ in range(5))
+    return t / x.nbytes

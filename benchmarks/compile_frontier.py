@@ -14,13 +14,17 @@ them all side by side: the peak of a steady-state step (memfit's tracker),
 the FLOPs of a step (matrix multiplies, convolutions, attention), and step
 times with the runs interleaved. For each plan the table shows the least
 that compile's partitioner recomputes at a measured peak no higher than the
-plan's, and the least a uniform strategy does.
+plan's, and the least a uniform strategy does; for each time-cost plan, its step
+time against the FLOP-cost plan's at the same budget, with the noise (the
+larger interquartile range / median of the two runs' timed steps). Last,
+how long the planner takes to solve a 48-block chain.
 """
 import argparse
 import copy
 import datetime
 import platform
 import statistics
+import sys
 from pathlib import Path
 
 import torch
@@ -84,7 +88,9 @@ def rows_for(name, runs, plans):
         if kind == "compile budget" or kind.endswith("compiled"):
             assert all(run.graphs_per_step), f"{name} {kind} {level}: a measured step ran eagerly"
         p = plans.get((kind.split("(")[-1].split(")")[0], level)) if kind.startswith("plan") else None
+        q = statistics.quantiles(run.times, n=4) if len(run.times) > 1 else [run.times[0]] * 3
         rows.append({"model": name, "kind": kind, "level": level, "peak_bytes": run.mem.peak_bytes,
+                     "time_spread": (q[2] - q[0]) / statistics.median(run.times),
                      "peak": run.mem.peak_bytes / plain.mem.peak_bytes,
                      "recompute_flops": run.flops / plain.flops - 1,
                      "step_time_s": statistics.median(run.times),
@@ -104,7 +110,11 @@ def compare(rows):
         best = {k: min((x["recompute_flops"] for x in same if x["kind"] == k), default=None)
                 for k in ("compile budget", "uniform")}
         fitting_uniform = [x for x in same if x["kind"] == "uniform" and x["peak_bytes"] <= r["budget_bytes"]]
+        twin = next((x for x in rows if x["model"] == r["model"] and x["kind"] == "plan (flops)"
+                     and x["level"] == r["level"]), None)
         out.append({**r, "compile_at_this_peak": best["compile budget"], "uniform_at_this_peak": best["uniform"],
+                    "time_vs_flops_plan": twin and r["step_time_s"] / twin["step_time_s"] - 1,
+                    "noise": twin and max(r["time_spread"], twin["time_spread"]),
                     "prediction_error": r["peak_bytes"] / r["predicted_peak_bytes"] - 1,
                     "beaten_by_a_fitting_uniform": [x["level"] for x in fitting_uniform
                                                     if x["recompute_flops"] < r["recompute_flops"] - 1e-9]})
@@ -114,13 +124,15 @@ def compare(rows):
 def table(comparisons) -> Table:
     t = Table(title=f"memfit plans against torch.compile's activation_memory_budget ({BACKEND}), recomputed "
                     f"FLOPs as a share of a plain step")
-    for c in ("model", "cost", "budget", "peak", "vs predicted", "memfit", "compile", "uniform", "slowdown"):
+    for c in ("model", "cost", "budget", "peak", "vs predicted", "memfit", "compile", "uniform", "slowdown",
+              "time vs flops plan (noise)"):
         t.add_column(c, justify="left" if c in ("model", "cost") else "right")
     pct = lambda x: "-" if x is None else f"{x:.1%}"  # noqa: E731
     for c in comparisons:
         t.add_row(c["model"], c["kind"][len("plan ("):-1], f"{c['level']}%", f"{c['peak']:.1%}",
                   f"{c['prediction_error']:+.2%}", pct(c["recompute_flops"]), pct(c["compile_at_this_peak"]),
-                  pct(c["uniform_at_this_peak"]), f"{c['slowdown']:+.1%}")
+                  pct(c["uniform_at_this_peak"]), f"{c['slowdown']:+.1%}",
+                  "" if c["kind"] == "plan (flops)" else f"{c['time_vs_flops_plan']:+.1%} (±{c['noise']:.1%})")
     return t
 
 
@@ -159,7 +171,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--models", default=",".join(SETUPS))
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per run (interleaved)")
+    ap.add_argument("--steps", type=int, default=7, help="timed steps per run (interleaved)")
     args = ap.parse_args()
     out = Console()
     torch._dynamo.config.cache_size_limit = 256
@@ -174,13 +186,18 @@ def main():
         rows += rows_for(name, runs, plans)
     comparisons = compare(rows)
     out.print(table(comparisons))
+    sys.path.insert(0, str(Path(__file__).parent))
+    from planner import planning_time  # benchmarks/planner.py
+    planning = planning_time(48)
+    out.print(f"planning a 48-block chain: {planning['solve_s']:.2f} s after profiling ({planning['profile_s']:.1f} s "
+              f"profiling, one thread)")
     out.print(frontier_table(rows))
     device = "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name().replace(" ", "-")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     stem = Path(args.out) / f"compile-frontier-{device}-{datetime.date.today()}"
     write_json(stem.with_suffix(".json"), {
         "device": device, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-        "backend": BACKEND, "rows": rows, "comparisons": comparisons,
+        "backend": BACKEND, "rows": rows, "comparisons": comparisons, "planning_48_blocks": planning,
         "sizes": {k: {**v, "plain_peak": fmt_bytes(next(r["peak_bytes"] for r in rows if r["model"] == k
                                                        and r["kind"] == "uniform" and r["level"] == "none"))}
                   for k, v in SETUPS.items() if any(r["model"] == k for r in rows)}})

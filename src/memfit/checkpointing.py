@@ -54,7 +54,8 @@ def run(fn, args, kwargs, policy=None, state_replay=True, training_only=True):
     if torch.compiler.is_compiling():  # dynamo traces torch's own checkpoint as one operator, not a Region
         if policy is None:
             return tuc.checkpoint(fn, *args, use_reentrant=False, **kwargs)
-        context = lambda: tuc.create_selective_checkpoint_contexts(policy())  # noqa: E731
+        # dynamo takes a partial of constants: `policy` was made outside the traced code, by `apply`
+        context = functools.partial(_selective_contexts, policy)
         return tuc.checkpoint(fn, *args, use_reentrant=False, context_fn=context, **kwargs)
     region = Region(lambda *a: fn(*a, **kwargs), args, policy, owner=_owner(fn), state_replay=state_replay)
     try:
@@ -64,6 +65,10 @@ def run(fn, args, kwargs, policy=None, state_replay=True, training_only=True):
         raise
     region.close()
     return out
+
+
+def _selective_contexts(policy):
+    return tuc.create_selective_checkpoint_contexts(policy())
 
 
 def _recomputes(fn, training_only=True) -> bool:

@@ -132,17 +132,26 @@ def compiled(model, backend: str):
 
 
 def measure(model, batch, loss_fn, strategy, *, blocks=None, optimizer=None, timed_steps=2, memory=True,
-            flops=True) -> dict:
+            flops=True, against=None) -> dict:
     """One strategy on a copy of `model`, as verify measures it: `peak_bytes`
     of a steady-state step, `step_time_s` (the median of `timed_steps`, None
-    for 0), and `flops` of a step (each None when not measured)."""
-    m = apply(copy.deepcopy(model).train(), strategy, blocks=blocks)
-    run = Run(m, (optimizer or torch.optim.AdamW)(m.parameters()))
-    steps([run], batch, loss_fn, memory=memory, flops=flops, timed=timed_steps)
-    mem = run.mem
-    return {"peak_bytes": mem and mem.peak_bytes, "activation_bytes": mem and mem.activation_bytes,
-            "memory_source": mem and mem.source, "step_time_s": statistics.median(run.times) if run.times else None,
-            "flops": run.flops if flops else None}
+    for 0), and `flops` of a step (each None when not measured). `against`:
+    another strategy measured side by side (its steps interleaved), and the
+    `slowdown` and `recompute_flops` (extra FLOPs) against it."""
+    runs = []
+    for s in (strategy, against) if against is not None else (strategy,):
+        m = apply(copy.deepcopy(model).train(), s, blocks=blocks)
+        runs.append(Run(m, (optimizer or torch.optim.AdamW)(m.parameters())))
+    steps(runs, batch, loss_fn, memory=memory, flops=flops, timed=timed_steps)
+    run, mem = runs[0], runs[0].mem
+    out = {"peak_bytes": mem and mem.peak_bytes, "activation_bytes": mem and mem.activation_bytes,
+           "memory_source": mem and mem.source, "step_time_s": statistics.median(run.times) if run.times else None,
+           "flops": run.flops if flops else None}
+    if against is not None:
+        base = runs[1]
+        out["slowdown"] = statistics.median(run.times) / statistics.median(base.times) - 1 if run.times else None
+        out["recompute_flops"] = run.flops / base.flops - 1 if flops else None
+    return out
 
 
 def _only_own(mem, run: Run, batch) -> None:

@@ -288,7 +288,7 @@ def plan_or_none(model, batch, loss_fn, budget, *, blocks=None, cost="time", opt
         choices = [choices.get(name) or BlockChoice(name, KEEP, None, 0, 0.0) for name in sig["blocks"]]
         result = Plan(choices, budget_bytes, peak, prof.baseline_peak_bytes,
                       total / prof.step_cost(cost), cost, recomputed / prof.step_flops, sig, _sources(prof, cost),
-                      prof.coverage)
+                      prof.coverage, prof.step_time_s)
         if (warning := coverage_warning(prof.coverage)) is not None:
             warnings.warn(f"memfit: {warning}.", CoverageWarning, stacklevel=3)
         _CACHE[key] = result

@@ -127,6 +127,13 @@ def plan_table(plan, measured: dict | None) -> Table:
                   fmt_bytes(measured["peak_bytes"]), f"{err:+.2%}")
         t.add_row("recomputed FLOPs (of a plain step)", f"{plan.predicted_recompute_flops:+.1%}",
                   f"{measured['recompute_flops']:+.1%}", "")
+        if measured.get("slowdown") is not None:
+            predicted = f"{plan.predicted_overhead:+.1%}" if plan.cost == "time" else ""
+            t.add_row("slowdown (interleaved with the plain step)", predicted, f"{measured['slowdown']:+.1%}", "")
+        if plan.predicted_step_time_s and measured.get("step_time_s"):
+            step = plan.predicted_step_time_s * (1 + plan.predicted_overhead)
+            t.add_row("step time (time model)", f"{step * 1e3:.1f} ms", f"{measured['step_time_s'] * 1e3:.1f} ms",
+                      f"{measured['step_time_s'] / step - 1:+.0%}")
         t.add_row("budget", fmt_bytes(plan.budget_bytes), "fits" if measured["peak_bytes"] <= plan.budget_bytes
                   else "EXCEEDED", "")
     else:

@@ -117,6 +117,7 @@ class Plan:
     signature: dict = field(default_factory=dict)
     sources: dict = field(default_factory=dict)  # where each number came from (see `memfit.planner._sources`)
     coverage: float | None = None  # share of the plain step's saved activations inside the blocks
+    predicted_step_time_s: float | None = None  # a plain step, by the time model (cost "time" only)
 
     @property
     def units(self) -> list[Unit]:
@@ -137,11 +138,15 @@ class Plan:
                  f"{fmt_bytes(self.baseline_peak_bytes)}): predicted peak {fmt_bytes(self.predicted_peak_bytes)}, "
                  f"+{self.predicted_overhead:.1%} {kind}"]
         for b in self.blocks:
-            line = f"  {b.name:<{width}}  {b.mode:<9}  keeps {fmt_bytes(b.kept_bytes):>10}"
+            saved = strategies.saved_ops(b.mode) if strategies.is_ops(b.mode) else None
+            mode = f"ops ({len(saved)})" if saved else b.mode
+            line = f"  {b.name:<{width}}  {mode:<9}  keeps {fmt_bytes(b.kept_bytes):>10}"
             if b.cost:
                 line += f"  +{b.cost:.1%} {kind}"
             if b.segment:
                 line += f"  (segment {b.segment[0]}..{b.segment[1]})"
+            if saved:
+                line += "  saves " + _abbreviated([f"{name}@{k}" for k, name in sorted(saved.items())])
             lines.append(line)
         lines += [f"  {what}: {where}" for what, where in self.sources.items()]
         if self.coverage is not None:
@@ -201,6 +206,11 @@ class Plan:
             raise MemfitError(f"this plan was made for a model with {len(mine)} blocks ({mine[0]}..{mine[-1]}), "
                               f"not this one with {len(names)} ({names[0]}..{names[-1]}); make a plan for this "
                               f"model with memfit.plan or `memfit plan`.")
+
+
+def _abbreviated(names, width=48) -> str:
+    text = ", ".join(names)
+    return text if len(text) <= width else text[:width].rsplit(", ", 1)[0] + f", ... ({len(names)} ops)"
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ a tiny model on a CPU it is most of the time). So an op takes
 
 with the three coefficients fitted, on the device in use, from ops of known
 FLOPs and bytes: matmuls of four sizes, an elementwise product at four sizes
-and a view. Each is timed `repeats` times in rounds, the ops interleaved
+and a view, on inputs that require grad (a recompute runs its ops with
+autograd recording them). Each is timed `repeats` times in rounds, the ops interleaved
 within a round, so that a burst of load on a busy machine falls on all of
 them alike; the fit uses each op's median, by least squares on the relative
 error with no negative coefficient. `spread`, the median over the ops of
@@ -69,14 +70,19 @@ def _probes(device):
     numbers, so it leaves the training's RNG as it was."""
     out = []
     for n in (32, 96, 192, 384):
-        a, b = torch.full((n, n), 0.5, device=device), torch.full((n, n), 2.0, device=device)
+        a, b = _leaf((n, n), 0.5, device), _leaf((n, n), 2.0, device)
         out.append((f"mm {n}", lambda a=a, b=b: torch.mm(a, b), 2 * n ** 3, 3 * n * n * 4))
     for n in (2 ** 10, 2 ** 14, 2 ** 18, 2 ** 21):
-        a, b = torch.full((n,), 0.5, device=device), torch.full((n,), 2.0, device=device)
+        a, b = _leaf((n,), 0.5, device), _leaf((n,), 2.0, device)
         out.append((f"mul {n}", lambda a=a, b=b: torch.mul(a, b), 0, 3 * n * 4))
-    a = torch.zeros(64, 64, device=device)
+    a = _leaf((64, 64), 0.0, device)
     out.append(("view", lambda a=a: a.view(-1), 0, 0))
     return out
+
+
+def _leaf(shape, value, device):
+    """A constant tensor that requires grad: a recompute runs its ops with autograd recording them, so do the probes."""
+    return torch.full(shape, value, device=device, requires_grad=True)
 
 
 def _time(fn, sync, calls) -> float:

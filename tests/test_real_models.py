@@ -43,6 +43,23 @@ def test_every_strategy_gives_the_plain_gradients(built):
         assert all(torch.equal(a, b) for a, b in zip(buffers, buffers_s)), (name, strategy)
 
 
+def test_op_level_modes_give_the_plain_gradients(built):
+    """Each block under a point in the middle of its own op-level frontier
+    (NOTE [op-level frontier]): the same loss, gradients and buffers, bitwise."""
+    from memfit.profiling import frontier, record_ops
+    from memfit.strategies import Unit
+    name, model, batch, loss_fn = built
+    rec = record_ops(model, batch, loss_fn, real=True, seed=0)
+    modes = [frontier(ops, last, "flops") for ops, last in zip(rec.blocks, rec.last)]
+    assert any(modes), name
+    units = [Unit(i, i + 1, m[len(m) // 2] if m else "recompute") for i, m in enumerate(modes)]
+    loss, plain, buffers = grads(model, batch, loss_fn, "none")
+    loss_s, grads_s, buffers_s = grads(model, batch, loss_fn, units)
+    assert torch.equal(loss, loss_s) and plain.keys() == grads_s.keys(), name
+    assert all(torch.equal(plain[n], grads_s[n]) for n in plain), name
+    assert all(torch.equal(a, b) for a, b in zip(buffers, buffers_s)), name
+
+
 def measured_peak(model, batch, loss_fn, strategy):
     """The tracker's peak of a training step (after a warm-up step made the
     optimizer state) in which every block ran: LayerDrop models skip blocks in
@@ -76,6 +93,9 @@ def test_a_plan_fits_and_predicts_the_measured_peak(built):
     assert plan.predicted_peak_bytes <= budget
     assert abs(plan.baseline_peak_bytes / plain - 1) <= 0.01, name
     assert abs(plan.predicted_peak_bytes / measured_peak(model, batch, loss_fn, plan) - 1) <= 0.01, name
+    loss, plain_grads, _ = grads(model, batch, loss_fn, "none")
+    loss_p, plan_grads, _ = grads(model, batch, loss_fn, plan)  # op-level modes included
+    assert torch.equal(loss, loss_p) and all(torch.equal(plain_grads[n], plan_grads[n]) for n in plain_grads), name
     memory = plan.sources["memory"]
     if name in REAL_STEPS:  # the plan says where its numbers come from
         assert memory.startswith("measured") and "cannot run" in memory, memory

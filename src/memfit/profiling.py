@@ -437,15 +437,20 @@ def _block_costs(mode, ops, last, kind, model) -> float:
 # cost (its FLOPs plus one per element, or its time). The exact Pareto
 # frontier of (bytes saved, cost avoided) over a block's items is a knapsack,
 # computed here by merging and pruning lists of points. Its points that leave
-# `FRONTIER` shares of the block's whole recompute cost (halving from a half:
-# the planner trades memory against small costs) become modes `ops:...` for
-# that block. The chain's blocks each get their own points, and
-# the profile simulates "point j in every block" like a uniform mode, so the
-# planner's peak model has exact kept, work and transient bytes for each.
+# `FRONTIER` shares of the block's whole recompute cost (falling by 0.7 from
+# 0.6: the planner trades memory against small costs) become modes `ops:...`
+# for that block; each block of the chain gets its own. They are not
+# simulated one by one: their terms in the planner's peak model come from
+# `recompute`'s, the bytes of the outputs saved added to what the block keeps
+# and taken off what its backward rematerialises, but no lower than `keep`'s
+# (`_estimate`: what a point keeps is exact on GPT and Llama blocks, its
+# backward's rise exact or above, 2026-12-02). The plan the planner picks is then
+# simulated whole, as every plan is (NOTE [exact, then checked] in
+# memfit.planner): the peak it predicts never rests on the estimate.
 # Ops that cannot be saved: views and in-place ops (no storage of their own),
 # outputs written in place later (torch's cache refuses them), random ops
 # (NOTE [random ops]: saving them would force saving later ones).
-FRONTIER = (0.5, 0.25, 0.12, 0.06, 0.03, 0.015)
+FRONTIER = tuple(0.6 * 0.7 ** k for k in range(15))  # 0.6 down to 0.004
 
 
 def frontier(ops: list, last: int, kind: str, model=None, shares=FRONTIER) -> list[str]:
@@ -472,6 +477,22 @@ def frontier(ops: list, last: int, kind: str, model=None, shares=FRONTIER) -> li
         if best[2] and mode not in modes:
             modes.append(mode)
     return modes
+
+
+def _estimate(points: dict, reads: dict, rec) -> dict:
+    """The peak model's terms of each op-level point, from `recompute`'s
+    (NOTE [op-level frontier]): its outputs saved add their bytes to what the
+    block keeps and take them off what its backward rematerialises; the rise
+    inside the forward is taken as recompute's plus all of them (an upper bound)."""
+    rc = reads[RECOMPUTE]
+    out = {}
+    for label, modes in points.items():
+        extra = [sum(rec.blocks[i][k].new_bytes for k in saved_by(m, rec.blocks[i])) if strategies.is_ops(m) else 0
+                 for i, m in enumerate(modes)]
+        out[label] = {"kept": [k + e for k, e in zip(rc["kept"], extra)],
+                      "work": [max(w - e, wk) for w, e, wk in zip(rc["work"], extra, reads[KEEP]["work"])],
+                      "transient": [t + e for t, e in zip(rc["transient"], extra)]}
+    return out
 
 
 def _read(sim: Simulation, n: int):
@@ -602,12 +623,11 @@ def profile(model, batch, loss_fn, *, blocks=None, optimizer=None, cost="flops",
     points = {f"ops/{j + 1}": [modes[min(j, len(modes) - 1)] if modes else RECOMPUTE for modes in per_block]
               for j in range(max(map(len, per_block), default=0))}
     sims = {KEEP: plain}
-    for m in (*modes_for("cpu" if real else device), *points):
+    for m in modes_for("cpu" if real else device):
         if m == KEEP:
             continue
-        units = [Unit(i, i + 1, points[m][i]) for i in range(n)] if m in points else UNIFORM[m]
         try:
-            sims[m] = simulate(model, batch, loss_fn, units, marks=True, real=real, seed=seed, **common)
+            sims[m] = simulate(model, batch, loss_fn, UNIFORM[m], marks=True, real=real, seed=seed, **common)
         except Exception as e:  # noqa: BLE001 - offload's simulation has not run on every CUDA setup yet
             if m != OFFLOAD:
                 raise
@@ -615,21 +635,22 @@ def profile(model, batch, loss_fn, *, blocks=None, optimizer=None, cost="flops",
     segments = max(chains) > 1 and not simulate(model, batch, loss_fn, "segments:1", real=real, seed=seed,
                                                 **common).split
     reads = {m: _read(sim, n) for m, sim in sims.items()}
+    reads.update(_estimate(points, reads, rec))
     keep, baseline = reads[KEEP], sims[KEEP]
     other = [keep["backward_start"][i] - keep["start"] - sum(keep["kept"][:i + 1]) for i in range(n)]
     kinds = ("flops", "time") if model_t else ("flops",)
     mode_of = lambda m, i: points[m][i] if m in points else m  # noqa: E731
     costs = {kind: {m: [_block_costs(mode_of(m, i), rec.blocks[i], rec.last[i], kind, model_t) for i in range(n)]
-                    for m in sims if m != OFFLOAD} for kind in kinds}
+                    for m in reads if m != OFFLOAD} for kind in kinds}
     costs["flops"][OFFLOAD] = [float("inf")] * n
     if model_t and OFFLOAD in sims:  # to the host and back: NOTE [time model]
         costs["time"][OFFLOAD] = [2 * k * (model_t.per_offloaded_byte or 0) for k in keep["kept"]]
     recomputed = {m: [sum(op.flops for k, op in enumerate(rec.blocks[i][:rec.last[i] + 1])
                           if k not in saved_by(mode_of(m, i), rec.blocks[i])) for i in range(n)]
-                  for m in sims if m != OFFLOAD}
+                  for m in reads if m != OFFLOAD}
     recomputed[OFFLOAD] = [0] * n
     return Profile(
-        names=names, device=str(device), modes=tuple(sims), points=points, time_model=model_t,
+        names=names, device=str(device), modes=tuple(reads), points=points, time_model=model_t,
         baseline_peak_bytes=baseline.peak_bytes, static_bytes=baseline.static_bytes,
         start=keep["start"], head=keep["head"], tail=keep["tail"], other=other,
         kept={m: r["kept"] for m, r in reads.items()}, work={m: r["work"] for m, r in reads.items()},

@@ -21,8 +21,7 @@ error with no negative coefficient. `spread`, the median over the ops of
 (upper quartile - lower quartile) / median, says how noisy the machine was
 while calibrating; `error`, the median relative error of the fit, how well
 three numbers describe the device. The coefficients are rounded to two
-significant digits, so that recalibrating on the same machine gives the same
-plans unless the machine changed by more than that.
+significant digits: a plan does not follow noise below that.
 
 memfit used to split the measured extra time of a few whole steps between the
 blocks instead; on a loaded machine those steps were noise (a plan at 60% of

@@ -135,6 +135,34 @@ def test_a_budget_a_uniform_strategy_just_meets_is_planned(uniform):
         measure(model, batch, loss_fn, uniform, timed_steps=0)["flops"]
 
 
+def test_a_time_plan_is_never_beaten_by_a_fitting_uniform_strategy(monkeypatch):
+    """Under one time model (fixed here, so the test is deterministic), no
+    uniform strategy that fits the budget costs less predicted time than the
+    plan, and the plan is never beaten by one in both time and FLOPs."""
+    from memfit import profiling, strategies
+    from memfit.planner import UNIFORM_FALLBACKS
+    from memfit.timemodel import TimeModel
+    fixed = TimeModel("cpu", per_flop=1e-11, per_byte=2e-11, per_op=3e-6, spread=0.0, error=0.0)
+    monkeypatch.setattr(profiling, "calibrate", lambda device: fixed)
+    model, batch, loss_fn = models.load("gpt", size="tiny", batch_size=16)
+    prof = profiling.profile(model, batch, loss_fn, cost="time")
+    uniform = {}
+    for name in UNIFORM_FALLBACKS:
+        units = strategies.parse(name, prof.chain_sizes)
+        uniform[name] = (profiling.simulate(model, batch, loss_fn, name).peak_bytes,
+                         *[sum(prof.cost(u.mode, i, k) for u in units for i in range(u.start, u.stop))
+                           for k in ("time", "flops")])
+    for budget in ("50%", "65%", "80%"):
+        p = memfit.plan(model, batch, loss_fn, budget, cost="time")
+        time_cost, flop_cost = [sum(prof.cost(u.mode, i, k) for u in p.units for i in range(u.start, u.stop))
+                                for k in ("time", "flops")]
+        assert time_cost == pytest.approx(p.predicted_overhead * prof.step_time_s)
+        for name, (peak, t, f) in uniform.items():
+            if peak <= p.budget_bytes:
+                assert time_cost <= t * (1 + 1e-9), (budget, name)
+                assert not (t < time_cost and f < flop_cost), (budget, name)
+
+
 def test_infeasible_budget_states_the_minimum():
     model, batch, loss_fn = models.load("gpt", size="tiny")
     with pytest.raises(MemfitError, match=r"below the smallest peak .* about [\d.]+ (KiB|MiB)"):

@@ -479,6 +479,22 @@ def frontier(ops: list, last: int, kind: str, model=None, shares=FRONTIER) -> li
     return modes
 
 
+def _costs(points: dict, reads: dict, rec, model) -> tuple:
+    """(costs[kind][mode][i], recomputed matmul FLOPs[mode][i]) from the ops recorded (`_block_costs`)."""
+    n = len(rec.blocks)
+    mode_of = lambda m, i: points[m][i] if m in points else m  # noqa: E731
+    costs = {kind: {m: [_block_costs(mode_of(m, i), rec.blocks[i], rec.last[i], kind, model) for i in range(n)]
+                    for m in reads if m != OFFLOAD} for kind in (("flops", "time") if model else ("flops",))}
+    costs["flops"][OFFLOAD] = [float("inf")] * n
+    if model and OFFLOAD in reads:  # to the host and back: NOTE [time model]
+        costs["time"][OFFLOAD] = [2 * k * (model.per_offloaded_byte or 0) for k in reads[KEEP]["kept"]]
+    recomputed = {m: [sum(op.flops for k, op in enumerate(rec.blocks[i][:rec.last[i] + 1])
+                          if k not in saved_by(mode_of(m, i), rec.blocks[i])) for i in range(n)]
+                  for m in reads if m != OFFLOAD}
+    recomputed[OFFLOAD] = [0] * n
+    return costs, recomputed
+
+
 def _estimate(points: dict, reads: dict, rec) -> dict:
     """The peak model's terms of each op-level point, from `recompute`'s
     (NOTE [op-level frontier]): its outputs saved add their bytes to what the
@@ -638,17 +654,7 @@ def profile(model, batch, loss_fn, *, blocks=None, optimizer=None, cost="flops",
     reads.update(_estimate(points, reads, rec))
     keep, baseline = reads[KEEP], sims[KEEP]
     other = [keep["backward_start"][i] - keep["start"] - sum(keep["kept"][:i + 1]) for i in range(n)]
-    kinds = ("flops", "time") if model_t else ("flops",)
-    mode_of = lambda m, i: points[m][i] if m in points else m  # noqa: E731
-    costs = {kind: {m: [_block_costs(mode_of(m, i), rec.blocks[i], rec.last[i], kind, model_t) for i in range(n)]
-                    for m in reads if m != OFFLOAD} for kind in kinds}
-    costs["flops"][OFFLOAD] = [float("inf")] * n
-    if model_t and OFFLOAD in sims:  # to the host and back: NOTE [time model]
-        costs["time"][OFFLOAD] = [2 * k * (model_t.per_offloaded_byte or 0) for k in keep["kept"]]
-    recomputed = {m: [sum(op.flops for k, op in enumerate(rec.blocks[i][:rec.last[i] + 1])
-                          if k not in saved_by(mode_of(m, i), rec.blocks[i])) for i in range(n)]
-                  for m in reads if m != OFFLOAD}
-    recomputed[OFFLOAD] = [0] * n
+    costs, recomputed = _costs(points, reads, rec, model_t)
     return Profile(
         names=names, device=str(device), modes=tuple(reads), points=points, time_model=model_t,
         baseline_peak_bytes=baseline.peak_bytes, static_bytes=baseline.static_bytes,

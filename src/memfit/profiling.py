@@ -424,9 +424,10 @@ def _op_cost(op: Op, kind: str, model) -> float:
 
 def _block_costs(mode, ops, last, kind, model) -> float:
     """What recomputing a block's ops under `mode` costs: the ops it does not save, up to the last one
-    whose output backward needs (torch's early stop)."""
+    whose output backward needs (torch's early stop); in time, a policy's cost on each op too (NOTE [time model])."""
     saved = saved_by(mode, ops)
-    return sum(_op_cost(op, kind, model) for k, op in enumerate(ops[:last + 1]) if k not in saved)
+    policy = model.per_policy_op * len(ops) if kind == "time" and mode not in (KEEP, RECOMPUTE) else 0.0
+    return policy + sum(_op_cost(op, kind, model) for k, op in enumerate(ops[:last + 1]) if k not in saved)
 
 
 # NOTE [op-level frontier]

@@ -19,7 +19,10 @@ A strategy resolves to units: runs of consecutive blocks, each with a mode.
   is larger than their inputs (the T x T attention scores, q @ k^T), but keep
   the ones whose output is smaller (scores @ v): about half the FLOPs of
   `selective` for a little more memory.
-The planner mixes all of them, block by block.
+The planner mixes all of them, block by block, with modes of each block's own:
+* `ops:addmm@3,addmm@56,...`: save the outputs of exactly these op
+  invocations of the block's forward, recompute the rest (NOTE [op-level
+  modes]); the planner finds them on the block's op-level frontier.
 * `offload` (CUDA): recompute nothing; move the block's saved tensors to
   pinned CPU memory in the forward and back in the backward
   (`torch.autograd.graph.save_on_cpu`). It costs transfer time, not FLOPs, so
@@ -174,7 +177,9 @@ PRESETS = {SELECTIVE: _selective, SCORES: _scores, POINTWISE: _pointwise}
 # [op-level frontier]); they apply one block at a time, like the presets. The
 # names guard against a run that calls other ops than the profiled one
 # (transformers takes another code path on fake tensors): an op that is not
-# the one named is recomputed, which costs time, never memory or exactness.
+# the one named is recomputed. Such a run can differ in time and memory from
+# the plan (the plan's peak is checked where it is simulated or measured),
+# never in its gradients: whatever a policy saves, torch's checkpoint is exact.
 OPS = "ops"
 
 

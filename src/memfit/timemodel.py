@@ -22,6 +22,11 @@ error with no negative coefficient. `spread`, the median over the ops of
 while calibrating; `error`, the median relative error of the fit, how well
 three numbers describe the device. The coefficients are rounded to two
 significant digits: a plan does not follow noise below that.
+A selective checkpoint (the presets, op-level modes) also costs its dispatch
+modes' Python on every op of the block, in the forward and in the recompute:
+`per_policy_op`, timed on a chain of small ops checkpointed with and without
+a policy. On a GPU it is hidden behind the kernels; on a tiny model on a CPU
+it is what such a mode costs.
 
 memfit used to split the measured extra time of a few whole steps between the
 blocks instead; on a loaded machine those steps were noise (a plan at 60% of
@@ -47,6 +52,7 @@ class TimeModel:
     spread: float        # median interquartile range / median of the timed ops
     error: float         # median |fit / measured - 1| over the timed ops
     per_offloaded_byte: float | None = None  # a byte to the host and back (CUDA only)
+    per_policy_op: float = 0.0  # what a selective-checkpoint policy adds to each op of its block
 
     def seconds(self, flops=0, moved=0, ops=1) -> float:
         return self.per_flop * flops + self.per_byte * moved + self.per_op * ops
@@ -111,7 +117,8 @@ def _fit(device, repeats) -> TimeModel:
     fitted = x @ torch.tensor(coef, dtype=torch.float64)
     error = statistics.median((fitted / y - 1).abs().tolist())
     return TimeModel(str(device), *coef, spread=spread, error=error,
-                     per_offloaded_byte=_offload_seconds_per_byte(device, sync) if device.type == "cuda" else None)
+                     per_offloaded_byte=_offload_seconds_per_byte(device, sync) if device.type == "cuda" else None,
+                     per_policy_op=float(f"{_policy_seconds_per_op(device, sync, repeats):.2g}"))
 
 
 def _nonnegative_fit(a, b):
@@ -125,6 +132,28 @@ def _nonnegative_fit(a, b):
             out[cols] = c.clamp(min=0)
             return out
         cols.pop(int(torch.argmin(c)))
+
+
+def _policy_seconds_per_op(device, sync, repeats) -> float:
+    """What a selective-checkpoint policy adds to each op of a checkpointed
+    call (its dispatch modes see every op, in the forward and again in the
+    recompute): a chain of small ops, checkpointed with and without one."""
+    from memfit import strategies
+    from memfit.checkpointing import run
+    x, n = _leaf((64,), 1.0, device), 32
+
+    def chain(x):
+        for _ in range(n):
+            x = x * 1.0001
+        return x.sum()
+    policy = strategies.policy("ops:mul.Tensor@0")
+    timed = {"plain": lambda: run(chain, (x,), {}).backward(),
+             "policy": lambda: run(chain, (x,), {}, policy=policy).backward()}
+    times = {k: [] for k in timed}
+    for _ in range(repeats):
+        for k, fn in timed.items():
+            times[k].append(_time(fn, sync, 5))
+    return max(statistics.median(times["policy"]) - statistics.median(times["plain"]), 0.0) / (n + 1)
 
 
 def _offload_seconds_per_byte(device, sync) -> float:

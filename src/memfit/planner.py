@@ -145,8 +145,8 @@ def _sources(prof: Profile, cost: str) -> dict:
 def _time_source(prof: Profile) -> str:
     m = prof.time_model
     return (f"time model of {m.device} (NOTE [time model]): {m.per_flop * 1e12:.2g} ps/FLOP, "
-            f"{m.per_byte * 1e12:.2g} ps/byte, {m.per_op * 1e6:.2g} us/op; timings spread {m.spread:.0%}, "
-            f"fit within {m.error:.0%}")
+            f"{m.per_byte * 1e12:.2g} ps/byte, {m.per_op * 1e6:.2g} us/op, {m.per_policy_op * 1e6:.2g} us/op more "
+            f"under a policy; timings spread {m.spread:.0%}, fit within {m.error:.0%}")
 
 
 def _choices(prof: Profile, units, kind) -> list[BlockChoice]:

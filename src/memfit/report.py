@@ -106,6 +106,8 @@ def verify_table(r: dict) -> Table:
             t.add_row("    of it inside the blocks (coverage)", f"{r['coverage']:.0%}", "", "")
     t.add_row(f"time per step (median of {r['steps']})", f"{b['step_time_s'] * 1e3:.1f} ms",
               f"{c['step_time_s'] * 1e3:.1f} ms", f"{r['slowdown']:+.1%}")
+    if "predicted_slowdown" in c:
+        t.add_row("  predicted (time model)", "", "", f"{c['predicted_slowdown']:+.1%}")
     t.add_row("FLOPs per step", f"{b['flops'] / 1e9:.2f} G", f"{c['flops'] / 1e9:.2f} G", f"{r['recompute_flops']:+.1%}")
     t.add_row("gradients", "", "bitwise equal" if r["grads_bitwise_equal"] else
               f"max rel diff {r['grads_max_rel_diff']:.2g}", "")

@@ -137,6 +137,8 @@ def _report(base, ckpt, *, grad_rel, grads_bitwise, grad_tol, units, the_plan, n
         failures.append("the compiled graph did not run in a measured step, so its numbers are eager code's")
     checkpointed = {**_summary(ckpt), **({"predicted_peak_bytes": the_plan.predicted_peak_bytes,
                                          "budget_bytes": the_plan.budget_bytes} if the_plan else {})}
+    if the_plan and the_plan.cost == "time":  # the time model's slowdown, beside the measured one
+        checkpointed["predicted_slowdown"] = the_plan.predicted_overhead
     return {
         "model": name,
         "strategy": strategy if isinstance(strategy, str) else "plan" if the_plan else "custom",

@@ -195,7 +195,7 @@ def _check_units(units, sizes):
             a.stop != b.start for a, b in zip(units, units[1:])) or any(
             u.stop <= u.start or not strategies.known(u.mode) for u in units):
         raise MemfitError(f"the strategy's units must cover blocks 0..{n - 1} in order, each with a mode "
-                          f"in {strategies.MODES} or an op-level mode like ops:3,7; this model has {n} blocks.")
+                          f"in {strategies.MODES} or an op-level mode like ops:mm@3,addmm@7; this model has {n} blocks.")
     starts = {sum(sizes[:k]) for k in range(len(sizes))}
     for u in units:
         if u.mode not in (KEEP, RECOMPUTE) and u.stop - u.start > 1:

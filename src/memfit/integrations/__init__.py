@@ -23,7 +23,6 @@ every rank recomputes the same blocks.
 """
 from __future__ import annotations
 
-
 import torch
 import torch.distributed as dist
 

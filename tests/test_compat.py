@@ -123,6 +123,22 @@ def test_verify_compile_measures_the_compiled_step():
     assert compiled["baseline"]["flops"] == eager["baseline"]["flops"]
 
 
+def test_verify_compile_sets_a_plan_against_compiles_own_budget():
+    """A plan verified under a partitioning backend is set against torch.compile's activation_memory_budget: the
+    budget reported reaches a measured peak no higher than the plan's, and says what it recomputes."""
+    from memfit.verification import COMPILE_BUDGETS
+    torch._dynamo.reset()
+    model, batch = gpt_no_dropout(), gpt.batch("tiny", 8)
+    plan = memfit.plan(model, batch, gpt.loss_fn, "90%", cost="flops")  # a peak the partitioner reaches
+    r = memfit.verify(copy.deepcopy(model), batch, gpt.loss_fn, plan, steps=1, compile="aot_eager_decomp_partition")
+    assert r["passed"], r["failures"]
+    found = r["compile_budget_at_this_peak"]
+    assert found is not None and found["budget"] in COMPILE_BUDGETS
+    assert found["peak_bytes"] <= r["checkpointed"]["peak_bytes"] and found["recompute_flops"] >= 0
+    assert "compile_budget_at_this_peak" not in memfit.verify(copy.deepcopy(model), batch, gpt.loss_fn, plan,
+                                                             steps=1)  # eager: nothing to set it against
+
+
 def test_the_tracker_and_the_allocator_events_agree_on_compiled_code():
     """The storage tracker sees what aot_eager's compiled code allocates: the CPU allocator's events, which also
     see inductor's buffers, give the same peak (12 bytes apart: the profiler's own)."""

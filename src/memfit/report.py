@@ -109,6 +109,11 @@ def verify_table(r: dict) -> Table:
     if "predicted_slowdown" in c:
         t.add_row("  predicted (time model)", "", "", f"{c['predicted_slowdown']:+.1%}")
     t.add_row("FLOPs per step", f"{b['flops'] / 1e9:.2f} G", f"{c['flops'] / 1e9:.2f} G", f"{r['recompute_flops']:+.1%}")
+    if "compile_budget_at_this_peak" in r:
+        c_b = r["compile_budget_at_this_peak"]
+        t.add_row("  torch.compile's own budget at this peak", "", "none reaches it" if c_b is None else
+                  f"{c_b['budget']}: {fmt_bytes(c_b['peak_bytes'])}", "" if c_b is None else
+                  f"{c_b['recompute_flops']:+.1%}")
     t.add_row("gradients", "", "bitwise equal" if r["grads_bitwise_equal"] else
               f"max rel diff {r['grads_max_rel_diff']:.2g}", "")
     t.add_row("buffers (BatchNorm statistics)", "", "bitwise equal" if r["buffers_equal"] else

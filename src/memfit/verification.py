@@ -34,6 +34,10 @@ __all__ = ["verify"]
 
 # The torch.compile backends whose code calls aten ops, which the storage tracker sees (NOTE [compiled code]).
 SEEN_BY_THE_TRACKER = ("eager", "aot_eager", "aot_eager_decomp_partition", "aot_eager_default_partitioner")
+# The backends whose min-cut partitioner takes torch._functorch.config.activation_memory_budget, and the budgets
+# `verify` tries when it sets a plan against it (the partitioner's frontier is not monotonic in the budget).
+PARTITIONED = ("aot_eager_decomp_partition", "inductor")
+COMPILE_BUDGETS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
 def _max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -102,6 +106,22 @@ def _run(model, compile, device) -> Run:
     forward, calls = compiled(model, compile)
     return Run(model, opt, forward=forward, graph_calls=calls,
                allocator_events=device.type == "cpu" and compile not in SEEN_BY_THE_TRACKER)
+
+
+def _compile_budget_at(model, base, peak, batch, loss_fn, compile, device, blocks, seed) -> dict | None:
+    """What torch.compile's own memory budget recomputes at a measured peak no higher than `peak`: each of
+    `COMPILE_BUDGETS`, set while a plain copy compiles, measured (peak, FLOPs) like the plan's run; the one that
+    recomputes least, or None if none gets that low."""
+    runs = {}
+    for budget in COMPILE_BUDGETS:
+        run = _run(apply(copy.deepcopy(model), "none", blocks=blocks), compile, device)
+        with torch._functorch.config.patch(activation_memory_budget=budget):
+            run.step(batch, loss_fn, seed)  # compiles now, under this budget
+        runs[budget] = run
+    run_steps(list(runs.values()), batch, loss_fn, seed=seed, timed=0)
+    fits = [{"budget": b, "peak_bytes": r.mem.peak_bytes, "recompute_flops": r.flops / base.flops - 1}
+            for b, r in runs.items() if r.mem.peak_bytes <= peak and all(r.graphs_per_step)]
+    return min(fits, key=lambda f: f["recompute_flops"], default=None)
 
 
 def _run_both(base, ckpt, batch, loss_fn, seed, n_steps):
@@ -188,7 +208,12 @@ def verify(model, batch, loss_fn, strategy="blocks", *, steps=5, device="cpu", s
     so the report shows the memory checkpointing saves under compile. The
     measured steps run the compiled code (`compiled_graph_runs` counts its
     graphs' runs per step; none in the memory or FLOPs step is a failure); on
-    the CPU inductor's memory is read from the allocator's events.
+    the CPU inductor's memory is read from the allocator's events. With a
+    plan and a backend whose partitioner takes a memory budget
+    (`aot_eager_decomp_partition`, `inductor`), `compile_budget_at_this_peak`
+    says what torch.compile's own `activation_memory_budget` recomputes at a
+    measured peak no higher than the plan's (the least over
+    `COMPILE_BUDGETS`; None if none gets that low).
     """
     _check_arguments(steps, grad_tol, compile)
     device = torch.device(device)
@@ -209,7 +234,11 @@ def verify(model, batch, loss_fn, strategy="blocks", *, steps=5, device="cpu", s
     share = coverage(model, batch, loss_fn, blocks=blocks)
     if (warning := coverage_warning(share)) is not None:
         warnings.warn(f"memfit: {warning}.", CoverageWarning, stacklevel=2)
-    return _report(base, ckpt, grad_rel=grad_rel, grads_bitwise=grads_bitwise, grad_tol=grad_tol, units=units,
-                   the_plan=the_plan, name=name or type(model).__name__, strategy=strategy, device=device,
-                   steps=steps, n_blocks=n_blocks, share=share, state_replay=state_replay, compile=compile,
-                   expect_reduction=expect_reduction)
+    report = _report(base, ckpt, grad_rel=grad_rel, grads_bitwise=grads_bitwise, grad_tol=grad_tol, units=units,
+                     the_plan=the_plan, name=name or type(model).__name__, strategy=strategy, device=device,
+                     steps=steps, n_blocks=n_blocks, share=share, state_replay=state_replay, compile=compile,
+                     expect_reduction=expect_reduction)
+    if the_plan is not None and compile in PARTITIONED:  # the plan against compile's own budget, at its peak
+        report["compile_budget_at_this_peak"] = _compile_budget_at(model, base, ckpt.mem.peak_bytes, batch, loss_fn,
+                                                                   compile, device, blocks, seed)
+    return report

@@ -14,19 +14,21 @@ a tiny model on a CPU it is most of the time). So an op takes
 with the three coefficients fitted, on the device in use, from ops of known
 FLOPs and bytes: matmuls of four sizes, an elementwise product at four sizes
 and a view, on inputs that require grad (a recompute runs its ops with
-autograd recording them). Each is timed `repeats` times in rounds, the ops interleaved
-within a round, so that a burst of load on a busy machine falls on all of
-them alike; the fit uses each op's median, by least squares on the relative
+autograd recording them). Each is timed `repeats` times in rounds, the ops
+interleaved within a round, so that a burst of load on a busy machine falls
+on all of them alike; the fit uses each op's median, by least squares on the relative
 error with no negative coefficient. `spread`, the median over the ops of
 (upper quartile - lower quartile) / median, says how noisy the machine was
 while calibrating; `error`, the median relative error of the fit, how well
 three numbers describe the device. The coefficients are rounded to two
-significant digits: a plan does not follow noise below that.
+significant digits; on a busy machine they still move from run to run (their
+spread says how much), and a plan with them.
 A selective checkpoint (the presets, op-level modes) also costs its dispatch
 modes' Python on every op of the block, in the forward and in the recompute:
 `per_policy_op`, timed on a chain of small ops checkpointed with and without
-a policy. On a GPU it is hidden behind the kernels; on a tiny model on a CPU
-it is what such a mode costs.
+a policy. On a tiny model on a CPU it is most of what such a mode costs; on a
+GPU, whose kernels run asynchronously, it may hide behind them (not measured:
+no GPU has been lent to this project).
 
 memfit used to split the measured extra time of a few whole steps between the
 blocks instead; on a loaded machine those steps were noise (a plan at 60% of

@@ -16,8 +16,9 @@ FLOPs and bytes: matmuls of four sizes, an elementwise product at four sizes
 and a view, on inputs that require grad (a recompute runs its ops with
 autograd recording them). Each is timed `repeats` times in rounds, the ops
 interleaved within a round, so that a burst of load on a busy machine falls
-on all of them alike; the fit uses each op's median, by least squares on the relative
-error with no negative coefficient. `spread`, the median over the ops of
+on all of them alike; the fit uses each op's fastest time (load only ever
+adds time), by least squares on the relative error with no negative
+coefficient. `spread`, the median over the ops of
 (upper quartile - lower quartile) / median, says how noisy the machine was
 while calibrating; `error`, the median relative error of the fit, how well
 three numbers describe the device. The coefficients are rounded to two
@@ -109,11 +110,11 @@ def _fit(device, repeats) -> TimeModel:
     for _ in range(repeats):
         for k, (_, fn, _, _) in enumerate(probes):
             times[k].append(_time(fn, sync, calls[k]))
-    medians = [statistics.median(t) for t in times]
+    medians, fastest = [statistics.median(t) for t in times], [min(t) for t in times]
     spread = statistics.median((q[2] - q[0]) / m for q, m in
                                ((statistics.quantiles(t, n=4), m) for t, m in zip(times, medians)))
     x = torch.tensor([[f, b, 1.0] for _, _, f, b in probes], dtype=torch.float64)
-    y = torch.tensor(medians, dtype=torch.float64)
+    y = torch.tensor(fastest, dtype=torch.float64)
     coef = _nonnegative_fit(x / y[:, None], torch.ones_like(y))  # relative error: each row divided by its time
     coef = [float(f"{c:.2g}") for c in coef.tolist()]
     fitted = x @ torch.tensor(coef, dtype=torch.float64)
@@ -155,7 +156,7 @@ def _policy_seconds_per_op(device, sync, repeats) -> float:
     for _ in range(repeats):
         for k, fn in timed.items():
             times[k].append(_time(fn, sync, 5))
-    return max(statistics.median(times["policy"]) - statistics.median(times["plain"]), 0.0) / (n + 1)
+    return max(min(times["policy"]) - min(times["plain"]), 0.0) / (n + 1)
 
 
 def _offload_seconds_per_byte(device, sync) -> float:

@@ -36,10 +36,11 @@ the plain step: no gradient reached their output) are left out of the
 profile and the plan's choice (`Profile.fixed`), and the plan lists them as
 `keep`.
 
-Times are measured on real forward+backward passes of the model (its
-gradients, buffers and RNG state are restored afterwards): the extra time of
-all-`blocks` and of each all-selective mode over plain, split between blocks in
-proportion to their FLOPs and elementwise work.
+Costs come from each block's ops, recorded in the plain step (`record_ops`):
+in FLOPs, the matmul FLOPs plus one per element of the other ops that a mode
+recomputes; in time, what the device's time model (memfit.timemodel) says
+those ops take, plus a policy's cost on each op for the selective modes. No
+step is run on the model itself.
 """
 from __future__ import annotations
 

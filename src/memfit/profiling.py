@@ -411,11 +411,10 @@ def saved_by(mode: str, ops: list) -> set:
     else:
         saved = {k for k, op in enumerate(ops) if mode in op.presets}
     drawn = False
-    for k, op in enumerate(ops):
-        if op.random:
-            if drawn:
-                saved.add(k)
-            drawn = drawn or k in saved
+    for k, op in enumerate(ops):  # the rule the policy applies as the forward runs
+        save, drawn = strategies.random_rule(k in saved, op.random, drawn)
+        if save:
+            saved.add(k)
     return saved
 
 
@@ -423,12 +422,18 @@ def _op_cost(op: Op, kind: str, model) -> float:
     return op.flops + op.elements if kind == "flops" else model.seconds(op.flops, op.moved)
 
 
-def _block_costs(mode, ops, last, kind, model) -> float:
-    """What recomputing a block's ops under `mode` costs: the ops it does not save, up to the last one
-    whose output backward needs (torch's early stop); in time, a policy's cost on each op too (NOTE [time model])."""
+def _recomputed(mode, ops, last) -> list:
+    """The ops a recompute under `mode` runs again: those it does not save, up to the last one whose output
+    backward needs (torch's early stop)."""
     saved = saved_by(mode, ops)
+    return [op for k, op in enumerate(ops[:last + 1]) if k not in saved]
+
+
+def _block_costs(mode, ops, last, kind, model) -> float:
+    """What recomputing a block's ops under `mode` costs; in time, a policy's cost on each op too (NOTE [time
+    model])."""
     policy = model.per_policy_op * len(ops) if kind == "time" and mode not in (KEEP, RECOMPUTE) else 0.0
-    return policy + sum(_op_cost(op, kind, model) for k, op in enumerate(ops[:last + 1]) if k not in saved)
+    return policy + sum(_op_cost(op, kind, model) for op in _recomputed(mode, ops, last))
 
 
 # NOTE [op-level frontier]
@@ -457,10 +462,9 @@ FRONTIER = tuple(0.6 * 0.7 ** k for k in range(15))  # 0.6 down to 0.004
 
 def frontier(ops: list, last: int, kind: str, model=None, shares=FRONTIER) -> list[str]:
     """The distinct `ops:...` modes of a block that leave these shares of its recompute cost, fewest bytes first."""
-    items = [(k, op.new_bytes, _op_cost(op, kind, model)) for k, op in enumerate(ops[:last + 1])
-             if op.saveable and not op.random and op.new_bytes > 0]
+    items = [(k, op.new_bytes, c) for k, op in enumerate(ops[:last + 1])
+             if op.saveable and not op.random and op.new_bytes > 0 and (c := _op_cost(op, kind, model)) > 0]
     names = {k: op.name for k, op in enumerate(ops)}
-    items = [it for it in items if it[2] > 0]
     pareto = [(0, 0.0, frozenset())]  # (bytes, cost avoided, ops saved), bytes ascending, cost strictly rising
     total = sum(b for _, b, _ in items)
     for k, b, c in items:
@@ -490,9 +494,8 @@ def _costs(points: dict, reads: dict, rec, model) -> tuple:
     costs["flops"][OFFLOAD] = [float("inf")] * n
     if model and OFFLOAD in reads:  # to the host and back: NOTE [time model]
         costs["time"][OFFLOAD] = [2 * k * (model.per_offloaded_byte or 0) for k in reads[KEEP]["kept"]]
-    recomputed = {m: [sum(op.flops for k, op in enumerate(rec.blocks[i][:rec.last[i] + 1])
-                          if k not in saved_by(mode_of(m, i), rec.blocks[i])) for i in range(n)]
-                  for m in reads if m != OFFLOAD}
+    recomputed = {m: [sum(op.flops for op in _recomputed(mode_of(m, i), rec.blocks[i], rec.last[i]))
+                      for i in range(n)] for m in reads if m != OFFLOAD}
     recomputed[OFFLOAD] = [0] * n
     return costs, recomputed
 

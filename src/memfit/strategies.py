@@ -247,6 +247,15 @@ def draws_random(op, args, kwargs) -> bool:
 # op recomputed then always follows only recomputed random ops, and replays
 # exactly. Every policy memfit builds goes through this rule (`policy`).
 
+def random_rule(save: bool, random: bool, saved_random: bool) -> tuple:
+    """NOTE [random ops]: (whether to save this op, whether its block has saved a random op now), given whether
+    the mode would save it, whether it draws random numbers, and whether the block has saved one before."""
+    if not random:
+        return save, saved_random
+    save = save or saved_random
+    return save, save
+
+
 def policy(mode: str):
     """A function that returns a fresh selective-checkpoint policy for one
     checkpointed call of a block under `mode` (a preset, or `ops:...`), with
@@ -270,10 +279,8 @@ def policy(mode: str):
                 save = decisions[policy_fn.replayed % len(decisions)]
                 policy_fn.replayed += 1
             else:
-                save = decide(len(decisions), op, args)
-                if draws_random(op, args, kwargs):
-                    save = save or saved_random
-                    saved_random = saved_random or save
+                save, saved_random = random_rule(decide(len(decisions), op, args), draws_random(op, args, kwargs),
+                                                 saved_random)
                 decisions.append(save)
             return CheckpointPolicy.MUST_SAVE if save else CheckpointPolicy.PREFER_RECOMPUTE
         policy_fn.replayed = 0

@@ -70,12 +70,22 @@ def test_the_ops_recorded_are_the_ones_a_policy_numbers(name, real, monkeypatch)
     from memfit.profiling import record_ops
     model, batch, loss_fn = models.load(name, size="tiny", batch_size=4)
     recorded = record_ops(model, batch, loss_fn, real=real, seed=0).blocks
-    seen, draws = [], strategies.draws_random
+    seen, policy = [], strategies.policy
 
-    def spy(op, args, kwargs):
-        seen.append(strategies.op_name(op))
-        return draws(op, args, kwargs)
-    monkeypatch.setattr(strategies, "draws_random", spy)
+    def spying(mode):  # every op the policy numbers in the forward
+        make = policy(mode)
+
+        def fresh():
+            fn = make()
+
+            def spy(ctx, op, *args, **kwargs):
+                if not ctx.is_recompute and op not in strategies.UNNUMBERED:
+                    seen.append(strategies.op_name(op))
+                return fn(ctx, op, *args, **kwargs)
+            spy.decisions = fn.decisions
+            return spy
+        return fresh
+    monkeypatch.setattr(strategies, "policy", spying)
     n = len(memfit.find_blocks(model))
     memfit.apply(model, [Unit(i, i + 1, "ops:mm@0") for i in range(n)])
     loss_fn(model, batch).backward()
@@ -87,6 +97,15 @@ def _ops(sizes):
     return [Op("mm", f, 0, 0, b, False, frozenset()) for b, f in sizes]
 
 
+def _flow(n, last=None):
+    """The dataflow of `n` independent ops, each saved by autograd: nothing to prune."""
+    from types import SimpleNamespace
+
+    from memfit.pruning import FRESH, Flow
+    return SimpleNamespace(ops=[Flow("mm", (), FRESH)] * n, roots=set(range(n)), opaque=None,
+                           last=n - 1 if last is None else last)
+
+
 def test_the_frontier_points_are_pareto_optimal():
     """Against every subset: no choice of outputs to save costs no more bytes
     and avoids more recompute than a point of the frontier."""
@@ -96,7 +115,7 @@ def test_the_frontier_points_are_pareto_optimal():
     from memfit.strategies import saved_ops
     sizes = [(3, 40), (5, 90), (2, 10), (7, 70), (4, 55), (1, 3), (6, 20), (2, 33)]
     ops = _ops(sizes)
-    modes = frontier(ops, len(ops) - 1, "flops")
+    modes = frontier(ops, _flow(len(ops)), "flops")
     assert modes and all(set(saved_ops(m).values()) == {"mm"} for m in modes)
     subsets = [(sum(sizes[k][0] for k in c), sum(sizes[k][1] for k in c))
                for r in range(len(sizes) + 1) for c in itertools.combinations(range(len(sizes)), r)]
@@ -114,8 +133,9 @@ def test_random_and_in_place_written_outputs_are_never_saved():
     ops = _ops([(3, 40), (5, 90), (2, 10)])
     ops[1] = replace(ops[1], random=True)
     ops[2] = replace(ops[2], saveable=False)
-    assert {k for m in frontier(ops, 2, "flops") for k in saved_ops(m)} == {0}
-    assert frontier(ops, 0, "flops") == ["ops:mm@0"] and frontier(_ops([(3, 40)]), -1, "flops") == []
+    assert {k for m in frontier(ops, _flow(3), "flops") for k in saved_ops(m)} == {0}
+    assert frontier(ops, _flow(3, 0), "flops") == ["ops:mm@0"] and frontier(_ops([(3, 40)]), _flow(1, -1),
+                                                                            "flops") == []
 
 
 def test_the_peak_model_of_op_level_points_is_what_a_simulation_reads():

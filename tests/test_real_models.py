@@ -52,7 +52,7 @@ def test_op_level_modes_give_the_plain_gradients(built):
     from memfit.strategies import Unit
     name, model, batch, loss_fn = built
     rec = record_ops(model, batch, loss_fn, real=True, seed=0)
-    modes = [frontier(ops, last, "flops") for ops, last in zip(rec.blocks, rec.last)]
+    modes = [frontier(ops, flow, "flops") for ops, flow in zip(rec.blocks, rec.flows)]
     assert any(modes), name
     loss, plain, buffers = grads(model, batch, loss_fn, "none")
     for point in (lambda m: m[len(m) // 2], lambda m: m[-1]):  # the middle, and the point that saves the most

@@ -30,6 +30,8 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils import _python_dispatch
 
+from memfit import pruning
+
 __all__ = ["checkpoint", "Region"]
 
 
@@ -120,13 +122,16 @@ def _written(buf, version, snapshot) -> bool:
 
 
 def _outside_policy():
-    """Hide the snapshot's copies from a selective-checkpoint policy: they are
-    not the block's ops, and would shift the numbers of the ops after them
-    (NOTE [op-level modes] in memfit.strategies). The modes below it (the
-    memory tracker, fake tensors) still see them."""
-    if isinstance(_python_dispatch._get_current_dispatch_mode(), tuc._CachingTorchDispatchMode):
-        return _python_dispatch._pop_mode_temporarily()
-    return contextlib.nullcontext()
+    """Hide the snapshot's copies from a selective-checkpoint policy and the
+    pruned recompute's record: they are not the block's ops, and would shift
+    the numbers of the ops after them (NOTE [op-level modes] in
+    memfit.strategies). The modes below (the memory tracker, fake tensors)
+    still see them."""
+    stack = contextlib.ExitStack()
+    while isinstance(_python_dispatch._get_current_dispatch_mode(),
+                     (tuc._CachingTorchDispatchMode, pruning._Recording)):
+        stack.enter_context(_python_dispatch._pop_mode_temporarily())
+    return stack
 
 
 class _StateReplay:
@@ -185,6 +190,27 @@ class _Context:
             self._exit()
 
 
+class _Nested:
+    """Two re-enterable contexts, `outer` entered first."""
+
+    def __init__(self, outer, inner):
+        self._outer, self._inner = outer, inner
+
+    def __enter__(self):
+        self._outer.__enter__()
+        try:
+            self._inner.__enter__()
+        except BaseException as e:
+            self._outer.__exit__(type(e), e, e.__traceback__)
+            raise
+
+    def __exit__(self, *exc):
+        try:
+            return self._inner.__exit__(*exc)
+        finally:
+            self._outer.__exit__(*exc)
+
+
 def _context_fn(owner, policy, state_replay=True):
     if not state_replay:
         if policy is None:
@@ -195,8 +221,11 @@ def _context_fn(owner, policy, state_replay=True):
         replay = _StateReplay(owner)
         if policy is None:
             fwd, rec = contextlib.nullcontext(), contextlib.nullcontext()
-        else:
-            fwd, rec = tuc.create_selective_checkpoint_contexts(policy())
+        else:  # the pruned recompute goes under the policy's modes (NOTE [pruned recompute])
+            policy_fn = policy()
+            pruner = pruning.Pruner(policy_fn)
+            fwd, rec = tuc.create_selective_checkpoint_contexts(policy_fn)
+            fwd, rec = _Nested(pruner.forward, fwd), _Nested(pruner.recompute, rec)
         return (_Context(replay.enter_forward, replay.exit_forward, fwd),
                 _Context(replay.enter_recompute, replay.exit_recompute, rec))
 

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import time
 import warnings
@@ -58,7 +59,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
-from memfit import strategies
+from memfit import pruning, strategies
 from memfit.blocks import find_blocks, find_chains
 from memfit.errors import MemfitError, scalar_loss
 from memfit.flops import op_flops
@@ -237,32 +238,37 @@ class Op:
     saveable: bool = True  # its output can be saved: a new storage that no later op of the block writes in place
 
 
-_IGNORED = getattr(tuc, "SAC_IGNORED_OPS", {torch.ops.aten.detach.default})
-
-
 class _OpRecorder(TorchDispatchMode):
     """Every op of a training step: the step's totals (FLOPs, bytes moved,
     ops: what the time model needs), and inside each block's forward each op
-    the selective-checkpoint mode would see, as an `Op`; `last[i]`, the last
-    op of block i after which autograd saved a tensor: a recompute stops
-    there (torch's early stop), so the ops after it are never recomputed."""
+    the selective-checkpoint mode would see, as an `Op`, with the block's
+    dataflow (`flows[i]`, NOTE [pruned recompute] in memfit.pruning: what each
+    op reads, what autograd saves, and `last`, the op after which it saved
+    the last tensor: a recompute stops there, torch's early stop)."""
 
     def __init__(self, n):
         super().__init__()
-        self.blocks, self.last = [[] for _ in range(n)], [-1] * n
+        self.blocks, self.flows = [[] for _ in range(n)], [pruning.Dataflow() for _ in range(n)]
         self.block = None  # the block whose forward runs
         self.flops = self.moved = self.count = 0
-        self._made = {}  # id(storage) -> (weakref, op index): the op of this block that created it
+
+    @property
+    def last(self) -> list:
+        return [f.last for f in self.flows]
 
     def saved(self, tensor):  # a saved-tensor pack hook
         if self.block is not None:
-            self.last[self.block] = len(self.blocks[self.block]) - 1
+            self.flows[self.block].packed(tensor)
         return tensor
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func in _IGNORED or func in strategies.UNNUMBERED:
+        if func in pruning.IGNORED:
+            return out
+        if func in strategies.UNNUMBERED:
+            if self.block is not None:
+                self.flows[self.block].unnumbered(args, kwargs)
             return out
         ins = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
@@ -273,29 +279,16 @@ class _OpRecorder(TorchDispatchMode):
         if self.block is None:
             return out
         ops = self.blocks[self.block]
-        for t in _written(func, args, kwargs):  # an output written in place later cannot be saved
-            ref, k = self._made.get(id(t.untyped_storage()), (None, None))
-            if ref is not None and ref() is t.untyped_storage():
-                ops[k].saveable = False
+        flow = self.flows[self.block].add(func, args, kwargs, out)
+        for k in flow.wrote:  # an output written in place later cannot be saved
+            ops[k].saveable = False
         inputs = {id(t.untyped_storage()) for t in ins}
         new = {} if view else {id(s): s for t in outs if id(s := t.untyped_storage()) not in inputs}
-        for key, storage in new.items():
-            self._made[key] = (weakref.ref(storage), len(ops))
         elements = 0 if view or func in strategies.MATRIX_OPS else sum(t.numel() for t in outs)
         presets = frozenset(m for m, decide in strategies.PRESETS.items() if decide(len(ops), func, args))
         ops.append(Op(strategies.op_name(func), flops, elements, moved, sum(st.nbytes() for st in new.values()),
                       strategies.draws_random(func, args, kwargs), presets, saveable=bool(new)))
         return out
-
-
-def _written(func, args, kwargs):
-    """The tensors `func` writes in place (its arguments marked `(a!)`)."""
-    schema = getattr(func, "_schema", None)
-    if schema is None:
-        return []
-    values = [args[i] if i < len(args) else kwargs.get(a.name) for i, a in enumerate(schema.arguments)]
-    return [t for a, v in zip(schema.arguments, values) if a.alias_info is not None and a.alias_info.is_write
-            for t in tree_leaves(v) if isinstance(t, torch.Tensor)]
 
 
 def record_ops(model, batch, loss_fn, *, blocks=None, real=False, seed=None) -> _OpRecorder:
@@ -309,7 +302,7 @@ def record_ops(model, batch, loss_fn, *, blocks=None, real=False, seed=None) -> 
     rec = _OpRecorder(len(chain))
 
     def enter(i, *_):
-        rec.block, rec._made = i, {}
+        rec.block, rec.flows[i] = i, pruning.Dataflow()
 
     def leave(*_):
         rec.block = None
@@ -422,18 +415,22 @@ def _op_cost(op: Op, kind: str, model) -> float:
     return op.flops + op.elements if kind == "flops" else model.seconds(op.flops, op.moved)
 
 
-def _recomputed(mode, ops, last) -> list:
+def _recomputed(mode, ops, flow) -> list:
     """The ops a recompute under `mode` runs again: those it does not save, up to the last one whose output
-    backward needs (torch's early stop)."""
+    backward needs (torch's early stop), but for a selective mode only those that backward needs (NOTE
+    [pruned recompute] in memfit.pruning)."""
     saved = saved_by(mode, ops)
-    return [op for k, op in enumerate(ops[:last + 1]) if k not in saved]
+    skip = set()
+    if mode not in (KEEP, RECOMPUTE) and not flow.opaque:
+        skip = pruning.skipped(flow.ops, flow.roots, flow.last, saved)
+    return [op for k, op in enumerate(ops[:flow.last + 1]) if k not in saved and k not in skip]
 
 
-def _block_costs(mode, ops, last, kind, model) -> float:
+def _block_costs(mode, ops, flow, kind, model) -> float:
     """What recomputing a block's ops under `mode` costs; in time, a policy's cost on each op too (NOTE [time
     model])."""
     policy = model.per_policy_op * len(ops) if kind == "time" and mode not in (KEEP, RECOMPUTE) else 0.0
-    return policy + sum(_op_cost(op, kind, model) for op in _recomputed(mode, ops, last))
+    return policy + sum(_op_cost(op, kind, model) for op in _recomputed(mode, ops, flow))
 
 
 # NOTE [op-level frontier]
@@ -460,10 +457,12 @@ def _block_costs(mode, ops, last, kind, model) -> float:
 FRONTIER = tuple(0.6 * 0.7 ** k for k in range(15))  # 0.6 down to 0.004
 
 
-def frontier(ops: list, last: int, kind: str, model=None, shares=FRONTIER) -> list[str]:
-    """The distinct `ops:...` modes of a block that leave these shares of its recompute cost, fewest bytes first."""
-    items = [(k, op.new_bytes, c) for k, op in enumerate(ops[:last + 1])
-             if op.saveable and not op.random and op.new_bytes > 0 and (c := _op_cost(op, kind, model)) > 0]
+def frontier(ops: list, flow, kind: str, model=None, shares=FRONTIER) -> list[str]:
+    """The distinct `ops:...` modes of a block that leave these shares of its recompute cost, fewest bytes
+    first; `flow` is the block's `memfit.pruning.Dataflow`."""
+    last, price = flow.last, [_op_cost(op, kind, model) for op in ops]
+    items = [(k, op.new_bytes, price[k]) for k, op in enumerate(ops[:last + 1])
+             if op.saveable and not op.random and op.new_bytes > 0 and price[k] > 0]
     names = {k: op.name for k, op in enumerate(ops)}
     pareto = [(0, 0.0, frozenset())]  # (bytes, cost avoided, ops saved), bytes ascending, cost strictly rising
     total = sum(b for _, b, _ in items)
@@ -476,25 +475,72 @@ def frontier(ops: list, last: int, kind: str, model=None, shares=FRONTIER) -> li
         if len(pareto) > 256:  # thin: the first point of each 1/256 of the bytes
             bucket = [int(p[0] * 256 / total) for p in pareto]
             pareto = [p for j, p in enumerate(pareto) if j == 0 or bucket[j] != bucket[j - 1]]
-    modes, whole = [], sum(_op_cost(op, kind, model) for op in ops[:last + 1])
+    found = {_pruned(ps, flow, price) for _, _, ps in pareto} | _greedy(items, flow, price)
+    points = []  # (bytes, cost left, ops saved): bytes ascending, cost strictly falling
+    for b, c, ps in sorted((sum(ops[k].new_bytes for k in ps), c, ps) for ps, c in found):
+        if not points or c < points[-1][1]:
+            points.append((b, c, ps))
+    modes, whole = [], sum(price[:last + 1])
     for share in shares:  # the fewest bytes that leave at most this share of the block's recompute cost
-        best = next((p for p in pareto if whole - p[1] <= share * whole), pareto[-1])
+        best = next((p for p in points if p[1] <= share * whole), points[-1])
         mode = strategies.ops_mode({k: names[k] for k in best[2]})
         if best[2] and mode not in modes:
             modes.append(mode)
     return modes
 
 
+def _pruned(saved, flow, price) -> tuple:
+    """(the ops of `saved` the recompute uses, what it costs) for a block whose
+    recompute takes `saved` from the cache and skips what nothing needs (NOTE
+    [pruned recompute]): a saved output that nothing reads is not worth its bytes."""
+    last = flow.last
+    if flow.opaque:
+        return frozenset(saved), sum(c for k, c in enumerate(price[:last + 1]) if k not in saved)
+    need = pruning.needed(flow.ops, flow.roots, last, saved)
+    used = frozenset(k for k in saved if k in need or flow.ops[k].kind not in (pruning.FRESH, pruning.INPLACE))
+    skip = pruning.skipped(flow.ops, flow.roots, last, used)
+    return used, sum(c for k, c in enumerate(price[:last + 1]) if k not in used and k not in skip)
+
+
+def _greedy(items, flow, price) -> set:
+    """Points the knapsack, whose items are independent, cannot see: saving an
+    op can spare the ops before it that only it needed. From nothing saved,
+    save at each step the op that spares the most cost per byte."""
+    saved, cost = _pruned(frozenset(), flow, price)
+    points = set()
+    while True:
+        steps = [(c, -b, k, s) for k, b, _ in items if k not in saved
+                 for s, c in [_pruned(saved | {k}, flow, price)] if c < cost]
+        if not steps:
+            return points
+        _, _, _, saved = min(steps, key=lambda t: ((t[0] - cost) / -t[1], t[2]))
+        cost = _pruned(saved, flow, price)[1]
+        points.add((saved, cost))
+
+
+def _frontiers(rec, kind, model) -> list:
+    """Each block's `frontier`, worked out once for blocks alike (a transformer's layers)."""
+    known = {}
+
+    def key(i):
+        flow = rec.flows[i]
+        return (tuple((dataclasses.astuple(op), f) for op, f in zip(rec.blocks[i], flow.ops)), frozenset(flow.roots), flow.last,
+                flow.opaque)
+    return [known[k] if (k := key(i)) in known else known.setdefault(k, frontier(rec.blocks[i], rec.flows[i], kind,
+                                                                                 model))
+            for i in range(len(rec.blocks))]
+
+
 def _costs(points: dict, reads: dict, rec, model) -> tuple:
     """(costs[kind][mode][i], recomputed matmul FLOPs[mode][i]) from the ops recorded (`_block_costs`)."""
     n = len(rec.blocks)
     mode_of = lambda m, i: points[m][i] if m in points else m  # noqa: E731
-    costs = {kind: {m: [_block_costs(mode_of(m, i), rec.blocks[i], rec.last[i], kind, model) for i in range(n)]
+    costs = {kind: {m: [_block_costs(mode_of(m, i), rec.blocks[i], rec.flows[i], kind, model) for i in range(n)]
                     for m in reads if m != OFFLOAD} for kind in (("flops", "time") if model else ("flops",))}
     costs["flops"][OFFLOAD] = [float("inf")] * n
     if model and OFFLOAD in reads:  # to the host and back: NOTE [time model]
         costs["time"][OFFLOAD] = [2 * k * (model.per_offloaded_byte or 0) for k in reads[KEEP]["kept"]]
-    recomputed = {m: [sum(op.flops for op in _recomputed(mode_of(m, i), rec.blocks[i], rec.last[i]))
+    recomputed = {m: [sum(op.flops for op in _recomputed(mode_of(m, i), rec.blocks[i], rec.flows[i]))
                       for i in range(n)] for m in reads if m != OFFLOAD}
     recomputed[OFFLOAD] = [0] * n
     return costs, recomputed
@@ -640,7 +686,7 @@ def profile(model, batch, loss_fn, *, blocks=None, optimizer=None, cost="flops",
     chains = [len(c) for c in find_chains(model, blocks)]
     model_t = calibrate(device) if cost == "time" else None
     rec = record_ops(model, batch, loss_fn, blocks=blocks, real=real, seed=seed)
-    per_block = [frontier(rec.blocks[i], rec.last[i], cost, model_t) for i in range(n)]
+    per_block = _frontiers(rec, cost, model_t)
     points = {f"ops/{j + 1}": [modes[min(j, len(modes) - 1)] if modes else RECOMPUTE for modes in per_block]
               for j in range(max(map(len, per_block), default=0))}
     sims = {KEEP: plain}

@@ -283,6 +283,6 @@ def policy(mode: str):
                                                  saved_random)
                 decisions.append(save)
             return CheckpointPolicy.MUST_SAVE if save else CheckpointPolicy.PREFER_RECOMPUTE
-        policy_fn.replayed = 0
+        policy_fn.replayed, policy_fn.decisions = 0, decisions
         return policy_fn
     return fresh

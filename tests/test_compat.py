@@ -127,14 +127,14 @@ def test_verify_compile_sets_a_plan_against_compiles_own_budget(monkeypatch):
     """A plan verified under a partitioning backend is set against torch.compile's activation_memory_budget: the
     budget reported reaches a measured peak no higher than the plan's, and says what it recomputes."""
     from memfit import verification
-    monkeypatch.setattr(verification, "COMPILE_BUDGETS", (0.5, 0.9))  # two compilations, not five
+    monkeypatch.setattr(verification, "COMPILE_BUDGETS", (0.1, 1.0))  # one reaches the peak, one does not
     torch._dynamo.reset()
     model, batch = gpt_no_dropout(), gpt.batch("tiny", 8)
-    plan = memfit.plan(model, batch, gpt.loss_fn, "90%", cost="flops")  # a peak the partitioner reaches
+    plan = memfit.plan(model, batch, gpt.loss_fn, "95%", cost="flops")  # a peak the partitioner reaches
     r = memfit.verify(copy.deepcopy(model), batch, gpt.loss_fn, plan, steps=1, compile="aot_eager_decomp_partition")
     assert r["passed"], r["failures"]
     found = r["compile_budget_at_this_peak"]
-    assert found is not None and found["budget"] in (0.5, 0.9)
+    assert found is not None and found["budget"] == 0.1
     assert found["peak_bytes"] <= r["checkpointed"]["peak_bytes"] and found["recompute_flops"] >= 0
     assert "compile_budget_at_this_peak" not in memfit.verify(copy.deepcopy(model), batch, gpt.loss_fn, plan,
                                                              steps=1)  # eager: nothing to set it against

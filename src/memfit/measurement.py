@@ -32,7 +32,7 @@ from memfit.flops import counting_flops
 from memfit.memory import static_tensors, storage_bytes, track_memory
 from memfit.wrapping import apply
 
-__all__ = ["Run", "steps", "measure", "compiled", "resolve_device"]
+__all__ = ["Run", "steps", "measure", "compiled", "run_of", "resolve_device"]
 
 
 @dataclass
@@ -129,6 +129,45 @@ def compiled(model, backend: str):
         run._boxed_call = getattr(graph, "_boxed_call", False)  # called with a list of inputs, if it is
         return run
     return torch.compile(model, backend=counting), calls
+
+
+# The torch.compile backends whose code calls aten ops, which the storage tracker sees (NOTE [compiled code]).
+SEEN_BY_THE_TRACKER = ("eager", "aot_eager", "aot_eager_decomp_partition", "aot_eager_default_partitioner")
+
+
+def check_backend(compile) -> None:
+    """A MemfitError unless `compile` is None or a torch.compile backend's name."""
+    if compile and compile not in torch._dynamo.list_backends(exclude_tags=()):
+        raise MemfitError(f"unknown torch.compile backend {compile!r}; use inductor (the default), aot_eager, "
+                          f"or another name torch._dynamo.list_backends() gives.")
+
+
+def run_of(model, compile, device, optimizer=None) -> Run:
+    """A run of `model` (AdamW, or `optimizer`'s class), compiled with the backend `compile` if given. NOTE
+    [compiled code] in memfit.memory: the storage tracker sees what the aot_eager backends' code allocates, not
+    inductor's CPU kernels' buffers, which the allocator's events show."""
+    opt = (optimizer or torch.optim.AdamW)(model.parameters(), lr=1e-3)
+    if not compile:
+        return Run(model, opt)
+    forward, calls = compiled(model, compile)
+    return Run(model, opt, forward=forward, graph_calls=calls,
+               allocator_events=torch.device(device).type == "cpu" and compile not in SEEN_BY_THE_TRACKER)
+
+
+def compiled_peak(model, batch, loss_fn, strategy, backend, *, blocks=None, optimizer=None) -> int:
+    """The peak of a steady-state step of a copy of `model` with `strategy`
+    applied, compiled with `backend` (its first step compiles, outside the
+    measurement)."""
+    m = apply(copy.deepcopy(model).train(), strategy, blocks=blocks)
+    run = run_of(m, backend, next(m.parameters()).device, optimizer)
+    # each copy compiles anew (its guards are on its own parameters): past dynamo's recompile limit, it would run
+    # eagerly
+    with torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit + 1000):
+        steps([run], batch, loss_fn, flops=False, timed=0)
+    if not all(run.graphs_per_step):
+        raise MemfitError(f"the model compiled with {backend} ran no compiled graph in a step, so its compiled peak "
+                          f"cannot be measured; plan without compile.")
+    return run.mem.peak_bytes
 
 
 def measure(model, batch, loss_fn, strategy, *, blocks=None, optimizer=None, timed_steps=2, memory=True,

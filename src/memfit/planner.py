@@ -229,12 +229,17 @@ def signature(model, batch, blocks=None) -> dict:
 _CACHE: dict = {}
 
 
-def plan(model, batch, loss_fn, budget, *, blocks=None, cost="time", optimizer=None, distributed=None) -> Plan:
+def plan(model, batch, loss_fn, budget, *, blocks=None, cost="time", optimizer=None, distributed=None,
+         compile=None) -> Plan:
     result = plan_or_none(model, batch, loss_fn, budget, blocks=blocks, cost=cost, optimizer=optimizer,
-                          distributed=distributed)
+                          distributed=distributed, compile=compile)
     if isinstance(result, Plan):
         return result
     prof, budget_bytes = result
+    if compile:
+        raise MemfitError(f"no plan tried peaks at or below {fmt_bytes(budget_bytes)} once compiled with "
+                          f"{compile} (NOTE [planning for the compiled step]); give a larger budget, or plan for "
+                          f"eager mode (no compile).")
     minimum = _minimum_budget(prof, cost)
     solution = solve(prof, minimum, cost, bins=200)
     reachable = minimum
@@ -246,7 +251,8 @@ def plan(model, batch, loss_fn, budget, *, blocks=None, cost="time", optimizer=N
                       f"{fmt_bytes(prof.baseline_peak_bytes)}); give a budget of at least that, or a smaller batch.")
 
 
-def plan_or_none(model, batch, loss_fn, budget, *, blocks=None, cost="time", optimizer=None, distributed=None):
+def plan_or_none(model, batch, loss_fn, budget, *, blocks=None, cost="time", optimizer=None, distributed=None,
+                 compile=None):
     """The cheapest plan whose predicted peak fits `budget`.
 
     `budget`: bytes, '20GiB', '800MB', '60%' (of the plain run's peak, with
@@ -256,21 +262,29 @@ def plan_or_none(model, batch, loss_fn, budget, *, blocks=None, cost="time", opt
     `distributed`: ("ddp" | "fsdp", world size) plans for one rank of that
     run, `batch` being the rank's share (see `memfit.distributed.rank_timeline`);
     budgets and peaks are then per rank.
+    `compile`: a torch.compile backend the model will be trained under: the
+    plan is made for the compiled step, whose peak is measured (NOTE
+    [planning for the compiled step]); '60%' is then of the compiled plain step.
     Plans are cached by model shape, input shapes, budget and cost, so calling
     this every step re-plans only when the shapes change. `plan_or_none`
     returns (profile, budget bytes) instead of raising when no plan fits.
     """
     if cost not in ("time", "flops"):
         raise MemfitError(f"unknown cost {cost!r}; use time (the device's time model) or flops (deterministic).")
+    if compile:
+        from memfit.measurement import check_backend
+        check_backend(compile)
+    if compile and distributed:
+        raise MemfitError("planning for a compiled step is for one process; plan without compile under "
+                          "--distributed.")
     sig = signature(model, batch, blocks)
-    key = json.dumps([sig, Budget.parse(budget).text, cost, str(blocks), getattr(optimizer, "__name__", None), distributed],
-                     sort_keys=True)
+    key = json.dumps([sig, Budget.parse(budget).text, cost, str(blocks), getattr(optimizer, "__name__", None),
+                      distributed, compile], sort_keys=True)
     if key in _CACHE:
         return _CACHE[key]
     device = next(model.parameters()).device
     budget = Budget.parse(budget)  # a bad budget fails before profiling
     prof = profile(model, batch, loss_fn, blocks=blocks, optimizer=optimizer, cost=cost, distributed=distributed)
-    budget_bytes = budget.bytes(prof.baseline_peak_bytes, device)
     peaks = {tuple(strategies.parse(name, prof.chain_sizes)): peak for name, peak in prof.uniform_peaks.items()}
 
     def peak_of(units):
@@ -280,23 +294,92 @@ def plan_or_none(model, batch, loss_fn, budget, *, blocks=None, cost="time", opt
                                   distributed=distributed, real=prof.memory_source == MEASURED,
                                   seed=prof.seed).peak_bytes
         return peaks[key]
-    found = _search(prof, budget_bytes, cost, peak_of)
-    if found is not None:
-        units, total, peak = found
-        recomputed = sum(prof.recomputed_flops(u.mode, i) for u in units for i in range(u.start, u.stop))
-        choices = {c.name: c for c in _choices(prof, units, cost)}  # and the blocks left plain, in model order
-        choices = [choices.get(name) or BlockChoice(name, KEEP, None, 0, 0.0) for name in sig["blocks"]]
-        result = Plan(choices, budget_bytes, peak, prof.baseline_peak_bytes,
-                      total / prof.step_cost(cost), cost, recomputed / prof.step_flops, sig, _sources(prof, cost),
-                      prof.coverage, prof.step_time_s)
-        if (warning := coverage_warning(prof.coverage)) is not None:
-            warnings.warn(f"memfit: {warning}.", CoverageWarning, stacklevel=3)
-        _CACHE[key] = result
-        return result
-    return prof, budget_bytes
+    sources, baseline = _sources(prof, cost), prof.baseline_peak_bytes
+    if compile:
+        from memfit.measurement import compiled_peak
+
+        def measured(units):
+            return compiled_peak(model, batch, loss_fn, units, compile, blocks=prof.names, optimizer=optimizer)
+        found, baseline, budget_bytes = _for_compiled(prof, budget, device, cost, peak_of, measured)
+        sources["memory"] = (f"measured on compiled steps ({compile}), one for each plan tried (NOTE [planning for "
+                             f"the compiled step]); the blocks' terms from eager steps, {sources['memory']}")
+    else:
+        budget_bytes = budget.bytes(prof.baseline_peak_bytes, device)
+        found = _search(prof, budget_bytes, cost, peak_of)
+    if found is None:
+        return prof, budget_bytes
+    units, total, peak = found
+    recomputed = sum(prof.recomputed_flops(u.mode, i) for u in units for i in range(u.start, u.stop))
+    choices = {c.name: c for c in _choices(prof, units, cost)}  # and the blocks left plain, in model order
+    choices = [choices.get(name) or BlockChoice(name, KEEP, None, 0, 0.0) for name in sig["blocks"]]
+    result = Plan(choices, budget_bytes, peak, baseline, total / prof.step_cost(cost), cost,
+                  recomputed / prof.step_flops, sig, sources, prof.coverage, prof.step_time_s)
+    if (warning := coverage_warning(prof.coverage)) is not None:
+        warnings.warn(f"memfit: {warning}.", CoverageWarning, stacklevel=3)
+    _CACHE[key] = result
+    return result
 
 
-def resolve_plan(strategy, model, batch, loss_fn, blocks=None, cost="time"):
+# NOTE [planning for the compiled step]
+# torch.compile changes what a step keeps: decompositions, the partitioner
+# (which honours memfit's selective policies and recomputes what it chooses
+# in regions without one), the order of the backward's ops. An eager plan for
+# 60% of the peak can peak at 46% compiled, recomputing more than it needs,
+# or above its budget. The peak of a compiled step cannot be simulated block
+# by block, so the planner steers the eager planner by measurement: it plans
+# in eager mode for a target, compiles the plan on a copy of the model and
+# measures a step's peak. From the budget, the target goes down by the excess
+# until a plan fits; then it is bisected upwards, towards the eager plain
+# peak (a higher target recomputes less), while the plans still fit. It keeps
+# the cheapest plan whose compiled peak fits, after at most `COMPILED_TRIES`
+# compilations each way (a plan met before is not compiled again). The plan's
+# peak is the measured compiled one; its FLOPs are the eager profile's.
+COMPILED_TRIES = 4
+
+
+def _for_compiled(prof, budget, device, cost, peak_of, measured):
+    """(units, cost, compiled peak) of the cheapest plan tried whose compiled peak fits (or None), the compiled
+    plain step's peak, and the budget in bytes."""
+    keep = [Unit(i, i + 1, KEEP) for i in range(len(prof.names))]
+    plain = measured(keep)
+    budget_bytes = budget.bytes(plain, device)
+    if plain <= budget_bytes:
+        return (keep, 0.0, plain), plain, budget_bytes
+    peaks, best = {}, None
+
+    def peak_at(target):
+        """The compiled peak of the eager plan for `target` (None if there is none), the cheapest fitting kept."""
+        nonlocal best
+        found = _search(prof, target, cost, peak_of)
+        if found is None:
+            return None
+        units, total, _ = found
+        if tuple(units) not in peaks:
+            peaks[tuple(units)] = measured(units)
+        peak = peaks[tuple(units)]
+        if peak <= budget_bytes and (best is None or total < best[1]):
+            best = (units, total, peak)
+        return peak
+
+    lo, hi, target = None, prof.baseline_peak_bytes, budget_bytes
+    for _ in range(COMPILED_TRIES):  # down, by the excess, until a plan fits
+        peak = peak_at(target)
+        if peak is None:
+            break
+        if peak <= budget_bytes:
+            lo = target
+            break
+        hi, target = target, target - (peak - budget_bytes)
+    for _ in range(COMPILED_TRIES if lo is not None else 0):  # then up, while plans fit
+        if hi - lo < 0.01 * budget_bytes:
+            break
+        mid = (lo + hi) / 2
+        peak = peak_at(mid)
+        lo, hi = (mid, hi) if peak is not None and peak <= budget_bytes else (lo, mid)
+    return best, plain, budget_bytes
+
+
+def resolve_plan(strategy, model, batch, loss_fn, blocks=None, cost="time", compile=None):
     """The `Plan` a schedule names (planned now for `batch` when it is a
     budget, loaded when it is a file), or None when it names no plan."""
     s = schedule.parse(strategy)
@@ -305,7 +388,7 @@ def resolve_plan(strategy, model, batch, loss_fn, blocks=None, cost="time"):
     if batch is None or loss_fn is None:
         raise MemfitError(f"checkpointing {str(s)!r} plans for a batch: give batch and loss_fn too, or a plan "
                           f"file (plan:PATH.json).")
-    return plan(model, batch, loss_fn, s.budget, blocks=blocks, cost=cost)
+    return plan(model, batch, loss_fn, s.budget, blocks=blocks, cost=cost, compile=compile)
 
 
 def apply(model, strategy="blocks", blocks=None, state_replay=True, *, budget=None, batch=None, loss_fn=None,

@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_map
 from memfit import strategies
 from memfit.blocks import find_blocks, find_chains
 from memfit.errors import MemfitError
-from memfit.measurement import Run, compiled
+from memfit.measurement import check_backend, run_of
 from memfit.measurement import steps as run_steps
 from memfit.planner import resolve_plan
 from memfit.profiling import CoverageWarning, coverage, coverage_warning
@@ -32,8 +32,6 @@ from memfit.wrapping import apply, wrapped_blocks
 
 __all__ = ["verify"]
 
-# The torch.compile backends whose code calls aten ops, which the storage tracker sees (NOTE [compiled code]).
-SEEN_BY_THE_TRACKER = ("eager", "aot_eager", "aot_eager_decomp_partition", "aot_eager_default_partitioner")
 # The backends whose min-cut partitioner takes torch._functorch.config.activation_memory_budget, and the budgets
 # `verify` tries when it sets a plan against it (the partitioner's frontier is not monotonic in the budget).
 PARTITIONED = ("aot_eager_decomp_partition", "inductor")
@@ -76,14 +74,13 @@ def _check_arguments(steps, grad_tol, compile) -> None:
         raise MemfitError(f"steps must be at least 1, got {steps}.")
     if grad_tol is not None and not (isinstance(grad_tol, (int, float)) and 0 <= grad_tol < float("inf")):
         raise MemfitError(f"grad_tol {grad_tol} must be a finite number of at least 0, like 1e-4 (0: bitwise).")
-    if compile and compile not in torch._dynamo.list_backends(exclude_tags=()):
-        raise MemfitError(f"unknown torch.compile backend {compile!r}; use inductor (the default), aot_eager, "
-                          f"or another name torch._dynamo.list_backends() gives.")
+    check_backend(compile)
 
 
-def _units(strategy, model, batch, loss_fn, blocks, device):
-    """(the plan or None, the units) of a strategy, checked against the model and device."""
-    the_plan = resolve_plan(strategy, model, batch, loss_fn, blocks)
+def _units(strategy, model, batch, loss_fn, blocks, device, compile=None):
+    """(the plan or None, the units) of a strategy, checked against the model and device; a budget is planned
+    for the step compiled with `compile`, if given (NOTE [planning for the compiled step] in memfit.planner)."""
+    the_plan = resolve_plan(strategy, model, batch, loss_fn, blocks, compile=compile)
     if the_plan is not None:
         the_plan.check([n for n, _ in find_blocks(model, blocks)])
         units = the_plan.units
@@ -96,25 +93,13 @@ def _units(strategy, model, batch, loss_fn, blocks, device):
     return the_plan, units
 
 
-def _run(model, compile, device) -> Run:
-    """A run of `model`, compiled with the backend `compile` if given. NOTE [compiled code] in memfit.memory:
-    the storage tracker sees what the aot_eager backends' code allocates, not inductor's CPU kernels' buffers,
-    which the allocator's events show."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    if not compile:
-        return Run(model, opt)
-    forward, calls = compiled(model, compile)
-    return Run(model, opt, forward=forward, graph_calls=calls,
-               allocator_events=device.type == "cpu" and compile not in SEEN_BY_THE_TRACKER)
-
-
 def _compile_budget_at(model, base, peak, batch, loss_fn, compile, device, blocks, seed) -> dict | None:
     """What torch.compile's own memory budget recomputes at a measured peak no higher than `peak`: each of
     `COMPILE_BUDGETS`, set while a plain copy compiles, measured (peak, FLOPs) like the plan's run; the one that
     recomputes least, or None if none gets that low."""
     runs = {}
     for budget in COMPILE_BUDGETS:
-        run = _run(apply(copy.deepcopy(model), "none", blocks=blocks), compile, device)
+        run = run_of(apply(copy.deepcopy(model), "none", blocks=blocks), compile, device)
         with torch._functorch.config.patch(activation_memory_budget=budget):
             run.step(batch, loss_fn, seed)  # compiles now, under this budget
         runs[budget] = run
@@ -220,7 +205,7 @@ def verify(model, batch, loss_fn, strategy="blocks", *, steps=5, device="cpu", s
     model = model.to(device).train()
     batch = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, batch)
     n_blocks = len(find_blocks(model, blocks))
-    the_plan, units = _units(strategy, model, batch, loss_fn, blocks, device)
+    the_plan, units = _units(strategy, model, batch, loss_fn, blocks, device, compile)
     if grad_tol is None:
         # compiled with decompositions and a partitioner (or inductor's kernels), the plain and the checkpointed
         # graphs sum in other orders: not bitwise equal
@@ -228,7 +213,7 @@ def verify(model, batch, loss_fn, strategy="blocks", *, steps=5, device="cpu", s
 
     # the baseline gets apply(none): no block is wrapped, but a Hugging Face KV cache is off in both runs
     # (NOTE [no KV cache] in memfit.wrapping)
-    base, ckpt = (_run(apply(copy.deepcopy(model), s, blocks=blocks, state_replay=state_replay), compile, device)
+    base, ckpt = (run_of(apply(copy.deepcopy(model), s, blocks=blocks, state_replay=state_replay), compile, device)
                   for s in ("none", the_plan or units))
     grad_rel, grads_bitwise = _run_both(base, ckpt, batch, loss_fn, seed, steps)
     share = coverage(model, batch, loss_fn, blocks=blocks)

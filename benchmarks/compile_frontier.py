@@ -8,6 +8,8 @@ For each model, on this machine, in one run:
   `torch._functorch.config.activation_memory_budget` 0.0, 0.1, ..., 1.0;
 * memfit's plan at 30% to 90% of the plain step's peak, with the FLOP and the
   time cost, in eager mode, and the same plans compiled;
+* memfit's FLOP-cost plan for the compiled step at the same levels (NOTE
+  [planning for the compiled step] in memfit.planner), compiled;
 * every uniform strategy, in eager mode.
 Each is a run of its own copy of the model; `memfit.measurement.steps` drives
 them all side by side: the peak of a steady-state step (memfit's tracker),
@@ -41,6 +43,7 @@ BACKEND = "aot_eager_decomp_partition"
 COMPILE_BUDGETS = tuple(round(0.1 * i, 1) for i in range(11))
 PLAN_BUDGETS = (30, 40, 50, 60, 70, 80, 90)
 UNIFORM = ("none", "blocks", "every:2", "sqrt", "selective", "scores", "pointwise")
+FOR_COMPILE = "flops, for compile"
 SETUPS = {"gpt": dict(size="tiny", batch_size=64), "resnet-se": dict(size="tiny", batch_size=64),
           "hf:llama": dict(size="tiny", batch_size=32)}
 
@@ -76,6 +79,15 @@ def runs_for(name, model, batch, loss_fn, out: Console):
     for pct in PLAN_BUDGETS:
         if ("flops", pct) in plans:
             runs[("plan (flops), compiled", pct)] = compiled_run(model, plans[("flops", pct)], 1.0, batch, loss_fn)
+    plain = next(iter(plans.values())).baseline_peak_bytes  # the eager plain step's: the levels are of it
+    for pct in PLAN_BUDGETS:  # planned for the compiled step (NOTE [planning for the compiled step])
+        try:
+            plans[(FOR_COMPILE, pct)] = p = memfit.plan(model, batch, loss_fn, int(pct / 100 * plain), cost="flops",
+                                                       compile=BACKEND)
+        except memfit.MemfitError as e:
+            out.print(f"  {name}: no plan for the compiled step at {pct}%: {e}")
+            continue
+        runs[(f"plan ({FOR_COMPILE})", pct)] = compiled_run(model, p, 1.0, batch, loss_fn)
     for b in COMPILE_BUDGETS:
         runs[("compile budget", b)] = compiled_run(model, "none", b, batch, loss_fn)
     return runs, plans
@@ -85,7 +97,7 @@ def rows_for(name, runs, plans):
     plain = runs[("uniform", "none")]
     rows = []
     for (kind, level), run in runs.items():
-        if kind == "compile budget" or kind.endswith("compiled"):
+        if kind == "compile budget" or kind.endswith("compiled") or FOR_COMPILE in kind:
             assert all(run.graphs_per_step), f"{name} {kind} {level}: a measured step ran eagerly"
         p = plans.get((kind.split("(")[-1].split(")")[0], level)) if kind.startswith("plan") else None
         q = statistics.quantiles(run.times, n=4) if len(run.times) > 1 else [run.times[0]] * 3
@@ -117,8 +129,9 @@ def compare(rows):
         best = {k: min((x["recompute_flops"] for x in same if x["kind"] == k), default=None)
                 for k in ("compile budget", "uniform")}
         fitting_uniform = [x for x in same if x["kind"] == "uniform" and x["peak_bytes"] <= r["budget_bytes"]]
-        twin = next((x for x in rows if x["model"] == r["model"] and x["kind"] == "plan (flops)"
-                     and x["level"] == r["level"]), None)
+        twin = r["kind"] == "plan (time)" and next(
+            (x for x in rows if x["model"] == r["model"] and x["kind"] == "plan (flops)" and x["level"] == r["level"]),
+            None)
         out.append({**r, "compile_at_this_peak": best["compile budget"], "uniform_at_this_peak": best["uniform"],
                     "time_vs_flops_plan": twin and r["step_time_s"] / twin["step_time_s"] - 1,
                     "noise": twin and max(r["time_spread"], twin["time_spread"]),
@@ -138,7 +151,7 @@ def table(comparisons) -> Table:
         t.add_row(c["model"], c["kind"][len("plan ("):-1], f"{c['level']}%", f"{c['peak']:.1%}",
                   f"{c['prediction_error']:+.2%}", pct(c["recompute_flops"]), pct(c["compile_at_this_peak"]),
                   pct(c["uniform_at_this_peak"]), f"{c['slowdown']:+.1%}",
-                  "" if c["kind"] == "plan (flops)" else f"{c['time_vs_flops_plan']:+.1%} (±{c['noise']:.1%})")
+                  f"{c['time_vs_flops_plan']:+.1%} (±{c['noise']:.1%})" if c["noise"] else "")
     return t
 
 
@@ -163,7 +176,7 @@ def plot(rows, path):
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
     for ax, name in zip(axes[0], names):
         for kind, style in (("compile budget", "o-"), ("plan (flops)", "s-"), ("plan (time)", "^--"),
-                            ("plan (flops), compiled", "x:"), ("uniform", "D")):
+                            ("plan (flops), compiled", "x:"), (f"plan ({FOR_COMPILE})", "v-"), ("uniform", "D")):
             pts = sorted((r["peak"], r["recompute_flops"]) for r in rows if r["model"] == name and r["kind"] == kind)
             if pts:
                 ax.plot([100 * p for p, _ in pts], [100 * f for _, f in pts], style, label=kind)

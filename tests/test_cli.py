@@ -63,6 +63,8 @@ GPT = str(Path(__file__).resolve().parent.parent / "configs" / "gpt-char.yaml")
 VERIFY = ["verify", "--model", "mlp", "--size", "tiny", "--steps", "1"]
 ROWS = [
     ([*VERIFY, "--strategy", "plan:binary.json"], "is not a text file"),
+    (["plan", "--model", "mlp", "--size", "tiny", "--budget", "90%", "--compile", "nosuch"],
+     "unknown torch.compile backend 'nosuch'"),
     ([*VERIFY, "--strategy", "plan:empty.json"], "it has no blocks"),
     ([*VERIFY, "--strategy", "plan:segment.json"], "does not contain it"),
     (["verify", "--model", ":"], "names no factory"),

@@ -123,6 +123,26 @@ def test_verify_compile_measures_the_compiled_step():
     assert compiled["baseline"]["flops"] == eager["baseline"]["flops"]
 
 
+def test_a_plan_for_the_compiled_step_fits_its_budget_compiled(monkeypatch):
+    """NOTE [planning for the compiled step]: the plan's peak is the compiled
+    step's, measured again to the byte and within the budget; '70%' is of the
+    compiled plain step; and where the eager plan for the same bytes peaks
+    lower once compiled, the plan for the compiled step recomputes less."""
+    from memfit import planner
+    from memfit.measurement import compiled_peak
+    monkeypatch.setattr(planner, "COMPILED_TRIES", 2)
+    torch._dynamo.reset()
+    model, batch, backend = gpt_no_dropout(), gpt.batch("tiny", 8), "aot_eager_decomp_partition"
+    p = memfit.plan(model, batch, gpt.loss_fn, "70%", cost="flops", compile=backend)
+    assert "compiled steps" in p.sources["memory"]
+    assert p.baseline_peak_bytes == compiled_peak(model, batch, gpt.loss_fn, "none", backend)
+    assert p.budget_bytes == int(0.7 * p.baseline_peak_bytes)
+    assert compiled_peak(model, batch, gpt.loss_fn, p, backend) == p.predicted_peak_bytes <= p.budget_bytes
+    eager = memfit.plan(model, batch, gpt.loss_fn, p.budget_bytes, cost="flops")
+    assert compiled_peak(model, batch, gpt.loss_fn, eager, backend) < p.budget_bytes
+    assert p.predicted_recompute_flops < eager.predicted_recompute_flops
+
+
 def test_verify_compile_sets_a_plan_against_compiles_own_budget(monkeypatch):
     """A plan verified under a partitioning backend is set against torch.compile's activation_memory_budget: the
     budget reported reaches a measured peak no higher than the plan's, and says what it recomputes."""

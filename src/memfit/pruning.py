@@ -24,8 +24,9 @@ the shapes of what it recomputes).
 
 Never wrong, only slower:
 * only ops that make new tensors and draw no random numbers are skipped, and
-  in-place ops whose target is a placeholder; random ops always run, so the
-  generator advances as in the forward;
+  in-place ops on the block's own tensors (whose targets then count as
+  placeholders); random ops always run, so the generator advances as in the
+  forward;
 * while recomputing, an op that reads a placeholder (other than a view or a
   metadata query), or a placeholder that autograd would save, raises: a
   recompute that takes another path than its forward fails loudly;
@@ -303,8 +304,9 @@ class _Pruning(TorchDispatchMode):
 
     def _skip(self, func, args, kwargs, kind):
         """Placeholders for the outputs of `func`, or None to run it after all."""
-        if kind == INPLACE:
-            return args[0] if self.is_placeholder(args[0]) else None
+        if kind == INPLACE:  # its target no longer holds what the forward had: a placeholder now
+            self._mark(args[0])
+            return args[0]
         try:
             with _disable_current_modes():
                 meta = func(*tree_map(_to_meta, args), **tree_map(_to_meta, kwargs))
@@ -314,9 +316,12 @@ class _Pruning(TorchDispatchMode):
         out = tree_map(lambda m: torch.empty_strided(m.shape, m.stride(), dtype=m.dtype, device=device)
                        if isinstance(m, torch.Tensor) else m, meta)
         for t in _tensors(out):
-            key, s = _storage_key(t)
-            self._placeholders[key] = weakref.ref(s)
+            self._mark(t)
         return out
+
+    def _mark(self, t):
+        key, s = _storage_key(t)
+        self._placeholders[key] = weakref.ref(s)
 
 
 def _to_meta(x):

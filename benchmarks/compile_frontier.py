@@ -73,7 +73,7 @@ def runs_for(name, model, batch, loss_fn, out: Console):
             try:
                 plans[(cost, pct)] = p = memfit.plan(model, batch, loss_fn, f"{pct}%", cost=cost)
             except memfit.MemfitError as e:
-                out.print(f"  {name}: no plan at {pct}% ({cost}): {e}")
+                out.print(f"  {name}: no plan at {pct}% ({cost}): {e}", markup=False)
                 continue
             runs[(f"plan ({cost})", pct)] = eager_run(model, p)
     for pct in PLAN_BUDGETS:
@@ -85,7 +85,7 @@ def runs_for(name, model, batch, loss_fn, out: Console):
             plans[(FOR_COMPILE, pct)] = p = memfit.plan(model, batch, loss_fn, int(pct / 100 * plain), cost="flops",
                                                        compile=BACKEND)
         except memfit.MemfitError as e:
-            out.print(f"  {name}: no plan for the compiled step at {pct}%: {e}")
+            out.print(f"  {name}: no plan for the compiled step at {pct}%: {e}", markup=False)
             continue
         runs[(f"plan ({FOR_COMPILE})", pct)] = compiled_run(model, p, 1.0, batch, loss_fn)
     for b in COMPILE_BUDGETS:

@@ -21,6 +21,7 @@ simulated one: on CPU it is what the step will measure, to the byte.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import warnings
@@ -274,9 +275,9 @@ def plan_or_none(model, batch, loss_fn, budget, *, blocks=None, cost="time", opt
     if compile:
         from memfit.measurement import check_backend
         check_backend(compile)
-    if compile and distributed:
-        raise MemfitError("planning for a compiled step is for one process; plan without compile under "
-                          "--distributed.")
+        if distributed:
+            raise MemfitError("planning for a compiled step is for one process; give compile or distributed, "
+                              "not both.")
     sig = signature(model, batch, blocks)
     key = json.dumps([sig, Budget.parse(budget).text, cost, str(blocks), getattr(optimizer, "__name__", None),
                       distributed, compile], sort_keys=True)
@@ -297,9 +298,8 @@ def plan_or_none(model, batch, loss_fn, budget, *, blocks=None, cost="time", opt
     sources, baseline = _sources(prof, cost), prof.baseline_peak_bytes
     if compile:
         from memfit.measurement import compiled_peak
-
-        def measured(units):
-            return compiled_peak(model, batch, loss_fn, units, compile, blocks=prof.names, optimizer=optimizer)
+        measured = functools.partial(compiled_peak, model, batch, loss_fn, backend=compile, blocks=prof.names,
+                                     optimizer=optimizer)
         found, baseline, budget_bytes = _for_compiled(prof, budget, device, cost, peak_of, measured)
         sources["memory"] = (f"measured on compiled steps ({compile}), one for each plan tried (NOTE [planning for "
                              f"the compiled step]); the blocks' terms from eager steps, {sources['memory']}")
@@ -308,16 +308,19 @@ def plan_or_none(model, batch, loss_fn, budget, *, blocks=None, cost="time", opt
         found = _search(prof, budget_bytes, cost, peak_of)
     if found is None:
         return prof, budget_bytes
+    if (warning := coverage_warning(prof.coverage)) is not None:
+        warnings.warn(f"memfit: {warning}.", CoverageWarning, stacklevel=3)
+    _CACHE[key] = result = _plan_from(prof, found, sig, budget_bytes, baseline, cost, sources)
+    return result
+
+
+def _plan_from(prof: Profile, found, sig, budget_bytes, baseline, cost, sources) -> Plan:
     units, total, peak = found
     recomputed = sum(prof.recomputed_flops(u.mode, i) for u in units for i in range(u.start, u.stop))
     choices = {c.name: c for c in _choices(prof, units, cost)}  # and the blocks left plain, in model order
     choices = [choices.get(name) or BlockChoice(name, KEEP, None, 0, 0.0) for name in sig["blocks"]]
-    result = Plan(choices, budget_bytes, peak, baseline, total / prof.step_cost(cost), cost,
-                  recomputed / prof.step_flops, sig, sources, prof.coverage, prof.step_time_s)
-    if (warning := coverage_warning(prof.coverage)) is not None:
-        warnings.warn(f"memfit: {warning}.", CoverageWarning, stacklevel=3)
-    _CACHE[key] = result
-    return result
+    return Plan(choices, budget_bytes, peak, baseline, total / prof.step_cost(cost), cost,
+                recomputed / prof.step_flops, sig, sources, prof.coverage, prof.step_time_s)
 
 
 # NOTE [planning for the compiled step]

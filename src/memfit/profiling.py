@@ -50,11 +50,9 @@ import dataclasses
 import functools
 import time
 import warnings
-import weakref
 from dataclasses import dataclass, field
 
 import torch
-import torch.utils.checkpoint as tuc
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
@@ -435,12 +433,17 @@ def _block_costs(mode, ops, flow, kind, model) -> float:
 
 # NOTE [op-level frontier]
 # Between keeping a block's activations and recomputing them all lie the
-# choices of which of its ops' outputs to save. A recompute re-runs every op
-# it has not saved (up to the last one backward needs), so each op is an item:
+# choices of which of its ops' outputs to save. Were every op it has not
+# saved re-run (up to the last one backward needs), each op would be an item:
 # saving it costs the bytes of the storage it creates and saves its recompute
 # cost (its FLOPs plus one per element, or its time). The exact Pareto
 # frontier of (bytes saved, cost avoided) over a block's items is a knapsack,
-# computed here by merging and pruning lists of points. Its points that leave
+# computed here by merging and pruning lists of points. The recompute skips
+# the ops nothing needs (NOTE [pruned recompute] in memfit.pruning), so
+# saving an op can also spare the ops before it: each point is priced by the
+# pruned recompute, outputs saved that nothing reads are dropped from it, and
+# a greedy walk that saves, step by step, the op sparing the most cost per
+# byte adds the points the knapsack cannot see. Of them all, the points that leave
 # `FRONTIER` shares of the block's whole recompute cost (falling by 0.7 from
 # 0.6: the planner trades memory against small costs) become modes `ops:...`
 # for that block; each block of the chain gets its own. They are not

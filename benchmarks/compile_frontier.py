@@ -192,7 +192,7 @@ def main():
     ap.add_argument("--models", default=",".join(SETUPS))
     ap.add_argument("--steps", type=int, default=7, help="timed steps per run (interleaved)")
     args = ap.parse_args()
-    out = Console()
+    out = Console(emoji=False)
     torch._dynamo.config.cache_size_limit = 256
     # Each copy of a model is compiled at its first step, under its own budget (`compiled_run`); no
     # torch._dynamo.reset() between them, which would recompile them all under the budget in force later.

@@ -43,14 +43,22 @@ def test_every_strategy_gives_the_plain_gradients(built):
         assert all(torch.equal(a, b) for a, b in zip(buffers, buffers_s)), (name, strategy)
 
 
-def test_op_level_modes_give_the_plain_gradients(built):
+def test_op_level_modes_give_the_plain_gradients(built, monkeypatch):
     """Each block under a point in the middle of its own op-level frontier, and
     under the point that saves the most (NOTE [op-level frontier]): the same
     loss, gradients and buffers, bitwise, and no error from torch's cache
-    (an output written in place later must not be saved)."""
+    (an output written in place later must not be saved); with the recompute
+    pruned (NOTE [pruned recompute]), which skips ops on every model."""
+    from memfit import pruning
     from memfit.profiling import frontier, record_ops
     from memfit.strategies import Unit
     name, model, batch, loss_fn = built
+    skipped, end = [], pruning.Pruner._end_forward
+
+    def spy(self):
+        end(self)
+        skipped.append(len(self.skip))
+    monkeypatch.setattr(pruning.Pruner, "_end_forward", spy)
     rec = record_ops(model, batch, loss_fn, real=True, seed=0)
     modes = [frontier(ops, flow, "flops") for ops, flow in zip(rec.blocks, rec.flows)]
     assert any(modes), name
@@ -61,6 +69,7 @@ def test_op_level_modes_give_the_plain_gradients(built):
         assert torch.equal(loss, loss_s) and plain.keys() == grads_s.keys(), name
         assert all(torch.equal(plain[n], grads_s[n]) for n in plain), name
         assert all(torch.equal(a, b) for a, b in zip(buffers, buffers_s)), name
+    assert sum(skipped) > 0, name
 
 
 def measured_peak(model, batch, loss_fn, strategy):

@@ -10,6 +10,7 @@ from torch import nn
 import memfit
 from memfit import models
 from memfit.models import REGISTRY, gpt
+from memfit.strategies import Unit
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -121,6 +122,42 @@ def test_verify_compile_measures_the_compiled_step():
         assert compiled[run]["peak_bytes"] != eager[run]["peak_bytes"], run
     assert compiled["checkpointed"]["flops"] != eager["checkpointed"]["flops"]  # what the partitioner recomputes
     assert compiled["baseline"]["flops"] == eager["baseline"]["flops"]
+
+
+def test_op_level_modes_save_their_ops_under_compile(monkeypatch):
+    """NOTE [op-level modes under compile]: torch.compile's trace shows the
+    policy a `clone` for each dropout of p=0, which eager mode never
+    dispatches, so the op numbers drift; a traced policy still saves every op
+    its mode lists (here every matmul and attention kernel of each block)."""
+    from memfit import strategies
+    from memfit.profiling import record_ops
+    torch._dynamo.reset()
+    model, batch = gpt_no_dropout(), gpt.batch("tiny", 8)
+    ops = record_ops(model, batch, gpt.loss_fn).blocks[0]
+    mode = strategies.ops_mode({k: op.name for k, op in enumerate(ops) if op.name in ("addmm", "mm")
+                                or op.name.startswith("_scaled_dot_product")})
+    made, policy = [], strategies.policy
+
+    def keeping(m):  # each policy made: its decisions, and the names of the ops it was shown
+        fresh = policy(m)
+
+        def make(**kw):
+            fn, names = fresh(**kw), []
+
+            def spy(ctx, op, *args, **kwargs):
+                names.append(strategies.op_name(op))
+                return fn(ctx, op, *args, **kwargs)
+            spy.decisions = fn.decisions
+            made.append((fn.decisions, names))
+            return spy
+        return make
+    monkeypatch.setattr(strategies, "policy", keeping)
+    n = len(memfit.find_blocks(model))
+    compiled = torch.compile(memfit.apply(copy.deepcopy(model), [Unit(i, i + 1, mode) for i in range(n)]),
+                             backend="aot_eager")
+    gpt.loss_fn(compiled, batch).backward()
+    traced = [d for d, names in made if "clone" in names]
+    assert traced and all(sum(d) == len(strategies.saved_ops(mode)) for d in traced)
 
 
 def test_a_plan_for_the_compiled_step_fits_its_budget_compiled(monkeypatch):

@@ -70,7 +70,7 @@ def run(fn, args, kwargs, policy=None, state_replay=True, training_only=True):
 
 
 def _selective_contexts(policy):
-    return tuc.create_selective_checkpoint_contexts(policy())
+    return tuc.create_selective_checkpoint_contexts(policy(traced=True))
 
 
 def _recomputes(fn, training_only=True) -> bool:

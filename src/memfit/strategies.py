@@ -256,20 +256,51 @@ def random_rule(save: bool, random: bool, saved_random: bool) -> tuple:
     return save, save
 
 
+# NOTE [op-level modes under compile]
+# torch.compile traces a checkpointed block with the policy and honours what
+# it saves, but its trace shows the policy ops that eager mode never
+# dispatches (a dropout of p=0 becomes a `clone`), so the op numbers of an
+# `ops:` mode drift after the first of them and the names no longer match:
+# the block would be recomputed whole. A traced policy therefore aligns: it
+# saves the next op of the mode's list at the first op of that name whose
+# number, less the drift so far, is at least the listed one, and takes the
+# difference as the new drift; an op it has not met within `TRACE_WINDOW` ops
+# of its place is given up. It can save another op than the profile meant,
+# never a wrong gradient: whatever a policy saves, the checkpoint is exact.
+TRACE_WINDOW = 16
+
+
+def _traced(saved: dict):
+    """`decide(k, op, args)` for a block's traced forward: NOTE [op-level modes under compile]."""
+    pending, drift = sorted(saved.items()), 0
+
+    def decide(k, op, args):
+        nonlocal drift
+        while pending and k - drift > pending[0][0] + TRACE_WINDOW:
+            pending.pop(0)
+        if pending and op_name(op) == pending[0][1] and k - drift >= pending[0][0]:
+            drift = k - pending.pop(0)[0]
+            return True
+        return False
+    return decide
+
+
 def policy(mode: str):
     """A function that returns a fresh selective-checkpoint policy for one
     checkpointed call of a block under `mode` (a preset, or `ops:...`), with
-    NOTE [random ops] applied; None for modes without one."""
+    NOTE [random ops] applied; None for modes without one. `fresh(traced=True)`
+    gives the policy for torch.compile's trace (NOTE [op-level modes under compile])."""
     if is_ops(mode):
         saved = saved_ops(mode)
-        decide = lambda k, op, args: saved.get(k) == op_name(op)  # noqa: E731
+        exact = lambda k, op, args: saved.get(k) == op_name(op)  # noqa: E731
+        make = lambda traced: _traced(saved) if traced else exact  # noqa: E731
     elif mode in PRESETS:
-        decide = PRESETS[mode]
+        make = lambda traced: PRESETS[mode]  # noqa: E731
     else:
         return None
 
-    def fresh():
-        decisions, saved_random = [], False
+    def fresh(traced=False):
+        decide, decisions, saved_random = make(traced), [], False
 
         def policy_fn(ctx, op, *args, **kwargs):
             nonlocal saved_random

@@ -154,20 +154,20 @@ def run_of(model, compile, device, optimizer=None) -> Run:
                allocator_events=torch.device(device).type == "cpu" and compile not in SEEN_BY_THE_TRACKER)
 
 
-def compiled_peak(model, batch, loss_fn, strategy, backend, *, blocks=None, optimizer=None) -> int:
-    """The peak of a steady-state step of a copy of `model` with `strategy`
-    applied, compiled with `backend` (its first step compiles, outside the
-    measurement)."""
+def compiled_step(model, batch, loss_fn, strategy, backend, *, blocks=None, optimizer=None) -> tuple[int, int]:
+    """(peak bytes, FLOPs) of a steady-state step of a copy of `model` with
+    `strategy` applied, compiled with `backend` (its first step compiles,
+    outside the measurement)."""
     m = apply(copy.deepcopy(model).train(), strategy, blocks=blocks)
     run = run_of(m, backend, next(m.parameters()).device, optimizer)
     # each copy compiles anew (its guards are on its own parameters): past dynamo's recompile limit, it would run
     # eagerly
     with torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit + 1000):
-        steps([run], batch, loss_fn, flops=False, timed=0)
+        steps([run], batch, loss_fn, timed=0)
     if not all(run.graphs_per_step):
         raise MemfitError(f"the model compiled with {backend} ran no compiled graph in a step, so its compiled peak "
                           f"cannot be measured; plan without compile.")
-    return run.mem.peak_bytes
+    return run.mem.peak_bytes, run.flops
 
 
 def measure(model, batch, loss_fn, strategy, *, blocks=None, optimizer=None, timed_steps=2, memory=True,

@@ -297,12 +297,13 @@ def plan_or_none(model, batch, loss_fn, budget, *, blocks=None, cost="time", opt
         return peaks[key]
     sources, baseline = _sources(prof, cost), prof.baseline_peak_bytes
     if compile:
-        from memfit.measurement import compiled_peak
-        measured = functools.partial(compiled_peak, model, batch, loss_fn, backend=compile, blocks=prof.names,
+        from memfit.measurement import compiled_step
+        measured = functools.partial(compiled_step, model, batch, loss_fn, backend=compile, blocks=prof.names,
                                      optimizer=optimizer)
         found, baseline, budget_bytes = _for_compiled(prof, budget, device, cost, peak_of, measured)
         sources["memory"] = (f"measured on compiled steps ({compile}), one for each plan tried (NOTE [planning for "
                              f"the compiled step]); the blocks' terms from eager steps, {sources['memory']}")
+        sources["flops"] = f"counted on the compiled steps ({compile})"
     else:
         budget_bytes = budget.bytes(prof.baseline_peak_bytes, device)
         found = _search(prof, budget_bytes, cost, peak_of)
@@ -315,8 +316,12 @@ def plan_or_none(model, batch, loss_fn, budget, *, blocks=None, cost="time", opt
 
 
 def _plan_from(prof: Profile, found, sig, budget_bytes, baseline, cost, sources) -> Plan:
-    units, total, peak = found
+    """`found`: (units, cost, peak[, recomputed FLOPs as a share of a step, if measured])."""
+    units, total, peak, *measured = found
     recomputed = sum(prof.recomputed_flops(u.mode, i) for u in units for i in range(u.start, u.stop))
+    if measured:  # counted on a compiled step: it is also the cost, in FLOPs
+        recomputed = measured[0] * prof.step_flops
+        total = recomputed if cost == "flops" else total
     choices = {c.name: c for c in _choices(prof, units, cost)}  # and the blocks left plain, in model order
     choices = [choices.get(name) or BlockChoice(name, KEEP, None, 0, 0.0) for name in sig["blocks"]]
     return Plan(choices, budget_bytes, peak, baseline, total / prof.step_cost(cost), cost,
@@ -331,24 +336,25 @@ def _plan_from(prof: Profile, found, sig, budget_bytes, baseline, cost, sources)
 # or above its budget. The peak of a compiled step cannot be simulated block
 # by block, so the planner steers the eager planner by measurement: it plans
 # in eager mode for a target, compiles the plan on a copy of the model and
-# measures a step's peak. From the budget, the target goes down by the excess
-# until a plan fits; then it is bisected upwards, towards the eager plain
-# peak (a higher target recomputes less), while the plans still fit. It keeps
-# the cheapest plan whose compiled peak fits, after at most `COMPILED_TRIES`
-# compilations each way (a plan met before is not compiled again). The plan's
-# peak is the measured compiled one; its FLOPs are the eager profile's.
+# measures a step's peak and FLOPs. From the budget, the target goes down by
+# the excess until a plan fits; then it is bisected upwards, towards the
+# eager plain peak (a higher target recomputes less), while the plans still
+# fit. It keeps the plan whose compiled peak fits that recomputes the fewest
+# FLOPs on its compiled step (with the time cost: the least eager time),
+# after at most `COMPILED_TRIES` compilations each way (a plan met before is
+# not compiled again). The plan's peak and FLOPs are its compiled step's.
 COMPILED_TRIES = 4
 
 
 def _for_compiled(prof, budget, device, cost, peak_of, measured):
-    """(units, cost, compiled peak) of the cheapest plan tried whose compiled peak fits (or None), the compiled
-    plain step's peak, and the budget in bytes."""
+    """(units, cost, compiled peak, compiled recomputed FLOPs) of the cheapest plan tried whose compiled peak fits
+    (or None), the compiled plain step's peak, and the budget in bytes."""
     keep = [Unit(i, i + 1, KEEP) for i in range(len(prof.names))]
-    plain = measured(keep)
+    plain, plain_flops = measured(keep)
     budget_bytes = budget.bytes(plain, device)
     if plain <= budget_bytes:
-        return (keep, 0.0, plain), plain, budget_bytes
-    peaks, best = {}, None
+        return (keep, 0.0, plain, 0.0), plain, budget_bytes
+    steps, best = {}, None
 
     def peak_at(target):
         """The compiled peak of the eager plan for `target` (None if there is none), the cheapest fitting kept."""
@@ -357,11 +363,13 @@ def _for_compiled(prof, budget, device, cost, peak_of, measured):
         if found is None:
             return None
         units, total, _ = found
-        if tuple(units) not in peaks:
-            peaks[tuple(units)] = measured(units)
-        peak = peaks[tuple(units)]
-        if peak <= budget_bytes and (best is None or total < best[1]):
-            best = (units, total, peak)
+        if tuple(units) not in steps:
+            steps[tuple(units)] = measured(units)
+        peak, flops = steps[tuple(units)]
+        recomputed = flops / plain_flops - 1
+        key = recomputed if cost == "flops" else total
+        if peak <= budget_bytes and (best is None or key < best[0]):
+            best = (key, (units, total, peak, recomputed))
         return peak
 
     lo, hi, target = None, prof.baseline_peak_bytes, budget_bytes
@@ -379,7 +387,7 @@ def _for_compiled(prof, budget, device, cost, peak_of, measured):
         mid = (lo + hi) / 2
         peak = peak_at(mid)
         lo, hi = (mid, hi) if peak is not None and peak <= budget_bytes else (lo, mid)
-    return best, plain, budget_bytes
+    return best and best[1], plain, budget_bytes
 
 
 def resolve_plan(strategy, model, batch, loss_fn, blocks=None, cost="time", compile=None):

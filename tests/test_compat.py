@@ -162,7 +162,7 @@ def test_op_level_modes_save_their_ops_under_compile(monkeypatch):
 
 def test_a_plan_for_the_compiled_step_fits_its_budget_compiled(monkeypatch):
     """NOTE [planning for the compiled step]: the plan's peak is the compiled
-    step's, measured again to the byte and within the budget; '70%' is of the
+    step's, measured again to the byte and within the budget; '80%' is of the
     compiled plain step; the eager plan for the same bytes, compiled, peaks
     above the budget or recomputes no less."""
     from memfit import planner
@@ -170,9 +170,9 @@ def test_a_plan_for_the_compiled_step_fits_its_budget_compiled(monkeypatch):
     monkeypatch.setattr(planner, "COMPILED_TRIES", 3)
     torch._dynamo.reset()
     model, batch, backend = gpt_no_dropout(), gpt.batch("tiny", 8), "aot_eager_decomp_partition"
-    p = memfit.plan(model, batch, gpt.loss_fn, "70%", cost="flops", compile=backend)
+    p = memfit.plan(model, batch, gpt.loss_fn, "80%", cost="flops", compile=backend)
     assert "compiled steps" in p.sources["memory"]
-    assert p.budget_bytes == int(0.7 * p.baseline_peak_bytes)
+    assert p.budget_bytes == int(0.8 * p.baseline_peak_bytes)
     peak, flops = compiled_step(model, batch, gpt.loss_fn, p, backend)
     assert peak == p.predicted_peak_bytes <= p.budget_bytes
     eager = memfit.plan(model, batch, gpt.loss_fn, p.budget_bytes, cost="flops")

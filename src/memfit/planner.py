@@ -301,9 +301,7 @@ def plan_or_none(model, batch, loss_fn, budget, *, blocks=None, cost="time", opt
         measured = functools.partial(compiled_step, model, batch, loss_fn, backend=compile, blocks=prof.names,
                                      optimizer=optimizer)
         found, baseline, budget_bytes = _for_compiled(prof, budget, device, cost, peak_of, measured)
-        sources["memory"] = (f"measured on compiled steps ({compile}), one for each plan tried (NOTE [planning for "
-                             f"the compiled step]); the blocks' terms from eager steps, {sources['memory']}")
-        sources["flops"] = f"counted on the compiled steps ({compile})"
+        sources.update(_compiled_sources(compile, sources))
     else:
         budget_bytes = budget.bytes(prof.baseline_peak_bytes, device)
         found = _search(prof, budget_bytes, cost, peak_of)
@@ -336,14 +334,21 @@ def _plan_from(prof: Profile, found, sig, budget_bytes, baseline, cost, sources)
 # or above its budget. The peak of a compiled step cannot be simulated block
 # by block, so the planner steers the eager planner by measurement: it plans
 # in eager mode for a target, compiles the plan on a copy of the model and
-# measures a step's peak and FLOPs. From the budget, the target goes down by
-# the excess until a plan fits; then it is bisected upwards, towards the
-# eager plain peak (a higher target recomputes less), while the plans still
-# fit. It keeps the plan whose compiled peak fits that recomputes the fewest
-# FLOPs on its compiled step (with the time cost: the least eager time),
-# after at most `COMPILED_TRIES` compilations each way (a plan met before is
+# measures a step's peak and FLOPs. If the eager plan for the budget fits
+# once compiled, the target is bisected upwards, towards the eager plain peak
+# (a higher target recomputes less); if not, downwards, towards the lowest
+# target the planner reaches (if even that plan does not fit, there is no
+# plan). It keeps the plan whose compiled peak fits that recomputes the
+# fewest FLOPs on its compiled step (with the time cost: the least eager
+# time), after at most `COMPILED_TRIES` bisection steps (a plan met before is
 # not compiled again). The plan's peak and FLOPs are its compiled step's.
-COMPILED_TRIES = 4
+COMPILED_TRIES = 6
+
+
+def _compiled_sources(compile, sources) -> dict:
+    return {"memory": f"measured on compiled steps ({compile}), one for each plan tried (NOTE [planning for the "
+                      f"compiled step]); the blocks' terms from eager steps, {sources['memory']}",
+            "flops": f"counted on the compiled steps ({compile})"}
 
 
 def _for_compiled(prof, budget, device, cost, peak_of, measured):
@@ -356,12 +361,12 @@ def _for_compiled(prof, budget, device, cost, peak_of, measured):
         return (keep, 0.0, plain, 0.0), plain, budget_bytes
     steps, best = {}, None
 
-    def peak_at(target):
-        """The compiled peak of the eager plan for `target` (None if there is none), the cheapest fitting kept."""
+    def fits(target) -> bool:
+        """Whether the eager plan for `target` fits once compiled; the cheapest that fits is kept."""
         nonlocal best
         found = _search(prof, target, cost, peak_of)
         if found is None:
-            return None
+            return False
         units, total, _ = found
         if tuple(units) not in steps:
             steps[tuple(units)] = measured(units)
@@ -370,24 +375,20 @@ def _for_compiled(prof, budget, device, cost, peak_of, measured):
         key = recomputed if cost == "flops" else total
         if peak <= budget_bytes and (best is None or key < best[0]):
             best = (key, (units, total, peak, recomputed))
-        return peak
+        return peak <= budget_bytes
 
-    lo, hi, target = None, prof.baseline_peak_bytes, budget_bytes
-    for _ in range(COMPILED_TRIES):  # down, by the excess, until a plan fits
-        peak = peak_at(target)
-        if peak is None:
-            break
-        if peak <= budget_bytes:
-            lo = target
-            break
-        hi, target = target, target - (peak - budget_bytes)
-    for _ in range(COMPILED_TRIES if lo is not None else 0):  # then up, while plans fit
+    if fits(budget_bytes):
+        lo, hi = budget_bytes, prof.baseline_peak_bytes  # a higher target may fit too, and recompute less
+    else:
+        lo, hi = _minimum_budget(prof, cost), budget_bytes
+        if not fits(lo):
+            return None, plain, budget_bytes
+    for _ in range(COMPILED_TRIES):  # bisect: `lo` fits once compiled, `hi` does not
         if hi - lo < 0.01 * budget_bytes:
             break
         mid = (lo + hi) / 2
-        peak = peak_at(mid)
-        lo, hi = (mid, hi) if peak is not None and peak <= budget_bytes else (lo, mid)
-    return best and best[1], plain, budget_bytes
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return best[1], plain, budget_bytes
 
 
 def resolve_plan(strategy, model, batch, loss_fn, blocks=None, cost="time", compile=None):

@@ -167,7 +167,7 @@ def test_a_plan_for_the_compiled_step_fits_its_budget_compiled(monkeypatch):
     above the budget or recomputes no less."""
     from memfit import planner
     from memfit.measurement import compiled_step
-    monkeypatch.setattr(planner, "COMPILED_TRIES", 3)
+    monkeypatch.setattr(planner, "COMPILED_TRIES", 2)
     torch._dynamo.reset()
     model, batch, backend = gpt_no_dropout(), gpt.batch("tiny", 8), "aot_eager_decomp_partition"
     p = memfit.plan(model, batch, gpt.loss_fn, "80%", cost="flops", compile=backend)

@@ -154,3 +154,18 @@ def test_the_peak_model_of_op_level_points_is_what_a_simulation_reads():
         assert got["kept"] == prof.kept[label], label
         assert all(w <= e for w, e in zip(got["work"], prof.work[label])), label
         assert all(t <= e for t, e in zip(got["transient"], prof.transient[label])), label
+
+
+def test_the_frontier_sees_what_saving_an_op_spares_before_it():
+    """NOTE [op-level frontier] with the pruned recompute: saving a cheap sum
+    that is all a costly matmul feeds spares the matmul too, so for the same
+    bytes the frontier saves the sum, not the matmul (a knapsack of
+    independent items would save the matmul and recompute the sum)."""
+    from types import SimpleNamespace
+
+    from memfit.profiling import Op, frontier
+    from memfit.pruning import FRESH, Flow
+    ops = [Op("mm", 100, 0, 0, 10, False, frozenset()), Op("add.Tensor", 0, 1, 0, 10, False, frozenset())]
+    flow = SimpleNamespace(ops=[Flow("mm", (), FRESH), Flow("add.Tensor", (0,), FRESH)], roots={1}, last=1,
+                           opaque=None)
+    assert frontier(ops, flow, "flops")[0] == "ops:add.Tensor@1"

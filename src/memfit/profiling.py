@@ -250,10 +250,6 @@ class _OpRecorder(TorchDispatchMode):
         self.block = None  # the block whose forward runs
         self.flops = self.moved = self.count = 0
 
-    @property
-    def last(self) -> list:
-        return [f.last for f in self.flows]
-
     def saved(self, tensor):  # a saved-tensor pack hook
         if self.block is not None:
             self.flows[self.block].packed(tensor)

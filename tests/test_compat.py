@@ -282,6 +282,7 @@ def ddp_worker(rank, port, strategy, find_unused, out):
         train_steps(ddp, batches)
         if rank == 0:
             torch.save(model.state_dict(), out)
+        dist.barrier()  # gloo can abort a process whose peer ends the group before it ("terminate called ...")
     finally:
         dist.destroy_process_group()
 

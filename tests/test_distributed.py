@@ -118,6 +118,7 @@ def plan_worker(rank, port, out):
             peaks.append(mem.peak_bytes)
         torch.save({"units": units, "peak": max(peaks), "budget": the_plan.budget_bytes,
                     "predicted": the_plan.predicted_peak_bytes}, f"{out}.{rank}")
+        dist.barrier()  # gloo can abort a process whose peer ends the group before it
     finally:
         dist.destroy_process_group()
 

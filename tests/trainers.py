@@ -172,6 +172,9 @@ def main(kind, out, budget):
     rank = dist.get_rank() if dist.is_initialized() else 0
     with open(f"{out}.rank{rank}.json", "w") as f:
         json.dump(result, f)
+    if dist.is_initialized():  # gloo can abort a process whose peer ends the group first
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

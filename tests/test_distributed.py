@@ -36,8 +36,9 @@ def one_process(tmp_path_factory):
     return torch.load(out / "model.pt", weights_only=True)
 
 
-@pytest.mark.parametrize("kind, strategy", [("ddp", "false"), ("ddp", "selective"), ("fsdp", "false"),
-                                            ("fsdp", "blocks"), ("fsdp", "sqrt")])
+@pytest.mark.parametrize("kind, strategy", [pytest.param("ddp", "false", marks=pytest.mark.slow), ("ddp", "selective"),
+                                            pytest.param("fsdp", "false", marks=pytest.mark.slow), ("fsdp", "blocks"),
+                                            pytest.param("fsdp", "sqrt", marks=pytest.mark.slow)])
 def test_torchrun_matches_one_process(tmp_path, one_process, kind, strategy):
     """Two processes, each on half of the global batch, end with the parameters of
     one process on the whole batch (sqrt: segments of two blocks, one FSDP group each)."""

@@ -167,7 +167,8 @@ def torchrun(kind, out):
     return [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(2)]
 
 
-@pytest.mark.parametrize("kind, how", [("hf", "DDP"), ("lightning", "DDP"), ("lightning-fsdp", "FSDP")])
+@pytest.mark.parametrize("kind, how", [("hf", "DDP"), pytest.param("lightning", "DDP", marks=pytest.mark.slow),
+                                       ("lightning-fsdp", "FSDP")])
 def test_two_gloo_processes(kind, how, tmp_path):
     """DDP (and FSDP2 under Lightning's ModelParallelStrategy): rank 0's plan, for one
     rank, is applied on both; the losses equal the run without memfit step for step,

@@ -27,7 +27,7 @@ SMALL = {  # keeps each recipe's CPU run to seconds
 
 
 @pytest.mark.parametrize("recipe", list(SMALL))
-@pytest.mark.parametrize("checkpointing", [True, False])
+@pytest.mark.parametrize("checkpointing", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_each_recipe_trains_from_its_config(recipe, checkpointing):
     overrides = {**SMALL[recipe], "training.max_iters": "10", "training.log_interval": "5",
                  "training.gradient_checkpointing": str(checkpointing).lower(), "training.memory_budget": "256MiB"}
@@ -57,7 +57,8 @@ def test_checkpointing_lowers_the_monitored_peak_and_the_prediction_holds():
 
 
 @pytest.mark.parametrize("recipe, strategy", [("gpt-char", "blocks"), ("resnet-se", "sqrt"),
-                                              ("vit-jepa", "selective"), ("video", "blocks")])
+                                              ("vit-jepa", "selective"),
+                                              pytest.param("video", "blocks", marks=pytest.mark.slow)])
 def test_checkpointing_on_or_off_is_the_same_training(recipe, strategy):
     """Same seed, same losses to the bit, whether or not checkpointing is on
     (and whatever the startup report probed)."""
@@ -72,6 +73,7 @@ def test_checkpointing_on_or_off_is_the_same_training(recipe, strategy):
     assert losses[strategy] == losses["false"]
 
 
+@pytest.mark.slow
 def test_gpt_recipe_learns():
     """The default config's data, batch and learning rate, on a 2x64 model for 150 iterations (27 s on
     2 cores; the 4x128 default for 300 was the suite's slowest test): validation loss clearly below the unigram entropy."""

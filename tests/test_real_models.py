@@ -47,29 +47,36 @@ def test_op_level_modes_give_the_plain_gradients(built, monkeypatch):
     """Each block under a point in the middle of its own op-level frontier, and
     under the point that saves the most (NOTE [op-level frontier]): the same
     loss, gradients and buffers, bitwise, and no error from torch's cache
-    (an output written in place later must not be saved); with the recompute
-    pruned (NOTE [pruned recompute]), which skips ops on every model."""
-    from memfit import pruning
+    (an output written in place later must not be saved); as `ops:` modes with
+    the recompute pruned (NOTE [pruned recompute]), which skips ops on every
+    model, and as their `lazy:` twins, recomputed on demand (NOTE [recompute on
+    demand]), whose handles backward unpacks on every model."""
+    from memfit import ondemand, pruning
     from memfit.profiling import frontier, record_ops
-    from memfit.strategies import Unit
+    from memfit.strategies import Unit, lazy
     name, model, batch, loss_fn = built
-    skipped, end = [], pruning.Pruner._end_forward
+    skipped, end, replayed, unpack = [], pruning.Pruner._end_forward, [], ondemand._unpack
 
     def spy(self):
         end(self)
         skipped.append(len(self.skip))
+
+    def unpack_spy(x):
+        replayed.append(isinstance(x, ondemand._Lazy))
+        return unpack(x)
     monkeypatch.setattr(pruning.Pruner, "_end_forward", spy)
+    monkeypatch.setattr(ondemand, "_unpack", unpack_spy)
     rec = record_ops(model, batch, loss_fn, real=True, seed=0)
     modes = [frontier(ops, flow, "flops") for ops, flow in zip(rec.blocks, rec.flows)]
     assert any(modes), name
     loss, plain, buffers = grads(model, batch, loss_fn, "none")
-    for point in (lambda m: m[len(m) // 2], lambda m: m[-1]):  # the middle, and the point that saves the most
+    for point in (lambda m: m[len(m) // 2], lambda m: lazy(m[len(m) // 2]), lambda m: m[-1], lambda m: lazy(m[-1])):
         units = [Unit(i, i + 1, point(m) if m else "recompute") for i, m in enumerate(modes)]
         loss_s, grads_s, buffers_s = grads(model, batch, loss_fn, units)
         assert torch.equal(loss, loss_s) and plain.keys() == grads_s.keys(), name
         assert all(torch.equal(plain[n], grads_s[n]) for n in plain), name
         assert all(torch.equal(a, b) for a, b in zip(buffers, buffers_s)), name
-    assert sum(skipped) > 0, name
+    assert sum(skipped) > 0 and sum(replayed) > 0, name
 
 
 def measured_peak(model, batch, loss_fn, strategy):

@@ -30,7 +30,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils import _python_dispatch
 
-from memfit import pruning
+from memfit import ondemand, pruning
 
 __all__ = ["checkpoint", "Region"]
 
@@ -59,6 +59,8 @@ def run(fn, args, kwargs, policy=None, state_replay=True, training_only=True):
         # dynamo takes a partial of constants: `policy` was made outside the traced code, by `apply`
         context = functools.partial(_selective_contexts, policy)
         return tuc.checkpoint(fn, *args, use_reentrant=False, context_fn=context, **kwargs)
+    if getattr(policy, "on_demand", False):  # NOTE [recompute on demand]
+        return ondemand.run(fn, args, kwargs, policy)
     region = Region(lambda *a: fn(*a, **kwargs), args, policy, owner=_owner(fn), state_replay=state_replay)
     try:
         out = fn(*args, **kwargs)

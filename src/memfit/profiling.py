@@ -393,6 +393,9 @@ def saved_by(mode: str, ops: list) -> set:
     """The indices of the ops whose outputs `mode` saves, NOTE [random ops] applied."""
     if mode == KEEP:
         return set(range(len(ops)))
+    if strategies.is_lazy(mode):  # recomputed on demand, which holds every random op's output
+        named = strategies.saved_ops(mode)
+        return {k for k, op in enumerate(ops) if op.random or named.get(k) == op.name}
     if strategies.is_ops(mode):
         saved = {k for k, name in strategies.saved_ops(mode).items() if k < len(ops) and ops[k].name == name}
     else:
@@ -688,6 +691,7 @@ def profile(model, batch, loss_fn, *, blocks=None, optimizer=None, cost="flops",
     per_block = _frontiers(rec, cost, model_t)
     points = {f"ops/{j + 1}": [modes[min(j, len(modes) - 1)] if modes else RECOMPUTE for modes in per_block]
               for j in range(max(map(len, per_block), default=0))}
+    lazy = {f"lazy/{label[4:]}": [strategies.lazy(m) for m in modes] for label, modes in points.items()}
     sims = {KEEP: plain}
     for m in modes_for("cpu" if real else device):
         if m == KEEP:
@@ -700,8 +704,12 @@ def profile(model, batch, loss_fn, *, blocks=None, optimizer=None, cost="flops",
             warnings.warn(f"memfit: offload left out of the plan, its simulation failed: {e}")
     segments = max(chains) > 1 and not simulate(model, batch, loss_fn, "segments:1", real=real, seed=seed,
                                                 **common).split
+    for label, modes in lazy.items():  # NOTE [op-level frontier]: simulated, as the presets are
+        sims[label] = simulate(model, batch, loss_fn, [Unit(i, i + 1, m) for i, m in enumerate(modes)], marks=True,
+                               real=real, seed=seed, **common)
     reads = {m: _read(sim, n) for m, sim in sims.items()}
     reads.update(_estimate(points, reads, rec))
+    points.update(lazy)
     keep, baseline = reads[KEEP], sims[KEEP]
     other = [keep["backward_start"][i] - keep["start"] - sum(keep["kept"][:i + 1]) for i in range(n)]
     costs, recomputed = _costs(points, reads, rec, model_t)

@@ -139,7 +139,7 @@ class Plan:
                  f"+{self.predicted_overhead:.1%} {kind}"]
         for b in self.blocks:
             saved = strategies.saved_ops(b.mode) if strategies.is_ops(b.mode) else None
-            mode = f"ops ({len(saved)})" if saved else b.mode
+            mode = f"{b.mode.partition(':')[0]} ({len(saved)})" if saved else b.mode
             line = f"  {b.name:<{width}}  {mode:<9}  keeps {fmt_bytes(b.kept_bytes):>10}"
             if b.cost:
                 line += f"  +{b.cost:.1%} {kind}"

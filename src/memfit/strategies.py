@@ -180,7 +180,10 @@ PRESETS = {SELECTIVE: _selective, SCORES: _scores, POINTWISE: _pointwise}
 # the one named is recomputed. Such a run can differ in time and memory from
 # the plan (the plan's peak is checked where it is simulated or measured),
 # never in its gradients: whatever a policy saves, torch's checkpoint is exact.
-OPS = "ops"
+# `lazy:mm@3,...` saves the same, but recomputes each other tensor when
+# backward needs it instead of re-running the block (NOTE [recompute on
+# demand] in memfit.ondemand); under torch.compile it is its `ops:` twin.
+OPS, LAZY = "ops", "lazy"
 
 
 def op_name(op) -> str:
@@ -189,17 +192,27 @@ def op_name(op) -> str:
 
 
 def is_ops(mode: str) -> bool:
-    return isinstance(mode, str) and mode.startswith(OPS + ":")
+    """An op-level mode: `ops:...` or `lazy:...`."""
+    return isinstance(mode, str) and mode.partition(":")[0] in (OPS, LAZY) and ":" in mode
 
 
-def ops_mode(saved: dict) -> str:
+def is_lazy(mode: str) -> bool:
+    return is_ops(mode) and mode.startswith(LAZY + ":")
+
+
+def ops_mode(saved: dict, lazy=False) -> str:
     """The mode that saves these op invocations ({number: op name})."""
-    return f"{OPS}:" + ",".join(f"{saved[k]}@{k}" for k in sorted(saved))
+    return f"{LAZY if lazy else OPS}:" + ",".join(f"{saved[k]}@{k}" for k in sorted(saved))
+
+
+def lazy(mode: str) -> str:
+    """The `lazy:` twin of an `ops:` mode; any other mode as it is."""
+    return LAZY + mode[len(OPS):] if is_ops(mode) and not is_lazy(mode) else mode
 
 
 def saved_ops(mode: str) -> dict:
-    """{number: op name} of the op invocations an `ops:...` mode saves; ValueError if it is not one."""
-    body = mode[len(OPS) + 1:] if is_ops(mode) else ""
+    """{number: op name} of the op invocations an `ops:...` or `lazy:...` mode saves; ValueError if it is not one."""
+    body = mode.partition(":")[2] if is_ops(mode) else ""
     pairs = [p.rpartition("@") for p in body.split(",")]
     if not body or not all(name and at and k.isdigit() for name, at, k in pairs):
         raise ValueError(f"{mode!r} is not an op-level mode like ops:mm@3,addmm@7")
@@ -316,4 +329,5 @@ def policy(mode: str):
             return CheckpointPolicy.MUST_SAVE if save else CheckpointPolicy.PREFER_RECOMPUTE
         policy_fn.replayed, policy_fn.decisions = 0, decisions
         return policy_fn
+    fresh.on_demand = is_lazy(mode)  # eager: NOTE [recompute on demand] in memfit.ondemand
     return fresh

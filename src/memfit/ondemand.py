@@ -6,8 +6,8 @@ first unpack, and everything the rerun makes stays until backward has used
 it: a block's recomputed activations are all live at once at the start of
 its backward. torch.compile's partitioner instead recomputes each tensor
 just before the backward op that needs it. This does the same in eager
-mode, for the op-level modes (`ops:NAME@K`, NOTE [op-level frontier] in
-memfit.profiling):
+mode, for the `lazy:NAME@K` modes (the `ops:` modes' twins, NOTE [op-level
+frontier] in memfit.profiling):
 
 While the block's forward runs, a dispatch mode (`_Recorder`) records each
 op: its function and arguments, each tensor argument named by the op that
@@ -37,8 +37,8 @@ Never wrong, only slower or refused:
   forward used it), the unpack raises, as autograd does for a saved tensor
   written in place;
 * under torch.compile the block goes through torch's checkpoint with the
-  policy (NOTE [op-level modes under compile] in memfit.strategies): the
-  partitioner interleaves recompute by itself.
+  policy, as its `ops:` twin (NOTE [op-level modes under compile] in
+  memfit.strategies): the partitioner interleaves recompute by itself.
 What is assumed, as the pruned recompute assumes (NOTE [pruned recompute]):
 an op's output depends only on its arguments; a kernel that writes a tensor
 without the dispatcher seeing it (a raw Triton or C++ launch into a tensor

@@ -445,12 +445,17 @@ def _block_costs(mode, ops, flow, kind, model) -> float:
 # byte adds the points the knapsack cannot see. Of them all, the points that leave
 # `FRONTIER` shares of the block's whole recompute cost (falling by 0.7 from
 # 0.6: the planner trades memory against small costs) become modes `ops:...`
-# for that block; each block of the chain gets its own. They are not
-# simulated one by one: their terms in the planner's peak model come from
-# `recompute`'s, the bytes of the outputs saved added to what the block keeps
-# and taken off what its backward rematerialises, but no lower than `keep`'s
-# (`_estimate`: what a point keeps is exact on GPT and Llama blocks, its
-# backward's rise exact or above, 2026-12-02). The plan the planner picks is then
+# for that block, and their twins `lazy:...` (NOTE [recompute on demand] in
+# memfit.ondemand); each block of the chain gets its own. The `ops:` points
+# are not simulated one by one: their terms in the planner's peak model come
+# from `recompute`'s, the bytes of the outputs saved added to what the block
+# keeps and taken off what its backward rematerialises, but no lower than
+# `keep`'s (`_estimate`: what a point keeps is exact on GPT and Llama blocks,
+# its backward's rise exact or above, 2026-12-02). A `lazy:` point's backward
+# rise depends on which recomputed tensors overlap, which no such estimate
+# follows (from 1.5x below to 3.3x above `keep`'s rise plus its two largest
+# recomputed outputs on GPT and Llama), so each is simulated, every block
+# under it, as the presets are. The plan the planner picks is then
 # simulated whole, as every plan is (NOTE [exact, then checked] in
 # memfit.planner): the peak it predicts never rests on the estimate.
 # Ops that cannot be saved: views and in-place ops (no storage of their own),

@@ -122,3 +122,31 @@ def test_double_backward_and_autocast_match_the_plain_step():
     plain = penalty(Chain())
     got = penalty(memfit.apply(Chain(), _nothing_saved()))
     assert torch.equal(plain, got)
+
+
+class WritesItsInput(nn.Module):
+    """exp's output is saved (for its backward) before the block writes its input, which exp read, in place."""
+
+    def forward(self, x):
+        y = torch.exp(x)
+        x.mul_(2.0)
+        return y * x
+
+
+def test_a_write_inside_the_block_keeps_the_tensors_a_replay_would_read():
+    """Plain autograd accepts this block (exp saves its output, not its input); a
+    replay of exp after `mul_` would read the written input, so the handle keeps
+    exp's output instead: the plain gradients, bitwise, and no error."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, requires_grad=True)
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([WritesItsInput(), WritesItsInput()])
+
+        def forward(self, x):
+            return self.blocks[1](self.blocks[0](x * 1.0))
+    (plain,) = torch.autograd.grad(Two()(x).sum(), x)
+    (got,) = torch.autograd.grad(memfit.apply(Two(), _nothing_saved())(x).sum(), x)
+    assert torch.equal(plain, got)

@@ -33,9 +33,12 @@ Never wrong, only slower or refused:
   included) and under no_grad: autograd gives an unpacked tensor its
   history back, so a backward with create_graph=True differentiates it;
 * each tensor a replay reads records its version counter when it is
-  recorded; if it changed before the replay (an in-place write after the
-  forward used it), the unpack raises, as autograd does for a saved tensor
-  written in place;
+  recorded. An op of the block that writes in place a tensor some handle's
+  replay reads first makes that handle keep its tensor (`hold`: the tensor
+  itself while it is alive, else evaluated then); a handle made after such a
+  write keeps its tensor from the start. A tensor written after the block's
+  forward (the recorder is gone) makes the unpack raise instead, as autograd
+  does for a saved tensor written in place;
 * under torch.compile the block goes through torch's checkpoint with the
   policy, as its `ops:` twin (NOTE [op-level modes under compile] in
   memfit.strategies): the partitioner interleaves recompute by itself.
@@ -47,6 +50,7 @@ made by `zeros`) would not be replayed.
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 import torch.utils.checkpoint as tuc
@@ -80,15 +84,35 @@ class _Ref:
 
 
 class _Lazy:
-    """What autograd keeps for a tensor a replayable op made."""
+    """What autograd keeps for a tensor a replayable op made: how to make it, or, once `hold` ran, the tensor."""
 
-    __slots__ = ("ref", "ancestors")
+    __slots__ = ("ref", "ancestors", "tensor", "value", "__weakref__")
 
-    def __init__(self, ref):
-        self.ref = ref
+    def __init__(self, ref, tensor):
+        self.ref, self.tensor, self.value = ref, weakref.ref(tensor), None
         self.ancestors = _replayed(ref.node)
         for node in self.ancestors:
             node.uses += 1
+
+    def reads(self) -> list:
+        """The held tensors a replay reads, with the version each had when read: [(tensor, version)]."""
+        return [(r.node.held[r.index], r.version) for n in self.ancestors for r in _refs((n.args, n.kwargs))
+                if r.node.held is not None and isinstance(r.node.held[r.index], torch.Tensor)]
+
+    def hold(self):
+        """Keep the tensor itself from now on: what a replay reads is about to be written in place."""
+        alive = self.tensor()
+        if alive is None:
+            self.value = _unpack(self)
+        else:
+            self.value = alive
+            self.release()
+
+    def release(self):
+        for node in self.ancestors:
+            node.uses -= 1
+            if node.uses <= 0:
+                node.value = None
 
 
 def _replayed(node) -> list:
@@ -130,7 +154,7 @@ class _Recorder(TorchDispatchMode):
 
     def __init__(self, policy_fn):
         super().__init__()
-        self.policy_fn, self.made = policy_fn, WeakTensorKeyDictionary()
+        self.policy_fn, self.made, self.handles = policy_fn, WeakTensorKeyDictionary(), weakref.WeakSet()
 
     def _arg(self, a):
         if isinstance(a, (list, tuple)):
@@ -144,6 +168,12 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        written = {id(t.untyped_storage()) for t in pruning.written(func, args, kwargs)}
+        if written:  # a handle whose replay reads what this op writes keeps its tensor instead
+            for handle in list(self.handles):
+                if any(id(t.untyped_storage()) in written for t, _ in handle.reads()):
+                    handle.hold()
+                    self.handles.discard(handle)
         out = func(*args, **kwargs)
         outs = list(out) if isinstance(out, (tuple, list)) else [out]
         save = func not in pruning.IGNORED and self.policy_fn(_CONTEXT, func, *args, **kwargs) in _SAVE
@@ -160,12 +190,19 @@ class _Recorder(TorchDispatchMode):
         found = self.made.get(t) if self.made is not None else None
         if found is None or found[0].held is not None:
             return t
-        return _Lazy(_Ref(found[0], found[1], _version(t)))
+        handle = _Lazy(_Ref(found[0], found[1], _version(t)), t)
+        if any(_version(x) != v for x, v in handle.reads()):  # written in place already: keep the tensor
+            handle.release()
+            return t
+        self.handles.add(handle)
+        return handle
 
 
 def _unpack(x):
     if not isinstance(x, _Lazy):
         return x
+    if x.value is not None:
+        return x.value
     with contextlib.ExitStack() as stack:  # autograd gives the tensor its history back: no graph to build
         stack.enter_context(torch.no_grad())
         for device in ("cpu", "cuda"):
@@ -174,10 +211,7 @@ def _unpack(x):
         try:
             return _evaluate(x.ref)
         finally:
-            for node in x.ancestors:
-                node.uses -= 1
-                if node.uses <= 0:
-                    node.value = None
+            x.release()
 
 
 def _evaluate(ref):
@@ -208,4 +242,4 @@ def run(fn, args, kwargs, policy):
         with torch.autograd.graph.saved_tensors_hooks(recorder.pack, _unpack), recorder:
             return fn(*args, **kwargs)
     finally:
-        recorder.made = None  # the handles hold what they need; the record goes
+        recorder.made, recorder.handles = None, ()  # the handles hold what they need; the record goes

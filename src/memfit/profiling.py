@@ -710,11 +710,15 @@ def profile(model, batch, loss_fn, *, blocks=None, optimizer=None, cost="flops",
     segments = max(chains) > 1 and not simulate(model, batch, loss_fn, "segments:1", real=real, seed=seed,
                                                 **common).split
     for label, modes in lazy.items():  # NOTE [op-level frontier]: simulated, as the presets are
-        sims[label] = simulate(model, batch, loss_fn, [Unit(i, i + 1, m) for i, m in enumerate(modes)], marks=True,
-                               real=real, seed=seed, **common)
+        try:
+            sims[label] = simulate(model, batch, loss_fn, [Unit(i, i + 1, m) for i, m in enumerate(modes)],
+                                   marks=True, real=real, seed=seed, **common)
+        except Exception as e:  # noqa: BLE001 - the plan keeps to the other modes
+            warnings.warn(f"memfit: recompute on demand left out of the plan, its step failed: {e}")
+            break
     reads = {m: _read(sim, n) for m, sim in sims.items()}
     reads.update(_estimate(points, reads, rec))
-    points.update(lazy)
+    points.update({label: modes for label, modes in lazy.items() if label in sims})
     keep, baseline = reads[KEEP], sims[KEEP]
     other = [keep["backward_start"][i] - keep["start"] - sum(keep["kept"][:i + 1]) for i in range(n)]
     costs, recomputed = _costs(points, reads, rec, model_t)

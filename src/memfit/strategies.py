@@ -200,9 +200,9 @@ def is_lazy(mode: str) -> bool:
     return is_ops(mode) and mode.startswith(LAZY + ":")
 
 
-def ops_mode(saved: dict, lazy=False) -> str:
+def ops_mode(saved: dict) -> str:
     """The mode that saves these op invocations ({number: op name})."""
-    return f"{LAZY if lazy else OPS}:" + ",".join(f"{saved[k]}@{k}" for k in sorted(saved))
+    return f"{OPS}:" + ",".join(f"{saved[k]}@{k}" for k in sorted(saved))
 
 
 def lazy(mode: str) -> str:

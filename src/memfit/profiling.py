@@ -670,6 +670,19 @@ def _source(model, batch, loss_fn, n, **kw) -> tuple:
                       f"cannot profile them; lower the model's layer-drop probability while planning.")
 
 
+def _each_point(points: dict, simulated) -> dict:
+    """{label: `simulated(units)`} for each op-level point, every block under it (NOTE [op-level frontier]);
+    a point whose step fails ends it, with a warning: the plan keeps to the other modes."""
+    sims = {}
+    for label, modes in points.items():
+        try:
+            sims[label] = simulated([Unit(i, i + 1, m) for i, m in enumerate(modes)])
+        except Exception as e:  # noqa: BLE001
+            warnings.warn(f"memfit: recompute on demand left out of the plan, its step failed: {e}")
+            break
+    return sims
+
+
 def profile(model, batch, loss_fn, *, blocks=None, optimizer=None, cost="flops", distributed=None) -> Profile:
     """Profile each block of `model`'s chain under each mode (keep, recompute,
     the presets, offload on CUDA, and the points of each block's op-level
@@ -709,13 +722,8 @@ def profile(model, batch, loss_fn, *, blocks=None, optimizer=None, cost="flops",
             warnings.warn(f"memfit: offload left out of the plan, its simulation failed: {e}")
     segments = max(chains) > 1 and not simulate(model, batch, loss_fn, "segments:1", real=real, seed=seed,
                                                 **common).split
-    for label, modes in lazy.items():  # NOTE [op-level frontier]: simulated, as the presets are
-        try:
-            sims[label] = simulate(model, batch, loss_fn, [Unit(i, i + 1, m) for i, m in enumerate(modes)],
-                                   marks=True, real=real, seed=seed, **common)
-        except Exception as e:  # noqa: BLE001 - the plan keeps to the other modes
-            warnings.warn(f"memfit: recompute on demand left out of the plan, its step failed: {e}")
-            break
+    sims.update(_each_point(lazy, lambda units: simulate(model, batch, loss_fn, units, marks=True, real=real,
+                                                          seed=seed, **common)))
     reads = {m: _read(sim, n) for m, sim in sims.items()}
     reads.update(_estimate(points, reads, rec))
     points.update({label: modes for label, modes in lazy.items() if label in sims})

@@ -64,15 +64,15 @@ def test_on_demand_peaks_below_the_rerun_of_the_same_mode():
 
 
 class Exp(nn.Module):
-    """exp saves its output, which the on-demand replay makes again from the block's input; the
-    matmul's bf16 inputs under autocast are replayed casts."""
+    """exp saves its output, which the on-demand replay makes again from the block's input (which
+    nothing saves); the matmul's bf16 inputs under autocast are replayed casts."""
 
     def __init__(self):
         super().__init__()
         self.w = nn.Parameter(torch.linspace(-1, 1, 64).reshape(8, 8))
 
     def forward(self, x):
-        return torch.exp(x @ self.w) * 2
+        return (torch.exp(x) @ self.w) * 2
 
 
 class Chain(nn.Module):
@@ -150,3 +150,17 @@ def test_a_write_inside_the_block_keeps_the_tensors_a_replay_would_read():
     (plain,) = torch.autograd.grad(Two()(x).sum(), x)
     (got,) = torch.autograd.grad(memfit.apply(Two(), _nothing_saved())(x).sum(), x)
     assert torch.equal(plain, got)
+
+
+def test_a_point_whose_step_fails_leaves_lazy_modes_out_with_a_warning():
+    """The profile simulates each `lazy:` point; where a step fails (a replay
+    refused), the points from there on are left out, and it says so."""
+    from memfit.profiling import _each_point
+
+    def simulated(units):
+        if units[0].mode == "lazy:mm@1":
+            raise RuntimeError("memfit: a tensor that recomputing on demand reads was written in place")
+        return units
+    with pytest.warns(UserWarning, match="recompute on demand left out"):
+        sims = _each_point({"lazy/1": ["lazy:mm@0"], "lazy/2": ["lazy:mm@1"], "lazy/3": ["lazy:mm@2"]}, simulated)
+    assert list(sims) == ["lazy/1"]

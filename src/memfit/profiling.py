@@ -525,17 +525,17 @@ def _greedy(items, flow, price) -> set:
         points.add((saved, cost))
 
 
-def _frontiers(rec, kind, model) -> list:
-    """Each block's `frontier`, worked out once for blocks alike (a transformer's layers)."""
-    known = {}
+def _alike(rec) -> list:
+    """Each block's key: blocks with the same key ran the same ops on the same dataflow (a transformer's layers)."""
+    return [(tuple((dataclasses.astuple(op), f) for op, f in zip(rec.blocks[i], flow.ops)), frozenset(flow.roots),
+             flow.last, flow.opaque) for i, flow in enumerate(rec.flows)]
 
-    def key(i):
-        flow = rec.flows[i]
-        return (tuple((dataclasses.astuple(op), f) for op, f in zip(rec.blocks[i], flow.ops)), frozenset(flow.roots), flow.last,
-                flow.opaque)
-    return [known[k] if (k := key(i)) in known else known.setdefault(k, frontier(rec.blocks[i], rec.flows[i], kind,
-                                                                                 model))
-            for i in range(len(rec.blocks))]
+
+def _frontiers(rec, kind, model) -> list:
+    """Each block's `frontier`, worked out once for blocks alike."""
+    known = {}
+    return [known[k] if k in known else known.setdefault(k, frontier(rec.blocks[i], rec.flows[i], kind, model))
+            for i, k in enumerate(_alike(rec))]
 
 
 def _costs(points: dict, reads: dict, rec, model) -> tuple:
@@ -670,17 +670,27 @@ def _source(model, batch, loss_fn, n, **kw) -> tuple:
                       f"cannot profile them; lower the model's layer-drop probability while planning.")
 
 
-def _each_point(points: dict, simulated) -> dict:
-    """{label: `simulated(units)`} for each op-level point, every block under it (NOTE [op-level frontier]);
-    a point whose step fails ends it, with a warning: the plan keeps to the other modes."""
-    sims = {}
-    for label, modes in points.items():
+def _each_point(points: dict, groups: list, simulated) -> dict:
+    """{label: the peak model's terms (`_read`)} of each op-level point (NOTE [op-level frontier]), from
+    simulated steps (`simulated(units)`). Blocks alike (`groups`, lists of block indices) share their terms,
+    so one step runs a different point on each of them: a chain of g alike blocks needs 1/g of the steps. A
+    step that fails ends it, with a warning: the plan keeps to the other modes."""
+    labels, n = list(points), sum(map(len, groups))
+    terms = {label: {k: [0] * n for k in ("kept", "work", "transient")} for label in labels}
+    for step in range(max((-(-len(labels) // len(g)) for g in groups), default=0)):
+        at = {i: min(step * len(g) + r, len(labels) - 1) for g in groups for r, i in enumerate(g)}
         try:
-            sims[label] = simulated([Unit(i, i + 1, m) for i, m in enumerate(modes)])
+            got = _read(simulated([Unit(i, i + 1, points[labels[at[i]]][i]) for i in range(n)]), n)
         except Exception as e:  # noqa: BLE001
             warnings.warn(f"memfit: recompute on demand left out of the plan, its step failed: {e}")
-            break
-    return sims
+            return {}
+        for g in groups:
+            for r, i in enumerate(g):
+                if step * len(g) + r < len(labels):
+                    for k, per_block in terms[labels[at[i]]].items():
+                        for j in g:
+                            per_block[j] = got[k][i]
+    return terms
 
 
 def profile(model, batch, loss_fn, *, blocks=None, optimizer=None, cost="flops", distributed=None) -> Profile:
@@ -722,11 +732,13 @@ def profile(model, batch, loss_fn, *, blocks=None, optimizer=None, cost="flops",
             warnings.warn(f"memfit: offload left out of the plan, its simulation failed: {e}")
     segments = max(chains) > 1 and not simulate(model, batch, loss_fn, "segments:1", real=real, seed=seed,
                                                 **common).split
-    sims.update(_each_point(lazy, lambda units: simulate(model, batch, loss_fn, units, marks=True, real=real,
-                                                          seed=seed, **common)))
     reads = {m: _read(sim, n) for m, sim in sims.items()}
+    keys = _alike(rec)
+    reads.update(_each_point(lazy, [[i for i in range(n) if keys[i] == k] for k in dict.fromkeys(keys)],
+                             lambda units: simulate(model, batch, loss_fn, units, marks=True, real=real, seed=seed,
+                                                    **common)))
     reads.update(_estimate(points, reads, rec))
-    points.update({label: modes for label, modes in lazy.items() if label in sims})
+    points.update({label: modes for label, modes in lazy.items() if label in reads})
     keep, baseline = reads[KEEP], sims[KEEP]
     other = [keep["backward_start"][i] - keep["start"] - sum(keep["kept"][:i + 1]) for i in range(n)]
     costs, recomputed = _costs(points, reads, rec, model_t)

@@ -36,7 +36,8 @@ def one_process(tmp_path_factory):
     return torch.load(out / "model.pt", weights_only=True)
 
 
-@pytest.mark.parametrize("kind, strategy", [pytest.param("ddp", "false", marks=pytest.mark.slow), ("ddp", "selective"),
+@pytest.mark.parametrize("kind, strategy", [pytest.param("ddp", "false", marks=pytest.mark.slow),
+                                            pytest.param("ddp", "selective", marks=pytest.mark.slow),
                                             pytest.param("fsdp", "false", marks=pytest.mark.slow), ("fsdp", "blocks"),
                                             pytest.param("fsdp", "sqrt", marks=pytest.mark.slow)])
 def test_torchrun_matches_one_process(tmp_path, one_process, kind, strategy):
@@ -55,6 +56,7 @@ def test_torchrun_matches_one_process(tmp_path, one_process, kind, strategy):
     assert 0.85 * predicted <= measured <= predicted * 1.01, (predicted, measured)
 
 
+@pytest.mark.slow
 def test_torchrun_fsdp_with_a_budget(tmp_path):
     run = torchrun(tmp_path, "--distributed", "fsdp", "--gradient-checkpointing", "budget:85%")
     assert run.returncode == 0, run.stderr[-3000:]

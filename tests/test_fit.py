@@ -2,6 +2,7 @@
 import copy
 import json
 
+import pytest
 import torch
 
 import memfit
@@ -35,6 +36,7 @@ def test_fit_finds_the_largest_batch_that_fits():
     assert sizes["blocks"] > sizes["none"]
 
 
+@pytest.mark.slow
 def test_cli_fit(tmp_path, cli):
     path = tmp_path / "fit.json"
     r = cli("fit", "--model", "resnet-se", "--size", "tiny", "--budget", "32MiB", "--strategies", "none,blocks",

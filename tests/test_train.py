@@ -56,7 +56,7 @@ def test_checkpointing_lowers_the_monitored_peak_and_the_prediction_holds():
     assert peaks["true"] < 0.6 * peaks["false"]
 
 
-@pytest.mark.parametrize("recipe, strategy", [("gpt-char", "blocks"), ("resnet-se", "sqrt"),
+@pytest.mark.parametrize("recipe, strategy", [("gpt-char", "blocks"), pytest.param("resnet-se", "sqrt", marks=pytest.mark.slow),
                                               ("vit-jepa", "selective"),
                                               pytest.param("video", "blocks", marks=pytest.mark.slow)])
 def test_checkpointing_on_or_off_is_the_same_training(recipe, strategy):

@@ -454,8 +454,9 @@ def _block_costs(mode, ops, flow, kind, model) -> float:
 # its backward's rise exact or above, 2026-12-02). A `lazy:` point's backward
 # rise depends on which recomputed tensors overlap, which no such estimate
 # follows (from 1.5x below to 3.3x above `keep`'s rise plus its two largest
-# recomputed outputs on GPT and Llama), so each is simulated, every block
-# under it, as the presets are. The plan the planner picks is then
+# recomputed outputs on GPT and Llama), so each is simulated, as the presets
+# are; blocks alike share a point's terms, so one simulated step runs a
+# different point on each of them (`_each_point`). The plan the planner picks is then
 # simulated whole, as every plan is (NOTE [exact, then checked] in
 # memfit.planner): the peak it predicts never rests on the estimate.
 # Ops that cannot be saved: views and in-place ops (no storage of their own),

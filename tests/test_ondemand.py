@@ -89,7 +89,7 @@ class Chain(nn.Module):
 
 
 def _nothing_saved():
-    """An ops: mode for each block that names no op it runs: nothing is saved."""
+    """A lazy: mode for each block that names no op it runs: nothing is saved."""
     return [Unit(0, 1, "lazy:mul.Tensor@99"), Unit(1, 2, "lazy:mul.Tensor@99")]
 
 
@@ -105,9 +105,10 @@ def test_a_tensor_written_in_place_after_the_forward_read_it_raises():
 
 
 def test_double_backward_and_autocast_match_the_plain_step():
-    """A gradient penalty (backward with create_graph=True replays under grad
-    mode) and a bf16 autocast forward (the replay runs the recorded casts with
-    autocast off): the plain step's gradients, bitwise."""
+    """A gradient penalty (backward with create_graph=True differentiates the
+    replayed tensors: autograd gives them their history back) under bf16
+    autocast, backward included (the replay runs the recorded casts): the
+    plain step's gradients, bitwise."""
     torch.manual_seed(0)
     x = torch.randn(4, 8)
 

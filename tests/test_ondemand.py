@@ -163,3 +163,34 @@ def test_a_point_whose_step_fails_leaves_lazy_modes_out_with_a_warning():
     with pytest.warns(UserWarning, match="recompute on demand left out"):
         terms = _each_point({"lazy/1": ["lazy:mm@0", "lazy:mm@0"]}, [[0, 1]], simulated)
     assert terms == {}
+
+
+def _decisions(model, batch, loss_fn, units):
+    """What each block's policy decided, op by op, in a step under `units`."""
+    m = memfit.apply(copy.deepcopy(model), units)
+    made = []
+    for block in m.modules():
+        if "_memfit" in block.__dict__:
+            fresh = block._memfit.policy
+
+            def spy(traced=False, fresh=fresh):
+                made.append(fresh(traced))
+                return made[-1]
+            spy.on_demand = fresh.on_demand
+            block._memfit.policy = spy
+    torch.manual_seed(0)
+    loss_fn(m, batch).backward()
+    return [list(fn.decisions) for fn in made]
+
+
+@pytest.mark.parametrize("name", ["gpt", "hf:llama"])
+def test_a_lazy_mode_saves_the_ops_its_ops_twin_saves(name):
+    """The recorder numbers the ops as torch's selective checkpoint does: the
+    same decisions, op by op, for a mode and its twin (else a `lazy:` mode would
+    save other ops than the profile priced)."""
+    model, batch, loss_fn = models.load(name, size="tiny", batch_size=8)
+    middle = [ms[len(ms) // 2] if ms else "recompute" for ms in points(model, batch, loss_fn)]
+    twin = [Unit(i, i + 1, m) for i, m in enumerate(middle)]
+    ops = [Unit(i, i + 1, m.replace("lazy:", "ops:", 1)) for i, m in enumerate(middle)]
+    got, want = _decisions(model, batch, loss_fn, twin), _decisions(model, batch, loss_fn, ops)
+    assert got == want and any(any(d) for d in got)

@@ -169,3 +169,25 @@ def test_the_frontier_sees_what_saving_an_op_spares_before_it():
     flow = SimpleNamespace(ops=[Flow("mm", (), FRESH), Flow("add.Tensor", (0,), FRESH)], roots={1}, last=1,
                            opaque=None)
     assert frontier(ops, flow, "flops")[0] == "ops:add.Tensor@1"
+
+
+class _UnusedHead(torch.nn.Module):
+    """A model with a trainable head its loss never reaches: a real step gives it no gradient and no optimizer state."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh())
+                                            for _ in range(3)])
+        self.head = torch.nn.Linear(16, 64)
+
+    def forward(self, x):
+        return self.blocks(x)
+
+
+def test_a_parameter_the_step_never_reaches_has_no_optimizer_state_in_the_simulation():
+    from memfit.measurement import measure
+    model, batch = _UnusedHead(), torch.randn(8, 16)
+    loss = lambda m, b: m(b).square().mean()  # noqa: E731
+    for strategy in ("none", "blocks"):
+        assert simulate(model, batch, loss, strategy).peak_bytes == \
+            measure(model, batch, loss, strategy, timed_steps=0)["peak_bytes"]

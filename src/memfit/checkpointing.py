@@ -225,8 +225,8 @@ def _context_fn(owner, policy, state_replay=True):
             fwd, rec = contextlib.nullcontext(), contextlib.nullcontext()
         else:  # the pruned recompute goes under the policy's modes (NOTE [pruned recompute])
             policy_fn = policy()
-            pruner = pruning.Pruner(policy_fn)
             fwd, rec = tuc.create_selective_checkpoint_contexts(policy_fn)
+            pruner = pruning.Pruner(policy_fn, fwd.storage)
             fwd, rec = _Nested(pruner.forward, fwd), _Nested(pruner.recompute, rec)
         return (_Context(replay.enter_forward, replay.exit_forward, fwd),
                 _Context(replay.enter_recompute, replay.exit_recompute, rec))

@@ -207,18 +207,30 @@ def simulate(model, batch, loss_fn, strategy, *, blocks=None, optimizer=None, ma
             loss.backward()
             mem.mark("backward done")
             opt.step()
+        unused = _state_bytes(opt, [p for p in fmodel.parameters() if p.requires_grad and p.grad is None])
     for w in caught:
         if not issubclass(w.category, SegmentWarning):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     split = any(issubclass(w.category, SegmentWarning) for w in caught)
     if not distributed:
-        return Simulation(mem.peak_bytes, mem.static_bytes, mem.timeline, split)
+        timeline = [(label, live - unused) for label, live in mem.timeline]
+        return Simulation(mem.peak_bytes - unused, mem.static_bytes - unused, timeline, split)
     from memfit.distributed import rank_timeline
     state = sum(t.numel() * t.element_size() for t in tree_leaves(list(opt.state.values()))
                 if isinstance(t, torch.Tensor))
     # the copy, with the strategy simulated applied: its units are the FSDP groups (NOTE [order with FSDP2])
     timeline = rank_timeline(fmodel, *distributed, mem.timeline, list(grads.values()), mem.static_bytes, state)
     return Simulation(max(v for _, v in timeline), timeline[0][1], timeline, split)
+
+
+def _state_bytes(opt, params) -> int:
+    """Bytes of the optimizer state of `params`. The simulation creates every
+    trainable parameter's state up front; a real first step creates it only
+    for those that got a gradient, so the state of a parameter the step never
+    reaches (a head the loss does not use, a layer LayerDrop skipped) is left
+    out of the simulated step's numbers."""
+    return sum(t.numel() * t.element_size() for p in params for t in tree_leaves(opt.state.get(p, {}))
+               if isinstance(t, torch.Tensor))
 
 
 @dataclass

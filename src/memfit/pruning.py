@@ -36,6 +36,24 @@ Never wrong, only slower:
   op the dispatcher saw has written (a kernel outside it may have: its reads
   are unseen), or that runs on tensor subclasses, is not pruned at all;
 * under torch.compile nothing here runs: the partitioner prunes by itself.
+
+NOTE [in-place writes to saved tensors]
+A block may write in place a tensor its policy saved: timm's squeeze-excite
+runs `SiLU(inplace=True)` on a convolution's output, a ResNet without
+BatchNorm does `out += identity` after its last convolution, torchvision
+and timm do this everywhere. torch's selective checkpoint caches the saved
+output by reference and raises ("Tensor cached during selective activation
+checkpoint has been mutated") when backward finds it changed. So the same
+dispatch mode that records the forward's dataflow, which sits under the
+selective-checkpoint mode and sees every op before it runs, looks for a
+cached tensor that shares its storage with what the op is about to write,
+and swaps the cache's entry for a copy of it, taken before the write: the
+recompute reads what the saved op produced, exactly as if the write had
+been out of place. The copy costs the bytes the policy meant to save (the
+written storage itself goes on as the in-place result), and the memory
+tracker and fake tensors beneath this mode see it, so simulated steps and
+plans price it. The op-level modes the planner builds never save such an
+output in the first place (NOTE [op-level frontier] in memfit.profiling).
 """
 from __future__ import annotations
 
@@ -79,6 +97,18 @@ def written(func, args, kwargs) -> list:
     values = [args[i] if i < len(args) else kwargs.get(a.name) for i, a in enumerate(schema.arguments)]
     return [t for a, v in zip(schema.arguments, values) if a.alias_info is not None and a.alias_info.is_write
             for t in tree_leaves(v) if isinstance(t, torch.Tensor)]
+
+
+def copy_on_write(cache, targets):
+    """NOTE [in-place writes to saved tensors]: replace each entry of a selective
+    checkpoint's `cache` that shares storage with a tensor in `targets` by a copy."""
+    written_storages = {id(t.untyped_storage()) for t in targets}
+    entries = [e for values in cache.values() for e in (values.values() if isinstance(values, dict) else values)]
+    for wrapper in tree_leaves(entries):
+        value = getattr(wrapper, "val", None)
+        if isinstance(value, torch.Tensor) and id(value.untyped_storage()) in written_storages:
+            wrapper.val = value.clone()
+            wrapper.version = wrapper.val._version
 
 
 def _tensors(tree) -> list:
@@ -187,10 +217,11 @@ class Pruner:
     """The pruned recompute of one checkpointed call (NOTE [pruned recompute]):
     `forward` and `recompute`, two re-enterable contexts that go under the
     selective-checkpoint ones, for the policy function `policy_fn` (which lists
-    its decisions in `policy_fn.decisions`)."""
+    its decisions in `policy_fn.decisions`), whose selective checkpoint caches
+    saved tensors in `cache` (NOTE [in-place writes to saved tensors])."""
 
-    def __init__(self, policy_fn):
-        self.policy_fn = policy_fn
+    def __init__(self, policy_fn, cache):
+        self.policy_fn, self.cache = policy_fn, cache
         self.flow = Dataflow()
         self.skip: frozenset = frozenset()
         self.saved: frozenset = frozenset()
@@ -251,6 +282,9 @@ class _Recording(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        targets = written(func, args, kwargs)
+        if targets:
+            copy_on_write(self.pruner.cache, targets)
         out = func(*args, **kwargs)
         if func in IGNORED:
             return out

@@ -296,3 +296,19 @@ def test_a_step_the_simulation_gets_wrong_is_planned_on_real_steps(model, why):
     assert report["baseline"]["peak_bytes"] == plan.baseline_peak_bytes
     assert report["checkpointed"]["peak_bytes"] == plan.predicted_peak_bytes
     assert f"memory: {plan.sources['memory']}" in str(plan)
+
+
+def test_a_cached_plan_is_not_reused_for_a_model_whose_memory_changed():
+    """NOTE [plan cache]: the same model object in bf16 (or a copy, or with another loss) is planned again, and
+    the new plan predicts the bf16 step's measured peak; the same call again is served from the cache."""
+    from memfit.measurement import measure
+    model, batch, loss_fn = models.load("gpt", size="tiny", batch_size=16)
+    first = memfit.plan(model, batch, loss_fn, "80%", cost="flops")
+    assert memfit.plan(model, batch, loss_fn, "80%", cost="flops") is first
+    assert memfit.plan(copy.deepcopy(model), batch, loss_fn, "80%", cost="flops") is not first
+    assert memfit.plan(model, batch, lambda m, b: loss_fn(m, b), "80%", cost="flops") is not first
+    model.to(torch.bfloat16)
+    second = memfit.plan(model, batch, loss_fn, "80%", cost="flops")
+    assert second is not first and second.predicted_peak_bytes < first.predicted_peak_bytes
+    measured = measure(model, batch, loss_fn, second, timed_steps=0)["peak_bytes"]
+    assert measured == second.predicted_peak_bytes <= second.budget_bytes

@@ -1,11 +1,14 @@
 """`memfit verify`, through the library and the command line."""
 import json
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
 from memfit import models, verify
+
+import verify_cases
 
 STRATEGIES = ["blocks", "every:2", "segments:2", "sqrt", "selective", "scores", "pointwise", "none"]
 
@@ -111,6 +114,7 @@ def test_user_factory(tmp_path, cli):
     (["--size", "huge"], "unknown size 'huge'"),
     (["--batch-size", "0"], "batch size must be a positive integer"),
     (["--expect-reduction", "40:20"], "MIN:MAX"),
+    (["--expect-reduction", "20:500"], "MIN:MAX"),  # percent: at most 100
     (["--json", "/no/such/dir/r.json"], "cannot write"),
     (["--device", "tpu"], "unknown device"),
 ])
@@ -159,3 +163,26 @@ def test_cli_dtype_bf16_halves_the_static_bytes(tmp_path):
     fp32, bf16 = (reports[d]["baseline"] for d in ("fp32", "bf16"))
     assert bf16["static_bytes"] < 0.55 * fp32["static_bytes"]  # params and AdamW state; the int batch is unchanged
     assert reports["bf16"]["passed"] and reports["bf16"]["grads_bitwise_equal"]
+
+
+CASES = Path(__file__).parent
+
+
+@pytest.mark.parametrize("case, steps, failure, others", [
+    ("wrong_gradients", 1, "gradients differ", ()),
+    ("wrong_losses", 2, "losses differ", ("gradients differ", "parameters differ")),
+    ("drifting_parameters", 1, "parameters differ after training although every gradient was equal",
+     ("gradients differ", "losses differ")),
+    ("no_saving", 1, "no memory saved", ("gradients differ", "losses differ", "parameters differ")),
+])
+def test_verify_fails_when_checkpointing_is_not_the_same_training(case, steps, failure, others, cli):
+    """Models checkpointing cannot make exact (tests/verify_cases.py): verify fails with the sentence that says
+    what differs, and only that, in the library, and with exit code 1 and FAIL on the command line."""
+    model, batch, loss_fn = getattr(verify_cases, case)()
+    report = verify(model, batch, loss_fn, "blocks", steps=steps)
+    assert not report["passed"]
+    assert any(failure in f for f in report["failures"]), report["failures"]
+    assert not any(o in f for f in report["failures"] for o in others), report["failures"]
+    r = cli("verify", "--model", f"verify_cases:{case}", "--steps", str(steps), cwd=CASES)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "FAIL" in r.stdout and failure in " ".join(r.stdout.split())

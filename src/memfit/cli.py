@@ -68,7 +68,7 @@ def _expected_reduction(text: str | None) -> tuple[float, float] | None:
         lo, hi = (float(x.strip().rstrip("%")) / 100 for x in text.split(":"))
     except ValueError:
         lo = hi = float("nan")
-    if not (0 <= lo <= hi <= 100):
+    if not (0 <= lo <= hi <= 1):  # fractions now: 20:500 is 0.2..5.0, refused
         raise MemfitError(f"--expect-reduction {text!r} must be MIN:MAX in percent with 0 <= MIN <= MAX <= 100, "
                           f"like 20:40.")
     return lo, hi

@@ -22,12 +22,15 @@ simulated one: on CPU it is what the step will measure, to the byte.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 from memfit import schedule, strategies
 from memfit.blocks import find_blocks
@@ -220,14 +223,29 @@ def _search(prof: Profile, budget_bytes: int, cost: str, peak_of):
 
 def signature(model, batch, blocks=None) -> dict:
     """What a plan depends on: the chain, the parameters' and inputs' shapes."""
-    from torch.utils._pytree import tree_leaves
     return {"model": type(model).__name__,
             "blocks": [n for n, _ in find_blocks(model, blocks)],
             "parameters": sum(p.numel() for p in model.parameters()),
             "inputs": [[list(t.shape), str(t.dtype)] for t in tree_leaves(batch) if isinstance(t, torch.Tensor)]}
 
 
-_CACHE: dict = {}
+# NOTE [plan cache]
+# `apply(model, budget=...)` may be called every step (a trainer's hook), so
+# plans are cached, per model object (weakly: a model that goes away takes
+# its plans with it), under everything else a plan depends on: the arguments,
+# the inputs' shapes and dtypes, each parameter's and buffer's shape, dtype,
+# device and requires_grad, the module tree as `repr` prints it (a dropout's
+# p, a layer swapped), a Hugging Face config (the attention implementation),
+# and the loss function object itself. A copy of the model, or the same model
+# cast to bf16 or moved, is planned again.
+_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _cache_key(model, batch, *arguments) -> str:
+    tensors = [[n, list(t.shape), str(t.dtype), str(t.device), t.requires_grad]
+               for n, t in itertools.chain(model.named_parameters(), model.named_buffers())]
+    inputs = [[list(t.shape), str(t.dtype), str(t.device)] for t in tree_leaves(batch) if isinstance(t, torch.Tensor)]
+    return json.dumps([tensors, inputs, repr(model), repr(getattr(model, "config", None)), *map(str, arguments)])
 
 
 def plan(model, batch, loss_fn, budget, *, blocks=None, cost="time", optimizer=None, distributed=None,
@@ -266,8 +284,8 @@ def plan_or_none(model, batch, loss_fn, budget, *, blocks=None, cost="time", opt
     `compile`: a torch.compile backend the model will be trained under: the
     plan is made for the compiled step, whose peak is measured (NOTE
     [planning for the compiled step]); '60%' is then of the compiled plain step.
-    Plans are cached by model shape, input shapes, budget and cost, so calling
-    this every step re-plans only when the shapes change. `plan_or_none`
+    Plans are cached per model object and everything else they depend on
+    (NOTE [plan cache]), so calling this every step plans once. `plan_or_none`
     returns (profile, budget bytes) instead of raising when no plan fits.
     """
     if cost not in ("time", "flops"):
@@ -279,10 +297,10 @@ def plan_or_none(model, batch, loss_fn, budget, *, blocks=None, cost="time", opt
             raise MemfitError("planning for a compiled step is for one process; give compile or distributed, "
                               "not both.")
     sig = signature(model, batch, blocks)
-    key = json.dumps([sig, Budget.parse(budget).text, cost, str(blocks), getattr(optimizer, "__name__", None),
-                      distributed, compile], sort_keys=True)
-    if key in _CACHE:
-        return _CACHE[key]
+    key = _cache_key(model, batch, Budget.parse(budget).text, cost, blocks, optimizer, distributed, compile)
+    cached = _CACHE.get(model, {}).get(key)
+    if cached is not None and cached[0] is loss_fn:  # NOTE [plan cache]
+        return cached[1]
     device = next(model.parameters()).device
     budget = Budget.parse(budget)  # a bad budget fails before profiling
     prof = profile(model, batch, loss_fn, blocks=blocks, optimizer=optimizer, cost=cost, distributed=distributed)
@@ -309,7 +327,8 @@ def plan_or_none(model, batch, loss_fn, budget, *, blocks=None, cost="time", opt
         return prof, budget_bytes
     if (warning := coverage_warning(prof.coverage)) is not None:
         warnings.warn(f"memfit: {warning}.", CoverageWarning, stacklevel=3)
-    _CACHE[key] = result = _plan_from(prof, found, sig, budget_bytes, baseline, cost, sources)
+    result = _plan_from(prof, found, sig, budget_bytes, baseline, cost, sources)
+    _CACHE.setdefault(model, {})[key] = (loss_fn, result)
     return result
 
 

@@ -119,6 +119,8 @@ def verify_table(r: dict) -> Table:
     t.add_row("buffers (BatchNorm statistics)", "", "bitwise equal" if r["buffers_equal"] else
               f"max rel diff {r['buffers_max_rel_diff']:.2g}", "")
     t.add_row("losses", "", "equal" if r["losses_equal"] else f"max diff {r['loss_max_abs_diff']:.2g}", "")
+    t.add_row("parameters after training", "", "bitwise equal" if r["params_equal"] else
+              f"max rel diff {r['params_max_rel_diff']:.2g}", "")
     return t
 
 

@@ -50,7 +50,8 @@ def _summary(run) -> dict:
             "step_time_s": statistics.median(run.times), "step_times_s": run.times, "flops": run.flops}
 
 
-def _failures(reduction, is_none, expect_reduction, grad_rel, buffer_diff, loss_diff, grad_tol, first_loss) -> list:
+def _failures(reduction, is_none, expect_reduction, grad_rel, buffer_diff, param_diff, loss_diff, grad_tol,
+              first_loss) -> list:
     """Why the checkpointed run is not the same training (or not the saving expected); empty if it is."""
     failures = []
     if expect_reduction is not None:
@@ -63,6 +64,9 @@ def _failures(reduction, is_none, expect_reduction, grad_rel, buffer_diff, loss_
         failures.append(f"gradients differ (max relative difference {grad_rel:.3g} > {grad_tol:g})")
     if buffer_diff > grad_tol:
         failures.append(f"buffers differ (max relative difference {buffer_diff:.3g})")
+    if param_diff > 0 and grad_rel == 0:  # with equal gradients, the optimizer cannot explain any difference
+        failures.append(f"parameters differ after training although every gradient was equal (max relative "
+                        f"difference {param_diff:.3g}): the forward or its recompute writes them")
     if loss_diff > grad_tol * max(1.0, abs(first_loss)):
         failures.append(f"losses differ (max difference {loss_diff:.3g})")
 
@@ -133,11 +137,13 @@ def _report(base, ckpt, *, grad_rel, grads_bitwise, grad_tol, units, the_plan, n
     loss_diff = max((a - b).abs().item() for a, b in zip(base.losses, ckpt.losses))
     buffers = list(zip(base.model.buffers(), ckpt.model.buffers()))
     buffer_diff = max((_max_rel_diff(a.double(), b.double()) for a, b in buffers), default=0.0)
+    params = list(zip(base.model.parameters(), ckpt.model.parameters()))
+    param_diff = max((_max_rel_diff(a.detach().double(), b.detach().double()) for a, b in params), default=0.0)
     reduction = 1 - ckpt.mem.peak_bytes / base.mem.peak_bytes
     slowdown = statistics.median(ckpt.times) / statistics.median(base.times) - 1
     is_none = all(u.mode == strategies.KEEP for u in units)
-    failures = _failures(reduction, is_none, expect_reduction, grad_rel, buffer_diff, loss_diff, grad_tol,
-                         base.losses[0].item())
+    failures = _failures(reduction, is_none, expect_reduction, grad_rel, buffer_diff, param_diff, loss_diff,
+                         grad_tol, base.losses[0].item())
     if compile and any(0 in run.graphs_per_step[1:3] for run in (base, ckpt)):  # the memory and FLOPs steps
         failures.append("the compiled graph did not run in a measured step, so its numbers are eager code's")
     checkpointed = {**_summary(ckpt), **({"predicted_peak_bytes": the_plan.predicted_peak_bytes,
@@ -169,7 +175,8 @@ def _report(base, ckpt, *, grad_rel, grads_bitwise, grad_tol, units, the_plan, n
         "buffers_max_rel_diff": buffer_diff,
         "losses_equal": loss_diff == 0,
         "loss_max_abs_diff": loss_diff,
-        "params_equal": all(torch.equal(p, q) for p, q in zip(base.model.parameters(), ckpt.model.parameters())),
+        "params_equal": all(torch.equal(p, q) for p, q in params),
+        "params_max_rel_diff": param_diff,
         "expect_reduction": list(expect_reduction) if expect_reduction else None,
         "failures": failures,
         "passed": not failures,

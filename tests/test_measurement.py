@@ -58,14 +58,21 @@ def test_a_run_without_optimizer_times_forward_and_backward_after_its_preparatio
     assert all(len(r.times) == 2 and min(r.times) > 0 for r in runs)
 
 
-def test_devices():
+def test_devices(monkeypatch):
     assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+
+    def available(kind):
+        return {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}[kind]()
+    assert resolve_device("auto").type == next((k for k in ("cuda", "mps") if available(k)), "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert resolve_device("auto").type == "mps"  # no CUDA: the other accelerator before the CPU
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert resolve_device("auto").type == "cpu"
     with pytest.raises(MemfitError, match="unknown device 'tpu'; use auto, cpu, cuda or mps"):
         resolve_device("tpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(MemfitError, match="not available on this machine"):
-            resolve_device("cuda")
+    with pytest.raises(MemfitError, match="not available on this machine"):
+        resolve_device("cuda")  # CUDA is patched away above
 
 
 def test_a_loss_that_is_not_a_scalar_is_refused():

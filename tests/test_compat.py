@@ -213,7 +213,7 @@ def test_the_tracker_and_the_allocator_events_agree_on_compiled_code():
         peaks[run.mem.source] = run.mem.peak_bytes
     assert set(peaks) == {"storage-tracker", "cpu-allocator events (torch.profiler)"}
     tracker, events = peaks.values()
-    assert abs(events - tracker) <= 64
+    assert 0 <= events - tracker <= 12  # the profiler's own allocation, seen by its events only
 
 
 def test_verify_compile_unknown_backend():

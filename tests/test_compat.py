@@ -11,6 +11,8 @@ import memfit
 from memfit import models
 from memfit.models import REGISTRY, gpt
 from memfit.strategies import Unit
+from memfit.wrapping import wrapped_blocks
+from recompute import counting
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -22,6 +24,15 @@ def grads(model, batch, loss_fn, seed=1, autocast=None, device="cpu", scaler=Non
         loss = loss_fn(model, batch)
     (scaler.scale(loss) if scaler else loss).backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def checkpointed(model, batch, loss_fn, **kwargs):
+    """`grads` of a model memfit wrapped, once it is seen to have wrapped blocks and to recompute in backward."""
+    assert wrapped_blocks(model)
+    with counting() as recomputed:
+        result = grads(model, batch, loss_fn, **kwargs)
+    assert recomputed.anything
+    return result
 
 
 def assert_equal_grads(a, b, exact=True):
@@ -46,7 +57,7 @@ def test_hugging_face_models(kind, layers, strategy):
     plain = grads(model, batch, loss_fn)
     had_cache = getattr(model.config, "use_cache", None)
     memfit.apply(model, strategy)
-    assert_equal_grads(plain, grads(model, batch, loss_fn))  # bitwise, dropout replayed
+    assert_equal_grads(plain, checkpointed(model, batch, loss_fn))  # bitwise, dropout replayed
     memfit.remove(model)
     assert getattr(model.config, "use_cache", None) == had_cache  # turned off while applied, then restored
 
@@ -65,7 +76,7 @@ def test_bf16_autocast(name, strategy):
     model, batch, loss_fn = REGISTRY[name].build("tiny", batch_size=4)
     plain = grads(model, batch, loss_fn, autocast=torch.bfloat16)
     wrapped = memfit.apply(copy.deepcopy(model), strategy)
-    assert_equal_grads(plain, grads(wrapped, batch, loss_fn, autocast=torch.bfloat16))
+    assert_equal_grads(plain, checkpointed(wrapped, batch, loss_fn, autocast=torch.bfloat16))
 
 
 @CUDA
@@ -240,7 +251,7 @@ def test_drop_path_decisions_are_replayed():
     loss_fn = lambda m, b: m(b).pow(2).mean()  # noqa: E731
     plain = grads(model, batch, loss_fn)
     for strategy in ("blocks", "sqrt", "selective"):
-        assert_equal_grads(plain, grads(memfit.apply(copy.deepcopy(model), strategy), batch, loss_fn))
+        assert_equal_grads(plain, checkpointed(memfit.apply(copy.deepcopy(model), strategy), batch, loss_fn))
 
 
 def test_data_parallel_wrapper():

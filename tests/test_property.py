@@ -7,6 +7,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import memfit
+from memfit.wrapping import wrapped_blocks
+from recompute import counting, recomputes
 
 
 class RandomBlock(nn.Module):
@@ -62,13 +64,16 @@ def test_any_chain_any_strategy_same_gradients_and_buffers(case):
     ckpt = memfit.apply(copy.deepcopy(plain), strategy, blocks="blocks" if chain["depth"] == 1 else None)
     x = torch.randn(batch, chain["width"])
     mask = (torch.rand(batch, chain["width"]) > 0.3).float()
+    assert bool(wrapped_blocks(ckpt)) == (strategy != "none"), strategy
     for step in range(2):
         grads = []
         for model in (plain, ckpt):
             model.zero_grad(set_to_none=True)
             torch.manual_seed(seed + step)
-            model(x, mask).pow(2).mean().backward()
+            with counting() as recomputed:
+                model(x, mask).pow(2).mean().backward()
             grads.append([p.grad for p in model.parameters()])
+        assert recomputed.anything == recomputes(strategy), (strategy, recomputed)
         for a, b in zip(*grads):
             assert torch.equal(a, b), strategy
     for a, b in zip(plain.buffers(), ckpt.buffers()):

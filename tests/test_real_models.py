@@ -9,6 +9,8 @@ import torch
 
 import memfit
 from memfit.memory import track_memory
+from memfit.wrapping import wrapped_blocks
+from recompute import counting, recomputes
 
 pytest.importorskip("transformers")
 pytest.importorskip("diffusers")
@@ -26,10 +28,15 @@ def built(request):
 
 
 def grads(model, batch, loss_fn, strategy):
+    """Loss, gradients and buffers after a step with `strategy`, once it is seen to wrap blocks (unless `none`) and
+    recompute in backward (unless it only keeps or offloads)."""
     m = memfit.apply(copy.deepcopy(model).train(), strategy)
+    assert bool(wrapped_blocks(m)) == (strategy != "none"), strategy
     torch.manual_seed(1)
-    loss = loss_fn(m, batch)
-    loss.backward()
+    with counting() as recomputed:
+        loss = loss_fn(m, batch)
+        loss.backward()
+    assert recomputed.anything == recomputes(strategy), (strategy, recomputed)
     return loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}, list(m.buffers())
 
 

@@ -9,6 +9,7 @@ import memfit
 from memfit import MemfitError
 from memfit.models import REGISTRY
 from memfit.wrapping import SegmentWarning, wrapped_blocks
+from recompute import counting, recomputes
 
 STRATEGIES = ["none", "blocks", "every:2", "every:3", "segments:2", "segments:3", "sqrt", "selective", "scores",
               "pointwise", "offload"]  # offload: on CPU, the mechanism only (it moves nothing)
@@ -24,10 +25,15 @@ def step(model, batch, loss_fn, seed=1):
 
 
 def assert_same_training(model, batch, loss_fn, strategy, steps=2):
+    """The same losses, gradients and buffers, bitwise, with `strategy` as without; and the strategy wrapped
+    blocks (unless `none`) and recomputed in backward (unless it only keeps or offloads)."""
     plain, wrapped = copy.deepcopy(model), memfit.apply(copy.deepcopy(model), strategy)
+    assert bool(wrapped_blocks(wrapped)) == (strategy != "none"), strategy
     for s in range(steps):
         loss_a, grads_a = step(plain, batch, loss_fn, s)
-        loss_b, grads_b = step(wrapped, batch, loss_fn, s)
+        with counting() as recomputed:
+            loss_b, grads_b = step(wrapped, batch, loss_fn, s)
+        assert recomputed.anything == recomputes(strategy), (strategy, recomputed)
         assert torch.equal(loss_a, loss_b)
         assert grads_a.keys() == grads_b.keys()
         for n in grads_a:

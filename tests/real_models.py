@@ -230,3 +230,13 @@ def plain_unet():
 STACKS = {"diffusers UNet2DConditionModel": unet, "CLIP (two towers)": clip, "t5 (encoder-decoder)": t5,
           "Whisper (encoder-decoder)": whisper, "Swin (stages)": swin, "ConvNeXt (stages)": convnext,
           "plain-torch U-Net (skip concatenations)": plain_unet}
+
+
+def needs(name: str) -> tuple:
+    """The extras a builder imports: the tests skip that model alone when one is missing, never the plain-torch
+    ones."""
+    if name.startswith("plain-torch"):
+        return ()
+    if name.startswith("diffusers"):
+        return ("diffusers",)
+    return ("transformers", "peft") if "peft" in name else ("transformers",)

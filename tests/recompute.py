@@ -42,8 +42,8 @@ def counting():
 
 
 def recomputes(strategy) -> bool:
-    """Whether `strategy` (a strategy string, or units) recomputes anything: every strategy string but `none` and
-    `offload` recomputes some block of every chain."""
+    """Whether `strategy` (a strategy string, a `Plan` or units) recomputes anything: every strategy string but
+    `none` and `offload` recomputes some block of every chain."""
     if isinstance(strategy, str):
         return strategy not in ("none", OFFLOAD)
-    return any(u.mode not in (KEEP, OFFLOAD) for u in strategy)
+    return any(u.mode not in (KEEP, OFFLOAD) for u in getattr(strategy, "units", strategy))

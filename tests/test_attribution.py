@@ -1,5 +1,6 @@
 """Per-frame importance: exact with checkpointing equals exact without, and the
 cache survives kills and corruption."""
+import copy
 import subprocess
 import sys
 import textwrap
@@ -338,3 +339,30 @@ def test_inputs_are_checked_by_the_library_before_any_work():
     with pytest.raises(MemfitError, match="this model takes up to"):
         check_inputs(model, {"wide": torch.zeros(2, 3, 5, 5)})
     check_inputs(model, videos, {"video_000": 1}, mode="chunked", chunk_size=2)
+
+
+@pytest.mark.parametrize("reduce, times_input", [("l2", False), ("l1", False), ("max", True)])
+def test_scores_are_the_per_frame_gradient_norms_computed_directly(reduce, times_input):
+    """attribute() against torch.autograd.grad on the plain model: exact mode (checkpointed) gives the norms of
+    the whole clip's gradient per frame; chunked mode those of each chunk's own gradient."""
+    model, videos = tiny(1)
+    clip = videos["video_000"]
+    plain = copy.deepcopy(model).eval()
+    target = int(plain(clip[None]).argmax(1))
+    norm = {"l2": lambda g: g.flatten(1).double().norm(dim=1), "l1": lambda g: g.flatten(1).double().abs().sum(1),
+            "max": lambda g: g.flatten(1).double().abs().amax(1)}[reduce]
+
+    def direct(frames):
+        x = frames[None].clone().requires_grad_(True)
+        g = torch.autograd.grad(plain(x)[0, target], x)[0][0]
+        return g * frames if times_input else g
+
+    def normalised(g):
+        s = norm(g)
+        return (s / s.sum()).tolist()
+    checkpoint_model(model)
+    exact = attribute(model, videos, {"video_000": target}, reduce=reduce, times_input=times_input)["video_000"]
+    assert exact["scores"] == normalised(direct(clip))
+    chunked = attribute(model, videos, {"video_000": target}, mode="chunked", chunk_size=2, reduce=reduce,
+                        times_input=times_input)["video_000"]
+    assert chunked["scores"] == normalised(torch.cat([direct(clip[s:s + 2]) for s in range(0, clip.shape[0], 2)]))

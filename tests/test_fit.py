@@ -63,3 +63,19 @@ def test_fit_budget_auto_is_the_free_memory_of_the_device_used(monkeypatch, caps
     assert main(["fit", "--model", "mlp", "--size", "tiny", "--budget", "auto", "--strategies", "none"]) == 0
     assert asked[-1] == "cuda" and budgets == [2**30]
     assert "largest batch in 1.0 GiB: mlp on cuda" in capsys.readouterr().out
+
+
+def test_fit_with_a_plan_finds_a_batch_at_least_as_large_as_without_checkpointing():
+    """The `plan` row: at the batch it reports, a plan made for the budget fits it when measured; one sample more
+    has no plan that fits; and no checkpointing fits no more."""
+    from memfit.measurement import measure
+    model, _, loss_fn = models.load("mlp", "tiny")
+    make = lambda b: models.mlp.batch("tiny", b)  # noqa: E731
+    budget = 3 * 2**20
+    none, _ = largest_batch(model, make, loss_fn, "none", budget)
+    size, peak = largest_batch(model, make, loss_fn, "plan", budget)
+    assert size > none > 0
+    p = memfit.plan(model, make(size), loss_fn, budget, cost="flops")
+    assert measure(model, make(size), loss_fn, p, timed_steps=0)["peak_bytes"] == p.predicted_peak_bytes == peak
+    with pytest.raises(memfit.MemfitError, match="below the smallest peak"):
+        memfit.plan(model, make(size + 1), loss_fn, budget, cost="flops")

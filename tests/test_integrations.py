@@ -13,12 +13,22 @@ import trainers
 from memfit.errors import MemfitError
 from memfit.wrapping import wrapped_blocks
 
-pytest.importorskip("transformers")
-pl = pytest.importorskip("lightning.pytorch")
+from memfit.integrations import Session
 
-from memfit.integrations import Session  # noqa: E402
-from memfit.integrations import lightning as memfit_lightning  # noqa: E402
-from memfit.integrations import transformers as memfit_hf  # noqa: E402
+
+# Each extra is skipped where it is used: without lightning the Hugging Face and plain-torch tests still run.
+@pytest.fixture
+def memfit_hf():
+    pytest.importorskip("transformers")
+    from memfit.integrations import transformers
+    return transformers
+
+
+@pytest.fixture
+def memfit_lightning():
+    pytest.importorskip("lightning.pytorch")
+    from memfit.integrations import lightning
+    return lightning
 
 
 def check_fits(callback, peaks):
@@ -33,14 +43,16 @@ def check_fits(callback, peaks):
 
 @pytest.fixture(scope="module")
 def hf_plain(tmp_path_factory):
-    losses, _ = trainers.hf_run(out_dir=tmp_path_factory.mktemp("hf"))
-    return losses
+    pytest.importorskip("transformers")
+    losses, trainer = trainers.hf_run(out_dir=tmp_path_factory.mktemp("hf"))
+    return losses, trainers.weights(trainer.model)
 
 
-def test_hf_trainer_with_a_budget(hf_plain, tmp_path):
+def test_hf_trainer_with_a_budget(hf_plain, tmp_path, memfit_hf):
     callback = memfit_hf.MemfitCallback(budget="60%", cost="flops")
     losses, trainer = trainers.hf_run(callback, out_dir=tmp_path)
-    assert losses == hf_plain  # bitwise, dropout on
+    assert losses == hf_plain[0]  # dropout on
+    trainers.assert_same_weights(trainers.weights(trainer.model), hf_plain[1])  # bitwise
     applied = dict(wrapped_blocks(trainer.model))
     assert applied == {b.name: b.mode for b in callback.plan.blocks if b.mode != "keep"}
     check_fits(callback, callback.peaks)
@@ -63,32 +75,34 @@ def hf_warnings():
     logger.setLevel(level)
 
 
-def test_hf_trainer_fine_tuning_a_lora_adapter(tmp_path):
-    plain, _ = trainers.hf_run(out_dir=tmp_path, lora=True)
+def test_hf_trainer_fine_tuning_a_lora_adapter(tmp_path, memfit_hf):
+    plain, plain_trainer = trainers.hf_run(out_dir=tmp_path, lora=True)
     callback = memfit_hf.MemfitCallback(budget="60%", cost="flops")
     losses, trainer = trainers.hf_run(callback, out_dir=tmp_path, lora=True)
     assert losses == plain
+    trainers.assert_same_weights(trainers.weights(trainer.model), trainers.weights(plain_trainer.model))
     assert [n for n, _ in wrapped_blocks(trainer.model)][0].startswith("base_model.model.transformer.h.")
     check_fits(callback, callback.peaks)
 
 
-def test_hf_trainer_gradient_checkpointing_is_replaced(hf_plain, tmp_path, hf_warnings):
+def test_hf_trainer_gradient_checkpointing_is_replaced(hf_plain, tmp_path, hf_warnings, memfit_hf):
     callback = memfit_hf.MemfitCallback(strategy="blocks")
     losses, trainer = trainers.hf_run(callback, out_dir=tmp_path, gradient_checkpointing=True)
     said = [r.getMessage() for r in hf_warnings if "memfit" in r.getMessage()]
     assert len(said) == 1 and "gradient_checkpointing=True" in said[0], said
     assert not trainer.model.is_gradient_checkpointing
     assert len(wrapped_blocks(trainer.model)) == 4
-    assert losses == hf_plain
+    assert losses == hf_plain[0]
+    trainers.assert_same_weights(trainers.weights(trainer.model), hf_plain[1])
 
 
-def test_hf_trainer_gradient_accumulation_is_said(tmp_path, hf_warnings):
+def test_hf_trainer_gradient_accumulation_is_said(tmp_path, hf_warnings, memfit_hf):
     trainers.hf_run(memfit_hf.MemfitCallback(strategy="blocks"), out_dir=tmp_path, steps=1, accumulation=2)
     said = [r.getMessage() for r in hf_warnings if "memfit" in r.getMessage()]
     assert len(said) == 1 and "accumulated over 2 batches" in said[0], said
 
 
-def test_hf_trainer_budget_that_cannot_be_met_stops_before_training(tmp_path):
+def test_hf_trainer_budget_that_cannot_be_met_stops_before_training(tmp_path, memfit_hf):
     callback = memfit_hf.MemfitCallback(budget="1KB", cost="flops")
     with pytest.raises(MemfitError, match=r"^budget 1000 B is below the smallest peak .*; give a budget of at least"):
         trainers.hf_run(callback, out_dir=tmp_path)
@@ -100,7 +114,7 @@ def test_hf_trainer_budget_that_cannot_be_met_stops_before_training(tmp_path):
     ({"budget": "60%", "strategy": "blocks"}, "not both"),
     ({"cost": "speed"}, "unknown cost 'speed'"),
 ])
-def test_bad_arguments_fail_when_the_callback_is_made(kwargs, message):
+def test_bad_arguments_fail_when_the_callback_is_made(kwargs, message, memfit_hf, memfit_lightning):
     with pytest.raises(MemfitError, match=message):
         memfit_hf.MemfitCallback(**kwargs)
     with pytest.raises(MemfitError, match=message):
@@ -109,28 +123,30 @@ def test_bad_arguments_fail_when_the_callback_is_made(kwargs, message):
 
 @pytest.fixture(scope="module")
 def lightning_plain():
-    losses, _ = trainers.lightning_run()
-    return losses
+    pytest.importorskip("lightning.pytorch")
+    losses, trainer = trainers.lightning_run()
+    return losses, trainers.weights(trainer.lightning_module)
 
 
-def test_lightning_with_a_budget(lightning_plain):
+def test_lightning_with_a_budget(lightning_plain, memfit_lightning):
     callback = memfit_lightning.MemfitCallback(budget="60%", cost="flops")
     losses, trainer = trainers.lightning_run(callback)
-    assert losses == lightning_plain  # bitwise, dropout on
+    assert losses == lightning_plain[0]  # dropout on
+    trainers.assert_same_weights(trainers.weights(trainer.lightning_module), lightning_plain[1])  # bitwise
     assert dict(wrapped_blocks(trainer.lightning_module)) == \
         {b.name: b.mode for b in callback.plan.blocks if b.mode != "keep"}
     check_fits(callback, callback.peaks)
     assert trainer.callback_metrics["memory/peak"].item() == pytest.approx(callback.peaks[-1] / 1e9)
 
 
-def test_lightning_budget_that_cannot_be_met_stops_before_training():
+def test_lightning_budget_that_cannot_be_met_stops_before_training(memfit_lightning):
     callback = memfit_lightning.MemfitCallback(budget="1KB", cost="flops")
     with pytest.raises(MemfitError, match=r"^budget 1000 B is below the smallest peak"):
         trainers.lightning_run(callback)
     assert callback.plan is None and callback.peaks == []
 
 
-def test_lightning_fsdp1_is_refused_before_it_wraps():
+def test_lightning_fsdp1_is_refused_before_it_wraps(memfit_lightning):
     from types import SimpleNamespace
 
     from lightning.pytorch.strategies import FSDPStrategy
@@ -140,9 +156,12 @@ def test_lightning_fsdp1_is_refused_before_it_wraps():
 
 
 def test_accelerate_needs_only_memfit_apply():
-    plain, _, _ = trainers.accelerate_run()
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    plain, plain_model, _ = trainers.accelerate_run()
     losses, model, plan = trainers.accelerate_run(budget="60%")
-    assert losses == plain  # bitwise, dropout on
+    assert losses == plain  # dropout on
+    trainers.assert_same_weights(trainers.weights(model), trainers.weights(plain_model))  # bitwise
     assert dict(wrapped_blocks(model)) == {b.name: b.mode for b in plan.blocks if b.mode != "keep"} != {}
 
 
@@ -173,6 +192,7 @@ def test_two_gloo_processes(kind, how, tmp_path):
     """DDP (and FSDP2 under Lightning's ModelParallelStrategy): rank 0's plan, for one
     rank, is applied on both; the losses equal the run without memfit step for step,
     and each rank's peak fits the budget."""
+    pytest.importorskip("transformers" if kind == "hf" else "lightning.pytorch")
     ranks = torchrun(kind, tmp_path / "run")
     assert ranks[0]["plan"] == ranks[1]["plan"] and ranks[0]["wrapped"] == ranks[1]["wrapped"] != []
     assert f"on each of 2 {how} processes" in ranks[0]["report"]

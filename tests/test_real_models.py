@@ -12,10 +12,7 @@ from memfit.memory import track_memory
 from memfit.wrapping import wrapped_blocks
 from recompute import counting, recomputes
 
-pytest.importorskip("transformers")
-pytest.importorskip("diffusers")
-pytest.importorskip("peft")
-from real_models import BUILDERS  # noqa: E402
+from real_models import BUILDERS, needs  # noqa: E402
 
 STRATEGIES = ["blocks", "sqrt", "every:2", "selective", "scores", "pointwise"]
 REAL_STEPS = ("wav2vec2 (LayerDrop)", "plain-torch LayerDrop", "mixtral (MoE, eager experts)")  # fake tensors fail
@@ -23,6 +20,8 @@ REAL_STEPS = ("wav2vec2 (LayerDrop)", "plain-torch LayerDrop", "mixtral (MoE, ea
 
 @pytest.fixture(scope="module", params=list(BUILDERS))
 def built(request):
+    for extra in needs(request.param):
+        pytest.importorskip(extra)
     torch.manual_seed(0)
     return request.param, *BUILDERS[request.param]()
 
@@ -132,7 +131,7 @@ def test_a_plan_fits_and_predicts_the_measured_peak(built):
 def test_selective_keeps_a_mixture_of_experts_grouped_matmuls():
     """Mixtral's grouped-matmul experts are linear layers: `selective` keeps
     their outputs (no `_grouped_mm` runs again in backward), `blocks` does not."""
-    import transformers as tf
+    tf = pytest.importorskip("transformers")
     from real_models import _causal_lm, _decoder_config
     from torch.utils._python_dispatch import TorchDispatchMode
 

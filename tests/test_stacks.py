@@ -13,9 +13,7 @@ from memfit.blocks import find_chains
 from memfit.memory import track_memory
 from memfit.profiling import CoverageWarning, coverage
 
-pytest.importorskip("transformers")
-pytest.importorskip("diffusers")
-from real_models import STACKS  # noqa: E402
+from real_models import STACKS, needs  # noqa: E402
 
 CHAINS = {  # the containers of the chains found, in model order
     "diffusers UNet2DConditionModel": ["down_blocks.0.attentions", "down_blocks.0.resnets", "down_blocks.1.resnets",
@@ -33,6 +31,8 @@ CHAINS = {  # the containers of the chains found, in model order
 
 @pytest.fixture(scope="module", params=list(STACKS))
 def built(request):
+    for extra in needs(request.param):
+        pytest.importorskip(extra)
     torch.manual_seed(0)
     return request.param, *STACKS[request.param]()
 
@@ -98,6 +98,7 @@ def test_one_plan_across_every_stack_fits_and_predicts_the_peak(built):
 
 
 def test_coverage_says_when_blocks_leave_out_most_of_the_model():
+    pytest.importorskip("transformers")
     model, batch, loss_fn = STACKS["CLIP (two towers)"]()
     everything = coverage(model, batch, loss_fn)
     one_tower = coverage(model, batch, loss_fn, blocks="text_model.encoder.layers")
@@ -111,6 +112,7 @@ def test_coverage_says_when_blocks_leave_out_most_of_the_model():
 
 
 def test_the_kv_cache_is_off_while_applied_and_on_again_after():
+    pytest.importorskip("transformers")
     model = STACKS["t5 (encoder-decoder)"]()[0]
     configs = [model.config, model.decoder.config]
     assert [c.use_cache for c in configs] == [True, True]

@@ -32,6 +32,18 @@ class TokenData(torch.utils.data.Dataset):
         return {"input_ids": self.x[i], "labels": self.x[i]}
 
 
+def weights(model) -> dict:
+    """The trained weights (state_dict), detached copies: what the trainers' tests compare, bitwise, since some
+    transformers versions round the logged losses to 4 digits."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_weights(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different
+
+
 def hf_run(callback=None, out_dir="/tmp/memfit-hf", gradient_checkpointing=False, steps=STEPS, accumulation=1,
            lora=False):
     """(losses per step, trainer) of a tiny GPT-2 (dropout 0.1) trained for `steps`; `lora`: a peft LoRA

@@ -71,9 +71,9 @@ def test_fit_with_a_plan_finds_a_batch_at_least_as_large_as_without_checkpointin
     from memfit.measurement import measure
     model, _, loss_fn = models.load("mlp", "tiny")
     make = lambda b: models.mlp.batch("tiny", b)  # noqa: E731
-    budget = 3 * 2**20
+    budget = 2**20
     none, _ = largest_batch(model, make, loss_fn, "none", budget)
-    size, peak = largest_batch(model, make, loss_fn, "plan", budget)
+    size, peak = largest_batch(model, make, loss_fn, "plan", budget, at_least=none)  # `fit` starts there too
     assert size > none > 0
     p = memfit.plan(model, make(size), loss_fn, budget, cost="flops")
     assert measure(model, make(size), loss_fn, p, timed_steps=0)["peak_bytes"] == p.predicted_peak_bytes == peak

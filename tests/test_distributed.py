@@ -38,7 +38,7 @@ def one_process(tmp_path_factory):
 
 @pytest.mark.parametrize("kind, strategy", [pytest.param("ddp", "false", marks=pytest.mark.slow),
                                             ("ddp", "selective"),  # the default run's check of DDP under torchrun
-                                            pytest.param("fsdp", "false", marks=pytest.mark.slow), ("fsdp", "blocks"),
+                                            pytest.param("fsdp", "false", marks=pytest.mark.slow), pytest.param("fsdp", "blocks", marks=pytest.mark.slow),
                                             pytest.param("fsdp", "sqrt", marks=pytest.mark.slow)])
 def test_torchrun_matches_one_process(tmp_path, one_process, kind, strategy):
     """Two processes, each on half of the global batch, end with the parameters of

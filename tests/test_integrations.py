@@ -198,4 +198,5 @@ def test_two_gloo_processes(kind, how, tmp_path):
     assert f"on each of 2 {how} processes" in ranks[0]["report"]
     for r in ranks:
         assert r["memfit"] == r["plain"]
+        assert r["weights"][0] == r["weights"][1]  # this rank's trained weights, bitwise
         assert len(r["peaks"]) == trainers.STEPS and max(r["peaks"]) <= r["plan"]["budget_bytes"], r["peaks"]

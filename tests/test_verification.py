@@ -183,6 +183,7 @@ def test_verify_fails_when_checkpointing_is_not_the_same_training(case, steps, f
     assert not report["passed"]
     assert any(failure in f for f in report["failures"]), report["failures"]
     assert not any(o in f for f in report["failures"] for o in others), report["failures"]
-    r = cli("verify", "--model", f"verify_cases:{case}", "--steps", str(steps), cwd=CASES)
-    assert r.returncode == 1, r.stdout + r.stderr
-    assert "FAIL" in r.stdout and failure in " ".join(r.stdout.split())
+    if case == "wrong_gradients":  # the command line, once: FAIL, the sentence, exit code 1
+        r = cli("verify", "--model", f"verify_cases:{case}", "--steps", str(steps), cwd=CASES)
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "FAIL" in r.stdout and failure in " ".join(r.stdout.split())

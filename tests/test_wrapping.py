@@ -373,3 +373,28 @@ def test_a_strategy_per_chain_in_one_apply():
     assert all(torch.equal(a, b) for a, b in zip(*grads))
     with pytest.raises(MemfitError, match="maps chains to strategies"):
         memfit.apply(model, {3: "blocks"})
+
+
+class HookProbe(nn.Module):
+    """Records, inside its forward, what the saved-tensor hooks on top do to a tensor autograd would save."""
+
+    def __init__(self, seen):
+        super().__init__()
+        self.fc, self.seen = nn.Linear(8, 8), seen
+
+    def forward(self, x):
+        hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        self.seen.append(None if hooks is None else hooks[0](torch.arange(3.0)))
+        return torch.tanh(self.fc(x))
+
+
+def test_offload_sends_what_each_block_saves_through_save_on_cpu():
+    """On a CPU the effect of `offload` cannot show in memory (there is nowhere to move to), so the mechanism is
+    checked: inside each block, autograd's pack hook is save_on_cpu's, which packs (device, CPU copy)."""
+    for strategy, expected in (("offload", 2), ("none", 0)):
+        seen = []
+        model = memfit.apply(nn.Sequential(HookProbe(seen), HookProbe(seen)), strategy)
+        model(torch.randn(2, 8)).sum().backward()
+        packed = [p for p in seen if p is not None]
+        assert len(seen) == 2 and len(packed) == expected, (strategy, seen)
+        assert all(p[0] == torch.device("cpu") and torch.equal(p[1], torch.arange(3.0)) for p in packed)

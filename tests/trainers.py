@@ -44,6 +44,16 @@ def assert_same_weights(a: dict, b: dict):
     assert not different, different
 
 
+def digest(model) -> str:
+    """A hash of this rank's trained weights (its shards, under FSDP): equal hashes, bitwise equal weights."""
+    import hashlib
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.to_local() if hasattr(t, "to_local") else t
+        h.update(name.encode() + t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def hf_run(callback=None, out_dir="/tmp/memfit-hf", gradient_checkpointing=False, steps=STEPS, accumulation=1,
            lora=False):
     """(losses per step, trainer) of a tiny GPT-2 (dropout 0.1) trained for `steps`; `lora`: a peft LoRA
@@ -175,11 +185,13 @@ def main(kind, out, budget):
         def run(cb):  # a new strategy for each Trainer
             return lightning_run(cb, strategy=ModelParallelStrategy(2, 1) if kind == "lightning-fsdp" else "ddp",
                                  devices=2)
-    plain, _ = run(None)
+    plain, plain_trainer = run(None)
     callback = MemfitCallback(budget=budget, cost="flops")
     with_memfit, trainer = run(callback)
     model = getattr(trainer, "lightning_module", None) or trainer.model
-    result = {"plain": plain, "memfit": with_memfit, "plan": json.loads(callback.plan.to_json()),
+    plain_model = getattr(plain_trainer, "lightning_module", None) or plain_trainer.model
+    result = {"plain": plain, "memfit": with_memfit, "weights": [digest(plain_model), digest(model)],
+              "plan": json.loads(callback.plan.to_json()),
               "peaks": callback.peaks, "wrapped": sorted(wrapped_blocks(model)), "report": callback.report}
     rank = dist.get_rank() if dist.is_initialized() else 0
     with open(f"{out}.rank{rank}.json", "w") as f:

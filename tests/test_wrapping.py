@@ -398,3 +398,12 @@ def test_offload_sends_what_each_block_saves_through_save_on_cpu():
         packed = [p for p in seen if p is not None]
         assert len(seen) == 2 and len(packed) == expected, (strategy, seen)
         assert all(p[0] == torch.device("cpu") and torch.equal(p[1], torch.arange(3.0)) for p in packed)
+
+
+@pytest.mark.parametrize("strategy", ["blocks", "segments:2", "sqrt", "selective", "pointwise"])
+def test_blocks_held_as_attributes_train_exactly(strategy):
+    """timm's RegNet layout (tests/test_blocks.py): blocks b1, b2, ... of attribute stages, in-place adds and
+    activations, BatchNorm; a segment crosses from one stage to the next."""
+    from test_blocks import RegNet
+    torch.manual_seed(0)
+    assert_same_training(RegNet(), torch.randn(2, 3, 16, 16), lambda m, x: m(x).square().mean(), strategy)

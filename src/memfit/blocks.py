@@ -32,7 +32,7 @@ def find_chains(model: nn.Module, blocks=None) -> list[list[tuple[str, nn.Module
 
     `blocks`:
       * None: found automatically (NOTE [discovery]);
-      * "path.to.container": the children of that ModuleList / Sequential;
+      * "path.to.container": the children of that ModuleList / Sequential / ModuleDict;
       * a glob over qualified module names, e.g. "encoder.layer.*";
       * several of these separated by "|": "encoder.block|decoder.block",
         "encoder.blocks.*|predictor.blocks.*";
@@ -42,13 +42,24 @@ def find_chains(model: nn.Module, blocks=None) -> list[list[tuple[str, nn.Module
 
     NOTE [discovery]
     A chain is a run of same-shaped children of `nn.ModuleList` /
-    `nn.Sequential` containers; sibling containers holding the same kind of
-    block (a ResNet's `layer1`..`layer4`) form one chain. Every chain is
+    `nn.Sequential` / `nn.ModuleDict` containers, or two or more blocks of one
+    type held as attributes of one module (timm's RegNet stages: `b1`, `b2`,
+    ..., added with `add_module`); an attribute counts as a block, not a layer,
+    if it holds two weight matrices or more and more than one kind of layer
+    with parameters (`_is_block`: a conv-norm-act unit and a LoRA-wrapped
+    linear map are layers). Sibling containers holding the same kind of
+    block (a ResNet's `layer1`..`layer4`, a RegNet's `s1`..`s4`) form one
+    chain. Blocks are in registration order, which is the order the forward
+    calls them in every model seen so far; a segment whose blocks are called
+    in another order still recomputes exactly, in parts, and warns
+    (NOTE [segments]). Every chain is
     kept: both towers, encoder and decoder, a U-Net's down, mid and up
     blocks. Chains nested in another chain's blocks are left out (a block's
     attention heads), except in a *stage*: a block made mostly (half its
     parameters or more) of a nested chain of composite blocks, like a Swin or
-    ConvNeXt stage or a diffusion U-Net's down block. Stages are not blocks:
+    ConvNeXt stage or a diffusion U-Net's down block (a Sequential of leaf
+    modules, like torchvision's Conv2dNormActivation, is a layer, not a
+    composite block). Stages are not blocks:
     the blocks inside them are, which is the granularity that saves memory.
     A lone block of a kind that forms a chain elsewhere (a U-Net's middle
     attention) is a chain of one.
@@ -59,7 +70,7 @@ def find_chains(model: nn.Module, blocks=None) -> list[list[tuple[str, nn.Module
     if isinstance(blocks, str):
         found = []
         for part in blocks.split("|"):
-            if part in named and isinstance(named[part], (nn.Sequential, nn.ModuleList)):
+            if part in named and isinstance(named[part], (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
                 prefix = f"{part}." if part else ""
                 found += [(f"{prefix}{n}", c) for n, c in named[part].named_children()]
             else:
@@ -127,45 +138,75 @@ def _inside(name, chain):
 
 def _auto(model: nn.Module):
     groups: dict = {}  # (parent name, shape) -> [(name, module)]
+    lone: dict = {}    # the same, for blocks held as attributes with no sibling of their shape
     for name, container in model.named_modules():
-        if not isinstance(container, (nn.Sequential, nn.ModuleList)):
-            continue
         kids = list(container.named_children())
         if not kids:
             continue
-        shape, count = Counter(_shape(c) for _, c in kids).most_common(1)[0]
+        shapes = Counter(_shape(c) for _, c in kids)
         parent = name.rpartition(".")[0] if name else None
         prefix = f"{name}." if name else ""
-        # a block holds modules of its own, unless its container holds nothing else: a ResNet stem's
-        # Conv2d, BatchNorm2d, ReLU are not blocks, the Linear layers of Sequential(Linear, Linear) are
-        members = [(f"{prefix}{n}", c) for n, c in kids
-                   if _shape(c) == shape and (count == len(kids) or any(True for _ in c.children()))]
-        if members:
-            groups.setdefault((parent, shape), []).extend(members)
+        if isinstance(container, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+            shape, count = shapes.most_common(1)[0]
+            # a block holds modules of its own, unless its container holds nothing else: a ResNet stem's
+            # Conv2d, BatchNorm2d, ReLU are not blocks, the Linear layers of Sequential(Linear, Linear) are
+            members = [(f"{prefix}{n}", c) for n, c in kids
+                       if _shape(c) == shape and (count == len(kids) or any(True for _ in c.children()))]
+        else:  # blocks held as attributes or added with add_module: two or more alike, each a block
+            members = [(f"{prefix}{n}", c) for n, c in kids if shapes[_shape(c)] >= 2 and _is_block(c)]
+            for n, c in kids:  # one alone (a RegNet stage of depth 1) joins a chain of its kind, if there is one
+                if shapes[_shape(c)] == 1 and _is_block(c):
+                    lone.setdefault((parent, _shape(c)), []).append((f"{prefix}{n}", c))
+        for member in members:
+            groups.setdefault((parent, _shape(member[1])), []).append(member)
+    order = _order(model)
+    for key, g in groups.items():
+        g += lone.get(key, [])
+        g.sort(key=lambda item: order[item[0]])
     candidates = [g for g in groups.values() if len(g) >= 2]
     blocks = [g for g in candidates if not _stage(g, candidates)]
     chains = [g for g in blocks if not any(_inside(g[0][0], other) for other in blocks if other is not g)]
     if not chains:
-        raise MemfitError(f"no chain of repeated blocks found in {type(model).__name__}: memfit looks for an "
-                          f"nn.ModuleList or nn.Sequential of two or more blocks of the same type; name them "
-                          f"with blocks='path.to.container' or a pattern like 'layers.*'.")
+        raise MemfitError(f"no chain of repeated blocks found in {type(model).__name__}: memfit looks for two or "
+                          f"more blocks of the same type in an nn.ModuleList, nn.Sequential or nn.ModuleDict, or "
+                          f"held as attributes of one module; name them with blocks='path.to.container' or a "
+                          f"pattern like 'layers.*'.")
     kinds = {_shape(m) for chain in chains for _, m in chain}
     for g in groups.values():  # lone blocks of a kind chained elsewhere
         if len(g) == 1 and _shape(g[0][1]) in kinds and not any(_inside(g[0][0], c) or _inside(c[0][0], g)
                                                                    for c in chains):
             chains.append(g)
-    order = _order(model)
     return sorted(chains, key=lambda chain: order[chain[0][0]])
+
+
+def _is_block(m: nn.Module) -> bool:
+    """Whether a module held as an attribute is a block rather than a layer:
+    two or more weight matrices (convolutions, linear maps) and more than one
+    kind of layer with parameters. A conv-norm-activation unit (one matrix) and
+    a LoRA-wrapped linear map (only linear maps) are layers; a ModuleList or
+    ModuleDict is never called, so it is a container, not a block."""
+    if isinstance(m, (nn.ModuleList, nn.ModuleDict)):  # containers, not called
+        return False
+    layers = [s for s in m.modules() if any(True for _ in s.parameters(recurse=False))]
+    matrices = sum(1 for s in layers for p in s.parameters(recurse=False) if p.dim() >= 2)
+    return matrices >= 2 and len({type(s) for s in layers}) >= 2
 
 
 def _stage(group, candidates) -> bool:
     """Whether `group`'s blocks are stages: half their parameters or more lie
     in nested chains of composite blocks (NOTE [discovery])."""
-    nested = _outermost([b for g in candidates if g is not group and _inside(g[0][0], group) for b in g
-                         if any(True for _ in b[1].children())])
+    nested = _outermost([b for g in candidates if g is not group for b in g
+                         if _inside(b[0], group) and _composite(b[1])])
     total = sum(p.numel() for _, m in group for p in m.parameters())
     inner = sum(p.numel() for _, m in nested for p in m.parameters())
     return total > 0 and inner >= total / 2
+
+
+def _composite(m: nn.Module) -> bool:
+    """A block of blocks or layers, not one layer: it has children, and is not
+    a Sequential of leaf modules (a conv-norm-activation unit)."""
+    kids = list(m.children())
+    return bool(kids) and not (isinstance(m, nn.Sequential) and not any(True for k in kids for _ in k.children()))
 
 
 def _auto_names(model):

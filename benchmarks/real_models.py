@@ -39,20 +39,25 @@ import memfit  # noqa: E402
 from memfit.report import write_json  # noqa: E402
 
 
-def own_peak(model, batch, loss_fn):
-    """The measured peak with the model's own gradient checkpointing, or None if it has none."""
-    m = copy.deepcopy(model)
+def own_checkpointing(m):
+    """Turn on a transformers or diffusers model's own gradient checkpointing; False if it has none."""
     try:
         if hasattr(m, "enable_gradient_checkpointing"):
             m.enable_gradient_checkpointing()
         else:
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     except (AttributeError, ValueError):
-        return None
-    return measured_peak(m, batch, loss_fn, "none")
+        return False
+    return True
 
 
-def row(name, model, batch, loss_fn):
+def own_peak(model, batch, loss_fn, turn_on=own_checkpointing):
+    """The measured peak with the model's own gradient checkpointing, or None if it has none."""
+    m = copy.deepcopy(model)
+    return measured_peak(m, batch, loss_fn, "none") if turn_on(m) else None
+
+
+def row(name, model, batch, loss_fn, turn_on=own_checkpointing):
     chains = memfit.find_chains(model)
     loss, plain, buffers = grads(model, batch, loss_fn, "none")
     exact = []
@@ -62,7 +67,7 @@ def row(name, model, batch, loss_fn):
                 and all(torch.equal(x, y) for x, y in zip(buffers, b)):
             exact.append(s)
     none, blocks = measured_peak(model, batch, loss_fn, "none"), measured_peak(model, batch, loss_fn, "blocks")
-    own = own_peak(model, batch, loss_fn)
+    own = own_peak(model, batch, loss_fn, turn_on)
     plan = memfit.plan(model, batch, loss_fn, (none + blocks) // 2, cost="flops")
     measured = measured_peak(model, batch, loss_fn, plan)
     try:
@@ -78,15 +83,8 @@ def row(name, model, batch, loss_fn):
             "memory_source": plan.sources["memory"], "segments": plan.sources["segments"]}
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="benchmarks/results")
-    args = ap.parse_args()
-    rows = []
-    for name, build in {**BUILDERS, **MORE, **STACKS}.items():
-        torch.manual_seed(0)
-        rows.append(row(name, *build()))
-    table = Table(title="memfit on real architectures (CPU)")
+def render(title, rows):
+    table = Table(title=title)
     for col in ("model", "chains (blocks)", "coverage", "exact", "blocks", "own", "plan at 60%",
                 "plan predicted vs measured", "plain predicted vs measured", "memory from"):
         table.add_column(col)
@@ -98,6 +96,17 @@ def main():
                       f"-{at60:.1%}" if isinstance(at60, float) else f"min {at60}",
                       f"{r['plan_error']:+.2%}", f"{r['plain_error']:+.2%}", r["memory_source"].split(":")[0])
     Console().print(table)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+    rows = []
+    for name, build in {**BUILDERS, **MORE, **STACKS}.items():
+        torch.manual_seed(0)
+        rows.append(row(name, *build()))
+    render("memfit on real architectures (CPU)", rows)
     date = datetime.date.today().isoformat()
     path = Path(args.out) / f"real-models-cpu-{date}.json"
     write_json(path, {"device": f"cpu ({platform.processor() or platform.machine()})", "date": date,

@@ -29,6 +29,7 @@ import torch.utils.checkpoint as tuc
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils import _python_dispatch
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from memfit import ondemand, pruning
 
@@ -61,7 +62,7 @@ def run(fn, args, kwargs, policy=None, state_replay=True, training_only=True):
         return tuc.checkpoint(fn, *args, use_reentrant=False, context_fn=context, **kwargs)
     if getattr(policy, "on_demand", False):  # NOTE [recompute on demand]
         return ondemand.run(fn, args, kwargs, policy)
-    region = Region(lambda *a: fn(*a, **kwargs), args, policy, owner=_owner(fn), state_replay=state_replay)
+    region = Region(lambda a, kw: fn(*a, **kw), (args, kwargs), policy, owner=_owner(fn), state_replay=state_replay)
     try:
         out = fn(*args, **kwargs)
     except BaseException as e:
@@ -324,10 +325,24 @@ class Region:
 
     `owner` is the module whose forward opens the region: its own buffers are
     snapshotted too, since its pre-hooks ran before the region opened.
+
+    NOTE [inputs changed after the call]
+    A model may change a container it passed to a block once the block has
+    returned: torchvision's DenseNet passes each dense layer the list of all
+    features so far, then appends the layer's output to that same list. A
+    recompute that called the block with that list would see one more tensor
+    than the forward did (and fail, or compute something else). The region's
+    inputs are therefore flattened when it opens (lists, tuples, dicts:
+    `torch.utils._pytree`), torch's generator keeps the tensors as it keeps
+    any input (with their version checks), and the recompute rebuilds fresh
+    containers as they were at the call. Segments do the same for each later
+    call's extra arguments (`memfit.wrapping._Call`).
     """
 
     def __init__(self, replay, args, policy=None, owner=None, state_replay=True):
-        self._gen = _open(replay, args, _context_fn(owner, policy, state_replay))
+        leaves, spec = tree_flatten(tuple(args))  # NOTE [inputs changed after the call]
+        self._gen = _open(lambda *flat: replay(*tree_unflatten(list(flat), spec)), leaves,
+                          _context_fn(owner, policy, state_replay))
         next(self._gen)
         self._hooks = _top_hooks() if torch.is_grad_enabled() else None
         self.paused = False

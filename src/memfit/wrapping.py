@@ -48,7 +48,7 @@ import warnings
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from memfit import schedule, strategies
 from memfit.blocks import find_blocks, find_chains
@@ -232,8 +232,13 @@ def _first(out):
 
 class _Call:
     def __init__(self, index, fn, args, kwargs):
-        self.index, self.fn, self.extra, self.kwargs = index, fn, args[1:], kwargs
+        self.index, self.fn = index, fn
+        self._leaves, self._spec = tree_flatten((args[1:], kwargs))  # NOTE [inputs changed after the call]
         self.state = CallState([t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)])
+
+    def rest(self):
+        """The call's arguments after the first, and its keyword arguments, in containers as they were at the call."""
+        return tree_unflatten(self._leaves, self._spec)
 
 
 class _Open:
@@ -330,8 +335,9 @@ class _Segment:
         def replay(*args):
             out = None
             for k, c in enumerate(calls):
+                extra, kwargs = c.rest()
                 with c.state.restored():
-                    out = c.fn(*args, **c.kwargs) if k == 0 else c.fn(_first(out), *c.extra, **c.kwargs)
+                    out = c.fn(*args, **kwargs) if k == 0 else c.fn(_first(out), *extra, **kwargs)
             return out
         return replay
 

@@ -66,6 +66,17 @@ def find_chains(model: nn.Module, blocks=None) -> list[list[tuple[str, nn.Module
     """
     if blocks is None:
         return _auto(model)
+    chains = []
+    for name, m in _named(model, blocks):
+        if chains and _kind(chains[-1][-1]) == _kind((name, m)):
+            chains[-1].append((name, m))
+        else:
+            chains.append([(name, m)])
+    return chains
+
+
+def _named(model, blocks) -> list:
+    """The blocks `blocks` names (see `find_chains`), as (qualified name, module), outermost only."""
     named = dict(model.named_modules())
     if isinstance(blocks, str):
         found = []
@@ -89,13 +100,7 @@ def find_chains(model: nn.Module, blocks=None) -> list[list[tuple[str, nn.Module
     if not found:
         raise MemfitError(f"no blocks match {blocks!r}; pass the path of a ModuleList or Sequential "
                           f"(e.g. 'transformer.h') or a pattern over module names (e.g. 'layers.*').")
-    chains = []
-    for name, m in found:
-        if chains and _kind(chains[-1][-1]) == _kind((name, m)):
-            chains[-1].append((name, m))
-        else:
-            chains.append([(name, m)])
-    return chains
+    return found
 
 
 def find_blocks(model: nn.Module, blocks=None) -> list[tuple[str, nn.Module]]:

@@ -33,7 +33,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="*", default=[], help="models whose names contain one of these")
     ap.add_argument("--batch", type=int, default=8, help="batch size (the tests use 2)")
-    ap.add_argument("--scale", type=int, default=4, help="images this many times the tests' side (32 -> 128)")
+    ap.add_argument("--scale", type=int, default=2, help="images this many times the tests' side (32 -> 64)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     zoo.B, zoo.SCALE = args.batch, args.scale
@@ -50,7 +50,8 @@ def main():
     date = datetime.date.today().isoformat()
     path = Path(args.out) / f"zoo-cpu-{date}.json"
     write_json(path, {"device": f"cpu ({platform.processor() or platform.machine()})", "date": date,
-                      "torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__, "batch": args.batch, "scale": args.scale,
+                      "torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
+                      "batch": args.batch, "scale": args.scale,
                       "rows": rows})
     print(f"wrote {path}")
 

@@ -26,9 +26,10 @@ SMALL = {  # keeps each recipe's CPU run to seconds
 
 
 
-@pytest.mark.parametrize("recipe", list(SMALL))
+@pytest.mark.parametrize("recipe", [pytest.param(r, marks=pytest.mark.slow) if r == "vit-jepa" else r for r in SMALL])
 @pytest.mark.parametrize("checkpointing", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_each_recipe_trains_from_its_config(recipe, checkpointing):
+    """vit-jepa's config is trained in the default run by test_checkpointing_on_or_off_is_the_same_training."""
     overrides = {**SMALL[recipe], "training.max_iters": "10", "training.log_interval": "5",
                  "training.gradient_checkpointing": str(checkpointing).lower(), "training.memory_budget": "256MiB"}
     events = []

@@ -1,5 +1,6 @@
 """`memfit verify`, through the library and the command line."""
 import json
+import sys
 import textwrap
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from memfit import models, verify
+from memfit.cli import main
 
 import verify_cases
 
@@ -53,7 +55,7 @@ def test_mlp_with_dropout_bitwise():
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("name", ["gpt", "resnet-se", "mlp"])
 def test_every_strategy_passes_on_every_model(name, strategy):
-    model, batch, loss_fn = models.load(name, size="tiny" if name == "gpt" else None)
+    model, batch, loss_fn = models.load(name, size="tiny")
     report = verify(model, batch, loss_fn, strategy, steps=1, name=name)
     assert report["passed"], report["failures"]
     assert report["grads_bitwise_equal"] and report["buffers_equal"] and report["losses_equal"]
@@ -118,7 +120,9 @@ def test_user_factory(tmp_path, cli):
     (["--json", "/no/such/dir/r.json"], "cannot write"),
     (["--device", "tpu"], "unknown device"),
 ])
-def test_bad_input_is_one_sentence_and_exit_2(tmp_path, args, message, cli):
+def test_bad_input_is_one_sentence_and_exit_2(tmp_path, monkeypatch, capsys, args, message):
+    """In this process, as tests/test_cli.py does (`test_bad_input_exits_2_from_a_new_process` runs one in a new
+    process, as a user does)."""
     (tmp_path / "badfactory.py").write_text(textwrap.dedent("""
         import torch
         from torch import nn
@@ -129,11 +133,19 @@ def test_bad_input_is_one_sentence_and_exit_2(tmp_path, args, message, cli):
         def noblocks():
             return nn.Linear(2, 2), torch.randn(1, 2), lambda m, b: m(b).sum()
     """))
-    r = cli("verify", "--steps", "1", *args, cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "badfactory", raising=False)
+    assert main(["verify", "--steps", "1", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_bad_input_exits_2_from_a_new_process(cli):
+    r = cli("verify", "--strategy", "every:0")
     assert r.returncode == 2, r.stdout + r.stderr
-    assert message in r.stderr
-    assert "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    assert r.stderr.strip() == "memfit: error: " + r.stderr.strip().split("memfit: error: ")[-1]
+    assert "every:0 needs a positive integer" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_selective_modes_trade_memory_for_flops_in_order():

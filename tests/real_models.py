@@ -112,10 +112,19 @@ def layerdrop_encoder():
     return LayerDropEncoder(), x, lambda m, b: m(b).pow(2).mean()
 
 
+def albert():
+    """One layer group applied num_hidden_layers times: each call is a block (NOTE [blocks called several
+    times]); transformers refuses gradient_checkpointing_enable() on it."""
+    import transformers as tf
+    cfg = tf.AlbertConfig(vocab_size=V, embedding_size=16, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                          intermediate_size=64, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    return tf.AlbertForMaskedLM(cfg), _ids(), lambda m, b: m(input_ids=b, labels=b).loss
+
+
 BUILDERS = {"llama (attention_mask)": llama, "gpt-neox (no attention_mask)": gpt_neox, "peft LoRA llama": lora_llama,
             "t5 (encoder-decoder)": t5, "mixtral (MoE, eager experts)": mixtral,
             "wav2vec2 (LayerDrop)": wav2vec2, "diffusers UNet2DConditionModel": unet,
-            "plain-torch LayerDrop": layerdrop_encoder}
+            "plain-torch LayerDrop": layerdrop_encoder, "albert (one layer group called 4 times)": albert}
 
 
 def dit():

@@ -24,10 +24,10 @@ def step(model, batch, loss_fn, seed=1):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def assert_same_training(model, batch, loss_fn, strategy, steps=2):
+def assert_same_training(model, batch, loss_fn, strategy, steps=2, blocks=None):
     """The same losses, gradients and buffers, bitwise, with `strategy` as without; and the strategy wrapped
     blocks (unless `none`) and recomputed in backward (unless it only keeps or offloads)."""
-    plain, wrapped = copy.deepcopy(model), memfit.apply(copy.deepcopy(model), strategy)
+    plain, wrapped = copy.deepcopy(model), memfit.apply(copy.deepcopy(model), strategy, blocks=blocks)
     assert bool(wrapped_blocks(wrapped)) == (strategy != "none"), strategy
     for s in range(steps):
         loss_a, grads_a = step(plain, batch, loss_fn, s)
@@ -470,3 +470,74 @@ class History(nn.Module):
 def test_a_segment_recomputes_its_later_calls_with_their_arguments_as_they_were(strategy):
     torch.manual_seed(0)
     assert_same_training(History(), torch.randn(4, 4), lambda m, x: m(x).square().mean(), strategy)
+
+
+class SharedBlock(nn.Module):
+    def __init__(self, n=8):
+        super().__init__()
+        self.norm, self.fc1, self.fc2, self.drop = nn.LayerNorm(n), nn.Linear(n, 2 * n), nn.Linear(2 * n, n), nn.Dropout(0.2)
+
+    def forward(self, x, step):
+        return x + self.drop(self.fc2(torch.relu(self.fc1(self.norm(x))))) * (1 + step)
+
+
+class Universal(nn.Module):
+    """A weight-shared (universal) transformer: one block called `depth` times, with the step number as an
+    extra argument (ALBERT's layer group, RAFT's update block do the same)."""
+
+    def __init__(self, depth=4):
+        super().__init__()
+        self.embed, self.block, self.head, self.depth = nn.Linear(8, 8), SharedBlock(), nn.Linear(8, 3), depth
+
+    def forward(self, x):
+        x = self.embed(x)
+        for step in range(self.depth):
+            x = self.block(x, 0.1 * step)
+        return self.head(x)
+
+
+def universal_loss(m, x):
+    return m(x).square().mean()
+
+
+def test_a_block_called_several_times_is_a_chain_of_its_calls():
+    """NOTE [blocks called several times]: each call is a block, 'block#K', in call order; without a trace the
+    block is not found, and the error says how it would be."""
+    from memfit.profiling import blocks_of
+    model, batch = Universal(), torch.randn(4, 8)
+    assert blocks_of(model, batch, universal_loss) == [f"block#{k}" for k in range(4)]
+    assert blocks_of(model, batch, universal_loss, ["block"]) == [f"block#{k}" for k in range(4)]
+    with pytest.raises(MemfitError, match="batch="):
+        memfit.apply(Universal(), "blocks")
+
+
+@pytest.mark.parametrize("strategy", ["blocks", "every:2", "segments:2", "sqrt", "selective", "pointwise"])
+def test_a_block_called_several_times_trains_exactly_call_by_call(strategy):
+    """Each call is checkpointed under its own unit's mode; the shared parameters get the sum of every call's
+    gradient, bitwise as without checkpointing."""
+    torch.manual_seed(0)
+    model = Universal()
+    assert_same_training(model, torch.randn(4, 8), universal_loss, strategy, blocks=[f"block#{k}" for k in range(4)])
+    wrapped = memfit.apply(copy.deepcopy(model), strategy, batch=torch.randn(4, 8), loss_fn=universal_loss)
+    expected = {"blocks": 4, "every:2": 2, "segments:2": 4, "sqrt": 4, "selective": 4, "pointwise": 4}[strategy]
+    assert len(wrapped_blocks(wrapped)) == expected
+
+
+def test_calls_past_the_traced_ones_are_recomputed_with_the_last_calls_mode():
+    """The loop runs longer than in the step that was traced: the extra calls are checkpointed on their own."""
+    torch.manual_seed(0)
+    longer = Universal(depth=6)
+    assert_same_training(longer, torch.randn(4, 8), universal_loss, "segments:1", blocks=[f"block#{k}" for k in range(4)])
+
+
+def test_a_plan_chooses_per_call_and_applies_to_a_fresh_model_from_json():
+    torch.manual_seed(0)
+    model, batch = Universal(depth=6), torch.randn(256, 8)
+    plan = memfit.plan(model, batch, universal_loss, "85%", cost="flops")
+    assert [b.name for b in plan.blocks] == [f"block#{k}" for k in range(6)]
+    assert len({b.mode for b in plan.blocks}) > 1, plan  # the calls do not all get the same mode
+    report = memfit.verify(model, batch, universal_loss, plan, steps=1)
+    assert report["passed"] and report["grads_bitwise_equal"]
+    assert report["checkpointed"]["peak_bytes"] == plan.predicted_peak_bytes <= plan.budget_bytes
+    fresh = memfit.apply(Universal(depth=6), memfit.Plan.from_json(plan.to_json()))
+    assert [n for n, _ in wrapped_blocks(fresh)] == [b.name for b in plan.blocks if b.mode != "keep"]

@@ -15,7 +15,7 @@ from torch import nn
 
 from memfit.errors import MemfitError
 
-__all__ = ["find_chains", "find_blocks", "chain_starts"]
+__all__ = ["find_chains", "find_blocks", "chain_starts", "with_calls"]
 
 
 def _shape(m: nn.Module):
@@ -88,11 +88,12 @@ def _named(model, blocks) -> list:
                 found += [(n, m) for n, m in named.items() if n and fnmatch.fnmatchcase(n, part)]
         found = sorted(dict(found).items(), key=lambda item: _order(model)[item[0]])
     elif isinstance(blocks, (list, tuple)) and all(isinstance(n, str) for n in blocks):
-        missing = [n for n in blocks if n not in named]
+        missing = [n for n in blocks if _module_of(n) not in named or not _call_of(n).isdigit()]
         if missing:
             raise MemfitError(f"no module named {missing[0]!r} in the model; name blocks by their qualified "
-                              f"names as in model.named_modules(), e.g. {next(iter(_auto_names(model)), 'layers.0')!r}.")
-        found = [(n, named[n]) for n in blocks]
+                              f"names as in model.named_modules(), e.g. {next(iter(_auto_names(model)), 'layers.0')!r}, "
+                              f"and a call of a block called several times per step as 'name#K' (K from 0).")
+        found = [(n, named[_module_of(n)]) for n in blocks]
     else:
         raise MemfitError(f"blocks={blocks!r} names no modules; give a container path like 'transformer.h', a "
                           f"pattern like 'layers.*', or a list of module names.")
@@ -101,6 +102,65 @@ def _named(model, blocks) -> list:
         raise MemfitError(f"no blocks match {blocks!r}; pass the path of a ModuleList or Sequential "
                           f"(e.g. 'transformer.h') or a pattern over module names (e.g. 'layers.*').")
     return found
+
+
+def _module_of(name: str) -> str:
+    """The module a block's name names: 'albert.encoder.albert_layer_groups.0#3' is a call of '...groups.0'."""
+    return name.partition("#")[0]
+
+
+def _call_of(name: str) -> str:
+    return name.partition("#")[2] or "0"
+
+
+def with_calls(model: nn.Module, blocks, calls: dict):
+    """`blocks` for a model whose forward calls a block several times per step
+    (NOTE [blocks called several times]), given `calls`, where each module (by
+    qualified name) was called in one forward (its calls' positions in the
+    sequence of every module call): a list of names, in the order of the calls, in which
+    each call of such a block is a block of its own, 'name#K'; `blocks` itself
+    if no block is called twice.
+
+    NOTE [blocks called several times]
+    ALBERT applies one layer group num_hidden_layers times; a weight-shared
+    (universal) transformer, a recurrent refinement (RAFT's update block, once
+    per iteration) do the same. Each call is a place to checkpoint, so each is
+    a block: 'albert.encoder.albert_layer_groups.0#0' .. '#11', one chain, with
+    its own mode in a plan, segments across calls. A block found or named once
+    is split into its calls if the forward calls it several times; with no
+    blocks named, the outermost module called twice or more that holds two
+    weight matrices or more, and lies neither inside nor around a found block,
+    is a chain of its calls too. The blocks are then in the order the forward
+    calls them. Only a step shows how many calls there are,
+    so this takes the counts of a traced forward (`memfit.profiling.count_calls`):
+    plans, `verify` and `memfit.apply` with a batch find them; a plan's JSON
+    names every call, so it applies to a fresh model without a trace. The
+    parameters the calls share get the sum of every call's gradient, as
+    without checkpointing: each call is recomputed from its own inputs.
+    """
+    try:
+        names = [n for n, _ in find_blocks(model, blocks)]
+    except MemfitError:
+        if blocks is not None:
+            raise
+        names = []
+    named = dict(model.named_modules())
+    count = {n: len(at) for n, at in calls.items()}
+    if blocks is None:
+        outer = [n for n, c in count.items() if c >= 2 and n in named and _repeats(named[n])
+                 and not any(n == b or n.startswith(f"{b}.") or b.startswith(f"{n}.") for b in names)]
+        names += [n for n in outer if not any(n.startswith(f"{o}.") for o in outer)]
+    if not any(count.get(n, 1) >= 2 for n in names):
+        return blocks
+    order = _order(model)
+    seq = [(calls[n][k], f"{n}#{k}") if count.get(n, 1) >= 2 else ((calls.get(n) or [-1])[0], n)
+           for n in names for k in range(count.get(n, 1))]
+    return [n for _, n in sorted(seq, key=lambda item: (item[0], order[_module_of(item[1])]))]
+
+
+def _repeats(m: nn.Module) -> bool:
+    """A module called several times that can be a block: not a container, two weight matrices or more."""
+    return not isinstance(m, (nn.ModuleList, nn.ModuleDict)) and sum(1 for p in m.parameters() if p.dim() >= 2) >= 2
 
 
 def find_blocks(model: nn.Module, blocks=None) -> list[tuple[str, nn.Module]]:
@@ -175,7 +235,8 @@ def _auto(model: nn.Module):
         raise MemfitError(f"no chain of repeated blocks found in {type(model).__name__}: memfit looks for two or "
                           f"more blocks of the same type in an nn.ModuleList, nn.Sequential or nn.ModuleDict, or "
                           f"held as attributes of one module; name them with blocks='path.to.container' or a "
-                          f"pattern like 'layers.*'.")
+                          f"pattern like 'layers.*' (a block the forward calls several times is found from a step: "
+                          f"memfit.plan, verify, or memfit.apply(model, strategy, batch=..., loss_fn=...)).")
     kinds = {_shape(m) for chain in chains for _, m in chain}
     for g in groups.values():  # lone blocks of a kind chained elsewhere
         if len(g) == 1 and _shape(g[0][1]) in kinds and not any(_inside(g[0][0], c) or _inside(c[0][0], g)

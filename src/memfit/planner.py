@@ -39,6 +39,7 @@ from memfit.profiling import (
     MEASURED,
     CoverageWarning,
     Profile,
+    blocks_of,
     coverage_warning,
     profile,
     simulate,
@@ -296,11 +297,12 @@ def plan_or_none(model, batch, loss_fn, budget, *, blocks=None, cost="time", opt
         if distributed:
             raise MemfitError("planning for a compiled step is for one process; give compile or distributed, "
                               "not both.")
-    sig = signature(model, batch, blocks)
     key = _cache_key(model, batch, Budget.parse(budget).text, cost, blocks, optimizer, distributed, compile)
     cached = _CACHE.get(model, {}).get(key)
     if cached is not None and cached[0] is loss_fn:  # NOTE [plan cache]
         return cached[1]
+    blocks = blocks_of(model, batch, loss_fn, blocks)  # NOTE [blocks called several times] in memfit.blocks
+    sig = signature(model, batch, blocks)
     device = next(model.parameters()).device
     budget = Budget.parse(budget)  # a bad budget fails before profiling
     prof = profile(model, batch, loss_fn, blocks=blocks, optimizer=optimizer, cost=cost, distributed=distributed)
@@ -433,6 +435,8 @@ def apply(model, strategy="blocks", blocks=None, state_replay=True, *, budget=No
     if not isinstance(model, torch.nn.Module):
         return apply_strategy(model, strategy)  # which says what it takes
     s = schedule.parse(strategy if budget is None else Budget.parse(budget))
+    if s.budget is None and batch is not None and loss_fn is not None:  # NOTE [blocks called several times]
+        blocks = blocks_of(model, batch, loss_fn, blocks)  # (a budget's plan names the calls itself)
     strategy = resolve_plan(s, model, batch, loss_fn, blocks, cost) or s.strategy
     applied = applied_strategy(model)
     if isinstance(strategy, Plan) and applied and applied["units"] == strategy.units and \

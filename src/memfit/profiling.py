@@ -47,7 +47,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import functools
+import itertools
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -58,7 +58,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from memfit import pruning, strategies
-from memfit.blocks import find_blocks, find_chains
+from memfit.blocks import find_blocks, find_chains, with_calls
 from memfit.errors import MemfitError, scalar_loss
 from memfit.flops import op_flops
 from memfit.memory import available_cpu_bytes, track_memory
@@ -112,6 +112,40 @@ def _copy(model, batch, convert, resize=None):
     return new_model, tree_unflatten(new, spec)
 
 
+def count_calls(model, batch, loss_fn) -> dict:
+    """Where each module of `model` is called in one forward (with the loss):
+    {qualified name: positions of its calls in the sequence of all module
+    calls}, from a step on fake tensors, or {} if the step cannot run on them
+    (NOTE [blocks called several times] in memfit.blocks)."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fmodel, fbatch = _copy(model, batch, mode.from_tensor)
+    names = {id(m): n for n, m in fmodel.named_modules()}
+    calls: dict = {}
+    sequence = itertools.count()
+
+    def called(module, args):
+        if id(module) in names:
+            calls.setdefault(names[id(module)], []).append(next(sequence))
+    fmodel.train()
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(called)
+    try:
+        with mode, torch.no_grad():
+            loss_fn(fmodel, fbatch)
+    except Exception:  # noqa: BLE001 - see NOTE [real steps]: the blocks found without a trace stand
+        return {}
+    finally:
+        handle.remove()
+    return calls
+
+
+def blocks_of(model, batch, loss_fn, blocks=None):
+    """`blocks`, with each call of a block called several times per step a block of its own
+    (`memfit.blocks.with_calls`)."""
+    if blocks is not None and not isinstance(blocks, str) and any("#" in n for n in blocks):
+        return blocks  # the calls are named already (a plan's blocks)
+    return with_calls(model, blocks, count_calls(model, batch, loss_fn))
+
+
 def _on_cpu(t):
     return t.detach().to("cpu", copy=True)
 
@@ -124,6 +158,30 @@ def batch_dims(small, larger) -> list[int]:
             if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] != y.shape[0]]
 
 
+def each_call(chain, pre, post) -> list:
+    """Forward hooks on the blocks of `chain` (modules in order; a module called several times per step is there
+    once per call, NOTE [blocks called several times]): `pre(i)` before and `post(i, out)` after the call that is
+    the chain's i-th block. Returns the hooks' handles."""
+    positions: dict = {}
+    for i, m in enumerate(chain):
+        positions.setdefault(id(m), (m, []))[1].append(i)
+    handles = []
+    for m, at in positions.values():
+        calls, running = iter(at), []
+
+        def before(module, args, calls=calls, running=running):
+            running.append(next(calls, None))
+            if running[-1] is not None:
+                pre(running[-1])
+
+        def after(module, args, out, running=running):
+            i = running.pop()
+            if i is not None:
+                post(i, out)
+        handles += [m.register_forward_pre_hook(before), m.register_forward_hook(after)]
+    return handles
+
+
 class _Marks:
     """Marks each block's forward start "f<i" and end "f>i" in the tracker's
     timeline, and, through a hook on its output's gradient, the start of its
@@ -131,15 +189,12 @@ class _Marks:
 
     def __init__(self, chain, mem):
         self.mem = mem
-        self.handles = []
-        for i, m in enumerate(chain):
-            self.handles.append(m.register_forward_pre_hook(functools.partial(self._pre, i)))
-            self.handles.append(m.register_forward_hook(functools.partial(self._post, i)))
+        self.handles = each_call(chain, self._pre, self._post)
 
-    def _pre(self, i, module, args):
+    def _pre(self, i):
         self.mem.mark(f"f<{i}")
 
-    def _post(self, i, module, args, out):
+    def _post(self, i, out):
         self.mem.mark(f"f>{i}")
         t = next((t for t in tree_leaves(out) if isinstance(t, torch.Tensor)), None)
         if t is not None and t.requires_grad:
@@ -307,13 +362,12 @@ def record_ops(model, batch, loss_fn, *, blocks=None, real=False, seed=None) -> 
     chain = [m for _, m in find_blocks(fmodel, blocks)]
     rec = _OpRecorder(len(chain))
 
-    def enter(i, *_):
+    def enter(i):
         rec.block, rec.flows[i] = i, pruning.Dataflow()
 
-    def leave(*_):
+    def leave(i, out):
         rec.block = None
-    handles = [h for i, m in enumerate(chain) for h in (m.register_forward_pre_hook(functools.partial(enter, i)),
-                                                         m.register_forward_hook(leave))]
+    handles = each_call(chain, enter, leave)
     with mode, rec, torch.autograd.graph.saved_tensors_hooks(rec.saved, lambda t: t):
         loss = loss_fn(fmodel, fbatch)
         for h in handles:
@@ -714,6 +768,7 @@ def profile(model, batch, loss_fn, *, blocks=None, optimizer=None, cost="flops",
     [real steps]); with `cost="time"` the time model of the model's device
     (memfit.timemodel) prices each op.
     `distributed`: profile one rank of a DDP or FSDP2 run (see `simulate`)."""
+    blocks = blocks_of(model, batch, loss_fn, blocks)  # NOTE [blocks called several times]
     names = [n for n, _ in find_blocks(model, blocks)]
     n = len(names)
     device = next(model.parameters()).device

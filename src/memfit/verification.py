@@ -27,7 +27,7 @@ from memfit.errors import MemfitError
 from memfit.measurement import check_backend, run_of
 from memfit.measurement import steps as run_steps
 from memfit.planner import resolve_plan
-from memfit.profiling import CoverageWarning, coverage, coverage_warning
+from memfit.profiling import CoverageWarning, blocks_of, coverage, coverage_warning
 from memfit.wrapping import apply, wrapped_blocks
 
 __all__ = ["verify"]
@@ -211,6 +211,7 @@ def verify(model, batch, loss_fn, strategy="blocks", *, steps=5, device="cpu", s
     device = torch.device(device)
     model = model.to(device).train()
     batch = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, batch)
+    blocks = blocks_of(model, batch, loss_fn, blocks)  # NOTE [blocks called several times] in memfit.blocks
     n_blocks = len(find_blocks(model, blocks))
     the_plan, units = _units(strategy, model, batch, loss_fn, blocks, device, compile)
     if grad_tol is None:

@@ -106,9 +106,11 @@ def _units(model, strategy, blocks):
     plan = strategy if isinstance(strategy, Plan) else None
     if isinstance(strategy, dict):  # {chain: strategy}: each chain's own, the others left as they are
         blocks = "|".join(strategy)
-    if plan is not None:  # its blocks, as the plan lists them
-        plan.check([n for n, _ in find_blocks(model, blocks)])
-        blocks = [b.name for b in plan.blocks]
+    if plan is not None:  # its blocks, as the plan lists them (a plan that names calls, 'name#K', is their trace)
+        names = [b.name for b in plan.blocks]
+        plan.check([n for n, _ in find_blocks(model, names if blocks is None and any("#" in n for n in names)
+                                              else blocks)])
+        blocks = names
     chains = find_chains(model, blocks)
     if plan is not None:
         units = plan.units
@@ -121,19 +123,27 @@ def _units(model, strategy, blocks):
 
 
 def _wrap(model, chain, units, state_replay, training_only):
+    """Wrap each unit's blocks; a block called several times per step (its calls named 'name#K', NOTE [blocks
+    called several times] in memfit.blocks) gets one spec per call, chosen by counting its calls from the
+    start of each forward of `model`."""
+    specs: dict = {}  # block -> [spec of each call]
     for unit in units:
-        if unit.mode == KEEP:
-            continue
         members = chain[unit.start:unit.stop]
         segment = None
-        if len(members) > 1:
+        if len(members) > 1 and unit.mode != KEEP:
             segment = _Segment([n for n, _ in members])
             segment.hook(_containers(model, segment.names))
         policy = strategies.policy(unit.mode)
         for index, (name, block) in enumerate(members):
-            block._memfit = _Spec(name, unit.mode, policy, segment, index, block.__dict__.get("forward"),
-                                  state_replay, training_only)
-            block.forward = types.MethodType(_forward, block)
+            specs.setdefault(block, []).append(_Spec(name, unit.mode, policy, segment, index,
+                                                     block.__dict__.get("forward"), state_replay, training_only))
+    for block, each in specs.items():
+        if len(each) == 1 and "#" not in each[0].name:
+            if each[0].mode != KEEP:
+                block._memfit, block.forward = each[0], types.MethodType(_forward, block)
+            continue
+        block._memfit, block.forward = _Calls(each), types.MethodType(_forward, block)
+        each[0].handles = [model.register_forward_pre_hook(block._memfit.restart)]
 
 
 def remove(model: nn.Module) -> nn.Module:
@@ -147,8 +157,9 @@ def remove(model: nn.Module) -> nn.Module:
         spec = m.__dict__.pop("_memfit", None)
         if spec is None:
             continue
-        for handle in spec.segment.handles if spec.segment else ():
-            handle.remove()
+        for one in spec.each if isinstance(spec, _Calls) else [spec]:
+            for handle in [*(one.segment.handles if one.segment else ()), *one.handles]:
+                handle.remove()
         if spec.prev_forward is None:
             del m.__dict__["forward"]
         else:
@@ -157,8 +168,10 @@ def remove(model: nn.Module) -> nn.Module:
 
 
 def wrapped_blocks(model: nn.Module) -> list[tuple[str, str]]:
-    """(block name, mode) for each block `apply` wrapped, in model order."""
-    return [(m._memfit.name, m._memfit.mode) for m in model.modules() if "_memfit" in m.__dict__]
+    """(block name, mode) for each block `apply` wrapped, in model order (a block called several times: each
+    call it recomputes, 'name#K')."""
+    return [(s.name, s.mode) for m in model.modules() if "_memfit" in m.__dict__
+            for s in (m._memfit.each if isinstance(m._memfit, _Calls) else [m._memfit]) if s.mode != KEEP]
 
 
 def applied_strategy(model: nn.Module) -> dict | None:
@@ -210,11 +223,37 @@ class _Spec:
         self.name, self.mode, self.policy = name, mode, policy
         self.segment, self.index, self.prev_forward = segment, index, prev_forward
         self.state_replay, self.training_only = state_replay, training_only
+        self.handles = []
+
+
+class _Calls:
+    """The spec of each call of a block called several times per step, by the order of its calls since the
+    model's forward began (per thread: `nn.DataParallel` runs replicas in threads). A call past the last one
+    planned (a longer loop than the traced step's) is recomputed on its own, with the last call's mode."""
+
+    def __init__(self, each):
+        self.each, self.prev_forward, self._count = each, each[0].prev_forward, threading.local()
+
+    def restart(self, module, args):
+        self._count.n = 0
+
+    def next(self) -> _Spec:
+        k = getattr(self._count, "n", 0)
+        self._count.n = k + 1
+        if k < len(self.each):
+            return self.each[k]
+        last = self.each[-1]
+        return _Spec(last.name, last.mode, last.policy, None, 0, last.prev_forward, last.state_replay,
+                     last.training_only)
 
 
 def _forward(self, *args, **kwargs):
     spec = self._memfit
+    if isinstance(spec, _Calls):
+        spec = spec.next()
     fn = spec.prev_forward or functools.partial(type(self).forward, self)  # dynamo traces partial, not MethodType
+    if spec.mode == KEEP:
+        return fn(*args, **kwargs)
     if spec.mode == OFFLOAD:
         if not _recomputes(fn, spec.training_only):
             return fn(*args, **kwargs)

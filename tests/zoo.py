@@ -70,7 +70,7 @@ def tv_raft():
     """Optical flow: the update block is called once per iteration."""
     from torchvision.models.optical_flow import raft_small
     g = torch.Generator().manual_seed(1)
-    pair = (torch.randn(1, 3, 64, 64, generator=g), torch.randn(1, 3, 64, 64, generator=g))
+    pair = (torch.randn(1, 3, 128, 128, generator=g), torch.randn(1, 3, 128, 128, generator=g))  # 128: the least RAFT takes
     return raft_small(weights=None), pair, lambda m, x: sum(f.square().mean() for f in m(*x, num_flow_updates=3))
 
 
@@ -85,6 +85,7 @@ TORCHVISION = {
     "tv vit": tv_vit,
     "tv mc3_18 (video, 3-D conv)": tv_video,
     "tv lraspp (segmentation, dict output)": tv_segmentation,
+    "tv raft_small (optical flow, update block called per iteration)": tv_raft,
 }
 
 TIMM = {

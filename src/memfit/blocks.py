@@ -62,7 +62,10 @@ def find_chains(model: nn.Module, blocks=None) -> list[list[tuple[str, nn.Module
     composite block). Stages are not blocks:
     the blocks inside them are, which is the granularity that saves memory.
     A lone block of a kind that forms a chain elsewhere (a U-Net's middle
-    attention) is a chain of one.
+    attention) is a chain of one, and so is a lone composite block in a
+    container beside a chain's containers (EfficientNet's first stage, one
+    depthwise-separable block beside the stages of inverted residuals: at the
+    highest resolution, it holds the most activations).
     """
     if blocks is None:
         return _auto(model)
@@ -238,9 +241,10 @@ def _auto(model: nn.Module):
                           f"pattern like 'layers.*' (a block the forward calls several times is found from a step: "
                           f"memfit.plan, verify, or memfit.apply(model, strategy, batch=..., loss_fn=...)).")
     kinds = {_shape(m) for chain in chains for _, m in chain}
-    for g in groups.values():  # lone blocks of a kind chained elsewhere
-        if len(g) == 1 and _shape(g[0][1]) in kinds and not any(_inside(g[0][0], c) or _inside(c[0][0], g)
-                                                                   for c in chains):
+    parents = {_kind(b)[0] for chain in chains for b in chain}
+    for g in groups.values():  # lone blocks of a kind chained elsewhere, or beside a chain's containers
+        lone = len(g) == 1 and (_shape(g[0][1]) in kinds or (_kind(g[0])[0] in parents and _composite(g[0][1])))
+        if lone and not any(_inside(g[0][0], c) or _inside(c[0][0], g) for c in chains):
             chains.append(g)
     return sorted(chains, key=lambda chain: order[chain[0][0]])
 

@@ -24,7 +24,8 @@ from rich.console import Console
 from rich.table import Table
 
 import memfit
-from memfit.report import fmt_bytes
+from memfit.profiling import blocks_of
+from memfit.report import fmt_bytes, write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import zoo  # noqa: E402
@@ -36,7 +37,7 @@ _spec.loader.exec_module(bench)
 
 
 def row(name, model, batch, loss_fn):
-    chains = memfit.find_chains(model)
+    chains = memfit.find_chains(model, blocks_of(model, batch, loss_fn))  # RAFT: each call of its update block
     none, blocks = bench.measured_peak(model, batch, loss_fn, "none"), bench.measured_peak(model, batch, loss_fn, "blocks")
     own = bench.own_peak(model, batch, loss_fn, zoo.own_checkpointing)
     plan = memfit.plan(model, batch, loss_fn, (none + blocks) // 2 if blocks < 0.98 * none else int(none * 1.01),
@@ -61,8 +62,6 @@ def render(rows):
                       fmt_bytes(r["plain_peak_bytes"]), f"-{r['blocks_saving']:.1%}", "-" if own is None else f"-{own:.1%}",
                       f"{r['plan_error']:+.2%}", f"{r['plain_error']:+.2%}", r["memory_source"].split(":")[0])
     Console().print(table)
-
-from memfit.report import write_json  # noqa: E402
 
 
 def main():

@@ -16,9 +16,10 @@ from memfit.profiling import CoverageWarning, coverage
 from real_models import STACKS, needs  # noqa: E402
 
 CHAINS = {  # the containers of the chains found, in model order
+    # the upsampler is a lone composite block beside the resnets' container (NOTE [discovery])
     "diffusers UNet2DConditionModel": ["down_blocks.0.attentions", "down_blocks.0.resnets", "down_blocks.1.resnets",
-                                       "up_blocks.0.resnets", "up_blocks.1.attentions", "up_blocks.1.resnets",
-                                       "mid_block.attentions", "mid_block.resnets"],
+                                       "up_blocks.0.resnets", "up_blocks.0.upsamplers", "up_blocks.1.attentions",
+                                       "up_blocks.1.resnets", "mid_block.attentions", "mid_block.resnets"],
     "CLIP (two towers)": ["text_model.encoder.layers", "vision_model.encoder.layers"],
     "t5 (encoder-decoder)": ["encoder.block", "decoder.block"],
     "Whisper (encoder-decoder)": ["model.encoder.layers", "model.decoder.layers"],

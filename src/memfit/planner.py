@@ -302,8 +302,7 @@ def plan_or_none(model, batch, loss_fn, budget, *, blocks=None, cost="time", opt
     if cached is not None and cached[0] is loss_fn:  # NOTE [plan cache]
         return cached[1]
     blocks = blocks_of(model, batch, loss_fn, blocks)  # NOTE [blocks called several times] in memfit.blocks
-    sig = signature(model, batch, blocks)
-    device = next(model.parameters()).device
+    sig, device = signature(model, batch, blocks), next(model.parameters()).device
     budget = Budget.parse(budget)  # a bad budget fails before profiling
     prof = profile(model, batch, loss_fn, blocks=blocks, optimizer=optimizer, cost=cost, distributed=distributed)
     peaks = {tuple(strategies.parse(name, prof.chain_sizes)): peak for name, peak in prof.uniform_peaks.items()}

@@ -213,3 +213,26 @@ def test_a_plan_over_blocks_held_as_attributes_fits_and_predicts_the_peak():
     report = memfit.verify(model, batch, loss_fn, p, steps=1)
     assert report["passed"] and report["grads_bitwise_equal"]
     assert report["checkpointed"]["peak_bytes"] == p.predicted_peak_bytes <= p.budget_bytes
+
+
+class DepthwiseSeparable(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.dw, self.bn, self.pw = nn.Conv2d(c, c, 3, padding=1, groups=c), nn.BatchNorm2d(c), nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        return self.pw(torch.relu(self.bn(self.dw(x))))
+
+
+class InvertedResidual(DepthwiseSeparable):
+    def forward(self, x):
+        return x + super().forward(x)
+
+
+def test_a_lone_block_beside_a_chains_containers_is_a_chain_of_one():
+    """timm's EfficientNet: its first stage holds one depthwise-separable block, beside stages of inverted
+    residuals; at the highest resolution it holds the most activations."""
+    m = nn.Module()
+    m.blocks = nn.Sequential(nn.Sequential(DepthwiseSeparable(4)), nn.Sequential(InvertedResidual(4), InvertedResidual(4)),
+                             nn.Sequential(InvertedResidual(4)))
+    assert names(m) == ["blocks.0.0", "blocks.1.0", "blocks.1.1", "blocks.2.0"]

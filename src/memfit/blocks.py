@@ -155,10 +155,12 @@ def with_calls(model: nn.Module, blocks, calls: dict):
         names += [n for n in outer if not any(n.startswith(f"{o}.") for o in outer)]
     if not any(count.get(n, 1) >= 2 for n in names):
         return blocks
-    order = _order(model)
-    seq = [(calls[n][k], f"{n}#{k}") if count.get(n, 1) >= 2 else ((calls.get(n) or [-1])[0], n)
-           for n in names for k in range(count.get(n, 1))]
-    return [n for _, n in sorted(seq, key=lambda item: (item[0], order[_module_of(item[1])]))]
+    seq, at = [], -1.0
+    for n in names:  # a block the traced step skipped (LayerDrop) stays after the one before it
+        for k in range(count.get(n, 1)):
+            at = calls[n][k] if n in calls else at + 1e-3
+            seq.append((at, f"{n}#{k}" if count[n] >= 2 else n) if n in calls else (at, n))
+    return [n for _, n in sorted(seq)]
 
 
 def _repeats(m: nn.Module) -> bool:

@@ -12,7 +12,7 @@ import dataclasses
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -135,10 +135,26 @@ def check(r: Recipe):
         (plan.predicted_peak_bytes, measured)
 
 
+# what the fuzzer found (2026-12-03): recompute on demand replayed a tensor's op after a write through a view
+FOUND = Recipe(width=4, depth=2, parts=["view_", "concat", "add_"], residual=False, returns="tensor", keyword=False,
+               between="nothing")
+
+
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True)
 @given(recipes())
+@example(FOUND)
 def test_random_models_train_exactly_and_plan_within_one_percent(r):
     check(r)
+
+
+def test_recompute_on_demand_sees_a_write_through_a_view():
+    """NOTE [recompute on demand]: `y[:, :2].mul_(2)` writes `y`; the concatenation that reads `y` after it must
+    not get `y` by replaying the op that made it."""
+    from memfit.strategies import Unit
+    torch.manual_seed(0)
+    model = Net(FOUND)
+    assert_same_training(model, torch.randn(16, 4), loss_fn, [Unit(0, 1, "lazy:addmm@6"), Unit(1, 2, "lazy:addmm@6")],
+                         steps=1)
 
 
 @pytest.mark.slow

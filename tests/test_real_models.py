@@ -27,10 +27,22 @@ def built(request):
     return request.param, *BUILDERS[request.param]()
 
 
+_BLOCKS: dict = {}
+
+
+def blocks_for(model, batch, loss_fn):
+    """The model's blocks, each call of a block called several times a block of its own (ALBERT), traced once
+    per model object."""
+    key = (id(model), id(batch))
+    if key not in _BLOCKS:
+        _BLOCKS[key] = (model, batch, blocks_of(model, batch, loss_fn))  # holds the objects: ids stay theirs
+    return _BLOCKS[key][2]
+
+
 def grads(model, batch, loss_fn, strategy):
     """Loss, gradients and buffers after a step with `strategy`, once it is seen to wrap blocks (unless `none`) and
     recompute in backward (unless it only keeps or offloads)."""
-    m = memfit.apply(copy.deepcopy(model).train(), strategy, blocks=blocks_of(model, batch, loss_fn))
+    m = memfit.apply(copy.deepcopy(model).train(), strategy, blocks=blocks_for(model, batch, loss_fn))
     assert bool(wrapped_blocks(m)) == (strategy != "none"), strategy
     torch.manual_seed(1)
     with counting() as recomputed:
@@ -73,7 +85,7 @@ def test_op_level_modes_give_the_plain_gradients(built, monkeypatch):
         return unpack(x)
     monkeypatch.setattr(pruning.Pruner, "_end_forward", spy)
     monkeypatch.setattr(ondemand, "_unpack", unpack_spy)
-    rec = record_ops(model, batch, loss_fn, blocks=blocks_of(model, batch, loss_fn), real=True, seed=0)
+    rec = record_ops(model, batch, loss_fn, blocks=blocks_for(model, batch, loss_fn), real=True, seed=0)
     modes = [frontier(ops, flow, "flops") for ops, flow in zip(rec.blocks, rec.flows)]
     assert any(modes), name
     loss, plain, buffers = grads(model, batch, loss_fn, "none")
@@ -90,7 +102,7 @@ def measured_peak(model, batch, loss_fn, strategy):
     """The tracker's peak of a training step (after a warm-up step made the
     optimizer state) in which every block ran: LayerDrop models skip blocks in
     some steps, and those peak lower."""
-    names = blocks_of(model, batch, loss_fn)  # a block called several times: each call (ALBERT)
+    names = blocks_for(model, batch, loss_fn)  # a block called several times: each call (ALBERT)
     m = memfit.apply(copy.deepcopy(model).train(), strategy, blocks=names)
     opt = torch.optim.AdamW(m.parameters())
     blocks = [b for _, b in memfit.find_blocks(m, names)]

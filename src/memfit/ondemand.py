@@ -36,7 +36,11 @@ Never wrong, only slower or refused:
   recorded. An op of the block that writes in place a tensor some handle's
   replay reads first makes that handle keep its tensor (`hold`: the tensor
   itself while it is alive, else evaluated then); a handle made after such a
-  write keeps its tensor from the start. A tensor written after the block's
+  write keeps its tensor from the start. A tensor written in place after
+  its op made it (through a view too: `y[:, :k].mul_(2)` bumps `y`'s
+  version) is held wherever a later op reads it, and kept by autograd as
+  itself: replaying its op would give the value before the write (the model
+  fuzzer found this, tests/test_fuzz.py). A tensor written after the block's
   forward (the recorder is gone) makes the unpack raise instead, as autograd
   does for a saved tensor written in place;
 * under torch.compile the block goes through torch's checkpoint with the
@@ -160,10 +164,11 @@ class _Recorder(TorchDispatchMode):
         if isinstance(a, (list, tuple)):
             return type(a)(self._arg(x) for x in a)
         if isinstance(a, torch.Tensor) and a in self.made:
-            node, index = self.made[a]
-            return _Ref(node, index, _version(a))
-        if isinstance(a, torch.Tensor):
-            return _Ref(_Node(None, (), {}, [a]), 0, _version(a))  # a tensor from outside: held
+            node, index, version = self.made[a]
+            if _version(a) == version:
+                return _Ref(node, index, version)
+        if isinstance(a, torch.Tensor):  # a tensor from outside, or written in place since its op made it: held
+            return _Ref(_Node(None, (), {}, [a]), 0, _version(a))
         return a
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -183,12 +188,12 @@ class _Recorder(TorchDispatchMode):
         node = _Node(func, self._arg(list(args)), {k: self._arg(v) for k, v in kwargs.items()}, held)
         for i, o in enumerate(outs):
             if isinstance(o, torch.Tensor):
-                self.made[o] = (node, i)
+                self.made[o] = (node, i, _version(o))
         return out
 
     def pack(self, t):
         found = self.made.get(t) if self.made is not None else None
-        if found is None or found[0].held is not None:
+        if found is None or found[0].held is not None or _version(t) != found[2]:
             return t
         handle = _Lazy(_Ref(found[0], found[1], _version(t)), t)
         if any(_version(x) != v for x, v in handle.reads()):  # written in place already: keep the tensor

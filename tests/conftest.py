@@ -1,8 +1,14 @@
 """What several test files share."""
+import os
 import subprocess
 import sys
 
 import pytest
+import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers share the two cores: one thread each, not two, and
+    os.environ["OMP_NUM_THREADS"] = "1"      # the same in the processes they start (a CLI run's numbers are
+    torch.set_num_threads(1)                 # compared with this process's to the bit)
 
 
 def run_memfit(*args, cwd=None, timeout=900):

@@ -140,7 +140,7 @@ FOUND = Recipe(width=4, depth=2, parts=["view_", "concat", "add_"], residual=Fal
                between="nothing")
 
 
-@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True)
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True)
 @given(recipes())
 @example(FOUND)
 def test_random_models_train_exactly_and_plan_within_one_percent(r):

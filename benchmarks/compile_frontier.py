@@ -37,7 +37,7 @@ import memfit
 from memfit import models
 from memfit.measurement import Run, compiled, steps
 from memfit.report import fmt_bytes, write_json
-from memfit.wrapping import apply
+from memfit.wrapping import wrap
 
 BACKEND = "aot_eager_decomp_partition"
 COMPILE_BUDGETS = tuple(round(0.1 * i, 1) for i in range(11))
@@ -49,13 +49,13 @@ SETUPS = {"gpt": dict(size="tiny", batch_size=64), "resnet-se": dict(size="tiny"
 
 
 def eager_run(model, strategy):
-    m = apply(copy.deepcopy(model), strategy)
+    m = wrap(copy.deepcopy(model), strategy)
     return Run(m, torch.optim.AdamW(m.parameters()))
 
 
 def compiled_run(model, strategy, budget, batch, loss_fn):
     """A run compiled now (its first step), with the partitioner's memory budget set while it compiles."""
-    m = apply(copy.deepcopy(model), strategy)
+    m = wrap(copy.deepcopy(model), strategy)
     forward, calls = compiled(m, BACKEND)
     run = Run(m, torch.optim.AdamW(m.parameters()), forward=forward, graph_calls=calls)
     with torch._functorch.config.patch(activation_memory_budget=budget):

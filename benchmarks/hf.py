@@ -31,7 +31,7 @@ from rich.table import Table
 import memfit
 from memfit.measurement import measure, resolve_device
 from memfit.models import hf
-from memfit.profiling import simulate
+from memfit.simulation import simulate
 from memfit.report import fmt_bytes, write_json
 
 

@@ -26,7 +26,7 @@ from rich.table import Table
 
 import memfit
 from memfit import models
-from memfit.bench import frontier
+from memfit.bench import sweep
 from memfit.measurement import measure
 from memfit.models import gpt
 from memfit.planner import solve
@@ -69,7 +69,7 @@ def half_activation(model, batch, loss_fn):
             "uniform_fitting": fitting, "ratio_to_cheapest_uniform": cost / min(listed) if listed else None,
             "ratio_to_cheapest_whole_block_uniform": cost / min(whole) if whole else None,
             "ratio_to_cheapest_memfit_uniform": cost / min(fitting.values()) if fitting else None,
-            "plan": [[b.name, b.mode] for b in p.blocks]}
+            "plan": [[b.name, str(b.mode)] for b in p.blocks]}
 
 
 def planning_time(n_layer=48):
@@ -112,7 +112,7 @@ def main():
         summary.add_column(col)
     for name in ("gpt", "resnet-se", "mlp"):
         model, batch, loss_fn = models.load(name, size.get(name))
-        rows = frontier(model, batch, loss_fn, budgets, cost="flops")
+        rows = sweep(model, batch, loss_fn, budgets, cost="flops")
         out.print(bench_table(rows))
         checks = check_rows(rows)
         results["models"][name] = {"size": size.get(name) or "default", "rows": rows, "checks": checks}

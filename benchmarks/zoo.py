@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 import memfit
-from memfit.profiling import blocks_of
+from memfit.simulation import blocks_of
 from memfit.report import fmt_bytes, write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))

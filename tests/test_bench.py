@@ -1,11 +1,11 @@
 """memfit.bench: the frontier, each row measured, the plans within their budgets."""
 from memfit import models
-from memfit.bench import UNIFORM, frontier
+from memfit.bench import UNIFORM, sweep
 
 
 def test_the_frontier_measures_every_row_and_each_plan_fits():
     model, batch, loss_fn = models.load("gpt", size="tiny", batch_size=8)
-    rows = frontier(model, batch, loss_fn, (85, 100, 1), cost="flops")
+    rows = sweep(model, batch, loss_fn, (85, 100, 1), cost="flops")
     assert [r["strategy"] for r in rows] == [*UNIFORM, "plan:85%", "plan:100%", "plan:1%"]
     base = rows[0]
     assert base["slowdown"] == 0 and base["recompute_flops"] == 0

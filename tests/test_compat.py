@@ -141,11 +141,11 @@ def test_op_level_modes_save_their_ops_under_compile(monkeypatch):
     dispatches, so the op numbers drift; a traced policy still saves every op
     its mode lists (here every matmul and attention kernel of each block)."""
     from memfit import strategies
-    from memfit.profiling import record_ops
+    from memfit.frontier import record_ops
     torch._dynamo.reset()
     model, batch = gpt_no_dropout(), gpt.batch("tiny", 8)
     ops = record_ops(model, batch, gpt.loss_fn).blocks[0]
-    mode = strategies.ops_mode({k: op.name for k, op in enumerate(ops) if op.name in ("addmm", "mm")
+    mode = strategies.Mode.of_ops({k: op.name for k, op in enumerate(ops) if op.name in ("addmm", "mm")
                                 or op.name.startswith("_scaled_dot_product")})
     made, policy = [], strategies.policy
 
@@ -168,7 +168,7 @@ def test_op_level_modes_save_their_ops_under_compile(monkeypatch):
                              backend="aot_eager")
     gpt.loss_fn(compiled, batch).backward()
     traced = [d for d, names in made if "clone" in names]
-    assert traced and all(sum(d) == len(strategies.saved_ops(mode)) for d in traced)
+    assert traced and all(sum(d) == len(mode.saved) for d in traced)
 
 
 def test_a_plan_for_the_compiled_step_fits_its_budget_compiled(monkeypatch):

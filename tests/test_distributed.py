@@ -145,7 +145,7 @@ def test_a_segment_plans_per_rank_prediction_counts_the_segment_as_one_fsdp_grou
 
     import memfit
     from memfit.models import REGISTRY
-    from memfit.profiling import simulate
+    from memfit.simulation import simulate
     model, batch, loss_fn = REGISTRY["gpt"].build("tiny", batch_size=2)
     wrapped = memfit.apply(copy.deepcopy(model), "segments:1")  # what train shards and reports
     expected = simulate(wrapped, batch, loss_fn, None, distributed=("fsdp", 2)).peak_bytes

@@ -128,7 +128,7 @@ def check(r: Recipe):
         assert_same_training(model, batch, loss_fn, strategy, steps=1)
     none, blocks = measured_peak(model, batch, loss_fn, "none"), measured_peak(model, batch, loss_fn, "blocks")
     plan = memfit.plan(model, batch, loss_fn, (none + blocks) // 2 if blocks < none else none + 1024, cost="flops")
-    if any(b.mode != "keep" for b in plan.blocks):  # a plan that keeps every block is the plain step
+    if any(b.mode != memfit.strategies.KEEP for b in plan.blocks):  # a plan that keeps every block is the plain step
         assert_same_training(model, batch, loss_fn, plan, steps=1)
     measured = measured_peak(model, batch, loss_fn, plan)
     assert measured <= plan.budget_bytes and abs(plan.predicted_peak_bytes / measured - 1) <= 0.01, \

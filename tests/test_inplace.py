@@ -11,8 +11,8 @@ from torch import nn
 import memfit
 from memfit import ondemand
 from memfit.measurement import measure
-from memfit.profiling import simulate
-from memfit.strategies import Unit
+from memfit.simulation import simulate
+from memfit.strategies import Mode, Unit
 
 PATTERNS = ["relu_", "silu_", "add_", "mul_", "norm_", "view_", "linear_relu_"]
 MODES = ["selective", "scores", "pointwise", "ops:convolution@0", "lazy:convolution@0"]
@@ -65,7 +65,7 @@ def loss_fn(model, batch):
 
 
 def _units(mode, n=3):
-    return mode if ":" not in mode else [Unit(i, i + 1, mode) for i in range(n)]
+    return mode if ":" not in mode else [Unit(i, i + 1, Mode.parse(mode)) for i in range(n)]
 
 
 def _step(model, batch):

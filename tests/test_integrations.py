@@ -11,6 +11,7 @@ import torch
 import trainers
 
 from memfit.errors import MemfitError
+from memfit.strategies import KEEP
 from memfit.wrapping import wrapped_blocks
 
 from memfit.integrations import Session
@@ -34,7 +35,7 @@ def memfit_lightning():
 def check_fits(callback, peaks):
     """The plan is applied and every measured step's peak fits the budget, as predicted."""
     plan = callback.plan
-    assert plan is not None and any(b.mode != "keep" for b in plan.blocks), plan
+    assert plan is not None and any(b.mode != KEEP for b in plan.blocks), plan
     assert len(peaks) == trainers.STEPS
     assert max(peaks) <= plan.budget_bytes, (peaks, plan.budget_bytes)
     # after the first step has made the optimizer state, the step is the one the plan predicted
@@ -54,7 +55,7 @@ def test_hf_trainer_with_a_budget(hf_plain, tmp_path, memfit_hf):
     assert losses == hf_plain[0]  # dropout on
     trainers.assert_same_weights(trainers.weights(trainer.model), hf_plain[1])  # bitwise
     applied = dict(wrapped_blocks(trainer.model))
-    assert applied == {b.name: b.mode for b in callback.plan.blocks if b.mode != "keep"}
+    assert applied == {b.name: b.mode for b in callback.plan.blocks if b.mode != KEEP}
     check_fits(callback, callback.peaks)
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert all(h["memory/peak"] * 1e9 <= callback.plan.budget_bytes for h in logged)
@@ -134,7 +135,7 @@ def test_lightning_with_a_budget(lightning_plain, memfit_lightning):
     assert losses == lightning_plain[0]  # dropout on
     trainers.assert_same_weights(trainers.weights(trainer.lightning_module), lightning_plain[1])  # bitwise
     assert dict(wrapped_blocks(trainer.lightning_module)) == \
-        {b.name: b.mode for b in callback.plan.blocks if b.mode != "keep"}
+        {b.name: b.mode for b in callback.plan.blocks if b.mode != KEEP}
     check_fits(callback, callback.peaks)
     assert trainer.callback_metrics["memory/peak"].item() == pytest.approx(callback.peaks[-1] / 1e9)
 
@@ -162,7 +163,7 @@ def test_accelerate_needs_only_memfit_apply():
     losses, model, plan = trainers.accelerate_run(budget="60%")
     assert losses == plain  # dropout on
     trainers.assert_same_weights(trainers.weights(model), trainers.weights(plain_model))  # bitwise
-    assert dict(wrapped_blocks(model)) == {b.name: b.mode for b in plan.blocks if b.mode != "keep"} != {}
+    assert dict(wrapped_blocks(model)) == {b.name: b.mode for b in plan.blocks if b.mode != KEEP} != {}
 
 
 def test_session_leaves_the_random_numbers_alone():

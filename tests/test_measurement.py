@@ -8,13 +8,13 @@ from torch import nn
 from memfit import MemfitError, models
 from memfit.measurement import Run, measure, resolve_device, steps
 from memfit.memory import track_memory
-from memfit.wrapping import apply
+from memfit.wrapping import wrap
 
 
 def runs_of(model, n=2, strategies=("none", "blocks")):
     out = []
     for s in strategies[:n]:
-        m = apply(copy.deepcopy(model), s)
+        m = wrap(copy.deepcopy(model), s)
         out.append(Run(m, torch.optim.AdamW(m.parameters())))
     return out
 
@@ -36,7 +36,7 @@ def test_the_runs_step_side_by_side_on_the_same_random_numbers():
 def test_the_memory_step_is_the_trackers_steady_state_step():
     model, batch, loss_fn = models.load("gpt", size="tiny", batch_size=4)
     got = measure(model, batch, loss_fn, "blocks", timed_steps=0, flops=False)
-    m = apply(copy.deepcopy(model), "blocks")
+    m = wrap(copy.deepcopy(model), "blocks")
     opt = torch.optim.AdamW(m.parameters())
     for seed in (0, 1):  # a warm-up step creates the optimizer state
         torch.manual_seed(seed)
@@ -47,14 +47,17 @@ def test_the_memory_step_is_the_trackers_steady_state_step():
     assert got["peak_bytes"] == mem.peak_bytes and got["flops"] is None and got["step_time_s"] is None
 
 
-def test_a_run_without_optimizer_times_forward_and_backward_after_its_preparation():
+def test_a_run_without_optimizer_times_forward_and_backward_and_runs_alternate():
     model, batch, loss_fn = models.load("mlp", size="tiny", batch_size=8)
-    order = []
-    runs = [Run(model, None, before=lambda s=s: (order.append(s), apply(model, s))) for s in ("none", "blocks")]
+    order, runs = [], []
+    for s in ("none", "blocks"):
+        m = wrap(copy.deepcopy(model), s)
+        m.register_forward_pre_hook(lambda module, args, s=s: order.append(s))
+        runs.append(Run(m, None))
     before = [p.detach().clone() for p in model.parameters()]
     steps(runs, batch, loss_fn, memory=False, flops=False, timed=2)
     assert order == ["none", "blocks", "none", "blocks", "blocks", "none"]  # the second timed round reversed
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))  # no optimizer: no update
+    assert all(torch.equal(p, q) for r in runs for p, q in zip(r.model.parameters(), before))  # no optimizer: no update
     assert all(len(r.times) == 2 and min(r.times) > 0 for r in runs)
 
 

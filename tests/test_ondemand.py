@@ -8,14 +8,16 @@ from torch import nn
 import memfit
 from memfit import models
 from memfit.measurement import Run, steps
-from memfit.profiling import frontier, profile, record_ops
-from memfit.strategies import Unit, lazy
+from memfit.frontier import frontier, record_ops
+from memfit.profiling import profile
+from memfit.profiling import Point
+from memfit.strategies import RECOMPUTE, Mode, Unit
 
 
 def points(model, batch, loss_fn):
     """Every block's op-level frontier (NOTE [op-level frontier]), as `lazy:` modes."""
     rec = record_ops(model, batch, loss_fn, real=True, seed=0)
-    return [[lazy(m) for m in frontier(ops, flow, "flops")] for ops, flow in zip(rec.blocks, rec.flows)]
+    return [[m.lazy() for m in frontier(ops, flow, "flops")] for ops, flow in zip(rec.blocks, rec.flows)]
 
 
 def step(model, batch, loss_fn, units=None, seed=0):
@@ -50,10 +52,10 @@ def test_on_demand_peaks_below_the_rerun_of_the_same_mode():
     policy (the tracker's measure), with the same FLOPs and losses."""
     model, batch, loss_fn = models.load("hf:llama", size="tiny", batch_size=16)
     prof = profile(model, batch, loss_fn, cost="flops")
-    label = min((x for x in prof.points if x.startswith("ops/") and not any(prof.recomputed[x])),
+    label = min((x for x in prof.points if not x.on_demand and not any(prof.recomputed[x])),
                 key=lambda x: sum(prof.kept[x]))
     runs = []
-    for twin in (lazy, lambda m: m):
+    for twin in (Mode.lazy, lambda m: m):
         m = memfit.apply(copy.deepcopy(model), [Unit(i, i + 1, twin(m)) for i, m in enumerate(prof.points[label])])
         runs.append(Run(m, torch.optim.AdamW(m.parameters())))
     steps(runs, batch, loss_fn, seed=1, timed=1)
@@ -161,7 +163,7 @@ def test_a_point_whose_step_fails_leaves_lazy_modes_out_with_a_warning():
     def simulated(units):
         raise RuntimeError("memfit: a tensor that recomputing on demand reads was written in place")
     with pytest.warns(UserWarning, match="recompute on demand left out"):
-        terms = _each_point({"lazy/1": ["lazy:mm@0", "lazy:mm@0"]}, [[0, 1]], simulated)
+        terms = _each_point({Point(1, on_demand=True): [Mode.parse("lazy:mm@0")] * 2}, [[0, 1]], simulated)
     assert terms == {}
 
 
@@ -189,8 +191,8 @@ def test_a_lazy_mode_saves_the_ops_its_ops_twin_saves(name):
     same decisions, op by op, for a mode and its twin (else a `lazy:` mode would
     save other ops than the profile priced)."""
     model, batch, loss_fn = models.load(name, size="tiny", batch_size=8)
-    middle = [ms[len(ms) // 2] if ms else "recompute" for ms in points(model, batch, loss_fn)]
+    middle = [ms[len(ms) // 2] if ms else RECOMPUTE for ms in points(model, batch, loss_fn)]
     twin = [Unit(i, i + 1, m) for i, m in enumerate(middle)]
-    ops = [Unit(i, i + 1, m.replace("lazy:", "ops:", 1)) for i, m in enumerate(middle)]
+    ops = [Unit(i, i + 1, Mode(m.kind, m.saved)) for i, m in enumerate(middle)]
     got, want = _decisions(model, batch, loss_fn, twin), _decisions(model, batch, loss_fn, ops)
     assert got == want and any(any(d) for d in got)

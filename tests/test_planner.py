@@ -130,7 +130,7 @@ def test_a_budget_a_uniform_strategy_just_meets_is_planned(uniform):
     """At exactly the simulated peak of a uniform strategy, where the DP's rounded-up
     bytes may miss it, the plan still fits and costs no more than that strategy."""
     from memfit.measurement import measure
-    from memfit.profiling import simulate
+    from memfit.simulation import simulate
     model, batch, loss_fn = models.load("resnet-se", size="tiny", batch_size=16)  # blocks: the DP alone misses it
     budget = simulate(model, batch, loss_fn, uniform).peak_bytes
     p = memfit.plan(model, batch, loss_fn, budget, cost="flops")
@@ -143,7 +143,7 @@ def test_a_time_plan_is_never_beaten_by_a_fitting_uniform_strategy(monkeypatch):
     """Under one time model (fixed here, so the test is deterministic), no
     uniform strategy that fits the budget costs less predicted time than the
     plan, and the plan is never beaten by one in both time and FLOPs."""
-    from memfit import profiling, strategies
+    from memfit import profiling, simulation, strategies
     from memfit.planner import UNIFORM_FALLBACKS
     from memfit.timemodel import TimeModel
     fixed = TimeModel("cpu", per_flop=1e-11, per_byte=2e-11, per_op=3e-6, spread=0.0, error=0.0)
@@ -152,8 +152,8 @@ def test_a_time_plan_is_never_beaten_by_a_fitting_uniform_strategy(monkeypatch):
     prof = profiling.profile(model, batch, loss_fn, cost="time")
     uniform = {}
     for name in UNIFORM_FALLBACKS:
-        units = strategies.parse(name, prof.chain_sizes)
-        uniform[name] = (profiling.simulate(model, batch, loss_fn, name).peak_bytes,
+        units = strategies.units_of(name, prof.chain_sizes)
+        uniform[name] = (simulation.simulate(model, batch, loss_fn, name).peak_bytes,
                          *[sum(prof.cost(u.mode, i, k) for u in units for i in range(u.start, u.stop))
                            for k in ("time", "flops")])
     fitting = []

@@ -9,7 +9,7 @@ import torch
 
 import memfit
 from memfit.memory import track_memory
-from memfit.profiling import blocks_of
+from memfit.simulation import blocks_of
 from memfit.wrapping import wrapped_blocks
 from recompute import counting, recomputes
 
@@ -71,8 +71,8 @@ def test_op_level_modes_give_the_plain_gradients(built, monkeypatch):
     model, and as their `lazy:` twins, recomputed on demand (NOTE [recompute on
     demand]), whose handles backward unpacks on every model."""
     from memfit import ondemand, pruning
-    from memfit.profiling import frontier, record_ops
-    from memfit.strategies import Unit, lazy
+    from memfit.frontier import frontier, record_ops
+    from memfit.strategies import RECOMPUTE, Unit
     name, model, batch, loss_fn = built
     skipped, end, replayed, unpack = [], pruning.Pruner._end_forward, [], ondemand._unpack
 
@@ -89,8 +89,8 @@ def test_op_level_modes_give_the_plain_gradients(built, monkeypatch):
     modes = [frontier(ops, flow, "flops") for ops, flow in zip(rec.blocks, rec.flows)]
     assert any(modes), name
     loss, plain, buffers = grads(model, batch, loss_fn, "none")
-    for point in (lambda m: m[len(m) // 2], lambda m: lazy(m[len(m) // 2]), lambda m: m[-1], lambda m: lazy(m[-1])):
-        units = [Unit(i, i + 1, point(m) if m else "recompute") for i, m in enumerate(modes)]
+    for point in (lambda m: m[len(m) // 2], lambda m: m[len(m) // 2].lazy(), lambda m: m[-1], lambda m: m[-1].lazy()):
+        units = [Unit(i, i + 1, point(m) if m else RECOMPUTE) for i, m in enumerate(modes)]
         loss_s, grads_s, buffers_s = grads(model, batch, loss_fn, units)
         assert torch.equal(loss, loss_s) and plain.keys() == grads_s.keys(), name
         assert all(torch.equal(plain[n], grads_s[n]) for n in plain), name

@@ -11,7 +11,7 @@ import torch
 import memfit
 from memfit.blocks import find_chains
 from memfit.memory import track_memory
-from memfit.profiling import CoverageWarning, coverage
+from memfit.profiling import coverage, CoverageWarning
 
 from real_models import STACKS, needs  # noqa: E402
 

@@ -4,7 +4,7 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy, SelectiveCheckpointContext
 
 from memfit import MemfitError
-from memfit.strategies import KEEP, RECOMPUTE, Unit, check, parse, policy
+from memfit.strategies import KEEP, RECOMPUTE, Unit, check, policy, units_of
 
 aten = torch.ops.aten
 
@@ -14,19 +14,19 @@ def spans(units):
 
 
 def test_each_strategy_over_one_chain():
-    assert spans(parse("none", 4)) == [(0, 4, KEEP)]
-    assert spans(parse("blocks", 3)) == [(0, 1, RECOMPUTE), (1, 2, RECOMPUTE), (2, 3, RECOMPUTE)]
-    assert [u.mode for u in parse("every:3", 7)] == [RECOMPUTE, KEEP, KEEP] * 2 + [RECOMPUTE]
-    assert [(u.start, u.stop) for u in parse("segments:3", 7)] == [(0, 3), (3, 5), (5, 7)]
-    assert [(u.start, u.stop) for u in parse("sqrt", 12)] == [(0, 4), (4, 8), (8, 12)]
-    assert spans(parse("Selective", 2)) == [(0, 1, "selective"), (1, 2, "selective")]
+    assert spans(units_of("none", 4)) == [(0, 4, KEEP)]
+    assert spans(units_of("blocks", 3)) == [(0, 1, RECOMPUTE), (1, 2, RECOMPUTE), (2, 3, RECOMPUTE)]
+    assert [u.mode for u in units_of("every:3", 7)] == [RECOMPUTE, KEEP, KEEP] * 2 + [RECOMPUTE]
+    assert [(u.start, u.stop) for u in units_of("segments:3", 7)] == [(0, 3), (3, 5), (5, 7)]
+    assert [(u.start, u.stop) for u in units_of("sqrt", 12)] == [(0, 4), (4, 8), (8, 12)]
+    assert spans(units_of("Selective", 2)) == [(0, 1, "selective"), (1, 2, "selective")]
 
 
 def test_a_strategy_applies_to_each_chain_alone():
     """Segments never cross from one chain into the next; every:K restarts in each chain."""
-    assert [(u.start, u.stop) for u in parse("segments:2", [3, 5])] == [(0, 2), (2, 3), (3, 6), (6, 8)]
-    assert [u.start for u in parse("every:2", [3, 3]) if u.mode == RECOMPUTE] == [0, 2, 3, 5]
-    assert [(u.start, u.stop) for u in parse("segments:3", [2, 6])] == [(0, 1), (1, 2), (2, 4), (4, 6), (6, 8)]
+    assert [(u.start, u.stop) for u in units_of("segments:2", [3, 5])] == [(0, 2), (2, 3), (3, 6), (6, 8)]
+    assert [u.start for u in units_of("every:2", [3, 3]) if u.mode == RECOMPUTE] == [0, 2, 3, 5]
+    assert [(u.start, u.stop) for u in units_of("segments:3", [2, 6])] == [(0, 1), (1, 2), (2, 4), (4, 6), (6, 8)]
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -39,8 +39,8 @@ def test_bad_strategy_strings(bad, message):
 
 def test_more_segments_than_blocks_is_refused():
     with pytest.raises(MemfitError, match="more segments than the 7 blocks"):
-        parse("segments:9", [7, 3])
-    assert Unit(0, 1, KEEP) == parse("none", 1)[0]
+        units_of("segments:9", [7, 3])
+    assert Unit(0, 1, KEEP) == units_of("none", 1)[0]
 
 
 def test_what_each_policy_keeps():
@@ -78,14 +78,22 @@ def test_op_level_modes_give_the_plain_gradients_with_random_ops(mode):
     assert torch.equal(plain, got)
 
 
-def test_op_level_mode_strings():
-    from memfit.strategies import known, ops_mode, saved_ops
-    assert ops_mode({12: "gelu", 3: "mm", 7: "add.Tensor"}) == "ops:mm@3,add.Tensor@7,gelu@12"
-    assert saved_ops("ops:mm@3,add.Tensor@7,gelu@12") == {12: "gelu", 3: "mm", 7: "add.Tensor"}
-    assert known("ops:mm@0") and known("selective") and not known("ops:") and not known("ops:mm") \
-        and not known("ops:3") and not known("ops:mm@a") and not known("ops")
-    with pytest.raises(ValueError, match="not an op-level mode"):
-        saved_ops("selective")
+def test_a_mode_is_a_value_printed_as_memfit_reads_it():
+    from memfit.strategies import SELECTIVE, Kind, Mode
+    mode = Mode.of_ops({12: "gelu", 3: "mm", 7: "add.Tensor"})
+    assert str(mode) == "ops:mm@3,add.Tensor@7,gelu@12" and str(mode.lazy()) == "lazy:mm@3,add.Tensor@7,gelu@12"
+    assert mode.saved_ops == {12: "gelu", 3: "mm", 7: "add.Tensor"} and mode.kind is Kind.OPS
+    for text in ("keep", "recompute", "selective", "scores", "pointwise", "offload", str(mode), str(mode.lazy())):
+        assert str(Mode.parse(text)) == text and Mode.parse(Mode.parse(text)) == Mode.parse(text)
+    assert Mode.parse("selective") is not SELECTIVE and Mode.parse("selective") == SELECTIVE
+    assert Mode.parse("lazy:mm@3") == Mode.of_ops({3: "mm"}, on_demand=True) != Mode.parse("ops:mm@3")
+    assert len({Mode.parse("ops:mm@3"), Mode.of_ops({3: "mm"}), SELECTIVE, Mode.parse("selective")}) == 2
+    for bad in ("ops:", "ops:mm", "ops:3", "ops:mm@a", "ops", "lazy", "blocks", "Keep", "keep:1", ""):
+        with pytest.raises(ValueError, match="is not a mode"):
+            Mode.parse(bad)
+    with pytest.raises(ValueError):
+        Mode(Kind.KEEP, ((0, "mm"),))
+    assert Unit(0, 1, "ops:mm@3").mode == Mode.of_ops({3: "mm"})  # a Unit reads a mode's printed form
 
 
 def test_attention_draws_random_numbers_only_with_dropout():

@@ -503,7 +503,7 @@ def universal_loss(m, x):
 def test_a_block_called_several_times_is_a_chain_of_its_calls():
     """NOTE [blocks called several times]: each call is a block, 'block#K', in call order; without a trace the
     block is not found, and the error says how it would be."""
-    from memfit.profiling import blocks_of
+    from memfit.simulation import blocks_of
     model, batch = Universal(), torch.randn(4, 8)
     assert blocks_of(model, batch, universal_loss) == [f"block#{k}" for k in range(4)]
     assert blocks_of(model, batch, universal_loss, ["block"]) == [f"block#{k}" for k in range(4)]
@@ -540,4 +540,4 @@ def test_a_plan_chooses_per_call_and_applies_to_a_fresh_model_from_json():
     assert report["passed"] and report["grads_bitwise_equal"]
     assert report["checkpointed"]["peak_bytes"] == plan.predicted_peak_bytes <= plan.budget_bytes
     fresh = memfit.apply(Universal(depth=6), memfit.Plan.from_json(plan.to_json()))
-    assert [n for n, _ in wrapped_blocks(fresh)] == [b.name for b in plan.blocks if b.mode != "keep"]
+    assert [n for n, _ in wrapped_blocks(fresh)] == [b.name for b in plan.blocks if str(b.mode) != "keep"]

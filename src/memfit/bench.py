@@ -5,12 +5,12 @@ from __future__ import annotations
 from memfit.errors import MemfitError
 from memfit.measurement import measure
 from memfit.planner import plan
-from memfit.profiling import simulate
+from memfit.simulation import simulate
 
 UNIFORM = ("none", "blocks", "every:2", "every:3", "sqrt", "selective", "scores", "pointwise")
 
 
-def frontier(model, batch, loss_fn, budgets=(20, 30, 40, 50, 60, 70, 80, 90, 100), *, cost="time", blocks=None):
+def sweep(model, batch, loss_fn, budgets=(20, 30, 40, 50, 60, 70, 80, 90, 100), *, cost="time", blocks=None):
     """Rows with `strategy`, `budget_bytes`, `predicted_peak_bytes`,
     `peak_bytes`, `step_time_s`, `slowdown`, `recompute_flops` (extra FLOPs
     over the plain step, as a fraction), `feasible`. `budgets` are percentages
@@ -37,7 +37,7 @@ def frontier(model, batch, loss_fn, budgets=(20, 30, 40, 50, 60, 70, 80, 90, 100
             continue
         r = row(p, p.predicted_peak_bytes, pct)
         r["budget_bytes"] = p.budget_bytes
-        r["plan"] = [[b.name, b.mode] for b in p.blocks]
+        r["plan"] = [[b.name, str(b.mode)] for b in p.blocks]
         rows.append(r)
     base = rows[0]
     for r in rows:

@@ -15,7 +15,7 @@ from torch import nn
 
 from memfit.errors import MemfitError
 
-__all__ = ["find_chains", "find_blocks", "chain_starts", "with_calls"]
+__all__ = ["find_chains", "find_blocks", "with_calls"]
 
 
 def _shape(m: nn.Module):
@@ -135,7 +135,7 @@ def with_calls(model: nn.Module, blocks, calls: dict):
     weight matrices or more, and lies neither inside nor around a found block,
     is a chain of its calls too. The blocks are then in the order the forward
     calls them. Only a step shows how many calls there are,
-    so this takes the counts of a traced forward (`memfit.profiling.count_calls`):
+    so this takes the counts of a traced forward (`memfit.simulation.count_calls`):
     plans, `verify` and `memfit.apply` with a batch find them; a plan's JSON
     names every call, so it applies to a fresh model without a trace. The
     parameters the calls share get the sum of every call's gradient, as
@@ -172,15 +172,6 @@ def find_blocks(model: nn.Module, blocks=None) -> list[tuple[str, nn.Module]]:
     """The blocks of every chain (`find_chains`), as one list of (qualified
     name, module) in model order."""
     return [b for chain in find_chains(model, blocks) for b in chain]
-
-
-def chain_starts(model: nn.Module, blocks=None) -> list[int]:
-    """The position in `find_blocks(model, blocks)` of each chain's first block."""
-    starts, at = [], 0
-    for chain in find_chains(model, blocks):
-        starts.append(at)
-        at += len(chain)
-    return starts
 
 
 def _kind(item):

@@ -75,8 +75,6 @@ def _expected_reduction(text: str | None) -> tuple[float, float] | None:
 
 
 def _plan(args, out: Console) -> int:
-    from dataclasses import asdict
-
     from memfit.measurement import measure
     from memfit.planner import plan
     from memfit.report import check_writable, plan_table, write_json
@@ -93,7 +91,7 @@ def _plan(args, out: Console) -> int:
     out.print(plan_table(p, measured))
     if json_path:
         _save(out, json_path, "plan", lambda: write_json(
-            json_path, {**asdict(p), "measured_peak_bytes": measured and measured["peak_bytes"]}))
+            json_path, {**p.to_dict(), "measured_peak_bytes": measured and measured["peak_bytes"]}))
         out.print(f"apply it with memfit.apply(model, memfit.Plan.load(path)) or --strategy plan:{json_path}")
     return 0
 
@@ -110,7 +108,7 @@ def _parse_budgets(text: str) -> list[float]:
 
 
 def _bench(args, out: Console) -> int:
-    from memfit.bench import frontier
+    from memfit.bench import sweep
     from memfit.report import (
         bench_table,
         check_writable,
@@ -125,7 +123,7 @@ def _bench(args, out: Console) -> int:
     if plot_path:
         require_matplotlib()
     device, model, batch, loss_fn = _load(args)
-    rows = frontier(model, batch, loss_fn, budgets, cost=args.cost, blocks=args.blocks)
+    rows = sweep(model, batch, loss_fn, budgets, cost=args.cost, blocks=args.blocks)
     out.print(bench_table(rows))
     if json_path:
         _save(out, json_path, "rows", lambda: write_json(json_path, {
@@ -525,7 +523,8 @@ def _bench_command(sub) -> None:
 
 def _train_command(sub) -> None:
     t = sub.add_parser("train", help="train a recipe from a YAML config, with a memory monitor",
-                       description="Train one of the seeds' systems from a YAML config (configs/). Every key "
+                       description="Train one of memfit's recipes (gpt-char, vit-jepa, resnet-se, video, mlp) from a "
+                       "YAML config (configs/). Every key "
                        "can be overridden: the flags below, or --set section.key=value.")
     t.add_argument("--config", help="YAML config, e.g. configs/gpt-char.yaml (default: the gpt recipe's defaults)")
     t.add_argument("--gradient-checkpointing", metavar="VALUE",
@@ -560,7 +559,8 @@ def _attribute_command(sub) -> None:
     a = sub.add_parser("attribute", help="per-frame gradient importance of video clips, exact or chunked",
                        description="Gradients of the video model's class score with respect to each input frame, "
                        "as a per-frame importance. Exact mode (default) runs the whole clip in one backward with "
-                       "checkpointing; chunked mode runs chunks of frames alone, as seed 000 did.")
+                       "checkpointing; chunked mode runs chunks of frames alone, each with only the "
+                       "frames around it, an approximation.")
     a.add_argument("videos", nargs="*", help=".npy / .pt arrays (frames x channels x height x width) or "
                    "directories of numbered PNG/JPEG frames")
     a.add_argument("--demo", action="store_true", help="synthetic clips and a briefly trained video model")
@@ -593,6 +593,7 @@ def main(argv=None) -> int:
     debug = "--debug" in joined or os.environ.get("MEMFIT_DEBUG", "") not in ("", "0")
     args = parser().parse_args([w for w in joined if w != "--debug"])
     out = Console()
+    formatwarning = warnings.formatwarning  # memfit's own warnings as one plain line, while the command runs
     warnings.formatwarning = lambda message, category, *rest, **kw: (
         f"{message}\n" if str(message).startswith("memfit: ") else f"{category.__name__}: {message}\n")
     try:
@@ -610,6 +611,8 @@ def main(argv=None) -> int:
               f"{(str(e).splitlines() or [''])[0]}; fix it, or run with --debug (MEMFIT_DEBUG=1) for the traceback.",
               file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 def _user_frame(exc: BaseException):

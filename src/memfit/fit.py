@@ -17,9 +17,8 @@ import torch
 from memfit.errors import MemfitError
 from memfit.measurement import measure
 from memfit.planner import plan, plan_or_none
-from memfit.profiling import batch_dims, simulate
+from memfit.simulation import batch_dims, simulate
 from memfit.report import fmt_bytes
-from memfit.schedule import Plan
 
 STRATEGIES = ("none", "blocks", "sqrt", "selective", "plan")
 LIMIT = 1 << 20
@@ -41,7 +40,7 @@ def largest_batch(model, make_batch, loss_fn, strategy, budget: int, *, blocks=N
             if strategy == "plan":  # plans are made on real batches
                 p = plan_or_none(model, make_batch(b), loss_fn, budget, blocks=blocks, cost="flops",
                                  optimizer=optimizer, distributed=distributed)
-                cache[b] = p.predicted_peak_bytes if isinstance(p, Plan) else float("inf")
+                cache[b] = p.predicted_peak_bytes if p is not None else float("inf")
             else:                   # other strategies on a batch of b fake rows: no data is made
                 cache[b] = simulate(model, template, loss_fn, strategy, blocks=blocks, optimizer=optimizer,
                                     resize=(b, dims), distributed=distributed).peak_bytes

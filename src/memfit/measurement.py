@@ -30,7 +30,7 @@ import torch
 from memfit.errors import MemfitError, scalar_loss
 from memfit.flops import counting_flops
 from memfit.memory import static_tensors, storage_bytes, track_memory
-from memfit.wrapping import apply
+from memfit.wrapping import wrap
 
 __all__ = ["Run", "steps", "measure", "compiled", "run_of", "resolve_device"]
 
@@ -40,7 +40,6 @@ class Run:
     model: torch.nn.Module
     opt: torch.optim.Optimizer | None  # None: forward and backward only, the gradients freed before each
     forward: torch.nn.Module | None = None  # what the loss calls: the model, or the model compiled
-    before: object = None  # called before each step, outside its measurement (the profiler applies a strategy)
     allocator_events: bool = False  # measure memory by the CPU allocator's events (inductor's compiled code)
     graph_calls: list | None = None  # counts the compiled graphs' runs, for a forward made by `compiled`
     graphs_per_step: list = field(default_factory=list)  # how many compiled graphs ran in each step
@@ -81,38 +80,34 @@ def _sync(device):
 
 def steps(runs, batch, loss_fn, *, seed=0, memory=True, flops=True, timed=2, after=None) -> None:
     """The protocol above; results land on each run (`mem`, `flops`, `times`, `losses`)."""
-    def each(k, order=runs):  # each run, prepared for step k; `after(k)` once the last has made its step
+    def warm_up(run, device, k):
+        run.step(batch, loss_fn, k)
+
+    def measure_memory(run, device, k):
+        tracked = functools.partial(track_memory, run.model, run.opt, batch, device=device,
+                                    allocator_events=run.allocator_events)
+        run.mem = run.step(batch, loss_fn, k, tracked)
+        if device.type == "cuda":
+            _only_own(run.mem, run, batch)
+
+    def count_flops(run, device, k):
+        run.flops = run.step(batch, loss_fn, k, counting_flops).get_total_flops()
+
+    def time_step(run, device, k):
+        t0 = time.perf_counter()
+        run.step(batch, loss_fn, k)
+        _sync(device)
+        run.times.append(time.perf_counter() - t0)
+
+    rounds = [(warm_up, runs)] + [(measure_memory, runs)] * memory + [(count_flops, runs)] * flops + [
+        (time_step, runs if i % 2 == 0 else runs[::-1]) for i in range(timed)]
+    for k, (step_of, order) in enumerate(rounds, start=seed):  # step k of each run, then `after(k)`
         for run in order:
-            if run.before is not None:
-                run.before()
             device = _device(run)
             _sync(device)
-            yield run, device
+            step_of(run, device, k)
         if after is not None:
             after(k)
-
-    k = seed
-    for run, _ in each(k):
-        run.step(batch, loss_fn, k)
-    if memory:
-        k += 1
-        for run, device in each(k):
-            tracked = functools.partial(track_memory, run.model, run.opt, batch, device=device,
-                                        allocator_events=run.allocator_events)
-            run.mem = run.step(batch, loss_fn, k, tracked)
-            if device.type == "cuda":
-                _only_own(run.mem, run, batch)
-    if flops:
-        k += 1
-        for run, _ in each(k):
-            run.flops = run.step(batch, loss_fn, k, counting_flops).get_total_flops()
-    for i in range(timed):
-        k += 1
-        for run, device in each(k, runs if i % 2 == 0 else runs[::-1]):
-            t0 = time.perf_counter()
-            run.step(batch, loss_fn, k)
-            _sync(device)
-            run.times.append(time.perf_counter() - t0)
 
 
 def compiled(model, backend: str):
@@ -158,7 +153,7 @@ def compiled_step(model, batch, loss_fn, strategy, backend, *, blocks=None, opti
     """(peak bytes, FLOPs) of a steady-state step of a copy of `model` with
     `strategy` applied, compiled with `backend` (its first step compiles,
     outside the measurement)."""
-    m = apply(copy.deepcopy(model).train(), strategy, blocks=blocks)
+    m = wrap(copy.deepcopy(model).train(), strategy, blocks=blocks)
     run = run_of(m, backend, next(m.parameters()).device, optimizer)
     # each copy compiles anew (its guards are on its own parameters): past dynamo's recompile limit, it would run
     # eagerly
@@ -179,7 +174,7 @@ def measure(model, batch, loss_fn, strategy, *, blocks=None, optimizer=None, tim
     `slowdown` and `recompute_flops` (extra FLOPs) against it."""
     runs = []
     for s in (strategy, against) if against is not None else (strategy,):
-        m = apply(copy.deepcopy(model).train(), s, blocks=blocks)
+        m = wrap(copy.deepcopy(model).train(), s, blocks=blocks)
         runs.append(Run(m, (optimizer or torch.optim.AdamW)(m.parameters())))
     steps(runs, batch, loss_fn, memory=memory, flops=flops, timed=timed_steps)
     run, mem = runs[0], runs[0].mem

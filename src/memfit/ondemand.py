@@ -147,7 +147,7 @@ def _version(t):
 def _replayable(func, args, kwargs, out) -> bool:
     if not isinstance(func, torch._ops.OpOverload) or func.namespace not in ("aten", "prims"):
         return False
-    if func in pruning._UNINITIALISED or strategies.draws_random(func, args, kwargs) or pruning.written(
+    if func in pruning.UNINITIALISED or strategies.draws_random(func, args, kwargs) or pruning.written(
             func, args, kwargs) or "batch_norm" in func._schema.name:  # native_batch_norm writes undeclared
         return False
     return all(type(t) in _PLAIN for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor))

@@ -35,20 +35,13 @@ from torch.utils._pytree import tree_leaves
 from memfit import schedule, strategies
 from memfit.blocks import find_blocks
 from memfit.errors import MemfitError
-from memfit.profiling import (
-    MEASURED,
-    CoverageWarning,
-    Profile,
-    blocks_of,
-    coverage_warning,
-    profile,
-    simulate,
-)
+from memfit.profiling import CoverageWarning, Profile, coverage_warning, profile
+from memfit.simulation import MEASURED, blocks_of, simulate
 from memfit.report import fmt_bytes
 from memfit.schedule import BlockChoice, Budget, Plan
 from memfit.strategies import KEEP, OFFLOAD, RECOMPUTE, Unit
 from memfit.wrapping import applied_strategy
-from memfit.wrapping import apply as apply_strategy
+from memfit.wrapping import wrap
 
 __all__ = ["plan", "solve", "resolve_plan", "apply"]
 
@@ -70,7 +63,7 @@ def _candidates(prof: Profile, kind: str) -> list[_Candidate]:
     """Every unit the plan may use: each block alone in each mode, and every
     segment of two or more consecutive recomputed blocks."""
     n, kept, work, tr, other = len(prof.names), prof.kept, prof.work, prof.transient, prof.other
-    starts = [sum(prof.chain_sizes[:k]) for k in range(len(prof.chain_sizes))]
+    starts = strategies.chain_starts(prof.chain_sizes)
     out = []
     for b in range(1, n + 1):
         i = b - 1
@@ -160,7 +153,7 @@ def _choices(prof: Profile, units, kind) -> list[BlockChoice]:
     for u in units:
         segment = [prof.names[u.start], prof.names[u.stop - 1]] if u.stop - u.start > 1 else None
         for i in range(u.start, u.stop):
-            kept = prof.kept[prof.label(u.mode, i)][i] if (segment is None or i == u.stop - 1) else 0
+            kept = prof.kept[prof.column(u.mode, i)][i] if (segment is None or i == u.stop - 1) else 0
             out.append(BlockChoice(prof.names[i], u.mode, segment, int(kept), prof.cost(u.mode, i, kind) / step))
     return out
 
@@ -213,7 +206,7 @@ def _search(prof: Profile, budget_bytes: int, cost: str, peak_of):
     # just meets, the DP can miss it. Each uniform strategy cheaper than the plan found is simulated,
     # and the cheapest that fits wins: no uniform strategy that fits the budget costs less than the plan.
     for name in UNIFORM_FALLBACKS:
-        units = strategies.parse(name, prof.chain_sizes)
+        units = strategies.units_of(name, prof.chain_sizes)
         if not prof.segments and any(u.stop - u.start > 1 and u.mode != KEEP for u in units):
             continue
         total = sum(prof.cost(u.mode, i, cost) for u in units for i in range(u.start, u.stop))
@@ -249,13 +242,41 @@ def _cache_key(model, batch, *arguments) -> str:
     return json.dumps([tensors, inputs, repr(model), repr(getattr(model, "config", None)), *map(str, arguments)])
 
 
+class _NoPlan(Exception):
+    """No plan fits the budget: the profile and the budget in bytes, which `plan`'s error quotes."""
+
+    def __init__(self, prof: Profile, budget_bytes: int):
+        super().__init__()
+        self.prof, self.budget_bytes = prof, budget_bytes
+
+
 def plan(model, batch, loss_fn, budget, *, blocks=None, cost="time", optimizer=None, distributed=None,
          compile=None) -> Plan:
-    result = plan_or_none(model, batch, loss_fn, budget, blocks=blocks, cost=cost, optimizer=optimizer,
-                          distributed=distributed, compile=compile)
-    if isinstance(result, Plan):
-        return result
-    prof, budget_bytes = result
+    """The cheapest plan whose predicted peak fits `budget`: what to do to each block of `model`'s chains.
+
+    Args:
+        model: the model to train, as it will be trained (dtype, device, train mode).
+        batch: one batch of its training data, as `loss_fn` takes it.
+        loss_fn: `loss_fn(model, batch)` returns the loss of a training step.
+        budget: bytes, '20GiB', '800MB', '60%' (of the plain run's peak, with the same batch and optimizer),
+            or 'auto' (free device memory less 10%).
+        blocks: the blocks to checkpoint (names, a container's name, or None: found, `memfit.find_chains`).
+        cost: 'time' (the device's time model, memfit.timemodel; the default) or 'flops' (deterministic).
+        optimizer: the optimizer class whose state counts (default AdamW).
+        distributed: ("ddp" | "fsdp", world size) plans for one rank of that run, `batch` being the rank's
+            share (see `memfit.distributed.rank_timeline`); budgets and peaks are then per rank.
+        compile: a torch.compile backend the model will be trained under: the plan is made for the compiled
+            step, whose peak is measured (NOTE [planning for the compiled step]); '60%' is then of the compiled
+            plain step.
+
+    Plans are cached per model object and everything else they depend on (NOTE [plan cache]), so calling
+    this every step plans once. Raises MemfitError, saying the smallest peak reachable, if no plan fits.
+    """
+    try:
+        return _planned(model, batch, loss_fn, budget, blocks=blocks, cost=cost, optimizer=optimizer,
+                        distributed=distributed, compile=compile)
+    except _NoPlan as none:
+        prof, budget_bytes = none.prof, none.budget_bytes
     if compile:
         raise MemfitError(f"no plan tried peaks at or below {fmt_bytes(budget_bytes)} once compiled with "
                           f"{compile} (NOTE [planning for the compiled step]); give a larger budget, or plan for "
@@ -271,24 +292,17 @@ def plan(model, batch, loss_fn, budget, *, blocks=None, cost="time", optimizer=N
                       f"{fmt_bytes(prof.baseline_peak_bytes)}); give a budget of at least that, or a smaller batch.")
 
 
-def plan_or_none(model, batch, loss_fn, budget, *, blocks=None, cost="time", optimizer=None, distributed=None,
-                 compile=None):
-    """The cheapest plan whose predicted peak fits `budget`.
+def plan_or_none(model, batch, loss_fn, budget, **options) -> Plan | None:
+    """`plan`, or None where no plan fits the budget."""
+    try:
+        return _planned(model, batch, loss_fn, budget, **options)
+    except _NoPlan:
+        return None
 
-    `budget`: bytes, '20GiB', '800MB', '60%' (of the plain run's peak, with
-    the same batch and optimizer), or 'auto' (free device memory less 10%).
-    `cost`: 'time' (the device's time model, memfit.timemodel; the default) or 'flops' (deterministic).
-    `optimizer`: the optimizer class whose state counts (default AdamW).
-    `distributed`: ("ddp" | "fsdp", world size) plans for one rank of that
-    run, `batch` being the rank's share (see `memfit.distributed.rank_timeline`);
-    budgets and peaks are then per rank.
-    `compile`: a torch.compile backend the model will be trained under: the
-    plan is made for the compiled step, whose peak is measured (NOTE
-    [planning for the compiled step]); '60%' is then of the compiled plain step.
-    Plans are cached per model object and everything else they depend on
-    (NOTE [plan cache]), so calling this every step plans once. `plan_or_none`
-    returns (profile, budget bytes) instead of raising when no plan fits.
-    """
+
+def _planned(model, batch, loss_fn, budget, *, blocks=None, cost="time", optimizer=None, distributed=None,
+             compile=None) -> Plan:
+    """`plan`; raises _NoPlan where no plan fits."""
     if cost not in ("time", "flops"):
         raise MemfitError(f"unknown cost {cost!r}; use time (the device's time model) or flops (deterministic).")
     if compile:
@@ -297,15 +311,15 @@ def plan_or_none(model, batch, loss_fn, budget, *, blocks=None, cost="time", opt
         if distributed:
             raise MemfitError("planning for a compiled step is for one process; give compile or distributed, "
                               "not both.")
-    key = _cache_key(model, batch, Budget.parse(budget).text, cost, blocks, optimizer, distributed, compile)
+    budget = Budget.parse(budget)  # a bad budget fails before profiling
+    key = _cache_key(model, batch, budget.text, cost, blocks, optimizer, distributed, compile)
     cached = _CACHE.get(model, {}).get(key)
     if cached is not None and cached[0] is loss_fn:  # NOTE [plan cache]
         return cached[1]
     blocks = blocks_of(model, batch, loss_fn, blocks)  # NOTE [blocks called several times] in memfit.blocks
     sig, device = signature(model, batch, blocks), next(model.parameters()).device
-    budget = Budget.parse(budget)  # a bad budget fails before profiling
     prof = profile(model, batch, loss_fn, blocks=blocks, optimizer=optimizer, cost=cost, distributed=distributed)
-    peaks = {tuple(strategies.parse(name, prof.chain_sizes)): peak for name, peak in prof.uniform_peaks.items()}
+    peaks = {tuple(strategies.units_of(name, prof.chain_sizes)): peak for name, peak in prof.uniform_peaks.items()}
 
     def peak_of(units):
         key = tuple(units)
@@ -325,7 +339,7 @@ def plan_or_none(model, batch, loss_fn, budget, *, blocks=None, cost="time", opt
         budget_bytes = budget.bytes(prof.baseline_peak_bytes, device)
         found = _search(prof, budget_bytes, cost, peak_of)
     if found is None:
-        return prof, budget_bytes
+        raise _NoPlan(prof, budget_bytes)
     if (warning := coverage_warning(prof.coverage)) is not None:
         warnings.warn(f"memfit: {warning}.", CoverageWarning, stacklevel=3)
     result = _plan_from(prof, found, sig, budget_bytes, baseline, cost, sources)
@@ -426,13 +440,13 @@ def resolve_plan(strategy, model, batch, loss_fn, blocks=None, cost="time", comp
 
 def apply(model, strategy="blocks", blocks=None, state_replay=True, *, budget=None, batch=None, loss_fn=None,
           cost="time", training_only=True):
-    """`memfit.apply`: checkpoint the blocks of `model` (`memfit.wrapping.apply`,
+    """`memfit.apply`: checkpoint the blocks of `model` (`memfit.wrapping.wrap`,
     which this calls), plans included: a `Plan`, `plan:FILE.json`, and
     `plan:60%` or `budget=` ('60%', '8GiB', 'auto') with `batch` and
     `loss_fn`, planned first (cached by shapes: calling this every step plans
     once). Returns `model`."""
     if not isinstance(model, torch.nn.Module):
-        return apply_strategy(model, strategy)  # which says what it takes
+        return wrap(model, strategy)  # which says what it takes
     s = schedule.parse(strategy if budget is None else Budget.parse(budget))
     if s.budget is None and batch is not None and loss_fn is not None:  # NOTE [blocks called several times]
         blocks = blocks_of(model, batch, loss_fn, blocks)  # (a budget's plan names the calls itself)
@@ -441,4 +455,4 @@ def apply(model, strategy="blocks", blocks=None, state_replay=True, *, budget=No
     if isinstance(strategy, Plan) and applied and applied["units"] == strategy.units and \
             applied["blocks"] == [b.name for b in strategy.blocks]:
         return model  # the same plan is already in place
-    return apply_strategy(model, strategy, blocks, state_replay, training_only=training_only)
+    return wrap(model, strategy, blocks, state_replay, training_only=training_only)

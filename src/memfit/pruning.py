@@ -70,7 +70,7 @@ from memfit import strategies
 
 VIEW, FRESH, INPLACE, OTHER = "view", "fresh", "inplace", "other"
 IGNORED = getattr(tuc, "SAC_IGNORED_OPS", {torch.ops.aten.detach.default})  # metadata and detach: never numbered
-_UNINITIALISED = {getattr(torch.ops.aten, n).default if n != "empty" else torch.ops.aten.empty.memory_format
+UNINITIALISED = {getattr(torch.ops.aten, n).default if n != "empty" else torch.ops.aten.empty.memory_format
                   for n in ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided")}
 _PLAIN = (torch.Tensor, torch.nn.Parameter, FakeTensor)
 
@@ -87,6 +87,12 @@ class Flow:
     reads: tuple
     kind: str
     wrote: tuple = ()  # the ops that created the storages it writes in place
+
+
+def numbered(func) -> bool:
+    """Whether the selective-checkpoint policy numbers this op: not one it never sees (`IGNORED`), nor one it
+    sees and does not number (`strategies.UNNUMBERED`)."""
+    return func not in IGNORED and func not in strategies.UNNUMBERED
 
 
 def written(func, args, kwargs) -> list:
@@ -162,7 +168,7 @@ class Dataflow:
                 kind = FRESH if outs and len(new) == len(outs) else OTHER
         for key, s in new.items():
             self._writers[key] = (weakref.ref(s), [j])
-            if func in _UNINITIALISED:
+            if func in UNINITIALISED:
                 self._unwritten.add(key)
         for ops in owners:
             if ops is not None:
@@ -170,6 +176,15 @@ class Dataflow:
         flow = Flow(strategies.op_name(func), reads, kind, tuple(ops[0] for ops in owners if ops is not None))
         self.ops.append(flow)
         return flow
+
+    def take(self, func, args, kwargs, out) -> Flow | None:
+        """An op as the selective-checkpoint policy sees it: numbered (`add`), or None for one it never sees
+        (`IGNORED`) or does not number (`strategies.UNNUMBERED`)."""
+        if numbered(func):
+            return self.add(func, args, kwargs, out)
+        if func in strategies.UNNUMBERED:
+            self.unnumbered(args, kwargs)
+        return None
 
     def unnumbered(self, args, kwargs):
         """An op the policy does not number read these: what it reads is needed."""
@@ -286,12 +301,7 @@ class _Recording(TorchDispatchMode):
         if targets:
             copy_on_write(self.pruner.cache, targets)
         out = func(*args, **kwargs)
-        if func in IGNORED:
-            return out
-        if func in strategies.UNNUMBERED:
-            self.pruner.flow.unnumbered(args, kwargs)
-        else:
-            self.pruner.flow.add(func, args, kwargs, out)
+        self.pruner.flow.take(func, args, kwargs, out)
         return out
 
 

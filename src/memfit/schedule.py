@@ -28,7 +28,7 @@ from memfit import strategies
 from memfit.errors import MemfitError
 from memfit.memory import available_bytes
 from memfit.report import fmt_bytes
-from memfit.strategies import Unit
+from memfit.strategies import Mode, Unit
 
 __all__ = ["parse", "Schedule", "Budget", "Plan", "BlockChoice"]
 
@@ -95,10 +95,13 @@ class Budget:
 @dataclass
 class BlockChoice:
     name: str
-    mode: str                 # keep, pointwise, scores, selective, recompute, offload or ops:... (op-level)
+    mode: Mode                # keep, pointwise, scores, selective, recompute, offload or ops:... (op-level)
     segment: list | None      # [first, last] block names of its segment, if recomputed with others
     kept_bytes: int           # what it keeps through the forward
     cost: float               # its share of the plan's overhead (fraction of a plain step)
+
+    def __post_init__(self):
+        self.mode = Mode.parse(self.mode)  # a plan read from JSON names its modes in their printed form
 
 
 @dataclass
@@ -138,8 +141,8 @@ class Plan:
                  f"{fmt_bytes(self.baseline_peak_bytes)}): predicted peak {fmt_bytes(self.predicted_peak_bytes)}, "
                  f"+{self.predicted_overhead:.1%} {kind}"]
         for b in self.blocks:
-            saved = strategies.saved_ops(b.mode) if strategies.is_ops(b.mode) else None
-            mode = f"{b.mode.partition(':')[0]} ({len(saved)})" if saved else b.mode
+            saved = b.mode.saved_ops
+            mode = f"{str(b.mode).partition(':')[0]} ({len(saved)})" if saved else str(b.mode)
             line = f"  {b.name:<{width}}  {mode:<9}  keeps {fmt_bytes(b.kept_bytes):>10}"
             if b.cost:
                 line += f"  +{b.cost:.1%} {kind}"
@@ -154,8 +157,12 @@ class Plan:
                          f"{len(self.blocks)} blocks")
         return "\n".join(lines)
 
+    def to_dict(self) -> dict:
+        """The plan as JSON-ready data, each mode in its printed form."""
+        return {**asdict(self), "blocks": [{**asdict(b), "mode": str(b.mode)} for b in self.blocks]}
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+        return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
@@ -175,8 +182,6 @@ class Plan:
             raise ValueError("it has no blocks")
         names = [b.name for b in self.blocks]
         for i, b in enumerate(self.blocks):
-            if not strategies.known(b.mode):
-                raise ValueError(f"block {b.name} has unknown mode {b.mode!r}")
             if b.segment is not None:
                 if (not isinstance(b.segment, list) or len(b.segment) != 2 or b.segment[0] not in names
                         or b.segment[1] not in names
@@ -241,7 +246,7 @@ def parse(value) -> Schedule:
     if isinstance(value, (list, tuple)) and value and all(isinstance(u, Unit) for u in value):
         return Schedule(list(value))
     if isinstance(value, dict):
-        return Schedule(_per_chain(value))
+        return Schedule(_spellings_per_chain(value))
     if not isinstance(value, str):
         raise MemfitError(f"checkpointing {value!r} is not understood; give {SPELLINGS}.")
     text = value.strip()
@@ -257,7 +262,7 @@ def parse(value) -> Schedule:
     return Schedule(strategies.check(text))
 
 
-def _per_chain(value: dict) -> dict:
+def _spellings_per_chain(value: dict) -> dict:
     if not value or not all(isinstance(k, str) for k in value):
         raise MemfitError(f"a schedule per chain maps chains to strategies, like "
                           f"{{'encoder.layers': 'blocks', 'decoder.layers': 'selective'}}; got {value!r}.")

@@ -33,6 +33,8 @@ Strategy strings: `none`, `blocks`, `every:K`, `segments:N`, `sqrt`, `selective`
 """
 from __future__ import annotations
 
+import enum
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -41,11 +43,88 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 from memfit.errors import MemfitError
 
-KEEP, RECOMPUTE, SELECTIVE, SCORES, POINTWISE = "keep", "recompute", "selective", "scores", "pointwise"
-OFFLOAD = "offload"
-MODES = (KEEP, RECOMPUTE, SELECTIVE, SCORES, POINTWISE, OFFLOAD)
-SAC_MODES = (SELECTIVE, SCORES, POINTWISE)  # one block at a time, with a policy over its ops
 NAMES = ("none", "blocks", "every:K", "segments:N", "sqrt", "selective", "scores", "pointwise", "offload")
+
+
+class Kind(enum.Enum):
+    """What a mode does to a block's activations (see the top of this module)."""
+
+    KEEP = "keep"
+    RECOMPUTE = "recompute"
+    SELECTIVE = "selective"
+    SCORES = "scores"
+    POINTWISE = "pointwise"
+    OFFLOAD = "offload"
+    OPS = "ops"  # saves the op invocations its mode names: NOTE [op-level modes]
+
+
+@dataclass(frozen=True)
+class Mode:
+    """What a unit does to its blocks: a kind and, for an op-level mode, the op invocations it saves (`saved`:
+    (number, op name) pairs, by number) and whether it recomputes each other tensor when backward needs it
+    (`on_demand`, NOTE [recompute on demand] in memfit.ondemand). Its printed form is what `Mode.parse`
+    reads: `keep`, `recompute`, `selective`, `scores`, `pointwise`, `offload`, `ops:mm@3,addmm@7`,
+    `lazy:mm@3,addmm@7`."""
+
+    kind: Kind
+    saved: tuple = ()
+    on_demand: bool = False
+
+    def __post_init__(self):
+        if (self.kind is Kind.OPS) != bool(self.saved) or (self.on_demand and self.kind is not Kind.OPS):
+            raise ValueError(f"{self.kind.value} mode with saved ops {self.saved} and on_demand {self.on_demand}")
+
+    @classmethod
+    def parse(cls, text) -> Mode:
+        """The mode a string names (a Mode is returned as it is); ValueError if it names none."""
+        if isinstance(text, Mode):
+            return text
+        head, colon, body = str(text).partition(":")
+        if not colon:
+            try:
+                kind = Kind(head)
+            except ValueError:
+                kind = None
+            if kind is not None and kind is not Kind.OPS:
+                return cls(kind)
+        elif head in (OPS, LAZY):
+            pairs = [p.rpartition("@") for p in body.split(",")]
+            if body and all(name and at and k.isdigit() for name, at, k in pairs):
+                return cls.of_ops({int(k): name for name, _, k in pairs}, on_demand=head == LAZY)
+        raise ValueError(f"{text!r} is not a mode; modes are {', '.join(k.value for k in Kind if k is not Kind.OPS)}"
+                         f", or an op-level mode like ops:mm@3,addmm@7")
+
+    @classmethod
+    def of_ops(cls, saved: dict, on_demand: bool = False) -> Mode:
+        """The op-level mode that saves these op invocations ({number: op name})."""
+        return cls(Kind.OPS, tuple(sorted(saved.items())), on_demand)
+
+    @property
+    def op_level(self) -> bool:
+        return self.kind is Kind.OPS
+
+    @property
+    def saved_ops(self) -> dict:
+        """{number: op name} of the op invocations an op-level mode saves."""
+        return dict(self.saved)
+
+    def lazy(self) -> Mode:
+        """The twin of an op-level mode that recomputes on demand; any other mode as it is."""
+        return Mode(Kind.OPS, self.saved, True) if self.op_level else self
+
+    def __str__(self) -> str:
+        if not self.op_level:
+            return self.kind.value
+        return f"{LAZY if self.on_demand else OPS}:" + ",".join(f"{name}@{k}" for k, name in self.saved)
+
+    def __repr__(self) -> str:
+        return f"Mode({str(self)!r})"
+
+
+OPS, LAZY = "ops", "lazy"  # the heads of an op-level mode's printed form
+KEEP, RECOMPUTE, SELECTIVE, SCORES, POINTWISE, OFFLOAD = (Mode(k) for k in list(Kind)[:6])
+MODES = (KEEP, RECOMPUTE, SELECTIVE, SCORES, POINTWISE, OFFLOAD)  # the modes that need no ops named
+SAC_MODES = (SELECTIVE, SCORES, POINTWISE)  # one block at a time, with a policy over its ops
 
 
 @dataclass(frozen=True)
@@ -54,7 +133,10 @@ class Unit:
 
     start: int
     stop: int
-    mode: str
+    mode: Mode
+
+    def __post_init__(self):
+        object.__setattr__(self, "mode", Mode.parse(self.mode))  # a mode's printed form is read here too
 
 
 def check(strategy: str) -> str:
@@ -62,17 +144,18 @@ def check(strategy: str) -> str:
     text = str(strategy).strip().lower()
     name, _, arg = text.partition(":")
     accepted = f"accepted: {', '.join(NAMES)} (K, N positive integers)"
-    if name in ("none", "blocks", "sqrt", OFFLOAD, *SAC_MODES) and arg:
+    plain = ("none", "blocks", "sqrt", *(str(m) for m in (OFFLOAD, *SAC_MODES)))
+    if name in plain and arg:
         raise MemfitError(f"strategy {strategy!r} takes no argument; {accepted}.")
     if name in ("every", "segments"):
         if not (arg.isdigit() and str(int(arg)) == arg and int(arg) >= 1):
             raise MemfitError(f"{name}:{arg} needs a positive integer, like {name}:2; {accepted}.")
-    elif name not in ("none", "blocks", "sqrt", OFFLOAD, *SAC_MODES):
+    elif name not in plain:
         raise MemfitError(f"unknown strategy {strategy!r}; {accepted}.")
     return text
 
 
-def parse(strategy: str, chains) -> list[Unit]:
+def units_of(strategy: str, chains) -> list[Unit]:
     """Units for a strategy string over chains of these lengths (`chains`: a
     list of lengths, or one int for a single chain), numbered across the
     chains in order. A strategy applies to each chain alone: `every:K`
@@ -85,11 +168,17 @@ def parse(strategy: str, chains) -> list[Unit]:
     if name == "segments" and k > max(sizes):
         raise MemfitError(f"segments:{k} asks for more segments than the {max(sizes)} blocks of the longest "
                           f"chain; use segments:1 to segments:{max(sizes)}.")
-    units, at = [], 0
-    for n in sizes:
-        units += [Unit(at + u.start, at + u.stop, u.mode) for u in _chain(name, k, n)]
-        at += n
-    return units
+    return [u for at, n in zip(chain_starts(sizes), sizes) for u in shifted(_chain(name, k, n), at)]
+
+
+def chain_starts(sizes) -> list[int]:
+    """The position of each chain's first block among all the blocks, for chains of these lengths."""
+    return [0, *itertools.accumulate(sizes)][:len(sizes)]
+
+
+def shifted(units, at: int) -> list[Unit]:
+    """`units` of one chain, numbered from its first block's position `at` among all the blocks."""
+    return [Unit(at + u.start, at + u.stop, u.mode) for u in units]
 
 
 def _chain(name: str, k: int | None, n: int) -> list[Unit]:
@@ -97,8 +186,8 @@ def _chain(name: str, k: int | None, n: int) -> list[Unit]:
         return [Unit(0, n, KEEP)]
     if name == "blocks":
         return [Unit(i, i + 1, RECOMPUTE) for i in range(n)]
-    if name in (*SAC_MODES, OFFLOAD):
-        return [Unit(i, i + 1, name) for i in range(n)]
+    if name in ("selective", "scores", "pointwise", "offload"):
+        return [Unit(i, i + 1, Mode.parse(name)) for i in range(n)]
     if name == "sqrt":
         return segments(n, max(1, round(math.sqrt(n))))
     if name == "every":
@@ -183,51 +272,9 @@ PRESETS = {SELECTIVE: _selective, SCORES: _scores, POINTWISE: _pointwise}
 # `lazy:mm@3,...` saves the same, but recomputes each other tensor when
 # backward needs it instead of re-running the block (NOTE [recompute on
 # demand] in memfit.ondemand); under torch.compile it is its `ops:` twin.
-OPS, LAZY = "ops", "lazy"
-
-
 def op_name(op) -> str:
     """`mm` for aten.mm.default, `add.Tensor` for aten.add.Tensor."""
     return str(op).removeprefix("aten.").removesuffix(".default")
-
-
-def is_ops(mode: str) -> bool:
-    """An op-level mode: `ops:...` or `lazy:...`."""
-    return isinstance(mode, str) and mode.partition(":")[0] in (OPS, LAZY) and ":" in mode
-
-
-def is_lazy(mode: str) -> bool:
-    return is_ops(mode) and mode.startswith(LAZY + ":")
-
-
-def ops_mode(saved: dict) -> str:
-    """The mode that saves these op invocations ({number: op name})."""
-    return f"{OPS}:" + ",".join(f"{saved[k]}@{k}" for k in sorted(saved))
-
-
-def lazy(mode: str) -> str:
-    """The `lazy:` twin of an `ops:` mode; any other mode as it is."""
-    return LAZY + mode[len(OPS):] if is_ops(mode) and not is_lazy(mode) else mode
-
-
-def saved_ops(mode: str) -> dict:
-    """{number: op name} of the op invocations an `ops:...` or `lazy:...` mode saves; ValueError if it is not one."""
-    body = mode.partition(":")[2] if is_ops(mode) else ""
-    pairs = [p.rpartition("@") for p in body.split(",")]
-    if not body or not all(name and at and k.isdigit() for name, at, k in pairs):
-        raise ValueError(f"{mode!r} is not an op-level mode like ops:mm@3,addmm@7")
-    return {int(k): name for name, _, k in pairs}
-
-
-def known(mode) -> bool:
-    """A mode a unit may have: one of MODES, or an op-level mode."""
-    if mode in MODES:
-        return True
-    try:
-        saved_ops(mode)
-    except ValueError:
-        return False
-    return True
 
 
 # Ops the policy does not number: a tensor constant made inside a forward
@@ -298,13 +345,13 @@ def _traced(saved: dict):
     return decide
 
 
-def policy(mode: str):
+def policy(mode: Mode):
     """A function that returns a fresh selective-checkpoint policy for one
     checkpointed call of a block under `mode` (a preset, or `ops:...`), with
     NOTE [random ops] applied; None for modes without one. `fresh(traced=True)`
     gives the policy for torch.compile's trace (NOTE [op-level modes under compile])."""
-    if is_ops(mode):
-        saved = saved_ops(mode)
+    if mode.op_level:
+        saved = mode.saved_ops
         exact = lambda k, op, args: saved.get(k) == op_name(op)  # noqa: E731
         make = lambda traced: _traced(saved) if traced else exact  # noqa: E731
     elif mode in PRESETS:
@@ -329,5 +376,5 @@ def policy(mode: str):
             return CheckpointPolicy.MUST_SAVE if save else CheckpointPolicy.PREFER_RECOMPUTE
         policy_fn.replayed, policy_fn.decisions = 0, decisions
         return policy_fn
-    fresh.on_demand = is_lazy(mode)  # eager: NOTE [recompute on demand] in memfit.ondemand
+    fresh.on_demand = mode.on_demand  # eager: NOTE [recompute on demand] in memfit.ondemand
     return fresh

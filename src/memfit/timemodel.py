@@ -149,7 +149,7 @@ def _policy_seconds_per_op(device, sync, repeats) -> float:
         for _ in range(n):
             x = x * 1.0001
         return x.sum()
-    policy = strategies.policy("ops:mul.Tensor@0")
+    policy = strategies.policy(strategies.Mode.parse("ops:mul.Tensor@0"))
     timed = {"plain": lambda: run(chain, (x,), {}).backward(),
              "policy": lambda: run(chain, (x,), {}, policy=policy).backward()}
     times = {k: [] for k in timed}

@@ -27,8 +27,9 @@ from memfit.errors import MemfitError
 from memfit.measurement import check_backend, run_of
 from memfit.measurement import steps as run_steps
 from memfit.planner import resolve_plan
-from memfit.profiling import CoverageWarning, blocks_of, coverage, coverage_warning
-from memfit.wrapping import apply, wrapped_blocks
+from memfit.simulation import blocks_of
+from memfit.profiling import coverage, coverage_warning, CoverageWarning
+from memfit.wrapping import wrap, wrapped_blocks
 
 __all__ = ["verify"]
 
@@ -81,7 +82,7 @@ def _check_arguments(steps, grad_tol, compile) -> None:
     check_backend(compile)
 
 
-def _units(strategy, model, batch, loss_fn, blocks, device, compile=None):
+def _plan_and_units(strategy, model, batch, loss_fn, blocks, device, compile=None):
     """(the plan or None, the units) of a strategy, checked against the model and device; a budget is planned
     for the step compiled with `compile`, if given (NOTE [planning for the compiled step] in memfit.planner)."""
     the_plan = resolve_plan(strategy, model, batch, loss_fn, blocks, compile=compile)
@@ -90,7 +91,7 @@ def _units(strategy, model, batch, loss_fn, blocks, device, compile=None):
         units = the_plan.units
     else:
         sizes = [len(c) for c in find_chains(model, blocks)]
-        units = strategies.parse(strategy, sizes) if isinstance(strategy, str) else strategy
+        units = strategies.units_of(strategy, sizes) if isinstance(strategy, str) else strategy
     if device.type != "cuda" and any(u.mode == strategies.OFFLOAD for u in units):
         raise MemfitError(f"offload moves saved tensors from a CUDA device to CPU memory, so on {device.type} it "
                           f"saves nothing; use the cuda device, or a strategy that recomputes.")
@@ -103,7 +104,7 @@ def _compile_budget_at(model, base, peak, batch, loss_fn, compile, device, block
     recomputes least, or None if none gets that low."""
     runs = {}
     for budget in COMPILE_BUDGETS:
-        run = run_of(apply(copy.deepcopy(model), "none", blocks=blocks), compile, device)
+        run = run_of(wrap(copy.deepcopy(model), "none", blocks=blocks), compile, device)
         with torch._functorch.config.patch(activation_memory_budget=budget):
             run.step(batch, loss_fn, seed)  # compiles now, under this budget
         runs[budget] = run
@@ -213,15 +214,15 @@ def verify(model, batch, loss_fn, strategy="blocks", *, steps=5, device="cpu", s
     batch = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, batch)
     blocks = blocks_of(model, batch, loss_fn, blocks)  # NOTE [blocks called several times] in memfit.blocks
     n_blocks = len(find_blocks(model, blocks))
-    the_plan, units = _units(strategy, model, batch, loss_fn, blocks, device, compile)
+    the_plan, units = _plan_and_units(strategy, model, batch, loss_fn, blocks, device, compile)
     if grad_tol is None:
         # compiled with decompositions and a partitioner (or inductor's kernels), the plain and the checkpointed
         # graphs sum in other orders: not bitwise equal
         grad_tol = 0.0 if device.type == "cpu" and compile in (None, "eager", "aot_eager") else 1e-4
 
-    # the baseline gets apply(none): no block is wrapped, but a Hugging Face KV cache is off in both runs
+    # the baseline gets wrap(none): no block is wrapped, but a Hugging Face KV cache is off in both runs
     # (NOTE [no KV cache] in memfit.wrapping)
-    base, ckpt = (run_of(apply(copy.deepcopy(model), s, blocks=blocks, state_replay=state_replay), compile, device)
+    base, ckpt = (run_of(wrap(copy.deepcopy(model), s, blocks=blocks, state_replay=state_replay), compile, device)
                   for s in ("none", the_plan or units))
     grad_rel, grads_bitwise = _run_both(base, ckpt, batch, loss_fn, seed, steps)
     share = coverage(model, batch, loss_fn, blocks=blocks)

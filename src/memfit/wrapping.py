@@ -52,15 +52,15 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from memfit import schedule, strategies
 from memfit.blocks import find_blocks, find_chains
-from memfit.checkpointing import CallState, Region, _recomputes, run
+from memfit.checkpointing import CallState, Region, recomputes, run
 from memfit.errors import MemfitError
 from memfit.schedule import Plan
 from memfit.strategies import KEEP, OFFLOAD, RECOMPUTE
 
-__all__ = ["apply", "remove", "wrapped_blocks", "applied_strategy"]
+__all__ = ["wrap", "remove", "wrapped_blocks", "applied_strategy"]
 
 
-def apply(model: nn.Module, strategy="blocks", blocks=None, state_replay=True, *, training_only=True) -> nn.Module:
+def wrap(model: nn.Module, strategy="blocks", blocks=None, state_replay=True, *, training_only=True) -> nn.Module:
     """Checkpoint the blocks of `model` according to `strategy`; returns `model`.
 
     `strategy`: a strategy string (`none`, `blocks`, `every:K`, `segments:N`,
@@ -79,7 +79,7 @@ def apply(model: nn.Module, strategy="blocks", blocks=None, state_replay=True, *
     if not isinstance(model, nn.Module):
         raise MemfitError(f"apply takes a torch.nn.Module, not {type(model).__name__}; call "
                           f"memfit.apply(model, 'blocks').")
-    chain, units, blocks = _units(model, strategy, blocks)  # a bad strategy leaves what is applied as it was
+    chain, units, blocks = _resolved(model, strategy, blocks)  # a bad strategy leaves what is applied as it was
     remove(model)
     # NOTE [no KV cache]: a Hugging Face KV cache is state that recompute would append to a second time, so
     # `apply` turns it off, as their own checkpointing does in training, on every config (an encoder-decoder's
@@ -90,18 +90,18 @@ def apply(model: nn.Module, strategy="blocks", blocks=None, state_replay=True, *
     for config in configs.values():
         config.use_cache = False
     model.__dict__["_memfit_use_cache"] = list(configs.values())
-    _wrap(model, chain, units, state_replay, training_only)
+    _wrap_chain(model, chain, units, state_replay, training_only)
     model.__dict__["_memfit_applied"] = {"units": units, "blocks": blocks, "state_replay": state_replay,
                                          "n_blocks": len(chain)}
     return model
 
 
-def _units(model, strategy, blocks):
+def _resolved(model, strategy, blocks):
     """(the blocks as (name, module), the units over them, the `blocks` that names them) for a strategy."""
     s = schedule.parse(strategy)
     if s.budget is not None:
         raise MemfitError(f"checkpointing {str(s)!r} plans for a budget: call memfit.apply with batch and "
-                          f"loss_fn (it plans, then calls this), not memfit.wrapping.apply.")
+                          f"loss_fn (it plans, then calls this), not memfit.wrapping.wrap.")
     strategy = s.strategy
     plan = strategy if isinstance(strategy, Plan) else None
     if isinstance(strategy, dict):  # {chain: strategy}: each chain's own, the others left as they are
@@ -115,14 +115,14 @@ def _units(model, strategy, blocks):
     if plan is not None:
         units = plan.units
     elif isinstance(strategy, dict):
-        units = _per_chain(strategy, chains)
+        units = _units_per_chain(strategy, chains)
     else:
-        units = strategies.parse(strategy, [len(c) for c in chains]) if isinstance(strategy, str) else list(strategy)
+        units = strategies.units_of(strategy, [len(c) for c in chains]) if isinstance(strategy, str) else list(strategy)
     _check_units(units, [len(c) for c in chains])
     return [b for c in chains for b in c], units, blocks
 
 
-def _wrap(model, chain, units, state_replay, training_only):
+def _wrap_chain(model, chain, units, state_replay, training_only):
     """Wrap each unit's blocks; a block called several times per step (its calls named 'name#K', NOTE [blocks
     called several times] in memfit.blocks) gets one spec per call, chosen by counting its calls from the
     start of each forward of `model`."""
@@ -191,14 +191,12 @@ def _containers(model, names):
     return [named[".".join(common[:k])] for k in range(len(common) + 1)]
 
 
-def _per_chain(strategy: dict, chains) -> list:
+def _units_per_chain(strategy: dict, chains) -> list:
     """Units for {chain container or pattern: strategy string}, each chain parsed with its own."""
-    units, at = [], 0
-    for chain in chains:
-        name = chain[0][0]
-        key = next(k for k in strategy if name.startswith(f"{k}.") or fnmatch.fnmatchcase(name, k))
-        units += [strategies.Unit(at + u.start, at + u.stop, u.mode) for u in strategies.parse(strategy[key], len(chain))]
-        at += len(chain)
+    units = []
+    for at, chain in zip(strategies.chain_starts([len(c) for c in chains]), chains):
+        key = next(k for k in strategy if chain[0][0].startswith(f"{k}.") or fnmatch.fnmatchcase(chain[0][0], k))
+        units += strategies.shifted(strategies.units_of(strategy[key], len(chain)), at)
     return units
 
 
@@ -206,10 +204,9 @@ def _check_units(units, sizes):
     n = sum(sizes)
     if not units or units[0].start != 0 or units[-1].stop != n or any(
             a.stop != b.start for a, b in zip(units, units[1:])) or any(
-            u.stop <= u.start or not strategies.known(u.mode) for u in units):
-        raise MemfitError(f"the strategy's units must cover blocks 0..{n - 1} in order, each with a mode "
-                          f"in {strategies.MODES} or an op-level mode like ops:mm@3,addmm@7; this model has {n} blocks.")
-    starts = {sum(sizes[:k]) for k in range(len(sizes))}
+            u.stop <= u.start for u in units):
+        raise MemfitError(f"the strategy's units must cover blocks 0..{n - 1} in order; this model has {n} blocks.")
+    starts = set(strategies.chain_starts(sizes))
     for u in units:
         if u.mode not in (KEEP, RECOMPUTE) and u.stop - u.start > 1:
             raise MemfitError(f"{u.mode} applies to one block at a time, not to a segment of several.")
@@ -255,7 +252,7 @@ def _forward(self, *args, **kwargs):
     if spec.mode == KEEP:
         return fn(*args, **kwargs)
     if spec.mode == OFFLOAD:
-        if not _recomputes(fn, spec.training_only):
+        if not recomputes(fn, spec.training_only):
             return fn(*args, **kwargs)
         with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
             return fn(*args, **kwargs)
@@ -320,7 +317,7 @@ class _Segment:
 
     def call(self, index, block, fn, args, kwargs, spec):
         state = self._open()
-        recomputes = _recomputes(fn, spec.training_only)
+        recomputes = recomputes(fn, spec.training_only)
         if state.region is not None:
             if recomputes and index > state.calls[-1].index and args and args[0] is state.prev:
                 state.region.resume()

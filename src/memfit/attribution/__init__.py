@@ -1,4 +1,4 @@
-"""Per-frame gradient importance over videos (seed 000), exact or chunked,
+"""Per-frame gradient importance over videos, exact or chunked,
 with every chunk's gradients cached on disk as soon as they are computed.
 
     scores = memfit.attribution.attribute(model, {"video_001": clip}, mode="exact", cache=Cache(dir, ...))
@@ -7,7 +7,7 @@ with every chunk's gradients cached on disk as soon as they are computed.
   model's blocks (`checkpoint_model`), it gives the same gradients as without,
   bitwise on CPU in fp32, for less peak memory.
 * chunked: the clip in chunks of `chunk_size` frames, each through the model
-  alone, as seed 000 did. It is an approximation whenever the model mixes
+  alone. It is an approximation whenever the model mixes
   frames (a temporal transformer does): the comparison measures how far off
   it is.
 
@@ -24,7 +24,7 @@ from memfit import schedule
 from memfit.attribution.cache import Cache, clip_hash, weights_hash
 from memfit.errors import MemfitError
 from memfit.models.video import VideoConfig
-from memfit.wrapping import apply
+from memfit.wrapping import wrap
 
 __all__ = ["attribute", "frame_scores", "checkpoint_model", "choose_checkpointing", "check_inputs", "cache_for", "compare_scores", "Cache"]
 
@@ -37,7 +37,7 @@ def checkpoint_model(model: nn.Module, strategy="blocks") -> nn.Module:
     """Checkpoint every chain of blocks of a video model (its spatial and its
     temporal blocks), also in eval mode: attribution differentiates an
     eval-mode model."""
-    return apply(model, strategy, training_only=False)
+    return wrap(model, strategy, training_only=False)
 
 
 def frame_scores(grad: torch.Tensor, clip: torch.Tensor, reduce="l2", times_input=False) -> torch.Tensor:
@@ -65,10 +65,10 @@ def simulated_peak(model, clip, strategy) -> int:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from memfit.memory import track_memory
-    from memfit.profiling import _copy
+    from memfit.simulation import copy_with
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fmodel, (fclip,) = _copy(model, (clip,), mode.from_tensor)
+    fmodel, (fclip,) = copy_with(model, (clip,), mode.from_tensor)
     checkpoint_model(fmodel, strategy).eval()
     with mode, track_memory(fmodel, fclip, storage_tracker=True) as mem:
         _gradient(fmodel, fclip, 0)

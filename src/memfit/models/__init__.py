@@ -1,4 +1,4 @@
-"""The seeds' reference models, in plain PyTorch, and loading a user's own.
+"""memfit's built-in models, in plain PyTorch, and loading a user's own.
 
 Each built-in module has `build(size, batch_size, seed) -> (model, batch,
 loss_fn)` and a `SIZES` table. A user's model is named `package.module:factory`;

@@ -1,4 +1,4 @@
-"""A character-level GPT decoder in plain PyTorch, after nanoGPT's model.py (seed 004).
+"""A character-level GPT decoder in plain PyTorch, after nanoGPT's model.py.
 
 Shapes: B batch, T sequence length, C embedding width, nh heads, hs = C / nh.
 """

@@ -1,4 +1,4 @@
-"""The 4-layer MLP of seed 001: an input layer and 4 hidden layers of the same
+"""A 4-layer MLP: an input layer and 4 hidden layers of the same
 width, each Linear -> ReLU -> Dropout, then a classifier.
 
 Its parameters and their gradients are a large part of its peak, so

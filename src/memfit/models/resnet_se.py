@@ -1,4 +1,4 @@
-"""The residual conv net of seed 003: residual blocks with BatchNorm and
+"""A residual conv net: residual blocks with BatchNorm and
 squeeze-excitation on a 15x15 board, with policy and value heads (a Gomoku net).
 
 Shapes: B batch, c channels, 15x15 board; input planes: own stones, opponent's
@@ -14,7 +14,7 @@ BOARD = 15
 SIZES = {  # (blocks, channels)
     "tiny": (3, 16),
     "small": (10, 48),
-    "full": (30, 192),   # seed 003's model
+    "full": (30, 192),
 }
 
 
@@ -85,7 +85,7 @@ def batch(size="small", batch_size=32, seed=0):
 
 def create_resnet_se(cfg: dict, gradient_checkpointing=False) -> ResNetSE:
     """ResNetSE(**cfg) (n_blocks, channels, planes) with `gradient_checkpointing`
-    applied: seed 003's `use_checkpoint=True` is gradient_checkpointing=True."""
+    applied: `use_checkpoint=True` is gradient_checkpointing=True."""
     from memfit.models.switch import checkpointing
 
     return checkpointing(ResNetSE(**cfg), gradient_checkpointing)

@@ -5,7 +5,7 @@ from torch import nn
 
 from memfit import schedule
 from memfit.errors import MemfitError
-from memfit.wrapping import apply
+from memfit.wrapping import wrap
 
 
 def checkpointing(module: nn.Module, value, blocks=None) -> nn.Module:
@@ -17,4 +17,4 @@ def checkpointing(module: nn.Module, value, blocks=None) -> nn.Module:
     if s.budget is not None:
         raise MemfitError(f"gradient_checkpointing {value!r} needs a batch to plan with; use it with memfit train, "
                           f"or call memfit.apply(model, {str(s)!r}, batch=..., loss_fn=...).")
-    return apply(module, s.strategy, blocks=blocks)
+    return wrap(module, s.strategy, blocks=blocks)

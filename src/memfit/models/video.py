@@ -1,4 +1,4 @@
-"""A video classifier (seed 000's shape): a per-frame conv encoder, a temporal
+"""A video classifier: a per-frame conv encoder, a temporal
 transformer over the frames, and a classification head; plus synthetic clips
 of objects moving with one motion pattern per class.
 

@@ -1,4 +1,4 @@
-"""A JEPA model (seed 002): a ViT context encoder, a predictor, and an EMA
+"""A JEPA model: a ViT context encoder, a predictor, and an EMA
 target encoder that runs without gradients. The predictor predicts the target
 encoder's features of masked patches from the context encoder's features of
 the visible ones.
@@ -7,7 +7,7 @@ Shapes: B batch, N patches, Nc context patches, Nt target patches, D encoder
 width, Dp predictor width.
 
 Checkpointing is selectable separately for the encoder and the predictor
-(seed 002's "encoder OR predictor"): `create_jepa(cfg, gradient_checkpointing=
+("encoder OR predictor"): `create_jepa(cfg, gradient_checkpointing=
 {"encoder": "blocks", "predictor": False})`.
 """
 from __future__ import annotations

@@ -36,12 +36,13 @@ from memfit.fit import largest_batch
 from memfit.measurement import resolve_device
 from memfit.memory import track_memory
 from memfit.planner import plan
-from memfit.profiling import simulate
+from memfit.simulation import simulate
 from memfit.report import atomic_write, exchange, write_json
 from memfit.schedule import Budget, Plan
 from memfit.train.config import dump
 from memfit.train.recipes import RECIPES
-from memfit.wrapping import applied_strategy, apply, wrapped_blocks
+from memfit.strategies import RECOMPUTE
+from memfit.wrapping import applied_strategy, wrap, wrapped_blocks
 
 GB = 1e9
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -68,7 +69,7 @@ def checkpointing_status(model) -> str:
     modes = {}
     for _, mode in wrapped:
         modes[mode] = modes.get(mode, 0) + 1
-    if list(modes) == ["recompute"]:
+    if list(modes) == [RECOMPUTE]:
         return f"ENABLED (blocks: {len(wrapped)} of {total})"
     return "ENABLED (" + ", ".join(f"{m}: {n}" for m, n in modes.items()) + f" of {total} blocks)"
 
@@ -134,7 +135,7 @@ def _train(cfg, recipe, ranks, callback, out_dir, metrics_path):
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 return plan(model, distributed.local(first, ranks), loss_fn, budget, cost="flops",
                             distributed=ranks.spec).to_json()
-        apply(model, Plan.from_json(distributed.on_main(make_plan, ranks)))
+        wrap(model, Plan.from_json(distributed.on_main(make_plan, ranks)))
 
     report = distributed.on_main(lambda: _report(cfg, model, data, loss_fn, ranks), ranks)
     callback("start", report)

@@ -1,4 +1,4 @@
-"""The seeds' systems as recipes: per model, its architecture keys, factory,
+"""memfit's built-in models as recipes: per model, its architecture keys, factory,
 data, loss and what runs after each optimizer step.
 
 Every data source draws from its own generators, one per split
@@ -21,7 +21,7 @@ from memfit.models import gpt, mlp, resnet_se, video, vit_jepa
 
 
 class CharData:
-    """Character-level text (seed 004): the packaged corpus, or `path`. The
+    """Character-level text: the packaged corpus, or `path`. The
     last 10% is held out for validation."""
 
     def __init__(self, path, block_size, seed=0):

@@ -31,8 +31,8 @@ from rich.table import Table
 import memfit
 from memfit.measurement import measure, resolve_device
 from memfit.models import hf
-from memfit.simulation import simulate
 from memfit.report import fmt_bytes, write_json
+from memfit.simulation import simulate
 
 
 def hf_checkpointing(model, every=1):

@@ -32,11 +32,11 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from real_models import BUILDERS, MORE, STACKS  # noqa: E402
-from test_real_models import STRATEGIES, grads, measured_peak  # noqa: E402
+from real_models import BUILDERS, MORE, STACKS
+from test_real_models import STRATEGIES, grads, measured_peak
 
-import memfit  # noqa: E402
-from memfit.report import write_json  # noqa: E402
+import memfit
+from memfit.report import write_json
 
 
 def own_checkpointing(m):

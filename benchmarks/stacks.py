@@ -23,12 +23,12 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-import real_models  # noqa: E402
-from test_real_models import grads, measured_peak  # noqa: E402
+import real_models
+from test_real_models import grads, measured_peak
 
-import memfit  # noqa: E402
-from memfit.profiling import coverage  # noqa: E402
-from memfit.report import write_json  # noqa: E402
+import memfit
+from memfit.profiling import coverage
+from memfit.report import write_json
 
 
 def own_peak(model, batch, loss_fn):

@@ -24,11 +24,11 @@ from rich.console import Console
 from rich.table import Table
 
 import memfit
-from memfit.simulation import blocks_of
 from memfit.report import fmt_bytes, write_json
+from memfit.simulation import blocks_of
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-import zoo  # noqa: E402
+import zoo
 
 # the measurements of benchmarks/real_models.py (its name is taken by tests/real_models.py on the path)
 _spec = importlib.util.spec_from_file_location("bench_real_models", Path(__file__).resolve().parent / "real_models.py")

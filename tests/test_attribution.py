@@ -191,8 +191,9 @@ def test_cli_compare_json(tmp_path, cli):
 
 def test_cli_bad_input_keeps_the_cache(tmp_path, cli, capsys):
     """The good run as a user starts it, the bad inputs in this process (as tests/test_cli.py runs them)."""
-    from memfit.cli import main
     import numpy as np
+
+    from memfit.cli import main
     _, videos = tiny(1)
     np.save(tmp_path / "v.npy", videos["video_000"].numpy())
     np.save(tmp_path / "flat.npy", np.zeros((8, 16, 16), dtype="float32"))

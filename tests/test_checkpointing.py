@@ -142,7 +142,7 @@ def test_batchnorm_statistics_updated_once(momentum):
     plain = run_steps(bn_net(momentum), lambda m, x: m(x))
     ours = run_steps(bn_net(momentum), memfit.checkpoint)
     torchs = run_steps(bn_net(momentum), lambda m, x: tuc.checkpoint(m, x, use_reentrant=False))
-    for (name, a), b, c in zip(plain.named_buffers(), ours.buffers(), torchs.buffers()):
+    for (name, a), b, _c in zip(plain.named_buffers(), ours.buffers(), torchs.buffers()):
         assert torch.equal(a, b), name
     assert plain[1].num_batches_tracked.item() == 3
     # PyTorch's own checkpoint runs the BatchNorm forward twice (pytorch#96136)

@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from recompute import counting
 from torch import nn
 
 import memfit
@@ -12,7 +13,6 @@ from memfit import models
 from memfit.models import REGISTRY, gpt
 from memfit.strategies import Unit
 from memfit.wrapping import wrapped_blocks
-from recompute import counting
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

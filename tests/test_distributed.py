@@ -112,7 +112,7 @@ def plan_worker(rank, port, out):
         the_plan = memfit.Plan.from_json(distributed.broadcast(the_plan, ranks))
         memfit.apply(model, the_plan)
         units = [(u.start, u.stop, u.mode) for u in applied_strategy(model)["units"]]
-        distributed.wrap(model, ranks)
+        distributed.parallelize(model, ranks)
         opt = torch.optim.AdamW(model.parameters())
         peaks = []
         for batch in batches:

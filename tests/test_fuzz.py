@@ -7,18 +7,17 @@ give the plain step's loss, gradients and buffers bitwise, and the plan's
 predicted peak is within 1% of the measured one. A failure shrinks to a small
 model, printed as its recipe (`Recipe`). A few examples run by default, more
 with `-m slow`."""
-import copy
 import dataclasses
 
 import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from test_real_models import measured_peak
+from test_wrapping import assert_same_training
 from torch import nn
 
 import memfit
-from test_real_models import measured_peak
-from test_wrapping import assert_same_training
 
 PARTS = ["act_", "add_", "view_", "concat", "twice", "dropout", "norm", "random", "frozen"]
 STRATEGIES = ["blocks", "sqrt", "every:2", "segments:2", "selective", "scores", "pointwise"]

@@ -11,10 +11,9 @@ import torch
 import trainers
 
 from memfit.errors import MemfitError
+from memfit.integrations import Session
 from memfit.strategies import KEEP
 from memfit.wrapping import wrapped_blocks
-
-from memfit.integrations import Session
 
 
 # Each extra is skipped where it is used: without lightning the Hugging Face and plain-torch tests still run.

@@ -7,10 +7,9 @@ from torch import nn
 
 import memfit
 from memfit import models
-from memfit.measurement import Run, steps
 from memfit.frontier import frontier, record_ops
-from memfit.profiling import profile
-from memfit.profiling import Point
+from memfit.measurement import Run, steps
+from memfit.profiling import Point, profile
 from memfit.strategies import RECOMPUTE, Mode, Unit
 
 

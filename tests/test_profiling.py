@@ -161,7 +161,7 @@ def test_the_frontier_sees_what_saving_an_op_spares_before_it():
     independent items would save the matmul and recompute the sum)."""
     from types import SimpleNamespace
 
-    from memfit.frontier import frontier, Op
+    from memfit.frontier import Op, frontier
     from memfit.pruning import FRESH, Flow
     ops = [Op("mm", 100, 0, 0, 10, False, frozenset()), Op("add.Tensor", 0, 1, 0, 10, False, frozenset())]
     flow = SimpleNamespace(ops=[Flow("mm", (), FRESH), Flow("add.Tensor", (0,), FRESH)], roots={1}, last=1,

@@ -4,11 +4,11 @@ import copy
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from recompute import counting, recomputes
 from torch import nn
 
 import memfit
 from memfit.wrapping import wrapped_blocks
-from recompute import counting, recomputes
 
 
 class RandomBlock(nn.Module):

@@ -6,14 +6,13 @@ import copy
 
 import pytest
 import torch
+from real_models import BUILDERS, needs
+from recompute import counting, recomputes
 
 import memfit
 from memfit.memory import track_memory
 from memfit.simulation import blocks_of
 from memfit.wrapping import wrapped_blocks
-from recompute import counting, recomputes
-
-from real_models import BUILDERS, needs  # noqa: E402
 
 STRATEGIES = ["blocks", "sqrt", "every:2", "selective", "scores", "pointwise"]
 REAL_STEPS = ("wav2vec2 (LayerDrop)", "plain-torch LayerDrop", "mixtral (MoE, eager experts)")  # fake tensors fail

@@ -93,3 +93,39 @@ def test_library_errors_name_arguments_not_cli_flags():
                 if re.search(r"(?<![\w-])--[a-z]", re.sub(r"`memfit [^`]*`", "", text)):
                     found.append(f"{p.relative_to(ROOT)}:{node.lineno}: {text[:80]}")
     assert not found, found
+
+
+def public_names() -> dict:
+    """name -> the modules of src/memfit that define it at top level (functions, classes, constants)."""
+    where: dict = {}
+    for path in ROOT.rglob("*.py"):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names = [node.name]
+            elif isinstance(node, ast.Assign):
+                names = [t.id for target in node.targets for t in ast.walk(target) if isinstance(t, ast.Name)]
+            else:
+                continue
+            for name in names:
+                if not name.startswith("_"):
+                    where.setdefault(name, set()).add(module_name(path))
+    return where
+
+
+# One interface, implemented once per module: each built-in model module has `build`, `batch`, `loss_fn`,
+# `SIZES` (memfit.models loads them by name) and its own classes; each trainer's module a `MemfitCallback`.
+# `aten` is torch.ops.aten wherever it is named.
+SHARED = {"MemfitCallback", "aten"}
+
+
+def _interface(name: str, modules: set) -> bool:
+    return name in SHARED or all(m.startswith("memfit.models.") for m in modules)
+
+
+def test_a_public_name_means_one_thing_in_src_memfit():
+    """No two modules define the same public name (`apply` meant two functions, `parse` two parsers, `UNIFORM` a
+    dict and a tuple): a name found in one file means the same in every other, but for one interface that
+    several modules implement (`SHARED`)."""
+    twice = {name: sorted(mods) for name, mods in public_names().items()
+             if len(mods) > 1 and not _interface(name, mods)}
+    assert not twice, twice

@@ -7,13 +7,12 @@ import warnings
 
 import pytest
 import torch
+from real_models import STACKS, needs
 
 import memfit
 from memfit.blocks import find_chains
 from memfit.memory import track_memory
-from memfit.profiling import coverage, CoverageWarning
-
-from real_models import STACKS, needs  # noqa: E402
+from memfit.profiling import CoverageWarning, coverage
 
 CHAINS = {  # the containers of the chains found, in model order
     # the upsampler is a lone composite block beside the resnets' container (NOTE [discovery])

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import verify_cases
 
 from memfit import models, verify
 from memfit.cli import main
-
-import verify_cases
 
 STRATEGIES = ["blocks", "every:2", "segments:2", "sqrt", "selective", "scores", "pointwise", "none"]
 

@@ -3,13 +3,13 @@ import copy
 
 import pytest
 import torch
+from recompute import counting, recomputes
 from torch import nn
 
 import memfit
 from memfit import MemfitError
 from memfit.models import REGISTRY
 from memfit.wrapping import SegmentWarning, wrapped_blocks
-from recompute import counting, recomputes
 
 STRATEGIES = ["none", "blocks", "every:2", "every:3", "segments:2", "segments:3", "sqrt", "selective", "scores",
               "pointwise", "offload"]  # offload: on CPU, the mechanism only (it moves nothing)

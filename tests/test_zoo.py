@@ -7,11 +7,13 @@ these tests skip without them; the README's "The model zoos" gives the
 command that runs them in a virtual environment of their own."""
 import pytest
 import torch
+from test_real_models import (
+    measured_peak,
+    test_every_strategy_gives_the_plain_gradients,  # noqa: F401 - run on this file's `built`
+)
+from zoo import TIMM, TORCHVISION, ZOO
 
 import memfit
-from test_real_models import measured_peak
-from test_real_models import test_every_strategy_gives_the_plain_gradients  # noqa: F401 - run on this file's `built`
-from zoo import TIMM, TORCHVISION, ZOO
 
 
 @pytest.fixture(scope="module", params=list(ZOO))

@@ -52,7 +52,7 @@ def run(fn, args, kwargs, policy=None, state_replay=True, training_only=True):
     by the recompute), for comparison only. `training_only=False` recomputes
     in eval mode too (gradients of an eval-mode model: attribution).
     """
-    if not recomputes(fn, training_only):
+    if not will_recompute(fn, training_only):
         return fn(*args, **kwargs)
     if torch.compiler.is_compiling():  # dynamo traces torch's own checkpoint as one operator, not a Region
         if policy is None:
@@ -61,7 +61,7 @@ def run(fn, args, kwargs, policy=None, state_replay=True, training_only=True):
         context = functools.partial(_selective_contexts, policy)
         return tuc.checkpoint(fn, *args, use_reentrant=False, context_fn=context, **kwargs)
     if getattr(policy, "on_demand", False):  # NOTE [recompute on demand]
-        return ondemand.run(fn, args, kwargs, policy)
+        return ondemand.run_on_demand(fn, args, kwargs, policy)
     region = Region(lambda a, kw: fn(*a, **kw), (args, kwargs), policy, owner=_owner(fn), state_replay=state_replay)
     try:
         out = fn(*args, **kwargs)
@@ -76,7 +76,7 @@ def _selective_contexts(policy):
     return tuc.create_selective_checkpoint_contexts(policy(traced=True))
 
 
-def recomputes(fn, training_only=True) -> bool:
+def will_recompute(fn, training_only=True) -> bool:
     """Checkpointing only happens where a backward can follow: grad mode, and a
     module (if `fn` is one or belongs to one) in training mode, unless
     `training_only` is False."""

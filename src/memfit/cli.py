@@ -404,7 +404,7 @@ def _attribution_model(args):
     if args.weights:
         try:
             state = torch.load(args.weights, weights_only=True)
-        except Exception as e:  # noqa: BLE001 - whatever torch cannot read as weights
+        except Exception as e:
             raise MemfitError(f"cannot read weights {args.weights} ({type(e).__name__}: "
                               f"{(str(e).splitlines() or [''])[0]}); give a state_dict saved with "
                               f"torch.save(model.state_dict(), PATH).") from None
@@ -603,7 +603,7 @@ def main(argv=None) -> int:
             raise
         print(f"memfit: error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # noqa: BLE001 - an error in the user's own code is bad input, not a memfit bug
+    except Exception as e:
         frame = None if debug else _user_frame(e)
         if frame is None:
             raise

@@ -20,7 +20,7 @@ segment expects the previous block's output.
 
 NOTE [per-rank memory]
 The planner and the startup report simulate one process's step on the
-rank's share of the batch (see `memfit.profiling`), and turn its timeline of
+rank's share of the batch (see `memfit.simulation`), and turn its timeline of
 live bytes into one rank's (`rank_timeline`). With DDP every point gains the
 gradient buckets (one more copy of the gradients). With FSDP2 every point
 loses the share of parameters, optimizer state and finished gradients that
@@ -47,7 +47,7 @@ from memfit.errors import MemfitError
 from memfit.strategies import KEEP
 from memfit.wrapping import applied_strategy
 
-KINDS = ("none", "ddp", "fsdp")
+PARALLELISMS = ("none", "ddp", "fsdp")
 
 
 @dataclass
@@ -70,7 +70,7 @@ class Ranks:
 
 def setup(kind: str, device: torch.device) -> Ranks:
     """Join the process group torchrun set up (or make one of one process)."""
-    if kind not in KINDS:
+    if kind not in PARALLELISMS:
         raise MemfitError(f"unknown distributed kind {kind!r}; use none, ddp or fsdp.")
     if kind == "none":
         return Ranks(device=device)
@@ -120,7 +120,7 @@ def local(batch, ranks: Ranks):
     return tree_map(part, batch)
 
 
-def wrap(model: nn.Module, ranks: Ranks) -> nn.Module:
+def parallelize(model: nn.Module, ranks: Ranks) -> nn.Module:
     """The model to train: DDP around it, or sharded with FSDP2 after memfit is applied."""
     if ranks.kind == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP

@@ -17,8 +17,8 @@ import torch
 from memfit.errors import MemfitError
 from memfit.measurement import measure
 from memfit.planner import plan, plan_or_none
-from memfit.simulation import batch_dims, simulate
 from memfit.report import fmt_bytes
+from memfit.simulation import batch_dims, simulate
 
 STRATEGIES = ("none", "blocks", "sqrt", "selective", "plan")
 LIMIT = 1 << 20

@@ -89,7 +89,7 @@ class _OpRecorder(TorchDispatchMode):
 
 def record_ops(model, batch, loss_fn, *, blocks=None, real=False, seed=None) -> _OpRecorder:
     """The ops of a plain training step (`_OpRecorder`), on fake tensors, so
-    deterministic and cheap, or on a real step (see NOTE [real steps])."""
+    deterministic and cheap, or on a real step (see NOTE [real steps] in memfit.profiling)."""
     mode = real_step(seed) if real else FakeTensorMode(allow_non_fake_inputs=True)
     fmodel, fbatch = copy_with(model, batch, on_cpu if real else mode.from_tensor)
     wrap(fmodel, "none", blocks=blocks)  # as every step memfit runs: no KV cache (NOTE [no KV cache])

@@ -101,7 +101,7 @@ class _StorageCounter(TorchDispatchMode):
     def ignore_compile_internals(cls) -> bool:
         return True
 
-    def __init__(self, tracker: "_TrackerCPU"):
+    def __init__(self, tracker: _TrackerCPU):
         super().__init__()
         self.t = tracker
 

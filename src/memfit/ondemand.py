@@ -7,7 +7,7 @@ it: a block's recomputed activations are all live at once at the start of
 its backward. torch.compile's partitioner instead recomputes each tensor
 just before the backward op that needs it. This does the same in eager
 mode, for the `lazy:NAME@K` modes (the `ops:` modes' twins, NOTE [op-level
-frontier] in memfit.profiling):
+frontier] in memfit.frontier):
 
 While the block's forward runs, a dispatch mode (`_Recorder`) records each
 op: its function and arguments, each tensor argument named by the op that
@@ -240,7 +240,7 @@ def _argument(a):
     return value
 
 
-def run(fn, args, kwargs, policy):
+def run_on_demand(fn, args, kwargs, policy):
     """`fn(*args, **kwargs)`, its activations recomputed on demand under `policy` (`memfit.strategies.policy`)."""
     recorder = _Recorder(policy())
     try:

@@ -14,7 +14,7 @@ bytes kept through the forward, discretised into 1000 bins rounded up (as in
 Beaumont et al. 2019, "Optimal checkpointing for heterogeneous chains"), with
 the peak model of `memfit.profiling.Profile`. That model is additive and
 therefore approximate where blocks interact; so the chosen plan's peak is then
-simulated exactly (fake tensors, see `memfit.profiling`). If the simulation
+simulated exactly (fake tensors, see `memfit.simulation`). If the simulation
 exceeds the budget, the planner solves again with the budget lowered by the
 excess, until the simulated peak fits. The predicted peak it reports is the
 simulated one: on CPU it is what the step will measure, to the byte.
@@ -36,12 +36,11 @@ from memfit import schedule, strategies
 from memfit.blocks import find_blocks
 from memfit.errors import MemfitError
 from memfit.profiling import CoverageWarning, Profile, coverage_warning, profile
-from memfit.simulation import MEASURED, blocks_of, simulate
 from memfit.report import fmt_bytes
 from memfit.schedule import BlockChoice, Budget, Plan
+from memfit.simulation import MEASURED, blocks_of, simulate
 from memfit.strategies import KEEP, OFFLOAD, RECOMPUTE, Unit
-from memfit.wrapping import applied_strategy
-from memfit.wrapping import wrap
+from memfit.wrapping import applied_strategy, wrap
 
 __all__ = ["plan", "solve", "resolve_plan", "apply"]
 
@@ -232,7 +231,7 @@ def signature(model, batch, blocks=None) -> dict:
 # p, a layer swapped), a Hugging Face config (the attention implementation),
 # and the loss function object itself. A copy of the model, or the same model
 # cast to bf16 or moved, is planned again.
-_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+_CACHE: weakref.WeakKeyDictionary[torch.nn.Module, dict] = weakref.WeakKeyDictionary()
 
 
 def _cache_key(model, batch, *arguments) -> str:

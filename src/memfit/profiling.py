@@ -39,7 +39,7 @@ import torch
 
 from memfit.blocks import find_blocks, find_chains
 from memfit.errors import MemfitError
-from memfit.frontier import alike, block_cost, frontiers, record_ops, recomputed_ops, saved_by
+from memfit.frontier import alike, block_cost, frontiers, recomputed_ops, record_ops, saved_by
 from memfit.memory import available_cpu_bytes
 from memfit.simulation import MEASURED, SIMULATED, Simulation, blocks_of, simulate
 from memfit.strategies import (
@@ -235,7 +235,7 @@ def coverage(model, batch, loss_fn, *, blocks=None) -> float | None:
             sim = simulate(model, batch, loss_fn, "none", blocks=blocks, marks=True, real=real, seed=0 if real else None)
         except MemfitError:
             raise
-        except Exception:  # noqa: BLE001 - see NOTE [real steps]
+        except Exception:
             continue
         if _all_ran(sim, n):
             return coverage_of(sim, n)
@@ -270,7 +270,7 @@ def _source(model, batch, loss_fn, n, **kw) -> tuple:
         fake_s = time.perf_counter() - t0
     except MemfitError:
         raise
-    except Exception as e:  # noqa: BLE001 - whatever the simulation cannot run, a real step may
+    except Exception as e:
         why = f"the simulation cannot run this model's step ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
     else:
         if next(model.parameters()).device.type != "cpu" or fake.peak_bytes > available_cpu_bytes() / 2:
@@ -314,8 +314,8 @@ def _each_point(points: dict, groups: list, simulated) -> dict:
         at = {i: min(step * len(g) + r, len(labels) - 1) for g in groups for r, i in enumerate(g)}
         try:
             got = _read(simulated([Unit(i, i + 1, points[labels[at[i]]][i]) for i in range(n)]), n)
-        except Exception as e:  # noqa: BLE001
-            warnings.warn(f"memfit: recompute on demand left out of the plan, its step failed: {e}")
+        except Exception as e:
+            warnings.warn(f"memfit: recompute on demand left out of the plan, its step failed: {e}", stacklevel=2)
             return {}
         for g in groups:
             for r, i in enumerate(g):
@@ -361,10 +361,10 @@ def profile(model, batch, loss_fn, *, blocks=None, optimizer=None, cost="flops",
             continue
         try:
             sims[m] = simulate(model, batch, loss_fn, STRATEGY_OF[m], marks=True, real=real, seed=seed, **common)
-        except Exception as e:  # noqa: BLE001 - offload's simulation has not run on every CUDA setup yet
+        except Exception as e:
             if m != OFFLOAD:
                 raise
-            warnings.warn(f"memfit: offload left out of the plan, its simulation failed: {e}")
+            warnings.warn(f"memfit: offload left out of the plan, its simulation failed: {e}", stacklevel=2)
     segments = max(chains) > 1 and not simulate(model, batch, loss_fn, "segments:1", real=real, seed=seed,
                                                 **common).split
     reads = {m: _read(sim, n) for m, sim in sims.items()}

@@ -53,7 +53,7 @@ been out of place. The copy costs the bytes the policy meant to save (the
 written storage itself goes on as the in-place result), and the memory
 tracker and fake tensors beneath this mode see it, so simulated steps and
 plans price it. The op-level modes the planner builds never save such an
-output in the first place (NOTE [op-level frontier] in memfit.profiling).
+output in the first place (NOTE [op-level frontier] in memfit.frontier).
 """
 from __future__ import annotations
 

@@ -12,6 +12,9 @@ from rich.table import Table
 from memfit.errors import MemfitError
 
 
+GB = 1e9  # the unit of the memory numbers trainers log
+
+
 def fmt_bytes(n: float) -> str:
     unit = "B"
     for unit in ("B", "KiB", "MiB", "GiB"):

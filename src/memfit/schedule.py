@@ -52,7 +52,7 @@ class Budget:
     fraction: float | None = None
 
     @classmethod
-    def parse(cls, budget) -> "Budget":
+    def parse(cls, budget) -> Budget:
         """From bytes (an int), '20GiB', '800MB', '60%' or 'auto'; a Budget is returned as it is."""
         if isinstance(budget, Budget):
             return budget
@@ -165,7 +165,7 @@ class Plan:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_json(cls, text: str) -> "Plan":
+    def from_json(cls, text: str) -> Plan:
         try:
             data = json.loads(text)
             data["blocks"] = [BlockChoice(**b) for b in data["blocks"]]
@@ -193,7 +193,7 @@ class Plan:
             raise ValueError("a segment's blocks disagree on their segment or mode")
 
     @classmethod
-    def load(cls, path) -> "Plan":
+    def load(cls, path) -> Plan:
         try:
             with open(path, "rb") as f:
                 text = f.read().decode("utf-8")

@@ -75,7 +75,7 @@ def count_calls(model, batch, loss_fn) -> dict:
     try:
         with mode, torch.no_grad():
             loss_fn(fmodel, fbatch)
-    except Exception:  # noqa: BLE001 - see NOTE [real steps]: the blocks found without a trace stand
+    except Exception:
         return {}
     finally:
         handle.remove()
@@ -175,7 +175,7 @@ def simulate(model, batch, loss_fn, strategy, *, blocks=None, optimizer=None, ma
     """Peak memory of one training step with `strategy` applied (None: as the
     model is wrapped now), with the optimizer state in place as after a first
     step, computed on fake tensors, or with `real=True` by a real step on a
-    CPU copy (see NOTE [real steps]). The model itself is not touched.
+    CPU copy (see NOTE [real steps] in memfit.profiling). The model itself is not touched.
     `resize`: see `copy_with` (a batch of any size, without making one).
     `distributed`: ("ddp" | "fsdp", world size): the step of one rank of that
     run, `batch` being its share (see `memfit.distributed.rank_timeline`)."""

@@ -262,7 +262,7 @@ PRESETS = {SELECTIVE: _selective, SCORES: _scores, POINTWISE: _pointwise}
 # op invocations number 3, 7 and 12 (counting every op the selective-
 # checkpoint dispatch mode shows the policy, from 0, in the order the forward
 # calls them), provided they are the ops named, and recomputes the rest. The
-# planner builds them from a block's own ops (`memfit.profiling`, NOTE
+# planner builds them from a block's own ops (`memfit.frontier`, NOTE
 # [op-level frontier]); they apply one block at a time, like the presets. The
 # names guard against a run that calls other ops than the profiled one
 # (transformers takes another code path on fake tensors): an op that is not

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import statistics
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch.utils._pytree import tree_map
@@ -24,11 +25,12 @@ from torch.utils._pytree import tree_map
 from memfit import strategies
 from memfit.blocks import find_blocks, find_chains
 from memfit.errors import MemfitError
-from memfit.measurement import check_backend, run_of
+from memfit.measurement import Run, check_backend, run_of
 from memfit.measurement import steps as run_steps
 from memfit.planner import resolve_plan
+from memfit.profiling import CoverageWarning, coverage, coverage_warning
+from memfit.schedule import Plan
 from memfit.simulation import blocks_of
-from memfit.profiling import coverage, coverage_warning, CoverageWarning
 from memfit.wrapping import wrap, wrapped_blocks
 
 __all__ = ["verify"]
@@ -132,53 +134,74 @@ def _run_both(base, ckpt, batch, loss_fn, seed, n_steps):
     return grad_rel, grads_bitwise
 
 
-def _report(base, ckpt, *, grad_rel, grads_bitwise, grad_tol, units, the_plan, name, strategy, device, steps,
-            n_blocks, share, state_replay, compile, expect_reduction) -> dict:
+@dataclass
+class _Comparison:
+    """What `verify` was asked, and the two runs it compared side by side."""
+
+    base: Run
+    ckpt: Run
+    grad_rel: float
+    grads_bitwise: bool
+    grad_tol: float
+    units: list
+    the_plan: Plan | None
+    name: str
+    strategy: object
+    device: torch.device
+    steps: int
+    n_blocks: int
+    share: float | None
+    state_replay: bool
+    compile: str | None
+    expect_reduction: tuple | None
+
+
+def _report(c: _Comparison) -> dict:
     """The report of two runs side by side (see `verify`)."""
-    loss_diff = max((a - b).abs().item() for a, b in zip(base.losses, ckpt.losses))
-    buffers = list(zip(base.model.buffers(), ckpt.model.buffers()))
+    loss_diff = max((a - b).abs().item() for a, b in zip(c.base.losses, c.ckpt.losses))
+    buffers = list(zip(c.base.model.buffers(), c.ckpt.model.buffers()))
     buffer_diff = max((_max_rel_diff(a.double(), b.double()) for a, b in buffers), default=0.0)
-    params = list(zip(base.model.parameters(), ckpt.model.parameters()))
+    params = list(zip(c.base.model.parameters(), c.ckpt.model.parameters()))
     param_diff = max((_max_rel_diff(a.detach().double(), b.detach().double()) for a, b in params), default=0.0)
-    reduction = 1 - ckpt.mem.peak_bytes / base.mem.peak_bytes
-    slowdown = statistics.median(ckpt.times) / statistics.median(base.times) - 1
-    is_none = all(u.mode == strategies.KEEP for u in units)
-    failures = _failures(reduction, is_none, expect_reduction, grad_rel, buffer_diff, param_diff, loss_diff,
-                         grad_tol, base.losses[0].item())
-    if compile and any(0 in run.graphs_per_step[1:3] for run in (base, ckpt)):  # the memory and FLOPs steps
+    reduction = 1 - c.ckpt.mem.peak_bytes / c.base.mem.peak_bytes
+    slowdown = statistics.median(c.ckpt.times) / statistics.median(c.base.times) - 1
+    is_none = all(u.mode == strategies.KEEP for u in c.units)
+    failures = _failures(reduction, is_none, c.expect_reduction, c.grad_rel, buffer_diff, param_diff, loss_diff,
+                         c.grad_tol, c.base.losses[0].item())
+    if c.compile and any(0 in run.graphs_per_step[1:3] for run in (c.base, c.ckpt)):  # the memory and FLOPs steps
         failures.append("the compiled graph did not run in a measured step, so its numbers are eager code's")
-    checkpointed = {**_summary(ckpt), **({"predicted_peak_bytes": the_plan.predicted_peak_bytes,
-                                         "budget_bytes": the_plan.budget_bytes} if the_plan else {})}
-    if the_plan and the_plan.cost == "time":  # the time model's slowdown, beside the measured one
-        checkpointed["predicted_slowdown"] = the_plan.predicted_overhead
+    checkpointed = {**_summary(c.ckpt), **({"predicted_peak_bytes": c.the_plan.predicted_peak_bytes,
+                                         "budget_bytes": c.the_plan.budget_bytes} if c.the_plan else {})}
+    if c.the_plan and c.the_plan.cost == "time":  # the time model's slowdown, beside the measured one
+        checkpointed["predicted_slowdown"] = c.the_plan.predicted_overhead
     return {
-        "model": name,
-        "strategy": strategy if isinstance(strategy, str) else "plan" if the_plan else "custom",
-        "device": str(device),
-        "memory_source": base.mem.source,
+        "model": c.name,
+        "strategy": c.strategy if isinstance(c.strategy, str) else "plan" if c.the_plan else "custom",
+        "device": str(c.device),
+        "memory_source": c.base.mem.source,
         "torch_version": torch.__version__,
-        "steps": steps,
-        "blocks": {"found": n_blocks, "checkpointed": len(wrapped_blocks(ckpt.model))},
-        "coverage": share,
-        "state_replay": state_replay,
-        "compile": compile,
-        "compiled_graph_runs": {"baseline": base.graphs_per_step, "checkpointed": ckpt.graphs_per_step} if compile
+        "steps": c.steps,
+        "blocks": {"found": c.n_blocks, "checkpointed": len(wrapped_blocks(c.ckpt.model))},
+        "coverage": c.share,
+        "state_replay": c.state_replay,
+        "compile": c.compile,
+        "compiled_graph_runs": {"baseline": c.base.graphs_per_step, "checkpointed": c.ckpt.graphs_per_step} if c.compile
         else None,
-        "baseline": _summary(base),
+        "baseline": _summary(c.base),
         "checkpointed": checkpointed,
         "memory_reduction": reduction,
         "slowdown": slowdown,
-        "recompute_flops": ckpt.flops / base.flops - 1 if base.flops else 0.0,
-        "grads_bitwise_equal": grads_bitwise,
-        "grads_max_rel_diff": grad_rel,
-        "grad_tolerance": grad_tol,
+        "recompute_flops": c.ckpt.flops / c.base.flops - 1 if c.base.flops else 0.0,
+        "grads_bitwise_equal": c.grads_bitwise,
+        "grads_max_rel_diff": c.grad_rel,
+        "grad_tolerance": c.grad_tol,
         "buffers_equal": all(torch.equal(a, b) for a, b in buffers),
         "buffers_max_rel_diff": buffer_diff,
         "losses_equal": loss_diff == 0,
         "loss_max_abs_diff": loss_diff,
         "params_equal": all(torch.equal(p, q) for p, q in params),
         "params_max_rel_diff": param_diff,
-        "expect_reduction": list(expect_reduction) if expect_reduction else None,
+        "expect_reduction": list(c.expect_reduction) if c.expect_reduction else None,
         "failures": failures,
         "passed": not failures,
     }
@@ -228,10 +251,10 @@ def verify(model, batch, loss_fn, strategy="blocks", *, steps=5, device="cpu", s
     share = coverage(model, batch, loss_fn, blocks=blocks)
     if (warning := coverage_warning(share)) is not None:
         warnings.warn(f"memfit: {warning}.", CoverageWarning, stacklevel=2)
-    report = _report(base, ckpt, grad_rel=grad_rel, grads_bitwise=grads_bitwise, grad_tol=grad_tol, units=units,
+    report = _report(_Comparison(base, ckpt, grad_rel=grad_rel, grads_bitwise=grads_bitwise, grad_tol=grad_tol, units=units,
                      the_plan=the_plan, name=name or type(model).__name__, strategy=strategy, device=device,
                      steps=steps, n_blocks=n_blocks, share=share, state_replay=state_replay, compile=compile,
-                     expect_reduction=expect_reduction)
+                     expect_reduction=expect_reduction))
     if the_plan is not None and compile in PARTITIONED:  # the plan against compile's own budget, at its peak
         report["compile_budget_at_this_peak"] = _compile_budget_at(model, base, ckpt.mem.peak_bytes, batch, loss_fn,
                                                                    compile, device, blocks, seed)

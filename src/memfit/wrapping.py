@@ -52,7 +52,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from memfit import schedule, strategies
 from memfit.blocks import find_blocks, find_chains
-from memfit.checkpointing import CallState, Region, recomputes, run
+from memfit.checkpointing import CallState, Region, run, will_recompute
 from memfit.errors import MemfitError
 from memfit.schedule import Plan
 from memfit.strategies import KEEP, OFFLOAD, RECOMPUTE
@@ -252,7 +252,7 @@ def _forward(self, *args, **kwargs):
     if spec.mode == KEEP:
         return fn(*args, **kwargs)
     if spec.mode == OFFLOAD:
-        if not recomputes(fn, spec.training_only):
+        if not will_recompute(fn, spec.training_only):
             return fn(*args, **kwargs)
         with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
             return fn(*args, **kwargs)
@@ -317,7 +317,7 @@ class _Segment:
 
     def call(self, index, block, fn, args, kwargs, spec):
         state = self._open()
-        recomputes = recomputes(fn, spec.training_only)
+        recomputes = will_recompute(fn, spec.training_only)
         if state.region is not None:
             if recomputes and index > state.calls[-1].index and args and args[0] is state.prev:
                 state.region.resume()

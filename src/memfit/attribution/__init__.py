@@ -60,7 +60,7 @@ def _gradient(model, frames, target):
 
 def simulated_peak(model, clip, strategy) -> int:
     """Peak bytes of one exact attribution of `clip` with `strategy`,
-    simulated on fake tensors (see `memfit.profiling`): exact on CPU, and
+    simulated on fake tensors (see `memfit.simulation`): exact on CPU, and
     nothing runs on the device."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 

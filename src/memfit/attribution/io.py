@@ -48,7 +48,7 @@ def load_video(path) -> torch.Tensor:
                               f"of those.")
     except MemfitError:
         raise
-    except Exception as e:  # noqa: BLE001 - whatever numpy or torch cannot read as an array
+    except Exception as e:
         why = "not a tensor torch.load reads without pickle" if isinstance(e, pickle.UnpicklingError) else \
             f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
         raise MemfitError(f"cannot read video {path} ({why}); give a .npy or .pt array.") from None

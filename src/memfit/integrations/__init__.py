@@ -31,13 +31,12 @@ from memfit.distributed import Ranks, on_main
 from memfit.errors import MemfitError
 from memfit.memory import track_memory
 from memfit.planner import apply, plan
-from memfit.report import fmt_bytes
+from memfit.report import GB, fmt_bytes
 from memfit.schedule import Budget, Plan
 from memfit.wrapping import applied_strategy, wrapped_blocks
 
 __all__ = ["Session", "SessionCallback", "training_loss", "accumulation_warning"]
 
-GB = 1e9
 
 
 def _ranks(kind: str) -> Ranks:

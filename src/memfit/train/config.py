@@ -42,7 +42,7 @@ def model_keys(name: str) -> dict:
     return {k: p.default for k, p in inspect.signature(arch).parameters.items()}
 
 
-def load(path: str | None) -> dict:
+def read(path: str | None) -> dict:
     if path is None:
         return {}
     try:
@@ -91,7 +91,7 @@ def _coerce(key: str, value, default):
 def resolve(path: str | None, overrides: dict) -> dict:
     """The config file merged over the defaults, then the `overrides`
     ({"training.batch_size": "64", ...}); checked key by key."""
-    raw = load(path)
+    raw = read(path)
     name = overrides["model.name"] if "model.name" in overrides else (raw.get("model") or {}).get("name") or "gpt"
     defaults = {"model": {"name": "gpt", **model_keys(name)}, "data": {"path": None},
                 "training": copy.deepcopy(TRAINING)}

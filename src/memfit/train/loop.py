@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,15 +37,14 @@ from memfit.fit import largest_batch
 from memfit.measurement import resolve_device
 from memfit.memory import track_memory
 from memfit.planner import plan
-from memfit.simulation import simulate
-from memfit.report import atomic_write, exchange, write_json
+from memfit.report import GB, atomic_write, exchange, write_json
 from memfit.schedule import Budget, Plan
+from memfit.simulation import simulate
+from memfit.strategies import RECOMPUTE
 from memfit.train.config import dump
 from memfit.train.recipes import RECIPES
-from memfit.strategies import RECOMPUTE
 from memfit.wrapping import applied_strategy, wrap, wrapped_blocks
 
-GB = 1e9
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -139,13 +139,13 @@ def _train(cfg, recipe, ranks, callback, out_dir, metrics_path):
 
     report = distributed.on_main(lambda: _report(cfg, model, data, loss_fn, ranks), ranks)
     callback("start", report)
-    model_ = distributed.wrap(model, ranks)  # after memfit, see NOTE [order with FSDP2] in memfit.distributed
+    model_ = distributed.parallelize(model, ranks)  # after memfit, see NOTE [order with FSDP2] in memfit.distributed
     opt = torch.optim.AdamW(model_.parameters(), lr=t["learning_rate"], weight_decay=t["weight_decay"])
     scaler = torch.amp.GradScaler("cuda") if t["precision"] == "fp16" else None
     staged = _Staged(out_dir, metrics_path)
+    run = _Run(t, recipe, model, model_, opt, scaler, loss_fn, data, ranks, callback)
     try:
-        history, val_loss = _loop(t, recipe, model, model_, opt, scaler, loss_fn, data, first, ranks, callback,
-                                  staged.path(metrics_path) if metrics_path else None)
+        history, val_loss = _loop(run, first, staged.path(metrics_path) if metrics_path else None)
     except BaseException:
         staged.discard()
         raise
@@ -168,46 +168,63 @@ def _train(cfg, recipe, ranks, callback, out_dir, metrics_path):
     return summary
 
 
-def _loop(t, recipe, model, model_, opt, scaler, loss_fn, data, first, ranks, callback, metrics_path):
+@dataclass
+class _Run:
+    """What the training steps use: the config's `training` section, the recipe, the model as memfit
+    checkpointed it and as it trains (`model_`: DDP or FSDP2 around it, or the same model), and the rest."""
+
+    t: dict
+    recipe: object
+    model: torch.nn.Module
+    model_: torch.nn.Module
+    opt: torch.optim.Optimizer
+    scaler: object
+    loss_fn: object
+    data: object
+    ranks: object
+    callback: object
+
+
+def _loop(run: _Run, first, metrics_path):
     """The training steps; returns the logged metrics and the last validation loss."""
-    device = ranks.device
+    t, device = run.t, run.ranks.device
     metrics_file = open(metrics_path, "w") if metrics_path else contextlib.nullcontext()
     history, val_loss = [], None
     with metrics_file as mf:
         for it in range(1, t["max_iters"] + 1):
-            batch = distributed.local(first if it == 1 else _to(data.batch("train", t["batch_size"]), device), ranks)
+            batch = distributed.local(first if it == 1 else _to(run.data.batch("train", t["batch_size"]), device), run.ranks)
             result = {}
 
             def step():
-                opt.zero_grad(set_to_none=True)
-                loss = loss_fn(model_, batch)
-                if scaler:
-                    scaler.scale(loss).backward()
-                    scaler.step(opt)
-                    scaler.update()
+                run.opt.zero_grad(set_to_none=True)
+                loss = run.loss_fn(run.model_, batch)
+                if run.scaler:
+                    run.scaler.scale(loss).backward()
+                    run.scaler.step(run.opt)
+                    run.scaler.update()
                 else:
                     loss.backward()
-                    opt.step()
-                recipe.after_step(model, t)
+                    run.opt.step()
+                run.recipe.after_step(run.model, t)
                 result["loss"] = loss.detach()
 
             log = it % t["log_interval"] == 0 or it in (1, t["max_iters"])
             t0 = time.perf_counter()
-            memory = _memory(device, model_, opt, batch, step) if log else step()
+            memory = _memory(device, run.model_, run.opt, batch, step) if log else step()
             elapsed = time.perf_counter() - t0
             metrics = None
             if log:
-                memory = {k: distributed.reduce(v, ranks, "max") for k, v in memory.items()}  # the fullest rank
-                metrics = {"iter": it, "loss": distributed.reduce(result["loss"].item(), ranks), "step_time_s": elapsed,
+                memory = {k: distributed.reduce(v, run.ranks, "max") for k, v in memory.items()}  # the fullest rank
+                metrics = {"iter": it, "loss": distributed.reduce(result["loss"].item(), run.ranks), "step_time_s": elapsed,
                            **memory}
                 if it % t["eval_interval"] == 0 or it == t["max_iters"]:
-                    val_loss = evaluate(model_, data, loss_fn, t, ranks)
+                    val_loss = evaluate(run.model_, run.data, run.loss_fn, t, run.ranks)
                     metrics["val_loss"] = val_loss
                 history.append(metrics)
                 if mf:
                     mf.write(json.dumps(metrics) + "\n")
                     mf.flush()
-            callback("step", metrics)
+            run.callback("step", metrics)
     return history, val_loss
 
 

@@ -45,5 +45,5 @@ def recomputes(strategy) -> bool:
     """Whether `strategy` (a strategy string, a `Plan` or units) recomputes anything: every strategy string but
     `none` and `offload` recomputes some block of every chain."""
     if isinstance(strategy, str):
-        return strategy not in ("none", OFFLOAD)
+        return strategy not in ("none", "offload")
     return any(u.mode not in (KEEP, OFFLOAD) for u in getattr(strategy, "units", strategy))

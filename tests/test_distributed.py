@@ -111,7 +111,7 @@ def plan_worker(rank, port, out):
                                distributed=("fsdp", 2)).to_json() if rank == 0 else None
         the_plan = memfit.Plan.from_json(distributed.broadcast(the_plan, ranks))
         memfit.apply(model, the_plan)
-        units = [(u.start, u.stop, u.mode) for u in applied_strategy(model)["units"]]
+        units = [(u.start, u.stop, str(u.mode)) for u in applied_strategy(model)["units"]]
         distributed.parallelize(model, ranks)
         opt = torch.optim.AdamW(model.parameters())
         peaks = []

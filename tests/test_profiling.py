@@ -166,7 +166,7 @@ def test_the_frontier_sees_what_saving_an_op_spares_before_it():
     ops = [Op("mm", 100, 0, 0, 10, False, frozenset()), Op("add.Tensor", 0, 1, 0, 10, False, frozenset())]
     flow = SimpleNamespace(ops=[Flow("mm", (), FRESH), Flow("add.Tensor", (0,), FRESH)], roots={1}, last=1,
                            opaque=None)
-    assert frontier(ops, flow, "flops")[0] == "ops:add.Tensor@1"
+    assert str(frontier(ops, flow, "flops")[0]) == "ops:add.Tensor@1"
 
 
 class _UnusedHead(torch.nn.Module):

@@ -43,7 +43,7 @@ def _saving(model, x, name):
 
 def _rerun(mode):
     """The mode's policy, recomputed by torch's rerun of the block (what the presets get), not on demand."""
-    policy = strategies.policy(mode)
+    policy = strategies.policy(strategies.Mode.parse(mode))
     policy.on_demand = False
     return policy
 

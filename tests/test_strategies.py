@@ -4,7 +4,7 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy, SelectiveCheckpointContext
 
 from memfit import MemfitError
-from memfit.strategies import KEEP, RECOMPUTE, Unit, check, policy, units_of
+from memfit.strategies import KEEP, RECOMPUTE, SELECTIVE, Mode, Unit, check, policy, units_of
 
 aten = torch.ops.aten
 
@@ -19,7 +19,7 @@ def test_each_strategy_over_one_chain():
     assert [u.mode for u in units_of("every:3", 7)] == [RECOMPUTE, KEEP, KEEP] * 2 + [RECOMPUTE]
     assert [(u.start, u.stop) for u in units_of("segments:3", 7)] == [(0, 3), (3, 5), (5, 7)]
     assert [(u.start, u.stop) for u in units_of("sqrt", 12)] == [(0, 4), (4, 8), (8, 12)]
-    assert spans(units_of("Selective", 2)) == [(0, 1, "selective"), (1, 2, "selective")]
+    assert spans(units_of("Selective", 2)) == [(0, 1, SELECTIVE), (1, 2, SELECTIVE)]
 
 
 def test_a_strategy_applies_to_each_chain_alone():
@@ -48,7 +48,7 @@ def test_what_each_policy_keeps():
     scores, v = torch.empty(8, 16, 16), torch.empty(8, 16, 4)  # scores @ v: smaller than its inputs
     save = CheckpointPolicy.MUST_SAVE
     forward = SelectiveCheckpointContext(is_recompute=False)
-    kept = {name: [policy(name)()(forward, op, *args) == save for op, args in (
+    kept = {name: [policy(Mode.parse(name))()(forward, op, *args) == save for op, args in (
         (aten.mm.default, ()), (aten.bmm.default, (q, k)), (aten.bmm.default, (scores, v)),
         (aten.gelu.default, ()))] for name in ("selective", "scores", "pointwise")}
     #                     linear  q @ k^T  scores @ v  gelu
@@ -74,12 +74,12 @@ def test_op_level_modes_give_the_plain_gradients_with_random_ops(mode):
     torch.manual_seed(3)
     plain, = torch.autograd.grad(_two_dropouts(x), x)
     torch.manual_seed(3)
-    got, = torch.autograd.grad(run(_two_dropouts, (x,), {}, policy=policy(mode)), x)
+    got, = torch.autograd.grad(run(_two_dropouts, (x,), {}, policy=policy(Mode.parse(mode))), x)
     assert torch.equal(plain, got)
 
 
 def test_a_mode_is_a_value_printed_as_memfit_reads_it():
-    from memfit.strategies import SELECTIVE, Kind, Mode
+    from memfit.strategies import Kind
     mode = Mode.of_ops({12: "gelu", 3: "mm", 7: "add.Tensor"})
     assert str(mode) == "ops:mm@3,add.Tensor@7,gelu@12" and str(mode.lazy()) == "lazy:mm@3,add.Tensor@7,gelu@12"
     assert mode.saved_ops == {12: "gelu", 3: "mm", 7: "add.Tensor"} and mode.kind is Kind.OPS

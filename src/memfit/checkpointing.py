@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Callable
+from typing import Any
 import inspect
 import itertools
 import threading
@@ -36,10 +38,21 @@ from memfit import ondemand, pruning
 __all__ = ["checkpoint", "Region"]
 
 
-def checkpoint(fn, *args, **kwargs):
-    """Run ``fn(*args, **kwargs)``, recomputing its activations in backward.
+def checkpoint(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run ``fn(*args, **kwargs)`` keeping only its inputs, and recompute its activations in backward.
 
-    All keyword arguments go to ``fn``; none are reserved.
+    The gradients, the random numbers (dropout) and the module state written in the forward (BatchNorm's
+    running statistics) are those of ``fn`` run without checkpointing (NOTE [state replay]). Under
+    ``torch.no_grad()``, and in eval mode where ``fn`` is a module or a module's method, ``fn`` simply runs.
+
+    Args:
+        fn: the function or module to run, as ``fn(*args, **kwargs)``.
+        *args: its positional arguments; tensors among them, also inside lists, tuples and dicts, are what
+            the checkpoint keeps.
+        **kwargs: its keyword arguments, all passed to ``fn``: none is reserved.
+
+    Returns:
+        What ``fn`` returns.
     """
     return run(fn, args, kwargs)
 

@@ -213,8 +213,8 @@ def frontier(ops: list, flow, kind: str, model=None, shares=FRONTIER) -> list[st
     modes, whole = [], sum(price[:last + 1])
     for share in shares:  # the fewest bytes that leave at most this share of the block's recompute cost
         best = next((p for p in points if p[1] <= share * whole), points[-1])
-        mode = Mode.of_ops({k: names[k] for k in best[2]})
-        if best[2] and mode not in modes:
+        mode = Mode.of_ops({k: names[k] for k in best[2]}) if best[2] else None
+        if mode is not None and mode not in modes:
             modes.append(mode)
     return modes
 

@@ -268,14 +268,23 @@ def static_tensors(*objects):
 
 
 class track_memory:
-    """Context manager measuring the peak memory of what runs inside it.
+    """Context manager measuring the peak memory of what runs inside it; `with track_memory(model, opt) as mem:`
+    gives a `MemoryTracker` whose numbers are filled in when the block ends.
 
-    `objects` (modules, optimizers, tensors) count as static bytes on the
-    storage tracker; on CUDA everything allocated at entry does. `device`
-    defaults to the device of the first tensor among `objects`, else CPU.
+    Args:
+        *objects: modules (parameters, buffers, gradients), optimizers (their state) and tensors (nested in
+            containers too) whose bytes count as static on the storage tracker; on CUDA everything allocated
+            at entry does.
+        device: the device to measure; by default that of the first tensor among `objects`, else the CPU.
+            On CUDA the allocator's `max_memory_allocated` is read; elsewhere every storage created is
+            counted (the storage tracker, exact to the byte on the CPU).
+        storage_tracker: count storages on CUDA too (simulated steps have no allocator).
+        allocator_events: on the CPU, read the allocator's events from `torch.profiler` instead (for
+            inductor's compiled code, which the storage tracker cannot see: NOTE [compiled code]).
     """
 
-    def __init__(self, *objects, device=None, storage_tracker=False, allocator_events=False):
+    def __init__(self, *objects: object, device: str | torch.device | None = None, storage_tracker: bool = False,
+                 allocator_events: bool = False):
         tensors = static_tensors(*objects)
         self._storage_tracker = storage_tracker  # also on CUDA (simulated steps have no allocator)
         self._events = allocator_events  # on the CPU, for inductor's compiled code (NOTE [compiled code])

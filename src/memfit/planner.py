@@ -22,6 +22,7 @@ simulated one: on CPU it is what the step will measure, to the byte.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 import itertools
 import json
 import math
@@ -437,13 +438,28 @@ def resolve_plan(strategy, model, batch, loss_fn, blocks=None, cost="time", comp
     return plan(model, batch, loss_fn, s.budget, blocks=blocks, cost=cost, compile=compile)
 
 
-def apply(model, strategy="blocks", blocks=None, state_replay=True, *, budget=None, batch=None, loss_fn=None,
-          cost="time", training_only=True):
-    """`memfit.apply`: checkpoint the blocks of `model` (`memfit.wrapping.wrap`,
-    which this calls), plans included: a `Plan`, `plan:FILE.json`, and
-    `plan:60%` or `budget=` ('60%', '8GiB', 'auto') with `batch` and
-    `loss_fn`, planned first (cached by shapes: calling this every step plans
-    once). Returns `model`."""
+def apply(model: torch.nn.Module, strategy: object = "blocks", blocks: object = None, state_replay: bool = True, *,
+          budget: object = None, batch: object = None, loss_fn: Callable | None = None, cost: str = "time",
+          training_only: bool = True) -> torch.nn.Module:
+    """Checkpoint the blocks of `model` in place, by a strategy or a plan (`memfit.wrapping.wrap` does the
+    wrapping); applied again, it replaces what was applied.
+
+    Args:
+        model: the model whose chains of blocks to checkpoint (`memfit.find_chains`).
+        strategy: any spelling `memfit.schedule.parse` reads: a strategy (`blocks`, `selective`, `every:2`,
+            `sqrt`, ...), `true`/`false`, a `Plan`, `plan:FILE.json`, `plan:60%`, `{chain: strategy}`, or
+            units (`memfit.strategies.Unit`).
+        blocks: the blocks to checkpoint, if not the chains found (names, or a container's name).
+        state_replay: replay module state written in the forward (BatchNorm statistics) in the recompute.
+        budget: plan for this budget ('60%', '8GiB', 'auto') instead of `strategy`; needs `batch` and `loss_fn`.
+        batch: a training batch, to plan with (and to find blocks called several times per step).
+        loss_fn: `loss_fn(model, batch)` returns the loss, to plan with.
+        cost: what a plan minimises: 'time' or 'flops' (see `memfit.plan`).
+        training_only: checkpoint only while training (grad enabled); otherwise the blocks simply run.
+
+    Returns:
+        `model`, checkpointed. Plans are cached (NOTE [plan cache]): calling this every step plans once.
+    """
     if not isinstance(model, torch.nn.Module):
         return wrap(model, strategy)  # which says what it takes
     s = schedule.parse(strategy if budget is None else Budget.parse(budget))

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 import warnings
 from dataclasses import dataclass, field
 
@@ -295,6 +296,16 @@ def _source(model, batch, loss_fn, n, **kw) -> tuple:
                       f"cannot profile them; lower the model's layer-drop probability while planning.")
 
 
+def _without_fixed(plain: Simulation, names: list) -> tuple:
+    """NOTE [blocks without a backward]: (the plain step, the blocks, the blocks left plain), where the blocks
+    are those whose backward ran in the plain step, unless none or all did."""
+    labels = {label for label, _ in plain.timeline}
+    kept = [i for i in range(len(names)) if f"b<{i}" in labels]
+    if len(kept) in (0, len(names)):
+        return plain, names, []
+    return _renumbered(plain, kept), [names[i] for i in kept], [n for i, n in enumerate(names) if i not in kept]
+
+
 def _renumbered(sim: Simulation, kept: list) -> Simulation:
     """`sim` with the marks of the blocks `kept` (their indices) numbered 0, 1, ... and the other blocks' left out."""
     new = {str(i): str(j) for j, i in enumerate(kept)}
@@ -326,28 +337,36 @@ def _each_point(points: dict, groups: list, simulated) -> dict:
     return terms
 
 
-def profile(model, batch, loss_fn, *, blocks=None, optimizer=None, cost="flops", distributed=None) -> Profile:
-    """Profile each block of `model`'s chain under each mode (keep, recompute,
-    the presets, offload on CUDA, and the points of each block's op-level
-    frontier for the `cost` kind). Memory and FLOPs are simulated (or
-    measured on real steps where the simulation cannot be trusted, see NOTE
-    [real steps]); with `cost="time"` the time model of the model's device
-    (memfit.timemodel) prices each op.
-    `distributed`: profile one rank of a DDP or FSDP2 run (see `simulate`)."""
+def profile(model: torch.nn.Module, batch: object, loss_fn: Callable, *, blocks: object = None,
+            optimizer: type | None = None, cost: str = "flops", distributed: tuple | None = None) -> Profile:
+    """Profile each block of `model`'s chains under each mode (keep, recompute, the presets, offload on CUDA,
+    and the points of each block's op-level frontier for the `cost` kind): the planner's input. Memory and
+    FLOPs are simulated (or measured on real steps where the simulation cannot be trusted, NOTE [real
+    steps]); the model itself is not touched.
+
+    Args:
+        model: the model, as it will be trained.
+        batch: one training batch, as `loss_fn` takes it.
+        loss_fn: `loss_fn(model, batch)` returns the loss of a training step.
+        blocks: the blocks to profile, if not the chains found (names, or a container's name).
+        optimizer: the optimizer class whose state counts (default AdamW).
+        cost: 'flops' (matmul FLOPs plus one per element of the other ops recomputed) or 'time' (the time
+            model of the model's device, memfit.timemodel).
+        distributed: ("ddp" | "fsdp", world size): profile one rank of that run (see `simulate`).
+
+    Returns:
+        A `Profile`: per block and mode the bytes kept, the backward's rise and the recompute cost.
+    """
     blocks = blocks_of(model, batch, loss_fn, blocks)  # NOTE [blocks called several times]
     names = [n for n, _ in find_blocks(model, blocks)]
     n = len(names)
     device = next(model.parameters()).device
     common = dict(blocks=blocks, optimizer=optimizer, distributed=distributed)
     real, seed, why, plain = _source(model, batch, loss_fn, n, marks=True, **common)
-    labels = {label for label, _ in plain.timeline}
-    fixed = [name for i, name in enumerate(names) if f"b<{i}" not in labels]
-    if 0 < len(fixed) < n:  # NOTE [blocks without a backward]: the others are the blocks
-        kept = [i for i, name in enumerate(names) if name not in fixed]
-        plain, names, n = _renumbered(plain, kept), [names[i] for i in kept], len(kept)
-        blocks = common["blocks"] = names
-    else:
-        fixed = []
+    plain, names, fixed = _without_fixed(plain, names)  # NOTE [blocks without a backward]
+    if fixed:
+        n, blocks = len(names), names
+        common["blocks"] = names
     chains = [len(c) for c in find_chains(model, blocks)]
     model_t = calibrate(device) if cost == "time" else None
     rec = record_ops(model, batch, loss_fn, blocks=blocks, real=real, seed=seed)

@@ -110,7 +110,7 @@ class Plan:
     for the step, the predicted peak and overhead. Data: `to_json` /
     `from_json`, and `memfit.apply(model, plan)` on any model of the same shape."""
 
-    blocks: list
+    blocks: list[BlockChoice]
     budget_bytes: int
     predicted_peak_bytes: int
     baseline_peak_bytes: int

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import statistics
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -207,29 +208,42 @@ def _report(c: _Comparison) -> dict:
     }
 
 
-def verify(model, batch, loss_fn, strategy="blocks", *, steps=5, device="cpu", seed=0, blocks=None,
-           expect_reduction=None, grad_tol=None, state_replay=True, name=None, compile=None) -> dict:
-    """Run the comparison and return the report (a JSON-ready dict).
+def verify(model: torch.nn.Module, batch: object, loss_fn: Callable, strategy: object = "blocks", *, steps: int = 5,
+           device: str | torch.device = "cpu", seed: int = 0, blocks: object = None,
+           expect_reduction: tuple[float, float] | None = None, grad_tol: float | None = None,
+           state_replay: bool = True, name: str | None = None, compile: str | None = None) -> dict:
+    """Train a plain copy of `model` and a checkpointed one side by side; return the report (JSON-ready).
 
-    `expect_reduction`: (min, max) fraction of the baseline peak that must be
-    saved; by default any saving (> 0), and for strategy `none` no check.
-    `grad_tol`: the largest relative gradient difference that passes; 0
-    (bitwise) on CPU, 1e-4 on accelerators, whose kernels may not be
-    deterministic even without checkpointing, and under compile backends
-    other than `eager` and `aot_eager` (decompositions, the partitioner's
-    recomputation, inductor's kernels sum the plain and the checkpointed
-    graph in other orders).
-    `compile`: a `torch.compile` backend ("inductor", "aot_eager", ...): both
-    runs are compiled (the warm-up step compiles, outside every measurement),
-    so the report shows the memory checkpointing saves under compile. The
-    measured steps run the compiled code (`compiled_graph_runs` counts its
-    graphs' runs per step; none in the memory or FLOPs step is a failure); on
-    the CPU inductor's memory is read from the allocator's events. With a
-    plan and a backend whose partitioner takes a memory budget
-    (`aot_eager_decomp_partition`, `inductor`), `compile_budget_at_this_peak`
-    says what torch.compile's own `activation_memory_budget` recomputes at a
-    measured peak no higher than the plan's (the least over
-    `COMPILE_BUDGETS`; None if none gets that low).
+    Args:
+        model: the model; it is copied, never trained itself.
+        batch: one training batch, as `loss_fn` takes it.
+        loss_fn: `loss_fn(model, batch)` returns the loss of a training step.
+        strategy: what the checkpointed copy gets: any spelling `memfit.apply` takes (a strategy, a `Plan`,
+            `plan:60%`, ...).
+        steps: timed steps of each run, after a warm-up step, a memory step and a FLOPs step.
+        device: where both runs train.
+        seed: the RNG seed of the first step (step k uses seed + k in both runs).
+        blocks: the blocks to checkpoint, if not the chains found.
+        expect_reduction: (min, max) fraction of the plain peak that must be saved; by default any saving
+            (> 0), and for strategy `none` no check.
+        grad_tol: the largest relative gradient difference that passes; 0 (bitwise) on CPU, 1e-4 on
+            accelerators, whose kernels may not be deterministic even without checkpointing, and under
+            compile backends other than `eager` and `aot_eager` (decompositions, the partitioner's
+            recomputation, inductor's kernels sum the plain and the checkpointed graph in other orders).
+        state_replay: replay module state written in the forward (BatchNorm statistics) in the recompute.
+        name: the model's name in the report (default: its class name).
+        compile: a `torch.compile` backend ("inductor", "aot_eager", ...): both runs are compiled (the
+            warm-up step compiles, outside every measurement), so the report shows the memory checkpointing
+            saves under compile. The measured steps run the compiled code (`compiled_graph_runs` counts its
+            graphs' runs per step; none in the memory or FLOPs step is a failure); on the CPU inductor's
+            memory is read from the allocator's events. With a plan and a backend whose partitioner takes a
+            memory budget (`aot_eager_decomp_partition`, `inductor`), `compile_budget_at_this_peak` says what
+            torch.compile's own `activation_memory_budget` recomputes at a measured peak no higher than the
+            plan's (the least over `COMPILE_BUDGETS`; None if none gets that low).
+
+    Returns:
+        The report: both runs' peaks, times and FLOPs, the gradient, loss, buffer and parameter comparisons,
+        `failures` (why the checkpointed run is not the same training, or saved nothing) and `passed`.
     """
     _check_arguments(steps, grad_tol, compile)
     device = torch.device(device)

@@ -97,12 +97,12 @@ def test_op_level_modes_give_the_plain_gradients(built, monkeypatch):
     assert sum(skipped) > 0 and sum(replayed) > 0, name
 
 
-def measured_peak(model, batch, loss_fn, strategy):
+def measured_peak(model, batch, loss_fn, strategy, state_replay=True):
     """The tracker's peak of a training step (after a warm-up step made the
     optimizer state) in which every block ran: LayerDrop models skip blocks in
     some steps, and those peak lower."""
     names = blocks_for(model, batch, loss_fn)  # a block called several times: each call (ALBERT)
-    m = memfit.apply(copy.deepcopy(model).train(), strategy, blocks=names)
+    m = memfit.apply(copy.deepcopy(model).train(), strategy, blocks=names, state_replay=state_replay)
     opt = torch.optim.AdamW(m.parameters())
     blocks = [b for _, b in memfit.find_blocks(m, names)]
     torch.manual_seed(0)

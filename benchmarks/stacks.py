@@ -81,15 +81,29 @@ def main():
         table.add_column(col)
     for r in rows:
         own, fits = r["own_checkpointing_saving"], "plan_saving" in r
-        table.add_row(r["model"], f"{r['chains']} ({r['blocks_found']})", f"{r['coverage']:.0%}",
-                      f"-{r['blocks_saving']:.1%}", "-" if own is None else f"-{own:.1%}",
-                      f"-{r['plan_saving']:.1%}" if fits else "out of reach", f"{r['plan_error']:+.2%}" if fits else "-",
-                      "yes" if r["blocks_exact"] and r.get("plan_exact", True) else "NO")
+        table.add_row(
+            r["model"],
+            f"{r['chains']} ({r['blocks_found']})",
+            f"{r['coverage']:.0%}",
+            f"-{r['blocks_saving']:.1%}",
+            "-" if own is None else f"-{own:.1%}",
+            f"-{r['plan_saving']:.1%}" if fits else "out of reach",
+            f"{r['plan_error']:+.2%}" if fits else "-",
+            "yes" if r["blocks_exact"] and r.get("plan_exact", True) else "NO",
+        )
     Console().print(table)
     date = datetime.date.today().isoformat()
     path = Path(args.out) / f"stacks-cpu-{date}.json"
-    write_json(path, {"device": f"cpu ({platform.processor() or platform.machine()})", "date": date,
-                      "torch": torch.__version__, "batch": args.batch, "rows": rows})
+    write_json(
+        path,
+        {
+            "device": f"cpu ({platform.processor() or platform.machine()})",
+            "date": date,
+            "torch": torch.__version__,
+            "batch": args.batch,
+            "rows": rows,
+        },
+    )
     print(f"wrote {path}")
 
 

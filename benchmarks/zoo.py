@@ -38,29 +38,58 @@ _spec.loader.exec_module(bench)
 
 def row(name, model, batch, loss_fn):
     chains = memfit.find_chains(model, blocks_of(model, batch, loss_fn))  # RAFT: each call of its update block
-    none, blocks = bench.measured_peak(model, batch, loss_fn, "none"), bench.measured_peak(model, batch, loss_fn, "blocks")
+    none, blocks = (
+        bench.measured_peak(model, batch, loss_fn, "none"),
+        bench.measured_peak(model, batch, loss_fn, "blocks"),
+    )
     own = bench.own_peak(model, batch, loss_fn, zoo.own_checkpointing)
-    plan = memfit.plan(model, batch, loss_fn, (none + blocks) // 2 if blocks < 0.98 * none else int(none * 1.01),
-                       cost="flops")
+    plan = memfit.plan(
+        model, batch, loss_fn, (none + blocks) // 2 if blocks < 0.98 * none else int(none * 1.01), cost="flops"
+    )
     measured = bench.measured_peak(model, batch, loss_fn, plan)
-    return {"model": name, "chains": [f"{c[0][0]}..{c[-1][0]} ({len(c)})" for c in chains],
-            "blocks_found": sum(len(c) for c in chains), "coverage": plan.coverage, "plain_peak_bytes": none,
-            "blocks_saving": 1 - blocks / none, "own_checkpointing_saving": None if own is None else 1 - own / none,
-            "plan_predicted_bytes": plan.predicted_peak_bytes, "plan_measured_bytes": measured,
-            "plan_error": plan.predicted_peak_bytes / measured - 1, "plain_error": plan.baseline_peak_bytes / none - 1,
-            "memory_source": plan.sources["memory"]}
+    return {
+        "model": name,
+        "chains": [f"{c[0][0]}..{c[-1][0]} ({len(c)})" for c in chains],
+        "blocks_found": sum(len(c) for c in chains),
+        "coverage": plan.coverage,
+        "plain_peak_bytes": none,
+        "blocks_saving": 1 - blocks / none,
+        "own_checkpointing_saving": None if own is None else 1 - own / none,
+        "plan_predicted_bytes": plan.predicted_peak_bytes,
+        "plan_measured_bytes": measured,
+        "plan_error": plan.predicted_peak_bytes / measured - 1,
+        "plain_error": plan.baseline_peak_bytes / none - 1,
+        "memory_source": plan.sources["memory"],
+    }
 
 
 def render(rows):
     table = Table(title=f"memfit on the model zoos (CPU, torch {torch.__version__})")
-    for col in ("model", "chains (blocks)", "coverage", "plain peak", "blocks", "own", "plan predicted vs measured",
-                "plain predicted vs measured", "memory from"):
+    for col in (
+        "model",
+        "chains (blocks)",
+        "coverage",
+        "plain peak",
+        "blocks",
+        "own",
+        "plan predicted vs measured",
+        "plain predicted vs measured",
+        "memory from",
+    ):
         table.add_column(col)
     for r in rows:
         own = r["own_checkpointing_saving"]
-        table.add_row(r["model"], f"{len(r['chains'])} ({r['blocks_found']})", f"{r['coverage']:.0%}",
-                      fmt_bytes(r["plain_peak_bytes"]), f"-{r['blocks_saving']:.1%}", "-" if own is None else f"-{own:.1%}",
-                      f"{r['plan_error']:+.2%}", f"{r['plain_error']:+.2%}", r["memory_source"].split(":")[0])
+        table.add_row(
+            r["model"],
+            f"{len(r['chains'])} ({r['blocks_found']})",
+            f"{r['coverage']:.0%}",
+            fmt_bytes(r["plain_peak_bytes"]),
+            f"-{r['blocks_saving']:.1%}",
+            "-" if own is None else f"-{own:.1%}",
+            f"{r['plan_error']:+.2%}",
+            f"{r['plain_error']:+.2%}",
+            r["memory_source"].split(":")[0],
+        )
     Console().print(table)
 
 
@@ -85,12 +114,22 @@ def main():
     render(rows)
     import timm
     import torchvision
+
     date = datetime.date.today().isoformat()
     path = Path(args.out) / f"zoo-cpu-{date}.json"
-    write_json(path, {"device": f"cpu ({platform.processor() or platform.machine()})", "date": date,
-                      "torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
-                      "batch": args.batch, "scale": args.scale,
-                      "rows": rows})
+    write_json(
+        path,
+        {
+            "device": f"cpu ({platform.processor() or platform.machine()})",
+            "date": date,
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "timm": timm.__version__,
+            "batch": args.batch,
+            "scale": args.scale,
+            "rows": rows,
+        },
+    )
     print(f"wrote {path}")
 
 

@@ -149,19 +149,35 @@ def write_frames(directory, n, sizes=None, skip=None):
     for i in range(n):
         if i != skip:
             size = (sizes or {}).get(i, 16)
-            Image.fromarray((np.random.rand(size, size, 3) * 255).astype("uint8")).save(directory / f"frame_{i:03d}.png")
+            pixels = (np.random.rand(size, size, 3) * 255).astype("uint8")
+            Image.fromarray(pixels).save(directory / f"frame_{i:03d}.png")
 
 
 def test_cli_on_files_with_cache_and_outputs(tmp_path, cli):
     import numpy as np
+
     _, videos = tiny(2)
     paths = []
     for vid, clip in videos.items():
         np.save(tmp_path / f"{vid}.npy", clip.numpy())
         paths.append(str(tmp_path / f"{vid}.npy"))
     write_frames(tmp_path / "clip_dir", 8)
-    args = [*paths, str(tmp_path / "clip_dir"), "--size", "tiny", "--mode", "chunked", "--chunk-size", "4",
-            "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), "--json", str(tmp_path / "r.json")]
+    args = [
+        *paths,
+        str(tmp_path / "clip_dir"),
+        "--size",
+        "tiny",
+        "--mode",
+        "chunked",
+        "--chunk-size",
+        "4",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out",
+        str(tmp_path / "out"),
+        "--json",
+        str(tmp_path / "r.json"),
+    ]
     r = cli("attribute", *args)
     assert r.returncode == 0, r.stderr
     assert "0 chunks reused" in r.stdout
@@ -169,17 +185,29 @@ def test_cli_on_files_with_cache_and_outputs(tmp_path, cli):
     again = cli("attribute", *args)
     assert "6 chunks reused" in again.stdout
     import json
+
     assert len(json.loads((tmp_path / "r.json").read_text())["clip_dir"]["scores"]) == 8
 
 
 def test_cli_compare_json(tmp_path, cli):
     import numpy as np
+
     _, videos = tiny(1)
     np.save(tmp_path / "v.npy", videos["video_000"].numpy())
-    r = cli("attribute", str(tmp_path / "v.npy"), "--size", "tiny", "--compare", "--chunk-size", "4", "--json",
-            str(tmp_path / "c.json"))
+    r = cli(
+        "attribute",
+        str(tmp_path / "v.npy"),
+        "--size",
+        "tiny",
+        "--compare",
+        "--chunk-size",
+        "4",
+        "--json",
+        str(tmp_path / "c.json"),
+    )
     assert r.returncode == 0, r.stderr
     import json
+
     report = json.loads((tmp_path / "c.json").read_text())
     assert set(report["modes"]) == {"exact", "exact_nockpt", "chunked"}
     assert all({"peak_bytes", "time_s"} <= set(m) for m in report["modes"].values())
@@ -194,6 +222,7 @@ def test_cli_bad_input_keeps_the_cache(tmp_path, cli, capsys):
     import numpy as np
 
     from memfit.cli import main
+
     _, videos = tiny(1)
     np.save(tmp_path / "v.npy", videos["video_000"].numpy())
     np.save(tmp_path / "flat.npy", np.zeros((8, 16, 16), dtype="float32"))
@@ -232,17 +261,32 @@ def test_cli_user_model_budget_and_per_video_targets(tmp_path, cli, capsys, monk
     import json
 
     import numpy as np
+
     model, videos = tiny(2)
     for vid, clip in videos.items():
         np.save(tmp_path / f"{vid}.npy", clip.numpy())
     (tmp_path / "mymodels.py").write_text(FACTORY)
     files = [str(tmp_path / f"{vid}.npy") for vid in videos]
-    r = cli("attribute", *files, "--model", "mymodels:make", "--budget", "90%", "--target", "video_001=2", "--target", "1",
-            "--json", str(tmp_path / "r.json"), cwd=tmp_path)
+    r = cli(
+        "attribute",
+        *files,
+        "--model",
+        "mymodels:make",
+        "--budget",
+        "90%",
+        "--target",
+        "video_001=2",
+        "--target",
+        "1",
+        "--json",
+        str(tmp_path / "r.json"),
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     assert "budget 90%: checkpointing" in r.stdout and "measured peak" in r.stdout
     got = json.loads((tmp_path / "r.json").read_text())
     from memfit.cli import main
+
     assert {v: g["target"] for v, g in got.items()} == {"video_000": 1, "video_001": 2}
     expected = attribute(model, videos, {"video_000": 1, "video_001": 2})  # the factory's model, no checkpointing
     assert {v: g["scores"] for v, g in got.items()} == {v: e["scores"] for v, e in expected.items()}
@@ -262,8 +306,9 @@ def test_cli_user_model_budget_and_per_video_targets(tmp_path, cli, capsys, monk
 
 def test_a_new_clip_with_an_old_name_is_not_served_the_old_gradients(tmp_path):
     model, videos = tiny(2)
-    first = attribute(model, {"clip": videos["video_000"]}, mode="chunked", chunk_size=2,
-                      cache=make_cache(tmp_path, model))
+    first = attribute(
+        model, {"clip": videos["video_000"]}, mode="chunked", chunk_size=2, cache=make_cache(tmp_path, model)
+    )
     cache = make_cache(tmp_path, model)
     second = attribute(model, {"clip": videos["video_001"]}, mode="chunked", chunk_size=2, cache=cache)
     assert not cache.reused and second != first
@@ -272,8 +317,9 @@ def test_a_new_clip_with_an_old_name_is_not_served_the_old_gradients(tmp_path):
 
 def test_targets_key_each_chunk_so_a_subset_reuses_its_chunks(tmp_path):
     model, videos = tiny(2)
-    attribute(model, videos, {"video_000": 1, "video_001": 2}, mode="chunked", chunk_size=2,
-              cache=make_cache(tmp_path, model))
+    attribute(
+        model, videos, {"video_000": 1, "video_001": 2}, mode="chunked", chunk_size=2, cache=make_cache(tmp_path, model)
+    )
     cache = make_cache(tmp_path, model)
     attribute(model, {"video_000": videos["video_000"]}, {"video_000": 1}, mode="chunked", chunk_size=2, cache=cache)
     assert len(cache.reused) == 4
@@ -305,12 +351,20 @@ def test_cli_same_file_name_in_two_directories_gives_two_results(tmp_path, cli):
     import json
 
     import numpy as np
+
     _, videos = tiny(2)
     for d, clip in zip("ab", videos.values()):
         (tmp_path / d).mkdir()
         np.save(tmp_path / d / "clip_000.npy", clip.numpy())
-    r = cli("attribute", str(tmp_path / "a" / "clip_000.npy"), str(tmp_path / "b" / "clip_000.npy"), "--size", "tiny",
-            "--json", str(tmp_path / "r.json"))
+    r = cli(
+        "attribute",
+        str(tmp_path / "a" / "clip_000.npy"),
+        str(tmp_path / "b" / "clip_000.npy"),
+        "--size",
+        "tiny",
+        "--json",
+        str(tmp_path / "r.json"),
+    )
     assert r.returncode == 0, r.stderr
     got = json.loads((tmp_path / "r.json").read_text())
     assert set(got) == {"a-clip_000", "b-clip_000"} and got["a-clip_000"] != got["b-clip_000"]
@@ -320,6 +374,7 @@ def test_cli_bad_target_fails_before_any_chunk_and_temporary_caches_go(tmp_path,
     import os
 
     import numpy as np
+
     _, videos = tiny(2)
     files = []
     for vid, clip in videos.items():
@@ -329,14 +384,20 @@ def test_cli_bad_target_fails_before_any_chunk_and_temporary_caches_go(tmp_path,
     assert bad.returncode == 2 and "out of range for video_001" in bad.stderr, bad.stderr
     assert not list((tmp_path / "cache").rglob("*.pt"))
     (tmp_path / "tmp").mkdir()
-    ok = subprocess.run([sys.executable, "-m", "memfit", "attribute", *files, "--size", "tiny"], capture_output=True,
-                        text=True, timeout=300, env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
+    ok = subprocess.run(
+        [sys.executable, "-m", "memfit", "attribute", *files, "--size", "tiny"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TMPDIR": str(tmp_path / "tmp")},
+    )
     assert ok.returncode == 0, ok.stderr
     assert not list((tmp_path / "tmp").iterdir())
 
 
 def test_inputs_are_checked_by_the_library_before_any_work():
     from memfit.attribution import check_inputs
+
     model, videos = tiny(1)
     with pytest.raises(MemfitError, match="target class 99 is out of range for video_000"):
         check_inputs(model, videos, {"video_000": 99})
@@ -355,8 +416,11 @@ def test_scores_are_the_per_frame_gradient_norms_computed_directly(reduce, times
     clip = videos["video_000"]
     plain = copy.deepcopy(model).eval()
     target = int(plain(clip[None]).argmax(1))
-    norm = {"l2": lambda g: g.flatten(1).double().norm(dim=1), "l1": lambda g: g.flatten(1).double().abs().sum(1),
-            "max": lambda g: g.flatten(1).double().abs().amax(1)}[reduce]
+    norm = {
+        "l2": lambda g: g.flatten(1).double().norm(dim=1),
+        "l1": lambda g: g.flatten(1).double().abs().sum(1),
+        "max": lambda g: g.flatten(1).double().abs().amax(1),
+    }[reduce]
 
     def direct(frames):
         x = frames[None].clone().requires_grad_(True)
@@ -366,9 +430,11 @@ def test_scores_are_the_per_frame_gradient_norms_computed_directly(reduce, times
     def normalised(g):
         s = norm(g)
         return (s / s.sum()).tolist()
+
     checkpoint_model(model)
     exact = attribute(model, videos, {"video_000": target}, reduce=reduce, times_input=times_input)["video_000"]
     assert exact["scores"] == normalised(direct(clip))
-    chunked = attribute(model, videos, {"video_000": target}, mode="chunked", chunk_size=2, reduce=reduce,
-                        times_input=times_input)["video_000"]
-    assert chunked["scores"] == normalised(torch.cat([direct(clip[s:s + 2]) for s in range(0, clip.shape[0], 2)]))
+    chunked = attribute(
+        model, videos, {"video_000": target}, mode="chunked", chunk_size=2, reduce=reduce, times_input=times_input
+    )["video_000"]
+    assert chunked["scores"] == normalised(torch.cat([direct(clip[s : s + 2]) for s in range(0, clip.shape[0], 2)]))

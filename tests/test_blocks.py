@@ -156,7 +156,8 @@ class LoraLinear(nn.Module):
     def __init__(self, n):
         super().__init__()
         self.base_layer = nn.Linear(n, n)
-        self.lora_A, self.lora_B = nn.ModuleDict({"default": nn.Linear(n, 2)}), nn.ModuleDict({"default": nn.Linear(2, n)})
+        self.lora_A = nn.ModuleDict({"default": nn.Linear(n, 2)})
+        self.lora_B = nn.ModuleDict({"default": nn.Linear(2, n)})
 
     def forward(self, x):
         return self.base_layer(x) + self.lora_B["default"](self.lora_A["default"](x))
@@ -196,18 +197,26 @@ def test_torchvision_layers_are_not_composite_blocks():
     """A Sequential of leaf modules (torchvision's Conv2dNormActivation) is a layer: two of them in a block do
     not make the block a stage of blocks."""
     m = nn.Module()
-    m.stages = nn.Sequential(*(nn.Sequential(*(nn.Sequential(conv_norm_act(4, 4), conv_norm_act(4, 4), nn.Conv2d(4, 4, 1))
-                                               for _ in range(2))) for _ in range(2)))
+    m.stages = nn.Sequential(
+        *(
+            nn.Sequential(
+                *(nn.Sequential(conv_norm_act(4, 4), conv_norm_act(4, 4), nn.Conv2d(4, 4, 1)) for _ in range(2))
+            )
+            for _ in range(2)
+        )
+    )
     assert names(m) == ["stages.0.0", "stages.0.1", "stages.1.0", "stages.1.1"]
 
 
 def test_a_plan_over_blocks_held_as_attributes_fits_and_predicts_the_peak():
     import memfit
+
     torch.manual_seed(0)
     model, batch = RegNet(), torch.randn(16, 3, 32, 32)
 
     def loss_fn(m, x):
         return m(x).square().mean()
+
     p = memfit.plan(model, batch, loss_fn, "92%", cost="flops")
     assert [b.name for b in p.blocks] == names(model)
     report = memfit.verify(model, batch, loss_fn, p, steps=1)
@@ -233,6 +242,9 @@ def test_a_lone_block_beside_a_chains_containers_is_a_chain_of_one():
     """timm's EfficientNet: its first stage holds one depthwise-separable block, beside stages of inverted
     residuals; at the highest resolution it holds the most activations."""
     m = nn.Module()
-    m.blocks = nn.Sequential(nn.Sequential(DepthwiseSeparable(4)), nn.Sequential(InvertedResidual(4), InvertedResidual(4)),
-                             nn.Sequential(InvertedResidual(4)))
+    m.blocks = nn.Sequential(
+        nn.Sequential(DepthwiseSeparable(4)),
+        nn.Sequential(InvertedResidual(4), InvertedResidual(4)),
+        nn.Sequential(InvertedResidual(4)),
+    )
     assert names(m) == ["blocks.0.0", "blocks.1.0", "blocks.1.1", "blocks.2.0"]

@@ -36,10 +36,16 @@ def one_process(tmp_path_factory):
     return torch.load(out / "model.pt", weights_only=True)
 
 
-@pytest.mark.parametrize("kind, strategy", [pytest.param("ddp", "false", marks=pytest.mark.slow),
-                                            ("ddp", "selective"),  # the default run's check of DDP under torchrun
-                                            pytest.param("fsdp", "false", marks=pytest.mark.slow), pytest.param("fsdp", "blocks", marks=pytest.mark.slow),
-                                            pytest.param("fsdp", "sqrt", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "kind, strategy",
+    [
+        pytest.param("ddp", "false", marks=pytest.mark.slow),
+        ("ddp", "selective"),  # the default run's check of DDP under torchrun
+        pytest.param("fsdp", "false", marks=pytest.mark.slow),
+        pytest.param("fsdp", "blocks", marks=pytest.mark.slow),
+        pytest.param("fsdp", "sqrt", marks=pytest.mark.slow),
+    ],
+)
 def test_torchrun_matches_one_process(tmp_path, one_process, kind, strategy):
     """Two processes, each on half of the global batch, end with the parameters of
     one process on the whole batch (sqrt: segments of two blocks, one FSDP group each)."""
@@ -67,10 +73,16 @@ def test_torchrun_fsdp_with_a_budget(tmp_path):
     assert summary["peak_gb"] * 1e9 <= summary["report"]["predicted_peak_bytes"] * 1.01
 
 
-@pytest.mark.parametrize("args, message", [
-    (("--gradient-checkpointing", "budget:10%"), "memfit: error: budget"),       # found while planning on rank 0
-    (("--set", "training.memory_budget=lots"), "memfit: error: training.memory_budget: cannot read budget"),  # config
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--gradient-checkpointing", "budget:10%"), "memfit: error: budget"),  # found while planning on rank 0
+        (
+            ("--set", "training.memory_budget=lots"),
+            "memfit: error: training.memory_budget: cannot read budget",
+        ),  # config
+    ],
+)
 def test_torchrun_errors_on_rank_0_stop_every_rank(tmp_path, args, message):
     run = torchrun(tmp_path, "--distributed", "fsdp", *args)
     assert run.returncode != 0
@@ -87,6 +99,7 @@ def test_global_batch_must_split_evenly(tmp_path):
 
 def test_unknown_distributed_kind_is_an_error():
     from memfit.cli import main
+
     assert main(["train", "--distributed", "horovod", "--max-iters", "1"]) == 2
 
 
@@ -102,13 +115,17 @@ def test_one_process_without_torchrun(tmp_path):
 def plan_worker(rank, port, out):
     """Rank 0 plans for one FSDP rank and broadcasts; every rank applies, shards and trains."""
     import torch.distributed as dist
+
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     ranks = distributed.Ranks("fsdp", rank, 2)
     try:
         model = gpt_no_dropout()
         batches = [distributed.local(gpt.batch("tiny", 16, seed=s), ranks) for s in range(3)]
-        the_plan = memfit.plan(model, batches[0], gpt.loss_fn, "70%", cost="flops",
-                               distributed=("fsdp", 2)).to_json() if rank == 0 else None
+        the_plan = (
+            memfit.plan(model, batches[0], gpt.loss_fn, "70%", cost="flops", distributed=("fsdp", 2)).to_json()
+            if rank == 0
+            else None
+        )
         the_plan = memfit.Plan.from_json(distributed.broadcast(the_plan, ranks))
         memfit.apply(model, the_plan)
         units = [(u.start, u.stop, str(u.mode)) for u in applied_strategy(model)["units"]]
@@ -121,8 +138,15 @@ def plan_worker(rank, port, out):
                 gpt.loss_fn(model, batch).backward()
                 opt.step()
             peaks.append(mem.peak_bytes)
-        torch.save({"units": units, "peak": max(peaks), "budget": the_plan.budget_bytes,
-                    "predicted": the_plan.predicted_peak_bytes}, f"{out}.{rank}")
+        torch.save(
+            {
+                "units": units,
+                "peak": max(peaks),
+                "budget": the_plan.budget_bytes,
+                "predicted": the_plan.predicted_peak_bytes,
+            },
+            f"{out}.{rank}",
+        )
         dist.barrier()  # gloo can abort a process whose peer ends the group before it
     finally:
         dist.destroy_process_group()
@@ -146,6 +170,7 @@ def test_a_segment_plans_per_rank_prediction_counts_the_segment_as_one_fsdp_grou
     import memfit
     from memfit.models import REGISTRY
     from memfit.simulation import simulate
+
     model, batch, loss_fn = REGISTRY["gpt"].build("tiny", batch_size=2)
     wrapped = memfit.apply(copy.deepcopy(model), "segments:1")  # what train shards and reports
     expected = simulate(wrapped, batch, loss_fn, None, distributed=("fsdp", 2)).peak_bytes

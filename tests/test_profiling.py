@@ -132,8 +132,9 @@ def test_random_and_in_place_written_outputs_are_never_saved():
     ops[1] = replace(ops[1], random=True)
     ops[2] = replace(ops[2], saveable=False)
     assert {k for m in frontier(ops, _flow(3), "flops") for k in m.saved_ops} == {0}
-    assert [str(m) for m in frontier(ops, _flow(3, 0), "flops")] == ["ops:mm@0"] and frontier(_ops([(3, 40)]), _flow(1, -1),
-                                                                            "flops") == []
+    assert [str(m) for m in frontier(ops, _flow(3, 0), "flops")] == ["ops:mm@0"] and frontier(
+        _ops([(3, 40)]), _flow(1, -1), "flops"
+    ) == []
 
 
 def test_the_peak_model_of_op_level_points_is_what_a_simulation_reads():
@@ -142,13 +143,18 @@ def test_the_peak_model_of_op_level_points_is_what_a_simulation_reads():
     keeps is the simulation's reading to the byte, and the rise of its
     backward and inside its forward are no lower than the simulation's."""
     from memfit.profiling import _read, profile
+
     model, batch, loss_fn = models.load("gpt", size="tiny", batch_size=4)
     prof = profile(model, batch, loss_fn, cost="flops")
     n = len(prof.names)
     for label in list(prof.points)[::4]:
         units = [Unit(i, i + 1, prof.mode(label, i)) for i in range(n)]
-        got = _read(simulate(model, batch, loss_fn, units, marks=True, real=prof.memory_source.startswith("measured"),
-                             seed=prof.seed), n)
+        got = _read(
+            simulate(
+                model, batch, loss_fn, units, marks=True, real=prof.memory_source.startswith("measured"), seed=prof.seed
+            ),
+            n,
+        )
         assert got["kept"] == prof.kept[label], label
         assert all(w <= e for w, e in zip(got["work"], prof.work[label])), label
         assert all(t <= e for t, e in zip(got["transient"], prof.transient[label])), label
@@ -163,9 +169,9 @@ def test_the_frontier_sees_what_saving_an_op_spares_before_it():
 
     from memfit.frontier import Op, frontier
     from memfit.pruning import FRESH, Flow
+
     ops = [Op("mm", 100, 0, 0, 10, False, frozenset()), Op("add.Tensor", 0, 1, 0, 10, False, frozenset())]
-    flow = SimpleNamespace(ops=[Flow("mm", (), FRESH), Flow("add.Tensor", (0,), FRESH)], roots={1}, last=1,
-                           opaque=None)
+    flow = SimpleNamespace(ops=[Flow("mm", (), FRESH), Flow("add.Tensor", (0,), FRESH)], roots={1}, last=1, opaque=None)
     assert str(frontier(ops, flow, "flops")[0]) == "ops:add.Tensor@1"
 
 
@@ -174,8 +180,9 @@ class _UnusedHead(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.blocks = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh())
-                                            for _ in range(3)])
+        self.blocks = torch.nn.Sequential(
+            *[torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh()) for _ in range(3)]
+        )
         self.head = torch.nn.Linear(16, 64)
 
     def forward(self, x):
@@ -184,8 +191,11 @@ class _UnusedHead(torch.nn.Module):
 
 def test_a_parameter_the_step_never_reaches_has_no_optimizer_state_in_the_simulation():
     from memfit.measurement import measure
+
     model, batch = _UnusedHead(), torch.randn(8, 16)
     loss = lambda m, b: m(b).square().mean()  # noqa: E731
     for strategy in ("none", "blocks"):
-        assert simulate(model, batch, loss, strategy).peak_bytes == \
-            measure(model, batch, loss, strategy, timed_steps=0)["peak_bytes"]
+        assert (
+            simulate(model, batch, loss, strategy).peak_bytes
+            == measure(model, batch, loss, strategy, timed_steps=0)["peak_bytes"]
+        )

@@ -57,9 +57,15 @@ def test_checkpointing_lowers_the_monitored_peak_and_the_prediction_holds():
     assert peaks["true"] < 0.6 * peaks["false"]
 
 
-@pytest.mark.parametrize("recipe, strategy", [("gpt-char", "blocks"), pytest.param("resnet-se", "sqrt", marks=pytest.mark.slow),
-                                              ("vit-jepa", "selective"),
-                                              pytest.param("video", "blocks", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "recipe, strategy",
+    [
+        ("gpt-char", "blocks"),
+        pytest.param("resnet-se", "sqrt", marks=pytest.mark.slow),
+        ("vit-jepa", "selective"),
+        pytest.param("video", "blocks", marks=pytest.mark.slow),
+    ],
+)
 def test_checkpointing_on_or_off_is_the_same_training(recipe, strategy):
     """Same seed, same losses to the bit, whether or not checkpointing is on
     (and whatever the startup report probed). gpt-char runs 40 iterations: the default run's check of learning
@@ -67,10 +73,19 @@ def test_checkpointing_on_or_off_is_the_same_training(recipe, strategy):
     losses, iters = {}, 40 if recipe == "gpt-char" else 6
     for gc in (strategy, "false"):
         events = []
-        train(resolve(CONFIGS / f"{recipe}.yaml", {**SMALL[recipe], "training.max_iters": str(iters),
-                                                    "training.log_interval": "1", "training.gradient_checkpointing": gc,
-                                                    "training.memory_budget": "256MiB"}),  # a short probe search
-              callback=lambda e, d: events.append((e, d)))
+        train(
+            resolve(
+                CONFIGS / f"{recipe}.yaml",
+                {
+                    **SMALL[recipe],
+                    "training.max_iters": str(iters),
+                    "training.log_interval": "1",
+                    "training.gradient_checkpointing": gc,
+                    "training.memory_budget": "256MiB",
+                },
+            ),  # a short probe search
+            callback=lambda e, d: events.append((e, d)),
+        )
         losses[gc] = [d["loss"] for e, d in events if e == "step" and d]
     assert losses[strategy] == losses["false"] and len(losses["false"]) == iters
     if recipe == "gpt-char":  # it learns: the last 5 losses' mean is half a nat below the first loss
@@ -80,21 +95,35 @@ def test_checkpointing_on_or_off_is_the_same_training(recipe, strategy):
 @pytest.mark.slow
 def test_gpt_recipe_learns():
     """The default config's data, batch and learning rate, on a 2x64 model for 150 iterations (27 s on
-    2 cores; the 4x128 default for 300 was the suite's slowest test): validation loss clearly below the unigram entropy."""
+    2 cores; the 4x128 default for 300 was the suite's slowest test): validation loss clearly below the unigram
+    entropy."""
     events = []
-    summary = train(resolve(CONFIGS / "gpt-char.yaml", {"training.log_interval": "100", "model.n_layer": "2",
-                                                        "model.n_embd": "64", "training.max_iters": "150",
-                                                        "training.memory_budget": "256MiB"}),
-                    callback=lambda e, d: events.append((e, d)))
+    summary = train(
+        resolve(
+            CONFIGS / "gpt-char.yaml",
+            {
+                "training.log_interval": "100",
+                "model.n_layer": "2",
+                "model.n_embd": "64",
+                "training.max_iters": "150",
+                "training.memory_budget": "256MiB",
+            },
+        ),
+        callback=lambda e, d: events.append((e, d)),
+    )
     entropy = events[0][1]["unigram_entropy"]
     assert summary["val_loss"] < entropy - 0.5, (summary["val_loss"], entropy)  # half a nat below, or more
 
 
 def test_budget_checkpointing_plans_for_the_first_batch():
     events = []
-    train(resolve(CONFIGS / "gpt-char.yaml", {**SMALL["gpt-char"], "training.max_iters": "2",
-                                               "training.gradient_checkpointing": "budget:70%"}),
-          callback=lambda e, d: events.append((e, d)))
+    train(
+        resolve(
+            CONFIGS / "gpt-char.yaml",
+            {**SMALL["gpt-char"], "training.max_iters": "2", "training.gradient_checkpointing": "budget:70%"},
+        ),
+        callback=lambda e, d: events.append((e, d)),
+    )
     assert events[0][1]["gradient_checkpointing"].startswith("ENABLED")
 
 
@@ -108,8 +137,21 @@ def test_jepa_checkpoints_encoder_or_predictor():
 
 def test_cli_train_prints_the_startup_report_and_saves(tmp_path, cli):
     out = tmp_path / "run"
-    r = cli("train", "--config", str(CONFIGS / "gpt-char.yaml"), "--max-iters", "10", "--gradient-checkpointing",
-            "true", "--set", "model.n_layer=2", "--set", "model.n_embd=32", "--out", str(out))
+    r = cli(
+        "train",
+        "--config",
+        str(CONFIGS / "gpt-char.yaml"),
+        "--max-iters",
+        "10",
+        "--gradient-checkpointing",
+        "true",
+        "--set",
+        "model.n_layer=2",
+        "--set",
+        "model.n_embd=32",
+        "--out",
+        str(out),
+    )
     assert r.returncode == 0, r.stderr
     assert "Gradient checkpointing: ENABLED (blocks: 2 of 2)" in r.stdout
     assert "Recommended batch size for" in r.stdout and "Predicted peak memory for batch 32" in r.stdout
@@ -121,16 +163,19 @@ def test_cli_train_prints_the_startup_report_and_saves(tmp_path, cli):
     assert "transformer.h.0.attn.c_attn.weight" in state
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--config", "missing.yaml"], "cannot read config missing.yaml"),
-    (["--set", "training.lrr=3"], "unknown config key 'training.lrr'"),
-    (["--set", "model.n_layers=3"], "unknown config key 'model.n_layers'"),
-    (["--batch-size", "abc"], "training.batch_size must be an integer"),
-    (["--batch-size", "0"], "training.batch_size must be at least 1"),
-    (["--data", "no/such/file.txt"], "cannot read data file"),
-    (["--precision", "fp8"], "not one of fp32, bf16, fp16"),
-    (["--set", "nonsense"], "must be KEY=VALUE"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config", "missing.yaml"], "cannot read config missing.yaml"),
+        (["--set", "training.lrr=3"], "unknown config key 'training.lrr'"),
+        (["--set", "model.n_layers=3"], "unknown config key 'model.n_layers'"),
+        (["--batch-size", "abc"], "training.batch_size must be an integer"),
+        (["--batch-size", "0"], "training.batch_size must be at least 1"),
+        (["--data", "no/such/file.txt"], "cannot read data file"),
+        (["--precision", "fp8"], "not one of fp32, bf16, fp16"),
+        (["--set", "nonsense"], "must be KEY=VALUE"),
+    ],
+)
 def test_cli_train_bad_input(args, message, cli):
     r = cli("train", "--max-iters", "1", *args)
     assert r.returncode == 2, r.stdout + r.stderr
@@ -151,6 +196,7 @@ def _files(d: Path) -> dict:
 def _stage_run(out: Path, metrics: Path, content: bytes):
     """A run's output, staged as `train` stages it (loop._Staged)."""
     from memfit.train.loop import _Staged
+
     staged = _Staged(out, metrics)
     for name in (*_Staged.NAMES, metrics.name):
         staged.path(out / name).write_bytes(content + name.encode())
@@ -161,6 +207,7 @@ def test_a_kill_at_any_moment_of_the_final_writes_leaves_one_whole_run(tmp_path)
     """Killed at every line of memfit's commit in turn, --out holds the old run or the new one, never a mix
     (NOTE [whole runs]); the user's own file in --out is kept either way; the next run clears the leftovers."""
     import os
+
     out, killed_at = tmp_path / "run", []
     for k in range(10_000):
         out.mkdir(exist_ok=True)
@@ -181,6 +228,7 @@ def test_a_kill_at_any_moment_of_the_final_writes_leaves_one_whole_run(tmp_path)
                     if lines[0] > k:
                         os._exit(9)
                 return trace
+
             sys.settrace(lambda frame, *a: trace if "memfit" in frame.f_code.co_filename else None)
             staged.commit()
             sys.settrace(None)
@@ -203,13 +251,25 @@ def test_a_run_killed_during_training_leaves_the_previous_run(tmp_path, cli):
     import random
     import signal
     import time
+
     out = tmp_path / "run"
-    args = ("train", "--config", str(CONFIGS / "mlp.yaml"), "--out", str(out), "--log-interval", "1",
-            *[f"--set={k}={v}" for k, v in SMALL["mlp"].items()])
+    args = (
+        "train",
+        "--config",
+        str(CONFIGS / "mlp.yaml"),
+        "--out",
+        str(out),
+        "--log-interval",
+        "1",
+        *[f"--set={k}={v}" for k, v in SMALL["mlp"].items()],
+    )
     assert cli(*args, "--max-iters", "2").returncode == 0
     first = _files(out)
-    run = subprocess.Popen([sys.executable, "-m", "memfit", *args, "--max-iters", "100000", "--seed", "1"],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "memfit", *args, "--max-iters", "100000", "--seed", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     metrics = tmp_path / ".run.memfit-new" / "metrics.jsonl"
     while not (metrics.exists() and metrics.read_text()) and run.poll() is None:
         time.sleep(0.05)

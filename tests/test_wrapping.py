@@ -362,7 +362,8 @@ def test_a_strategy_per_chain_in_one_apply():
     memfit.apply(model, {"encoder.blocks": "selective", "predictor.*": "sqrt"})
     modes = dict(wrapped_blocks(model))
     assert {n for n in modes if n.startswith("encoder.")} == {f"encoder.blocks.{i}" for i in range(3)}
-    assert set(map(str, modes.values())) == {"selective", "recompute"} and not any(n.startswith("target") for n in modes)
+    assert set(map(str, modes.values())) == {"selective", "recompute"}
+    assert not any(n.startswith("target") for n in modes)
     plain = copy.deepcopy(model)
     memfit.remove(plain)
     grads = []
@@ -405,6 +406,7 @@ def test_blocks_held_as_attributes_train_exactly(strategy):
     """timm's RegNet layout (tests/test_blocks.py): blocks b1, b2, ... of attribute stages, in-place adds and
     activations, BatchNorm; a segment crosses from one stage to the next."""
     from test_blocks import RegNet
+
     torch.manual_seed(0)
     assert_same_training(RegNet(), torch.randn(2, 3, 16, 16), lambda m, x: m(x).square().mean(), strategy)
 
@@ -436,7 +438,8 @@ class DenseNet(nn.Module):
 
 @pytest.mark.parametrize("strategy", ["blocks", "every:2", "selective", "pointwise"])
 def test_inputs_changed_after_the_call_are_recomputed_as_they_were(strategy):
-    """NOTE [inputs changed after the call]: the recompute sees the list as the block saw it, not as the loop left it."""
+    """NOTE [inputs changed after the call]: the recompute sees the list as the block saw it, not as the loop
+    left it."""
     torch.manual_seed(0)
     assert_same_training(DenseNet(), torch.randn(4, 4), lambda m, x: m(x).square().mean(), strategy)
 
@@ -475,7 +478,12 @@ def test_a_segment_recomputes_its_later_calls_with_their_arguments_as_they_were(
 class SharedBlock(nn.Module):
     def __init__(self, n=8):
         super().__init__()
-        self.norm, self.fc1, self.fc2, self.drop = nn.LayerNorm(n), nn.Linear(n, 2 * n), nn.Linear(2 * n, n), nn.Dropout(0.2)
+        self.norm, self.fc1, self.fc2, self.drop = (
+            nn.LayerNorm(n),
+            nn.Linear(n, 2 * n),
+            nn.Linear(2 * n, n),
+            nn.Dropout(0.2),
+        )
 
     def forward(self, x, step):
         return x + self.drop(self.fc2(torch.relu(self.fc1(self.norm(x))))) * (1 + step)
@@ -504,6 +512,7 @@ def test_a_block_called_several_times_is_a_chain_of_its_calls():
     """NOTE [blocks called several times]: each call is a block, 'block#K', in call order; without a trace the
     block is not found, and the error says how it would be."""
     from memfit.simulation import blocks_of
+
     model, batch = Universal(), torch.randn(4, 8)
     assert blocks_of(model, batch, universal_loss) == [f"block#{k}" for k in range(4)]
     assert blocks_of(model, batch, universal_loss, ["block"]) == [f"block#{k}" for k in range(4)]
@@ -527,7 +536,9 @@ def test_calls_past_the_traced_ones_are_recomputed_with_the_last_calls_mode():
     """The loop runs longer than in the step that was traced: the extra calls are checkpointed on their own."""
     torch.manual_seed(0)
     longer = Universal(depth=6)
-    assert_same_training(longer, torch.randn(4, 8), universal_loss, "segments:1", blocks=[f"block#{k}" for k in range(4)])
+    assert_same_training(
+        longer, torch.randn(4, 8), universal_loss, "segments:1", blocks=[f"block#{k}" for k in range(4)]
+    )
 
 
 def test_a_plan_chooses_per_call_and_applies_to_a_fresh_model_from_json():

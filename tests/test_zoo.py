@@ -51,13 +51,16 @@ def test_what_blocks_keeps_beyond_timms_own_on_efficientnet_is_the_batchnorm_rep
     own = copy.deepcopy(model)
     own.set_grad_checkpointing(True)
     ours, theirs = measured_peak(model, batch, loss_fn, "blocks"), measured_peak(own, batch, loss_fn, "none")
-    assert measured_peak(model, batch, loss_fn, "blocks", state_replay=False) == theirs <= ours  # < at the benchmark size
+    assert (
+        measured_peak(model, batch, loss_fn, "blocks", state_replay=False) == theirs <= ours
+    )  # < at the benchmark size
 
     def buffers_after(m):
         m.train()
         torch.manual_seed(0)
         loss_fn(m, batch).backward()
         return list(m.buffers())
+
     plain = buffers_after(copy.deepcopy(model))
     assert all(torch.equal(a, b) for a, b in zip(plain, buffers_after(memfit.apply(copy.deepcopy(model), "blocks"))))
     for m in (own, memfit.apply(copy.deepcopy(model), "blocks", state_replay=False)):

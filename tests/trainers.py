@@ -192,7 +192,8 @@ def main(kind, out, budget):
     plain_model = getattr(plain_trainer, "lightning_module", None) or plain_trainer.model
     result = {"plain": plain, "memfit": with_memfit, "weights": [digest(plain_model), digest(model)],
               "plan": json.loads(callback.plan.to_json()),
-              "peaks": callback.peaks, "wrapped": sorted((n, str(m)) for n, m in wrapped_blocks(model)), "report": callback.report}
+              "peaks": callback.peaks, "wrapped": sorted((n, str(m)) for n, m in wrapped_blocks(model)),
+              "report": callback.report}
     rank = dist.get_rank() if dist.is_initialized() else 0
     with open(f"{out}.rank{rank}.json", "w") as f:
         json.dump(result, f)

@@ -45,13 +45,24 @@ def tv_vit():
 
 def tv_swin():
     from torchvision.models import SwinTransformer
-    return _classify(SwinTransformer(patch_size=[2, 2], embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=[4, 4],
-                                     stochastic_depth_prob=0.2, num_classes=10), 32 * SCALE)
+    return _classify(
+        SwinTransformer(
+            patch_size=[2, 2],
+            embed_dim=16,
+            depths=[2, 2],
+            num_heads=[2, 2],
+            window_size=[4, 4],
+            stochastic_depth_prob=0.2,
+            num_classes=10,
+        ),
+        32 * SCALE,
+    )
 
 
 def tv_video():
     """3-D convolutions over a short clip."""
     from torchvision.models.video import mc3_18
+
     clip = torch.randn(B, 3, 4, 16 * SCALE, 16 * SCALE, generator=torch.Generator().manual_seed(1))
     labels = torch.arange(B) % 10
     return mc3_18(num_classes=10), clip, lambda m, x: nn.functional.cross_entropy(m(x), labels)
@@ -60,6 +71,7 @@ def tv_video():
 def tv_segmentation():
     """A dict output ({"out": ...}) from a MobileNetV3 backbone."""
     from torchvision.models.segmentation import lraspp_mobilenet_v3_large
+
     model = lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=3)
     side = 32 * SCALE
     target = torch.arange(B * side * side).reshape(B, side, side) % 3
@@ -69,8 +81,12 @@ def tv_segmentation():
 def tv_raft():
     """Optical flow: the update block is called once per iteration."""
     from torchvision.models.optical_flow import raft_small
+
     g = torch.Generator().manual_seed(1)
-    pair = (torch.randn(1, 3, 128, 128, generator=g), torch.randn(1, 3, 128, 128, generator=g))  # 128: the least RAFT takes
+    pair = (
+        torch.randn(1, 3, 128, 128, generator=g),
+        torch.randn(1, 3, 128, 128, generator=g),
+    )  # 128: the least RAFT takes
     return raft_small(weights=None), pair, lambda m, x: sum(f.square().mean() for f in m(*x, num_flow_updates=3))
 
 

@@ -11,5 +11,17 @@ from memfit.verification import verify
 from memfit.wrapping import remove, wrapped_blocks
 
 __version__ = "0.1.0"
-__all__ = ["checkpoint", "apply", "remove", "wrapped_blocks", "find_blocks", "find_chains", "track_memory", "plan", "Plan",
-           "profile", "verify", "MemfitError"]
+__all__ = [
+    "checkpoint",
+    "apply",
+    "remove",
+    "wrapped_blocks",
+    "find_blocks",
+    "find_chains",
+    "track_memory",
+    "plan",
+    "Plan",
+    "profile",
+    "verify",
+    "MemfitError",
+]

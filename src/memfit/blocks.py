@@ -69,7 +69,7 @@ def find_chains(model: nn.Module, blocks=None) -> list[list[tuple[str, nn.Module
     """
     if blocks is None:
         return _auto(model)
-    chains = []
+    chains: list[list] = []
     for name, m in _named(model, blocks):
         if chains and _kind(chains[-1][-1]) == _kind((name, m)):
             chains[-1].append((name, m))
@@ -93,17 +93,23 @@ def _named(model, blocks) -> list:
     elif isinstance(blocks, (list, tuple)) and all(isinstance(n, str) for n in blocks):
         missing = [n for n in blocks if _module_of(n) not in named or not _call_of(n).isdigit()]
         if missing:
-            raise MemfitError(f"no module named {missing[0]!r} in the model; name blocks by their qualified "
-                              f"names as in model.named_modules(), e.g. {next(iter(_auto_names(model)), 'layers.0')!r}, "
-                              f"and a call of a block called several times per step as 'name#K' (K from 0).")
+            raise MemfitError(
+                f"no module named {missing[0]!r} in the model; name blocks by their qualified "
+                f"names as in model.named_modules(), e.g. {next(iter(_auto_names(model)), 'layers.0')!r}, "
+                f"and a call of a block called several times per step as 'name#K' (K from 0)."
+            )
         found = [(n, named[_module_of(n)]) for n in blocks]
     else:
-        raise MemfitError(f"blocks={blocks!r} names no modules; give a container path like 'transformer.h', a "
-                          f"pattern like 'layers.*', or a list of module names.")
+        raise MemfitError(
+            f"blocks={blocks!r} names no modules; give a container path like 'transformer.h', a "
+            f"pattern like 'layers.*', or a list of module names."
+        )
     found = _outermost(found)
     if not found:
-        raise MemfitError(f"no blocks match {blocks!r}; pass the path of a ModuleList or Sequential "
-                          f"(e.g. 'transformer.h') or a pattern over module names (e.g. 'layers.*').")
+        raise MemfitError(
+            f"no blocks match {blocks!r}; pass the path of a ModuleList or Sequential "
+            f"(e.g. 'transformer.h') or a pattern over module names (e.g. 'layers.*')."
+        )
     return found
 
 
@@ -150,8 +156,14 @@ def with_calls(model: nn.Module, blocks, calls: dict):
     named = dict(model.named_modules())
     count = {n: len(at) for n, at in calls.items()}
     if blocks is None:
-        outer = [n for n, c in count.items() if c >= 2 and n in named and _repeats(named[n])
-                 and not any(n == b or n.startswith(f"{b}.") or b.startswith(f"{n}.") for b in names)]
+        outer = [
+            n
+            for n, c in count.items()
+            if c >= 2
+            and n in named
+            and _repeats(named[n])
+            and not any(n == b or n.startswith(f"{b}.") or b.startswith(f"{n}.") for b in names)
+        ]
         names += [n for n in outer if not any(n.startswith(f"{o}.") for o in outer)]
     if not any(count.get(n, 1) >= 2 for n in names):
         return blocks
@@ -199,7 +211,7 @@ def _inside(name, chain):
 
 def _auto(model: nn.Module):
     groups: dict = {}  # (parent name, shape) -> [(name, module)]
-    lone: dict = {}    # the same, for blocks held as attributes with no sibling of their shape
+    lone: dict = {}  # the same, for blocks held as attributes with no sibling of their shape
     for name, container in model.named_modules():
         kids = list(container.named_children())
         if not kids:
@@ -211,8 +223,11 @@ def _auto(model: nn.Module):
             shape, count = shapes.most_common(1)[0]
             # a block holds modules of its own, unless its container holds nothing else: a ResNet stem's
             # Conv2d, BatchNorm2d, ReLU are not blocks, the Linear layers of Sequential(Linear, Linear) are
-            members = [(f"{prefix}{n}", c) for n, c in kids
-                       if _shape(c) == shape and (count == len(kids) or any(True for _ in c.children()))]
+            members = [
+                (f"{prefix}{n}", c)
+                for n, c in kids
+                if _shape(c) == shape and (count == len(kids) or any(True for _ in c.children()))
+            ]
         else:  # blocks held as attributes or added with add_module: two or more alike, each a block
             members = [(f"{prefix}{n}", c) for n, c in kids if shapes[_shape(c)] >= 2 and _is_block(c)]
             for n, c in kids:  # one alone (a RegNet stage of depth 1) joins a chain of its kind, if there is one
@@ -228,16 +243,18 @@ def _auto(model: nn.Module):
     blocks = [g for g in candidates if not _stage(g, candidates)]
     chains = [g for g in blocks if not any(_inside(g[0][0], other) for other in blocks if other is not g)]
     if not chains:
-        raise MemfitError(f"no chain of repeated blocks found in {type(model).__name__}: memfit looks for two or "
-                          f"more blocks of the same type in an nn.ModuleList, nn.Sequential or nn.ModuleDict, or "
-                          f"held as attributes of one module; name them with blocks='path.to.container' or a "
-                          f"pattern like 'layers.*' (a block the forward calls several times is found from a step: "
-                          f"memfit.plan, verify, or memfit.apply(model, strategy, batch=..., loss_fn=...)).")
+        raise MemfitError(
+            f"no chain of repeated blocks found in {type(model).__name__}: memfit looks for two or "
+            f"more blocks of the same type in an nn.ModuleList, nn.Sequential or nn.ModuleDict, or "
+            f"held as attributes of one module; name them with blocks='path.to.container' or a "
+            f"pattern like 'layers.*' (a block the forward calls several times is found from a step: "
+            f"memfit.plan, verify, or memfit.apply(model, strategy, batch=..., loss_fn=...))."
+        )
     kinds = {_shape(m) for chain in chains for _, m in chain}
     parents = {_kind(b)[0] for chain in chains for b in chain}
     for g in groups.values():  # lone blocks of a kind chained elsewhere, or beside a chain's containers
-        lone = len(g) == 1 and (_shape(g[0][1]) in kinds or (_kind(g[0])[0] in parents and _composite(g[0][1])))
-        if lone and not any(_inside(g[0][0], c) or _inside(c[0][0], g) for c in chains):
+        alone = len(g) == 1 and (_shape(g[0][1]) in kinds or (_kind(g[0])[0] in parents and _composite(g[0][1])))
+        if alone and not any(_inside(g[0][0], c) or _inside(c[0][0], g) for c in chains):
             chains.append(g)
     return sorted(chains, key=lambda chain: order[chain[0][0]])
 
@@ -258,8 +275,9 @@ def _is_block(m: nn.Module) -> bool:
 def _stage(group, candidates) -> bool:
     """Whether `group`'s blocks are stages: half their parameters or more lie
     in nested chains of composite blocks (NOTE [discovery])."""
-    nested = _outermost([b for g in candidates if g is not group for b in g
-                         if _inside(b[0], group) and _composite(b[1])])
+    nested = _outermost(
+        [b for g in candidates if g is not group for b in g if _inside(b[0], group) and _composite(b[1])]
+    )
     total = sum(p.numel() for _, m in group for p in m.parameters())
     inner = sum(p.numel() for _, m in nested for p in m.parameters())
     return total > 0 and inner >= total / 2

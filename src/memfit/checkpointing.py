@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable
-from typing import Any
 import inspect
 import itertools
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.utils.checkpoint as tuc

@@ -249,11 +249,11 @@ def _fit(args, out: Console) -> int:
     from memfit.report import check_writable, fit_table, fmt_bytes, write_json
     from memfit.schedule import Budget
 
-    budget = Budget.parse(args.budget)  # a bad budget fails before any work
+    parsed = Budget.parse(args.budget)  # a bad budget fails before any work
     strategies = [s.strip() for s in args.strategies.split(",")] if args.strategies else list(STRATEGIES)
     json_path = check_writable(args.json) if args.json else None
     device, model, _, loss_fn = _load(args)
-    budget = budget.bytes(device=device)  # auto: the free memory of the device used
+    budget = parsed.bytes(device=device)  # auto: the free memory of the device used
     module = models.REGISTRY.get(args.model)
     if module is None:
         raise MemfitError("memfit fit works on the built-in models; for your own, call memfit.fit.fit(model, "
@@ -493,28 +493,45 @@ def _verify_command(sub) -> None:
 
 
 def _plan_command(sub) -> None:
-    pl = sub.add_parser("plan", help="the fastest checkpointing plan that fits a memory budget",
-                        description="Profile the model's blocks, choose per block keep / pointwise / scores / "
-                        "selective / recompute (offload on CUDA), and segments, to minimise recomputation under the budget, print the plan, then measure "
-                        "one step with it and show predicted and measured peak side by side.")
+    pl = sub.add_parser(
+        "plan",
+        help="the fastest checkpointing plan that fits a memory budget",
+        description="Profile the model's blocks, choose per block keep / pointwise / scores / "
+        "selective / recompute (offload on CUDA), and segments, to minimise recomputation under the budget, "
+        "print the plan, then measure "
+        "one step with it and show predicted and measured peak side by side.",
+    )
     _model_options(pl)
     pl.add_argument("--budget", required=True, help="20GiB, 800MB, 60%% (of the plain run's peak) or auto")
-    pl.add_argument("--cost", default="time", choices=["time", "flops"],
-                    help="what to minimise: time, by the device's time model (default), or FLOPs (deterministic)")
+    pl.add_argument(
+        "--cost",
+        default="time",
+        choices=["time", "flops"],
+        help="what to minimise: time, by the device's time model (default), or FLOPs (deterministic)",
+    )
     pl.add_argument("--no-measure", action="store_true", help="only plan; do not measure a step")
-    pl.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
-                    help="plan for the step compiled with torch.compile (default backend inductor): each plan tried "
-                         "is compiled and its peak measured; 60%% is then of the compiled plain step")
+    pl.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        metavar="BACKEND",
+        help="plan for the step compiled with torch.compile (default backend inductor): each plan tried "
+        "is compiled and its peak measured; 60%% is then of the compiled plain step",
+    )
     pl.add_argument("--json", metavar="PATH", help="write the plan as JSON")
     pl.set_defaults(run=_plan)
 
 
 def _bench_command(sub) -> None:
-    b = sub.add_parser("bench", help="measure the memory/time frontier: plans at many budgets and every "
-                       "uniform strategy")
+    b = sub.add_parser(
+        "bench", help="measure the memory/time frontier: plans at many budgets and every uniform strategy"
+    )
     _model_options(b)
-    b.add_argument("--budgets", default="20,30,40,50,60,70,80,90,100",
-                   help="percentages of the plain run's peak (default: 20,30,...,100)")
+    b.add_argument(
+        "--budgets",
+        default="20,30,40,50,60,70,80,90,100",
+        help="percentages of the plain run's peak (default: 20,30,...,100)",
+    )
     b.add_argument("--cost", default="time", choices=["time", "flops"])
     b.add_argument("--json", metavar="PATH", help="write the rows as JSON")
     b.add_argument("--plot", metavar="PNG", help="plot peak memory against slowdown (needs matplotlib)")
@@ -522,13 +539,19 @@ def _bench_command(sub) -> None:
 
 
 def _train_command(sub) -> None:
-    t = sub.add_parser("train", help="train a recipe from a YAML config, with a memory monitor",
-                       description="Train one of memfit's recipes (gpt-char, vit-jepa, resnet-se, video, mlp) from a "
-                       "YAML config (configs/). Every key "
-                       "can be overridden: the flags below, or --set section.key=value.")
+    t = sub.add_parser(
+        "train",
+        help="train a recipe from a YAML config, with a memory monitor",
+        description="Train one of memfit's recipes (gpt-char, vit-jepa, resnet-se, video, mlp) from a "
+        "YAML config (configs/). Every key "
+        "can be overridden: the flags below, or --set section.key=value.",
+    )
     t.add_argument("--config", help="YAML config, e.g. configs/gpt-char.yaml (default: the gpt recipe's defaults)")
-    t.add_argument("--gradient-checkpointing", metavar="VALUE",
-                   help="true, false, a strategy (blocks, selective, every:2, ...) or budget:60%% / budget:8GiB")
+    t.add_argument(
+        "--gradient-checkpointing",
+        metavar="VALUE",
+        help="true, false, a strategy (blocks, selective, every:2, ...) or budget:60%% / budget:8GiB",
+    )
     t.add_argument("--max-iters", type=str)
     t.add_argument("--batch-size", type=str)
     t.add_argument("--precision", help="fp32, bf16 or fp16 (fp16 with a gradient scaler, on CUDA)")
@@ -536,8 +559,11 @@ def _train_command(sub) -> None:
     t.add_argument("--memory-budget", help="memory for the recommended batch size (default: free device memory)")
     t.add_argument("--log-interval", type=str)
     t.add_argument("--seed", type=str)
-    t.add_argument("--distributed", help="none, ddp or fsdp (FSDP2), under torchrun: gloo on CPU, nccl on CUDA; "
-                   "--batch-size is then the global batch, split between the processes")
+    t.add_argument(
+        "--distributed",
+        help="none, ddp or fsdp (FSDP2), under torchrun: gloo on CPU, nccl on CUDA; "
+        "--batch-size is then the global batch, split between the processes",
+    )
     t.add_argument("--data", help="text file for the gpt recipe (default: the corpus shipped with memfit)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, e.g. model.n_layer=8")
     t.add_argument("--out", metavar="DIR", help="save final weights, resolved config, metrics and summary here")
@@ -556,31 +582,54 @@ def _fit_command(sub) -> None:
 
 
 def _attribute_command(sub) -> None:
-    a = sub.add_parser("attribute", help="per-frame gradient importance of video clips, exact or chunked",
-                       description="Gradients of the video model's class score with respect to each input frame, "
-                       "as a per-frame importance. Exact mode (default) runs the whole clip in one backward with "
-                       "checkpointing; chunked mode runs chunks of frames alone, each with only the "
-                       "frames around it, an approximation.")
-    a.add_argument("videos", nargs="*", help=".npy / .pt arrays (frames x channels x height x width) or "
-                   "directories of numbered PNG/JPEG frames")
+    a = sub.add_parser(
+        "attribute",
+        help="per-frame gradient importance of video clips, exact or chunked",
+        description="Gradients of the video model's class score with respect to each input frame, "
+        "as a per-frame importance. Exact mode (default) runs the whole clip in one backward with "
+        "checkpointing; chunked mode runs chunks of frames alone, each with only the "
+        "frames around it, an approximation.",
+    )
+    a.add_argument(
+        "videos",
+        nargs="*",
+        help=".npy / .pt arrays (frames x channels x height x width) or directories of numbered PNG/JPEG frames",
+    )
     a.add_argument("--demo", action="store_true", help="synthetic clips and a briefly trained video model")
-    a.add_argument("--compare", action="store_true", help="measure exact, exact without checkpointing and "
-                   "chunked against each other")
-    a.add_argument("--model", default="video", help="video (built in) or package.module:factory, whose model "
-                   "takes clips (B, T, C, H, W) and returns class scores (B, classes) (default: video)")
+    a.add_argument(
+        "--compare",
+        action="store_true",
+        help="measure exact, exact without checkpointing and chunked against each other",
+    )
+    a.add_argument(
+        "--model",
+        default="video",
+        help="video (built in) or package.module:factory, whose model "
+        "takes clips (B, T, C, H, W) and returns class scores (B, classes) (default: video)",
+    )
     a.add_argument("--size", help="size of the video model (tiny, small, large; default small)")
     a.add_argument("--weights", help="state_dict of the model (default: untrained weights)")
-    a.add_argument("--target", action="append", metavar="CLASS|VIDEO=CLASS",
-                   help="the class to explain: for every video, or for one (repeatable; default: the predicted one)")
+    a.add_argument(
+        "--target",
+        action="append",
+        metavar="CLASS|VIDEO=CLASS",
+        help="the class to explain: for every video, or for one (repeatable; default: the predicted one)",
+    )
     a.add_argument("--mode", default="exact", choices=["exact", "chunked"])
     a.add_argument("--chunk-size", type=int, default=8)
     a.add_argument("--reduce", default="l2", choices=["l2", "l1", "max"])
     a.add_argument("--times-input", action="store_true", help="gradient x input")
-    a.add_argument("--budget", help="memory budget for one clip (or chunk): 2GiB, 800MB, 60%% (of the peak "
-                   "without checkpointing) or auto; memfit chooses the least recomputation that fits")
+    a.add_argument(
+        "--budget",
+        help="memory budget for one clip (or chunk): 2GiB, 800MB, 60%% (of the peak "
+        "without checkpointing) or auto; memfit chooses the least recomputation that fits",
+    )
     a.add_argument("--strategy", help="checkpointing of the model's blocks instead of --budget (default blocks)")
-    a.add_argument("--cache-dir", help="where chunk gradients are cached (default: a new temporary directory; "
-                   "use a large store directory to keep them)")
+    a.add_argument(
+        "--cache-dir",
+        help="where chunk gradients are cached (default: a new temporary directory; "
+        "use a large store directory to keep them)",
+    )
     a.add_argument("--out", metavar="DIR", help="per-video CSV/JSON and plots")
     a.add_argument("--json", metavar="PATH", help="scores, or with --compare the modes and comparisons, as JSON")
     a.set_defaults(run=_attribute)
@@ -595,7 +644,8 @@ def main(argv=None) -> int:
     out = Console()
     formatwarning = warnings.formatwarning  # memfit's own warnings as one plain line, while the command runs
     warnings.formatwarning = lambda message, category, *rest, **kw: (
-        f"{message}\n" if str(message).startswith("memfit: ") else f"{category.__name__}: {message}\n")
+        f"{message}\n" if str(message).startswith("memfit: ") else f"{category.__name__}: {message}\n"
+    )
     try:
         return args.run(args, out)
     except MemfitError as e:
@@ -607,9 +657,11 @@ def main(argv=None) -> int:
         frame = None if debug else _user_frame(e)
         if frame is None:
             raise
-        print(f"memfit: error: your code raised {type(e).__name__} in {frame.name} ({frame.filename}:{frame.lineno}): "
-              f"{(str(e).splitlines() or [''])[0]}; fix it, or run with --debug (MEMFIT_DEBUG=1) for the traceback.",
-              file=sys.stderr)
+        print(
+            f"memfit: error: your code raised {type(e).__name__} in {frame.name} ({frame.filename}:{frame.lineno}): "
+            f"{(str(e).splitlines() or [''])[0]}; fix it, or run with --debug (MEMFIT_DEBUG=1) for the traceback.",
+            file=sys.stderr,
+        )
         return 2
     finally:
         warnings.formatwarning = formatwarning
@@ -622,8 +674,17 @@ def _user_frame(exc: BaseException):
     import traceback
     from pathlib import Path
 
-    libraries = [Path(__file__).resolve().parent, *(Path(p).resolve() for p in {
-        sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})]
+    libraries = [
+        Path(__file__).resolve().parent,
+        *(
+            Path(p).resolve()
+            for p in {
+                sysconfig.get_paths()["stdlib"],
+                sysconfig.get_paths()["purelib"],
+                sysconfig.get_paths()["platlib"],
+            }
+        ),
+    ]
     for frame in reversed(traceback.extract_tb(exc.__traceback__)):
         path = Path(frame.filename).resolve()
         if frame.filename.startswith("<frozen") or any(path.is_relative_to(lib) for lib in libraries):

@@ -75,7 +75,9 @@ def setup(kind: str, device: torch.device) -> Ranks:
     if kind == "none":
         return Ranks(device=device)
     if device.type not in ("cpu", "cuda"):
-        raise MemfitError(f"distributed training runs on cpu (gloo) or cuda (nccl), not {device.type}; use the cpu device.")
+        raise MemfitError(
+            f"distributed training runs on cpu (gloo) or cuda (nccl), not {device.type}; use the cpu device."
+        )
     owns = not dist.is_initialized()
     if owns:
         if device.type == "cuda":
@@ -84,7 +86,7 @@ def setup(kind: str, device: torch.device) -> Ranks:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if "WORLD_SIZE" in os.environ:  # torchrun's environment
             dist.init_process_group(backend)
-        else:                           # not under torchrun: one process
+        else:  # not under torchrun: one process
             dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     elif device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
@@ -116,7 +118,8 @@ def local(batch, ranks: Ranks):
         if not isinstance(t, torch.Tensor):
             return t
         n = t.shape[0] // ranks.world
-        return t[ranks.rank * n:(ranks.rank + 1) * n]
+        return t[ranks.rank * n : (ranks.rank + 1) * n]
+
     return tree_map(part, batch)
 
 
@@ -124,9 +127,11 @@ def parallelize(model: nn.Module, ranks: Ranks) -> nn.Module:
     """The model to train: DDP around it, or sharded with FSDP2 after memfit is applied."""
     if ranks.kind == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
+
         return DDP(model, device_ids=[ranks.device.index] if ranks.device.type == "cuda" else None)
     if ranks.kind == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
+
         shard(model, init_device_mesh(ranks.device.type, (ranks.world,)))
     return model
 
@@ -135,6 +140,7 @@ def shard(model: nn.Module, mesh) -> nn.Module:
     """FSDP2 over `mesh`, after memfit is applied: one group per memfit unit (a segment of
     blocks is one group, NOTE [order with FSDP2]), then the root."""
     from torch.distributed.fsdp import fully_shard
+
     for group in _groups(model):
         fully_shard(group if len(group) > 1 else group[0], mesh=mesh)
     return fully_shard(model, mesh=mesh)
@@ -147,16 +153,20 @@ def _groups(model: nn.Module) -> list[list[nn.Module]]:
     if not applied:
         return [[b] for b in chain]
     # a segment is one group (NOTE [order with FSDP2]); blocks kept as they are, one group each
-    return [g for u in applied["units"] for g in ([[b] for b in chain[u.start:u.stop]] if u.mode == KEEP
-                                                   else [chain[u.start:u.stop]])]
+    return [
+        g
+        for u in applied["units"]
+        for g in ([[b] for b in chain[u.start : u.stop]] if u.mode == KEEP else [chain[u.start : u.stop]])
+    ]
 
 
 def _bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def rank_timeline(model: nn.Module, kind: str, world: int, timeline, grads, static_bytes: int,
-                  state_bytes: int) -> list:
+def rank_timeline(
+    model: nn.Module, kind: str, world: int, timeline, grads, static_bytes: int, state_bytes: int
+) -> list:
     """One rank's live bytes through a step, from a single process's simulated
     step on the rank's share of the batch (see NOTE [per-rank memory]).
     `grads`: (timeline position, bytes) where each gradient appeared;
@@ -167,9 +177,9 @@ def rank_timeline(model: nn.Module, kind: str, world: int, timeline, grads, stat
         return [(label, live + buckets) for label, live in timeline]
     if kind != "fsdp":
         return list(timeline)
-    share = 1 - 1 / world                                  # what the other ranks hold
+    share = 1 - 1 / world  # what the other ranks hold
     sharded = _bytes(model.parameters()) + state_bytes
-    unsharded = static_bytes - sharded                     # buffers and the batch
+    unsharded = static_bytes - sharded  # buffers and the batch
     groups = _groups(model)
     in_groups = {id(p) for group in groups for b in group for p in b.parameters()}
     root = _bytes(p for p in model.parameters() if id(p) not in in_groups)
@@ -182,9 +192,9 @@ def rank_timeline(model: nn.Module, kind: str, world: int, timeline, grads, stat
         while g < len(grads) and grads[g][0] <= k:
             done += grads[g][1]
             g += 1
-        if k < step:   # forward and backward: sharded parameters, state and finished gradients, some gathered
+        if k < step:  # forward and backward: sharded parameters, state and finished gradients, some gathered
             out.append((label, int(live - share * (sharded + done)) + gathered))
-        else:          # the optimizer step: everything but buffers and batch is sharded
+        else:  # the optimizer step: everything but buffers and batch is sharded
             out.append((label, int(live - share * (live - unsharded))))
     return out
 
@@ -218,8 +228,7 @@ def reduce(value: float, ranks: Ranks, op: str = "mean") -> float:
     """The mean (or max) of a number over the ranks."""
     if ranks.world == 1:
         return value
-    t = torch.tensor([float(value)], dtype=torch.float64,
-                     device=ranks.device if ranks.device.type == "cuda" else "cpu")
+    t = torch.tensor([float(value)], dtype=torch.float64, device=ranks.device if ranks.device.type == "cuda" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t.item() / (ranks.world if op == "mean" else 1)
 
@@ -233,5 +242,6 @@ def full_state_dict(model: nn.Module, ranks: Ranks) -> dict:
             StateDictOptions,
             get_model_state_dict,
         )
+
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return model.state_dict()

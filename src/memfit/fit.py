@@ -102,13 +102,14 @@ def fit(model, make_batch, loss_fn, budget: int, strategies=STRATEGIES, *, block
     None without `timing`), `memory_source`. For "plan", the largest batch
     for which a plan fits."""
     device = next(model.parameters()).device
-    rows, smallest = [], None   # the peak of a batch of 1, where no batch fits
+    rows: list[dict] = []
+    smallest = float("inf")  # the peak of a batch of 1, where no batch fits
     for s in strategies:
         best = max((r["batch_size"] for r in rows), default=1)  # a plan fits at least what a strategy fits
         size, peak = largest_batch(model, make_batch, loss_fn, s, budget, blocks=blocks,
                                    at_least=best if s == "plan" else 1)
         if not size:
-            smallest = peak if smallest is None else min(smallest, peak)
+            smallest = min(smallest, peak)
         row = {"strategy": s, "batch_size": size, "peak_bytes": peak if size else None,
                "time_per_sample_s": None, "memory_source": "simulated storage-tracker"}
         if size and device.type == "cuda":

@@ -90,8 +90,9 @@ class _OpRecorder(TorchDispatchMode):
 def record_ops(model, batch, loss_fn, *, blocks=None, real=False, seed=None) -> _OpRecorder:
     """The ops of a plain training step (`_OpRecorder`), on fake tensors, so
     deterministic and cheap, or on a real step (see NOTE [real steps] in memfit.profiling)."""
-    mode = real_step(seed) if real else FakeTensorMode(allow_non_fake_inputs=True)
-    fmodel, fbatch = copy_with(model, batch, on_cpu if real else mode.from_tensor)
+    fake = None if real else FakeTensorMode(allow_non_fake_inputs=True)
+    mode = real_step(seed) if fake is None else fake
+    fmodel, fbatch = copy_with(model, batch, on_cpu if fake is None else fake.from_tensor)
     wrap(fmodel, "none", blocks=blocks)  # as every step memfit runs: no KV cache (NOTE [no KV cache])
     fmodel.train()
     chain = [m for _, m in find_blocks(fmodel, blocks)]
@@ -187,14 +188,15 @@ def block_cost(mode, ops, flow, kind, model) -> float:
 FRONTIER = tuple(0.6 * 0.7 ** k for k in range(15))  # 0.6 down to 0.004
 
 
-def frontier(ops: list, flow, kind: str, model=None, shares=FRONTIER) -> list[str]:
+def frontier(ops: list, flow, kind: str, model=None, shares=FRONTIER) -> list[Mode]:
     """The distinct `ops:...` modes of a block that leave these shares of its recompute cost, fewest bytes
     first; `flow` is the block's `memfit.pruning.Dataflow`."""
     last, price = flow.last, [op_cost(op, kind, model) for op in ops]
     items = [(k, op.new_bytes, price[k]) for k, op in enumerate(ops[:last + 1])
              if op.saveable and not op.random and op.new_bytes > 0 and price[k] > 0]
     names = {k: op.name for k, op in enumerate(ops)}
-    pareto = [(0, 0.0, frozenset())]  # (bytes, cost avoided, ops saved), bytes ascending, cost strictly rising
+    # (bytes, cost avoided, ops saved), bytes ascending, cost strictly rising
+    pareto: list[tuple[int, float, frozenset]] = [(0, 0.0, frozenset())]
     total = sum(b for _, b, _ in items)
     for k, b, c in items:
         merged = sorted(pareto + [(pb + b, pc + c, ps | {k}) for pb, pc, ps in pareto], key=lambda p: (p[0], -p[1]))
@@ -206,11 +208,11 @@ def frontier(ops: list, flow, kind: str, model=None, shares=FRONTIER) -> list[st
             bucket = [int(p[0] * 256 / total) for p in pareto]
             pareto = [p for j, p in enumerate(pareto) if j == 0 or bucket[j] != bucket[j - 1]]
     found = {_pruned(ps, flow, price) for _, _, ps in pareto} | _greedy(items, flow, price)
-    points = []  # (bytes, cost left, ops saved): bytes ascending, cost strictly falling
+    points: list[tuple[int, float, frozenset]] = []  # (bytes, cost left, ops saved): bytes ascending, cost falling
     for b, c, ps in sorted((sum(ops[k].new_bytes for k in ps), c, ps) for ps, c in found):
         if not points or c < points[-1][1]:
             points.append((b, c, ps))
-    modes, whole = [], sum(price[:last + 1])
+    modes, whole = [], sum(price[: last + 1])
     for share in shares:  # the fewest bytes that leave at most this share of the block's recompute cost
         best = next((p for p in points if p[1] <= share * whole), points[-1])
         mode = Mode.of_ops({k: names[k] for k in best[2]}) if best[2] else None
@@ -225,11 +227,11 @@ def _pruned(saved, flow, price) -> tuple:
     [pruned recompute]): a saved output that nothing reads is not worth its bytes."""
     last = flow.last
     if flow.opaque:
-        return frozenset(saved), sum(c for k, c in enumerate(price[:last + 1]) if k not in saved)
+        return frozenset(saved), sum(c for k, c in enumerate(price[: last + 1]) if k not in saved)
     need = pruning.needed(flow.ops, flow.roots, last, saved)
     used = frozenset(k for k in saved if k in need or flow.ops[k].kind not in (pruning.FRESH, pruning.INPLACE))
     skip = pruning.skipped(flow.ops, flow.roots, last, used)
-    return used, sum(c for k, c in enumerate(price[:last + 1]) if k not in used and k not in skip)
+    return used, sum(c for k, c in enumerate(price[: last + 1]) if k not in used and k not in skip)
 
 
 def _greedy(items, flow, price) -> set:
@@ -237,10 +239,15 @@ def _greedy(items, flow, price) -> set:
     op can spare the ops before it that only it needed. From nothing saved,
     save at each step the op that spares the most cost per byte."""
     saved, cost = _pruned(frozenset(), flow, price)
-    points = set()
+    points: set[tuple[frozenset, float]] = set()
     while True:
-        steps = [(c, -b, k, s) for k, b, _ in items if k not in saved
-                 for s, c in [_pruned(saved | {k}, flow, price)] if c < cost]
+        steps = [
+            (c, -b, k, s)
+            for k, b, _ in items
+            if k not in saved
+            for s, c in [_pruned(saved | {k}, flow, price)]
+            if c < cost
+        ]
         if not steps:
             return points
         _, _, _, saved = min(steps, key=lambda t: ((t[0] - cost) / -t[1], t[2]))
@@ -250,12 +257,21 @@ def _greedy(items, flow, price) -> set:
 
 def alike(rec) -> list:
     """Each block's key: blocks with the same key ran the same ops on the same dataflow (a transformer's layers)."""
-    return [(tuple((dataclasses.astuple(op), f) for op, f in zip(rec.blocks[i], flow.ops)), frozenset(flow.roots),
-             flow.last, flow.opaque) for i, flow in enumerate(rec.flows)]
+    return [
+        (
+            tuple((dataclasses.astuple(op), f) for op, f in zip(rec.blocks[i], flow.ops)),
+            frozenset(flow.roots),
+            flow.last,
+            flow.opaque,
+        )
+        for i, flow in enumerate(rec.flows)
+    ]
 
 
 def frontiers(rec, kind, model) -> list:
     """Each block's `frontier`, worked out once for blocks alike."""
-    known = {}
-    return [known[k] if k in known else known.setdefault(k, frontier(rec.blocks[i], rec.flows[i], kind, model))
-            for i, k in enumerate(alike(rec))]
+    known: dict = {}
+    return [
+        known[k] if k in known else known.setdefault(k, frontier(rec.blocks[i], rec.flows[i], kind, model))
+        for i, k in enumerate(alike(rec))
+    ]

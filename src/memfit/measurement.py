@@ -29,7 +29,7 @@ import torch
 
 from memfit.errors import MemfitError, scalar_loss
 from memfit.flops import counting_flops
-from memfit.memory import static_tensors, storage_bytes, track_memory
+from memfit.memory import MemoryTracker, static_tensors, storage_bytes, track_memory
 from memfit.wrapping import wrap
 
 __all__ = ["Run", "steps", "measure", "compiled", "run_of", "resolve_device"]
@@ -45,7 +45,7 @@ class Run:
     graphs_per_step: list = field(default_factory=list)  # how many compiled graphs ran in each step
     times: list = field(default_factory=list)
     losses: list = field(default_factory=list)
-    mem: object = None
+    mem: MemoryTracker = field(default_factory=lambda: MemoryTracker("not measured yet", "none"))  # `steps` sets it
     flops: int = 0
 
     def step(self, batch, loss_fn, seed, measure=None):

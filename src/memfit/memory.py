@@ -38,6 +38,7 @@ backward (plus the loss and outputs).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import weakref
@@ -77,8 +78,8 @@ class MemoryTracker:
     timeline: list = field(default_factory=list)
 
     @property
-    def activation_bytes(self) -> int:
-        """Bytes live at the end of the forward beyond the static ones."""
+    def activation_bytes(self) -> int | None:
+        """Bytes live at the end of the forward beyond the static ones (None where the source cannot say)."""
         return (self.forward_end_bytes if self.forward_end_bytes is not None else self.end_bytes) - self.static_bytes
 
     def mark(self, label: str) -> None:
@@ -157,12 +158,12 @@ class _TrackerCPU(MemoryTracker):
             return
         n = storage.nbytes()
         self._sizes[key] = n
-        self._refs[key] = weakref.ref(storage, lambda _, key=key: self._free(key))
+        self._refs[key] = weakref.ref(storage, functools.partial(self._freed, key))
         self.live += n
         if self.live > self.peak_bytes:
             self.peak_bytes = self.live
 
-    def _free(self, key: int) -> None:
+    def _freed(self, key: int, _ref: object) -> None:
         self.live -= self._sizes.pop(key)
         del self._refs[key]
 
@@ -292,24 +293,26 @@ class track_memory:
             device = tensors[0].device if tensors else torch.device("cpu")
         self.device = torch.device(device)
         self._tensors = tensors
+        self._mode: contextlib.AbstractContextManager = contextlib.nullcontext()
 
     def __enter__(self) -> MemoryTracker:
+        t: MemoryTracker
         if self.device.type == "cuda" and not self._storage_tracker:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-            t = _TrackerCUDA(CUDA_SOURCE, str(self.device))
-            t.static_bytes = t.peak_bytes = t._live()
-            self._mode = _ForwardEnd(t)
+            cuda = _TrackerCUDA(CUDA_SOURCE, str(self.device))
+            cuda.static_bytes = cuda.peak_bytes = cuda._live()
+            t, self._mode = cuda, _ForwardEnd(cuda)
         elif self._events and self.device.type == "cpu":
-            t = _TrackerEvents(EVENTS_SOURCE, str(self.device))
-            t.static_bytes = t.peak_bytes = t.live = storage_bytes(self._tensors)
-            self._mode = contextlib.nullcontext()
+            events = _TrackerEvents(EVENTS_SOURCE, str(self.device))
+            events.static_bytes = events.peak_bytes = events.live = storage_bytes(self._tensors)
+            t, self._mode = events, contextlib.nullcontext()
         else:
-            t = _TrackerCPU(CPU_SOURCE, str(self.device))
+            cpu = _TrackerCPU(CPU_SOURCE, str(self.device))
             for x in self._tensors:
-                t.add(x)
-            t.static_bytes = t.live
-            self._mode = _StorageCounter(t)
+                cpu.add(x)
+            cpu.static_bytes = cpu.live
+            t, self._mode = cpu, _StorageCounter(cpu)
         del self._tensors
         t.timeline.append(("start", t.static_bytes))
         self.tracker = t

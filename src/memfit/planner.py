@@ -22,12 +22,12 @@ simulated one: on CPU it is what the step will measure, to the byte.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 import itertools
 import json
 import math
 import warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +40,7 @@ from memfit.profiling import CoverageWarning, Profile, coverage_warning, profile
 from memfit.report import fmt_bytes
 from memfit.schedule import BlockChoice, Budget, Plan
 from memfit.simulation import MEASURED, blocks_of, simulate
-from memfit.strategies import KEEP, OFFLOAD, RECOMPUTE, Unit
+from memfit.strategies import KEEP, OFFLOAD, RECOMPUTE, Mode, Unit
 from memfit.wrapping import applied_strategy, wrap
 
 __all__ = ["plan", "solve", "resolve_plan", "apply"]
@@ -53,7 +53,7 @@ UNIFORM_FALLBACKS = ("pointwise", "scores", "selective", "every:3", "every:2", "
 class _Candidate:
     start: int
     stop: int
-    mode: str
+    mode: Mode
     kept: float
     need: float       # bytes above `start` + kept-before that the unit's peak needs
     cost: float
@@ -142,6 +142,8 @@ def _sources(prof: Profile, cost: str) -> dict:
 
 def _time_source(prof: Profile) -> str:
     m = prof.time_model
+    if m is None:
+        return "no time model (cost flops)"
     return (f"time model of {m.device} (NOTE [time model]): {m.per_flop * 1e12:.2g} ps/FLOP, "
             f"{m.per_byte * 1e12:.2g} ps/byte, {m.per_op * 1e6:.2g} us/op, {m.per_policy_op * 1e6:.2g} us/op more "
             f"under a policy; timings spread {m.spread:.0%}, fit within {m.error:.0%}")
@@ -160,7 +162,7 @@ def _choices(prof: Profile, units, kind) -> list[BlockChoice]:
 
 def _minimum_budget(prof: Profile, kind: str) -> float:
     """The smallest budget the peak model finds a plan for (bisection)."""
-    lo, hi = max(prof.tail, prof.start), prof.baseline_peak_bytes * 2
+    lo, hi = float(max(prof.tail, prof.start)), float(prof.baseline_peak_bytes * 2)
     if solve(prof, hi, kind, bins=200) is None:
         return hi
     for _ in range(30):
@@ -319,7 +321,8 @@ def _planned(model, batch, loss_fn, budget, *, blocks=None, cost="time", optimiz
     blocks = blocks_of(model, batch, loss_fn, blocks)  # NOTE [blocks called several times] in memfit.blocks
     sig, device = signature(model, batch, blocks), next(model.parameters()).device
     prof = profile(model, batch, loss_fn, blocks=blocks, optimizer=optimizer, cost=cost, distributed=distributed)
-    peaks = {tuple(strategies.units_of(name, prof.chain_sizes)): peak for name, peak in prof.uniform_peaks.items()}
+    peaks = {tuple(strategies.units_of(name, prof.chain_sizes)): peak
+             for name, peak in (prof.uniform_peaks or {}).items()}
 
     def peak_of(units):
         key = tuple(units)
@@ -354,9 +357,9 @@ def _plan_from(prof: Profile, found, sig, budget_bytes, baseline, cost, sources)
     if measured:  # counted on a compiled step: it is also the cost, in FLOPs
         recomputed = measured[0] * prof.step_flops
         total = recomputed if cost == "flops" else total
-    choices = {c.name: c for c in _choices(prof, units, cost)}  # and the blocks left plain, in model order
-    choices = [choices.get(name) or BlockChoice(name, KEEP, None, 0, 0.0) for name in sig["blocks"]]
-    return Plan(choices, budget_bytes, peak, baseline, total / prof.step_cost(cost), cost,
+    chosen = {c.name: c for c in _choices(prof, units, cost)}  # and the blocks left plain, in model order
+    blocks = [chosen.get(name) or BlockChoice(name, KEEP, None, 0, 0.0) for name in sig["blocks"]]
+    return Plan(blocks, budget_bytes, peak, baseline, total / prof.step_cost(cost), cost,
                 recomputed / prof.step_flops, sig, sources, prof.coverage, prof.step_time_s)
 
 

@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -54,7 +54,7 @@ from memfit.strategies import (
     Mode,
     Unit,
 )
-from memfit.timemodel import calibrate
+from memfit.timemodel import TimeModel, calibrate
 
 __all__ = ["profile", "simulate", "Profile", "Point", "coverage"]
 
@@ -122,7 +122,7 @@ class Profile:
     step_time_s: float | None = None  # a plain step, predicted by the time model
     modes: tuple = HOST_MODES  # the columns profiled: modes (offload only on CUDA) and op-level points
     points: dict = field(default_factory=dict)  # Point -> each block's op-level mode
-    time_model: object = None  # the memfit.timemodel.TimeModel the time costs come from
+    time_model: TimeModel | None = None  # what the time costs come from (cost "time")
     memory_source: str = SIMULATED  # or MEASURED: see NOTE [real steps]
     uniform_peaks: dict | None = None  # the simulated peak of each mode used for every block
     real_steps_because: str | None = None
@@ -142,7 +142,7 @@ class Profile:
         if not mode.op_level:
             return mode
         if "_columns" not in self.__dict__:
-            self._columns = {}
+            self._columns: dict = {}
             for point, per_block in self.points.items():
                 for k, m in enumerate(per_block):
                     self._columns.setdefault((k, m), point)
@@ -161,7 +161,9 @@ class Profile:
         return self.costs[kind][self.column(mode, i)][i]
 
     def step_cost(self, kind: str) -> float:
-        return float(self.step_flops) if kind == "flops" else self.step_time_s
+        if kind == "flops" or self.step_time_s is None:
+            return float(self.step_flops)
+        return self.step_time_s
 
 
 def _costs(points: dict, reads: dict, rec, model) -> tuple:
@@ -233,7 +235,8 @@ def coverage(model, batch, loss_fn, *, blocks=None) -> float | None:
     n = len(find_blocks(model, blocks))
     for real in (False, True):
         try:
-            sim = simulate(model, batch, loss_fn, "none", blocks=blocks, marks=True, real=real, seed=0 if real else None)
+            sim = simulate(model, batch, loss_fn, "none", blocks=blocks, marks=True, real=real,
+                           seed=0 if real else None)
         except MemfitError:
             raise
         except Exception:

@@ -11,7 +11,6 @@ from rich.table import Table
 
 from memfit.errors import MemfitError
 
-
 GB = 1e9  # the unit of the memory numbers trainers log
 
 
@@ -101,7 +100,8 @@ def verify_table(r: dict) -> Table:
     if "predicted_peak_bytes" in c:
         t.add_row("  predicted by the plan", "", fmt_bytes(c["predicted_peak_bytes"]),
                   f"budget {fmt_bytes(c['budget_bytes'])}")
-    t.add_row("  static (params, optimizer state, batch)", fmt_bytes(b["static_bytes"]), fmt_bytes(c["static_bytes"]), "")
+    t.add_row("  static (params, optimizer state, batch)", fmt_bytes(b["static_bytes"]), fmt_bytes(c["static_bytes"]),
+              "")
     if b["activation_bytes"] is not None:  # allocator events do not show the end of the forward
         t.add_row("  kept for backward at end of forward", fmt_bytes(b["activation_bytes"]),
                   fmt_bytes(c["activation_bytes"]),
@@ -112,7 +112,8 @@ def verify_table(r: dict) -> Table:
               f"{c['step_time_s'] * 1e3:.1f} ms", f"{r['slowdown']:+.1%}")
     if "predicted_slowdown" in c:
         t.add_row("  predicted (time model)", "", "", f"{c['predicted_slowdown']:+.1%}")
-    t.add_row("FLOPs per step", f"{b['flops'] / 1e9:.2f} G", f"{c['flops'] / 1e9:.2f} G", f"{r['recompute_flops']:+.1%}")
+    t.add_row("FLOPs per step", f"{b['flops'] / 1e9:.2f} G", f"{c['flops'] / 1e9:.2f} G",
+              f"{r['recompute_flops']:+.1%}")
     if "compile_budget_at_this_peak" in r:
         c_b = r["compile_budget_at_this_peak"]
         t.add_row("  torch.compile's own budget at this peak", "", "none reaches it" if c_b is None else

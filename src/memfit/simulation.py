@@ -111,7 +111,8 @@ def each_call(chain, pre, post) -> list:
         positions.setdefault(id(m), (m, []))[1].append(i)
     handles = []
     for m, at in positions.values():
-        calls, running = iter(at), []
+        calls = iter(at)
+        running: list[int | None] = []
 
         def before(module, args, calls=calls, running=running):
             running.append(next(calls, None))
@@ -179,8 +180,9 @@ def simulate(model, batch, loss_fn, strategy, *, blocks=None, optimizer=None, ma
     `resize`: see `copy_with` (a batch of any size, without making one).
     `distributed`: ("ddp" | "fsdp", world size): the step of one rank of that
     run, `batch` being its share (see `memfit.distributed.rank_timeline`)."""
-    mode = real_step(seed) if real else FakeTensorMode(allow_non_fake_inputs=True)
-    fmodel, fbatch = copy_with(model, batch, on_cpu if real else mode.from_tensor, resize)
+    fake = None if real else FakeTensorMode(allow_non_fake_inputs=True)
+    mode = real_step(seed) if fake is None else fake
+    fmodel, fbatch = copy_with(model, batch, on_cpu if fake is None else fake.from_tensor, resize)
     fmodel.train()
     if strategy is not None:
         wrap(fmodel, strategy, blocks=blocks)
@@ -194,7 +196,7 @@ def simulate(model, batch, loss_fn, strategy, *, blocks=None, optimizer=None, ma
         opt.zero_grad(set_to_none=True)
         with track_memory(fmodel, opt, fbatch, storage_tracker=True) as mem:
             hooks = _Marks([m for _, m in find_blocks(fmodel, blocks)], mem) if marks else None
-            grads = {}  # parameter -> (timeline position where its gradient appeared, its bytes)
+            grads: dict = {}  # parameter -> (timeline position where its gradient appeared, its bytes)
 
             def arrived(p):
                 grads.setdefault(id(p), (len(mem.timeline), p.grad.numel() * p.grad.element_size()))
@@ -218,7 +220,8 @@ def simulate(model, batch, loss_fn, strategy, *, blocks=None, optimizer=None, ma
     state = sum(t.numel() * t.element_size() for t in tree_leaves(list(opt.state.values()))
                 if isinstance(t, torch.Tensor))
     # the copy, with the strategy simulated applied: its units are the FSDP groups (NOTE [order with FSDP2])
-    timeline = rank_timeline(fmodel, *distributed, mem.timeline, list(grads.values()), mem.static_bytes, state)
+    kind, world = distributed
+    timeline = rank_timeline(fmodel, kind, world, mem.timeline, list(grads.values()), mem.static_bytes, state)
     return Simulation(max(v for _, v in timeline), timeline[0][1], timeline, split)
 
 

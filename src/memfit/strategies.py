@@ -164,7 +164,7 @@ def units_of(strategy: str, chains) -> list[Unit]:
     N gets one segment per block)."""
     sizes = [chains] if isinstance(chains, int) else list(chains)
     name, _, arg = check(strategy).partition(":")
-    k = int(arg) if arg else None
+    k = int(arg) if arg else 0  # every:K and segments:N have one (`check`)
     if name == "segments" and k > max(sizes):
         raise MemfitError(f"segments:{k} asks for more segments than the {max(sizes)} blocks of the longest "
                           f"chain; use segments:1 to segments:{max(sizes)}.")
@@ -181,7 +181,7 @@ def shifted(units, at: int) -> list[Unit]:
     return [Unit(at + u.start, at + u.stop, u.mode) for u in units]
 
 
-def _chain(name: str, k: int | None, n: int) -> list[Unit]:
+def _chain(name: str, k: int, n: int) -> list[Unit]:
     if name == "none":
         return [Unit(0, n, KEEP)]
     if name == "blocks":
@@ -210,7 +210,8 @@ def segments(n_blocks: int, n: int) -> list[Unit]:
 aten = torch.ops.aten
 # The ops whose outputs `selective` keeps: linear layers (which reach the
 # dispatcher as mm / addmm, whatever the input's rank, or as grouped matmuls
-# in a mixture of experts), convolutions and fused attention kernels, whose outputs are small for their cost. Batched matmuls
+# in a mixture of experts), convolutions and fused attention kernels, whose
+# outputs are small for their cost. Batched matmuls
 # (bmm, baddbmm) are not kept: in a transformer they compute the attention
 # scores and their product with the values, whose B x heads x T x T tensors are
 # the "5as/h" term of Korthikanti et al. 2022 that selective recomputation removes.
@@ -220,12 +221,26 @@ def _ops(*names):
 
 
 SAVED_OPS = _ops(
-    "mm", "addmm", "_addmm_activation", "convolution", "_convolution",
+    "mm",
+    "addmm",
+    "_addmm_activation",
+    "convolution",
+    "_convolution",
     # fused expert and quantized matmuls: a mixture of experts' linear layers
-    "_grouped_mm", "_scaled_grouped_mm", "_scaled_mm", "_int_mm", "_weight_int8pack_mm", "_weight_int4pack_mm",
-    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
-    "_scaled_dot_product_fused_attention_overrideable", "_flash_attention_forward", "_efficient_attention_forward")
+    "_grouped_mm",
+    "_scaled_grouped_mm",
+    "_scaled_mm",
+    "_int_mm",
+    "_weight_int8pack_mm",
+    "_weight_int4pack_mm",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_fused_attention_overrideable",
+    "_flash_attention_forward",
+    "_efficient_attention_forward",
+)
 
 
 # What `pointwise` keeps besides: every batched matrix product.
@@ -307,6 +322,7 @@ def draws_random(op, args, kwargs) -> bool:
 # op recomputed then always follows only recomputed random ops, and replays
 # exactly. Every policy memfit builds goes through this rule (`policy`).
 
+
 def random_rule(save: bool, random: bool, saved_random: bool) -> tuple:
     """NOTE [random ops]: (whether to save this op, whether its block has saved a random op now), given whether
     the mode would save it, whether it draws random numbers, and whether the block has saved one before."""
@@ -342,6 +358,7 @@ def _traced(saved: dict):
             drift = k - pending.pop(0)[0]
             return True
         return False
+
     return decide
 
 
@@ -370,11 +387,14 @@ def policy(mode: Mode):
                 save = decisions[policy_fn.replayed % len(decisions)]
                 policy_fn.replayed += 1
             else:
-                save, saved_random = random_rule(decide(len(decisions), op, args), draws_random(op, args, kwargs),
-                                                 saved_random)
+                save, saved_random = random_rule(
+                    decide(len(decisions), op, args), draws_random(op, args, kwargs), saved_random
+                )
                 decisions.append(save)
             return CheckpointPolicy.MUST_SAVE if save else CheckpointPolicy.PREFER_RECOMPUTE
+
         policy_fn.replayed, policy_fn.decisions = 0, decisions
         return policy_fn
-    fresh.on_demand = mode.on_demand  # eager: NOTE [recompute on demand] in memfit.ondemand
+
+    fresh.on_demand = mode.on_demand  # type: ignore[attr-defined]  # eager: NOTE [recompute on demand] in memfit.ondemand
     return fresh

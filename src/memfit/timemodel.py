@@ -106,7 +106,7 @@ def _fit(device, repeats) -> TimeModel:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     probes = _probes(device)
     calls = [max(1, min(200, int(4e-3 / max(_time(fn, sync, 3), 1e-7)))) for _, fn, _, _ in probes]  # ~4 ms a time
-    times = [[] for _ in probes]
+    times: list[list[float]] = [[] for _ in probes]
     for _ in range(repeats):
         for k, (_, fn, _, _) in enumerate(probes):
             times[k].append(_time(fn, sync, calls[k]))
@@ -119,7 +119,8 @@ def _fit(device, repeats) -> TimeModel:
     coef = [float(f"{c:.2g}") for c in coef.tolist()]
     fitted = x @ torch.tensor(coef, dtype=torch.float64)
     error = statistics.median((fitted / y - 1).abs().tolist())
-    return TimeModel(str(device), *coef, spread=spread, error=error,
+    per_flop, per_byte, per_op = coef
+    return TimeModel(str(device), per_flop, per_byte, per_op, spread=spread, error=error,
                      per_offloaded_byte=_offload_seconds_per_byte(device, sync) if device.type == "cuda" else None,
                      per_policy_op=float(f"{_policy_seconds_per_op(device, sync, repeats):.2g}"))
 
@@ -152,7 +153,7 @@ def _policy_seconds_per_op(device, sync, repeats) -> float:
     policy = strategies.policy(strategies.Mode.parse("ops:mul.Tensor@0"))
     timed = {"plain": lambda: run(chain, (x,), {}).backward(),
              "policy": lambda: run(chain, (x,), {}, policy=policy).backward()}
-    times = {k: [] for k in timed}
+    times: dict[str, list[float]] = {k: [] for k in timed}
     for _ in range(repeats):
         for k, fn in timed.items():
             times[k].append(_time(fn, sync, 5))

@@ -265,11 +265,28 @@ def verify(model: torch.nn.Module, batch: object, loss_fn: Callable, strategy: o
     share = coverage(model, batch, loss_fn, blocks=blocks)
     if (warning := coverage_warning(share)) is not None:
         warnings.warn(f"memfit: {warning}.", CoverageWarning, stacklevel=2)
-    report = _report(_Comparison(base, ckpt, grad_rel=grad_rel, grads_bitwise=grads_bitwise, grad_tol=grad_tol, units=units,
-                     the_plan=the_plan, name=name or type(model).__name__, strategy=strategy, device=device,
-                     steps=steps, n_blocks=n_blocks, share=share, state_replay=state_replay, compile=compile,
-                     expect_reduction=expect_reduction))
+    report = _report(
+        _Comparison(
+            base,
+            ckpt,
+            grad_rel=grad_rel,
+            grads_bitwise=grads_bitwise,
+            grad_tol=grad_tol,
+            units=units,
+            the_plan=the_plan,
+            name=name or type(model).__name__,
+            strategy=strategy,
+            device=device,
+            steps=steps,
+            n_blocks=n_blocks,
+            share=share,
+            state_replay=state_replay,
+            compile=compile,
+            expect_reduction=expect_reduction,
+        )
+    )
     if the_plan is not None and compile in PARTITIONED:  # the plan against compile's own budget, at its peak
-        report["compile_budget_at_this_peak"] = _compile_budget_at(model, base, ckpt.mem.peak_bytes, batch, loss_fn,
-                                                                   compile, device, blocks, seed)
+        report["compile_budget_at_this_peak"] = _compile_budget_at(
+            model, base, ckpt.mem.peak_bytes, batch, loss_fn, compile, device, blocks, seed
+        )
     return report

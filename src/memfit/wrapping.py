@@ -45,6 +45,7 @@ import functools
 import threading
 import types
 import warnings
+from typing import Any
 
 import torch
 from torch import nn
@@ -86,13 +87,19 @@ def wrap(model: nn.Module, strategy="blocks", blocks=None, state_replay=True, *,
     # decoder stack has a copy of its own); `remove` turns it back on. Training with the cache on takes another
     # path (a concatenation) whose gradients differ in the last bits, so `verify` compares with the plain
     # model with the cache off: `apply(model, "none")`.
-    configs = {id(c): c for m in model.modules() if getattr(c := getattr(m, "config", None), "use_cache", None) is True}
+    configs: dict[int, Any] = {
+        id(c): c for m in model.modules() if getattr(c := getattr(m, "config", None), "use_cache", None) is True
+    }
     for config in configs.values():
         config.use_cache = False
     model.__dict__["_memfit_use_cache"] = list(configs.values())
     _wrap_chain(model, chain, units, state_replay, training_only)
-    model.__dict__["_memfit_applied"] = {"units": units, "blocks": blocks, "state_replay": state_replay,
-                                         "n_blocks": len(chain)}
+    model.__dict__["_memfit_applied"] = {
+        "units": units,
+        "blocks": blocks,
+        "state_replay": state_replay,
+        "n_blocks": len(chain),
+    }
     return model
 
 
@@ -100,16 +107,19 @@ def _resolved(model, strategy, blocks):
     """(the blocks as (name, module), the units over them, the `blocks` that names them) for a strategy."""
     s = schedule.parse(strategy)
     if s.budget is not None:
-        raise MemfitError(f"checkpointing {str(s)!r} plans for a budget: call memfit.apply with batch and "
-                          f"loss_fn (it plans, then calls this), not memfit.wrapping.wrap.")
+        raise MemfitError(
+            f"checkpointing {str(s)!r} plans for a budget: call memfit.apply with batch and "
+            f"loss_fn (it plans, then calls this), not memfit.wrapping.wrap."
+        )
     strategy = s.strategy
     plan = strategy if isinstance(strategy, Plan) else None
     if isinstance(strategy, dict):  # {chain: strategy}: each chain's own, the others left as they are
         blocks = "|".join(strategy)
     if plan is not None:  # its blocks, as the plan lists them (a plan that names calls, 'name#K', is their trace)
         names = [b.name for b in plan.blocks]
-        plan.check([n for n, _ in find_blocks(model, names if blocks is None and any("#" in n for n in names)
-                                              else blocks)])
+        plan.check(
+            [n for n, _ in find_blocks(model, names if blocks is None and any("#" in n for n in names) else blocks)]
+        )
         blocks = names
     chains = find_chains(model, blocks)
     if plan is not None:
@@ -128,15 +138,18 @@ def _wrap_chain(model, chain, units, state_replay, training_only):
     start of each forward of `model`."""
     specs: dict = {}  # block -> [spec of each call]
     for unit in units:
-        members = chain[unit.start:unit.stop]
+        members = chain[unit.start : unit.stop]
         segment = None
         if len(members) > 1 and unit.mode != KEEP:
             segment = _Segment([n for n, _ in members])
             segment.hook(_containers(model, segment.names))
         policy = strategies.policy(unit.mode)
         for index, (name, block) in enumerate(members):
-            specs.setdefault(block, []).append(_Spec(name, unit.mode, policy, segment, index,
-                                                     block.__dict__.get("forward"), state_replay, training_only))
+            specs.setdefault(block, []).append(
+                _Spec(
+                    name, unit.mode, policy, segment, index, block.__dict__.get("forward"), state_replay, training_only
+                )
+            )
     for block, each in specs.items():
         if len(each) == 1 and "#" not in each[0].name:
             if each[0].mode != KEEP:
@@ -170,8 +183,13 @@ def remove(model: nn.Module) -> nn.Module:
 def wrapped_blocks(model: nn.Module) -> list[tuple[str, str]]:
     """(block name, mode) for each block `apply` wrapped, in model order (a block called several times: each
     call it recomputes, 'name#K')."""
-    return [(s.name, s.mode) for m in model.modules() if "_memfit" in m.__dict__
-            for s in (m._memfit.each if isinstance(m._memfit, _Calls) else [m._memfit]) if s.mode != KEEP]
+    return [
+        (s.name, s.mode)
+        for m in model.modules()
+        if "_memfit" in m.__dict__
+        for s in (m._memfit.each if isinstance(m._memfit, _Calls) else [m._memfit])
+        if s.mode != KEEP
+    ]
 
 
 def applied_strategy(model: nn.Module) -> dict | None:
@@ -202,17 +220,23 @@ def _units_per_chain(strategy: dict, chains) -> list:
 
 def _check_units(units, sizes):
     n = sum(sizes)
-    if not units or units[0].start != 0 or units[-1].stop != n or any(
-            a.stop != b.start for a, b in zip(units, units[1:])) or any(
-            u.stop <= u.start for u in units):
+    if (
+        not units
+        or units[0].start != 0
+        or units[-1].stop != n
+        or any(a.stop != b.start for a, b in zip(units, units[1:]))
+        or any(u.stop <= u.start for u in units)
+    ):
         raise MemfitError(f"the strategy's units must cover blocks 0..{n - 1} in order; this model has {n} blocks.")
     starts = set(strategies.chain_starts(sizes))
     for u in units:
         if u.mode not in (KEEP, RECOMPUTE) and u.stop - u.start > 1:
             raise MemfitError(f"{u.mode} applies to one block at a time, not to a segment of several.")
         if u.mode != KEEP and any(u.start < s < u.stop for s in starts):
-            raise MemfitError(f"a segment of blocks {u.start}..{u.stop - 1} spans two chains of blocks; a "
-                              f"segment recomputes consecutive blocks of one chain.")
+            raise MemfitError(
+                f"a segment of blocks {u.start}..{u.stop - 1} spans two chains of blocks; a "
+                f"segment recomputes consecutive blocks of one chain."
+            )
 
 
 class _Spec:
@@ -240,8 +264,9 @@ class _Calls:
         if k < len(self.each):
             return self.each[k]
         last = self.each[-1]
-        return _Spec(last.name, last.mode, last.policy, None, 0, last.prev_forward, last.state_replay,
-                     last.training_only)
+        return _Spec(
+            last.name, last.mode, last.policy, None, 0, last.prev_forward, last.state_replay, last.training_only
+        )
 
 
 def _forward(self, *args, **kwargs):
@@ -257,8 +282,9 @@ def _forward(self, *args, **kwargs):
         with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
             return fn(*args, **kwargs)
     if spec.segment is None or torch.compiler.is_compiling():  # compiled: segments go block by block
-        return run(fn, args, kwargs, policy=spec.policy, state_replay=spec.state_replay,
-                   training_only=spec.training_only)
+        return run(
+            fn, args, kwargs, policy=spec.policy, state_replay=spec.state_replay, training_only=spec.training_only
+        )
     return spec.segment.call(spec.index, self, fn, args, kwargs, spec)
 
 
@@ -282,8 +308,8 @@ class _Open:
 
     def __init__(self):
         self.region = self.calls = self.prev = None
-        self.depth = 0       # how many modules containing the segment are running their forward
-        self.opened_at = 0   # the depth when the region opened: it closes when the depth drops below
+        self.depth = 0  # how many modules containing the segment are running their forward
+        self.opened_at = 0  # the depth when the region opened: it closes when the depth drops below
 
 
 class _Segment:
@@ -291,7 +317,7 @@ class _Segment:
 
     def __init__(self, names):
         self.names = names
-        self.handles = []    # the hooks on the modules that contain the segment's blocks
+        self.handles = []  # the hooks on the modules that contain the segment's blocks
         self.warned = False
         self._threads = {}
 
@@ -325,13 +351,17 @@ class _Segment:
                 return self._run(state, index, fn, args, kwargs)
             self._end(state)
             if recomputes:
-                self._warn(f"block {self.names[index]} was called out of order or not with the previous block's "
-                           f"output as its first positional argument, so the segment is recomputed in parts")
+                self._warn(
+                    f"block {self.names[index]} was called out of order or not with the previous block's "
+                    f"output as its first positional argument, so the segment is recomputed in parts"
+                )
         if not recomputes:
             return fn(*args, **kwargs)
         if state.depth == 0:
-            self._warn("its blocks were called from outside the forward of every module that contains them, "
-                       "so nothing would close a segment after them: they are checkpointed one by one")
+            self._warn(
+                "its blocks were called from outside the forward of every module that contains them, "
+                "so nothing would close a segment after them: they are checkpointed one by one"
+            )
             return run(fn, args, kwargs, state_replay=spec.state_replay, training_only=spec.training_only)
         state.calls = [_Call(index, fn, args, kwargs)]
         state.region = Region(self._replay(state.calls), args, owner=block, state_replay=spec.state_replay)
@@ -362,9 +392,12 @@ class _Segment:
     def _warn(self, why):
         if not self.warned:
             self.warned = True
-            warnings.warn(f"memfit: segment {self.names[0]}..{self.names[-1]}: {why}; gradients stay exact, "
-                          f"but it keeps more memory than planned. Use 'blocks' or a per-block plan for this model.",
-                          SegmentWarning, stacklevel=4)
+            warnings.warn(
+                f"memfit: segment {self.names[0]}..{self.names[-1]}: {why}; gradients stay exact, "
+                f"but it keeps more memory than planned. Use 'blocks' or a per-block plan for this model.",
+                SegmentWarning,
+                stacklevel=4,
+            )
 
     @staticmethod
     def _replay(calls):
@@ -375,6 +408,7 @@ class _Segment:
                 with c.state.restored():
                     out = c.fn(*args, **kwargs) if k == 0 else c.fn(_first(out), *extra, **kwargs)
             return out
+
         return replay
 
 

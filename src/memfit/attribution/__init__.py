@@ -26,7 +26,16 @@ from memfit.errors import MemfitError
 from memfit.models.video import VideoConfig
 from memfit.wrapping import wrap
 
-__all__ = ["attribute", "frame_scores", "checkpoint_model", "choose_checkpointing", "check_inputs", "cache_for", "compare_scores", "Cache"]
+__all__ = [
+    "attribute",
+    "frame_scores",
+    "checkpoint_model",
+    "choose_checkpointing",
+    "check_inputs",
+    "cache_for",
+    "compare_scores",
+    "Cache",
+]
 
 REDUCE = ("l2", "l1", "max")
 # Uniform strategies from the least recomputation to the least memory: what `choose_checkpointing` tries in turn.
@@ -51,7 +60,7 @@ def frame_scores(grad: torch.Tensor, clip: torch.Tensor, reduce="l2", times_inpu
 
 
 def _gradient(model, frames, target):
-    x = frames[None].clone().requires_grad_(True)                # (1, t, C, H, W)
+    x = frames[None].clone().requires_grad_(True)  # (1, t, C, H, W)
     scores = model(x)
     if not 0 <= target < scores.shape[1]:
         raise MemfitError(f"target class {target} is out of range; this model has classes 0 to {scores.shape[1] - 1}.")
@@ -99,9 +108,11 @@ def choose_checkpointing(model, clip, *, budget=None, strategy=None) -> tuple:
         if peaks[name] <= limit:
             checkpoint_model(model, name)
             return name, peaks[name], peaks["none"]
-    raise MemfitError(f"budget {fmt_bytes(limit)} is below the smallest attribution peak checkpointing reaches, "
-                      f"{fmt_bytes(min(peaks.values()))} (without checkpointing: {fmt_bytes(peaks['none'])}); "
-                      f"give at least that, or attribute in chunks (mode='chunked').")
+    raise MemfitError(
+        f"budget {fmt_bytes(limit)} is below the smallest attribution peak checkpointing reaches, "
+        f"{fmt_bytes(min(peaks.values()))} (without checkpointing: {fmt_bytes(peaks['none'])}); "
+        f"give at least that, or attribute in chunks (mode='chunked')."
+    )
 
 
 def check_inputs(model, videos: dict, targets: dict | None = None, *, mode="exact", chunk_size=8) -> None:
@@ -110,8 +121,9 @@ def check_inputs(model, videos: dict, targets: dict | None = None, *, mode="exac
     n_classes = min(_classes(model, vid, clip) for vid, clip in videos.items())
     for vid, target in (targets or {}).items():
         if not 0 <= target < n_classes:
-            raise MemfitError(f"target class {target} is out of range for {vid}; this model has classes 0 to "
-                              f"{n_classes - 1}.")
+            raise MemfitError(
+                f"target class {target} is out of range for {vid}; this model has classes 0 to {n_classes - 1}."
+            )
     frames = min(c.shape[0] for c in videos.values())
     if mode == "chunked" and not 1 <= chunk_size <= frames:
         raise MemfitError(f"chunk size {chunk_size} must be between 1 and the clips' {frames} frames.")
@@ -121,26 +133,33 @@ def _classes(model, vid, clip):
     cfg = getattr(model, "config", None)
     if isinstance(cfg, VideoConfig):
         if tuple(clip.shape[1:]) != (cfg.channels, cfg.size, cfg.size) or clip.shape[0] > cfg.frames:
-            raise MemfitError(f"video {vid} has shape {tuple(clip.shape)}; this model takes up to {cfg.frames} "
-                              f"frames of {cfg.channels} x {cfg.size} x {cfg.size}.")
+            raise MemfitError(
+                f"video {vid} has shape {tuple(clip.shape)}; this model takes up to {cfg.frames} "
+                f"frames of {cfg.channels} x {cfg.size} x {cfg.size}."
+            )
         return cfg.classes
     try:
         with torch.no_grad():
             scores = model.eval()(clip[None])
     except RuntimeError as e:
-        raise MemfitError(f"the model cannot take video {vid} of shape {tuple(clip.shape)} "
-                          f"({str(e).splitlines()[0]}); give clips of the shape the model expects.") from None
+        raise MemfitError(
+            f"the model cannot take video {vid} of shape {tuple(clip.shape)} "
+            f"({str(e).splitlines()[0]}); give clips of the shape the model expects."
+        ) from None
     if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
-        raise MemfitError(f"the model returned {type(scores).__name__} {tuple(getattr(scores, 'shape', ()))} for "
-                          f"video {vid}; attribution needs class scores of shape (clips, classes).")
+        raise MemfitError(
+            f"the model returned {type(scores).__name__} {tuple(getattr(scores, 'shape', ()))} for "
+            f"video {vid}; attribution needs class scores of shape (clips, classes)."
+        )
     return scores.shape[1]
 
 
 def cache_for(root, model_name: str, model, mode: str, chunk_size: int) -> Cache:
     """The cache of one model's gradients under one attribution setting (its key: the model, its weights' hash,
     the mode and, chunked, the chunk size)."""
-    return Cache(root, model_name, weights_hash(model),
-                 {"mode": mode, "chunk_size": chunk_size if mode == "chunked" else None})
+    return Cache(
+        root, model_name, weights_hash(model), {"mode": mode, "chunk_size": chunk_size if mode == "chunked" else None}
+    )
 
 
 def chunks(n_frames: int, mode: str, chunk_size: int | None):
@@ -151,8 +170,18 @@ def chunks(n_frames: int, mode: str, chunk_size: int | None):
     return [(s, min(s + chunk_size, n_frames)) for s in range(0, n_frames, chunk_size)]
 
 
-def attribute(model, videos: dict, targets: dict | None = None, *, mode="exact", chunk_size=8, reduce="l2",
-              times_input=False, cache: Cache | None = None, progress=lambda video, chunk, total: None) -> dict:
+def attribute(
+    model,
+    videos: dict,
+    targets: dict | None = None,
+    *,
+    mode="exact",
+    chunk_size=8,
+    reduce="l2",
+    times_input=False,
+    cache: Cache | None = None,
+    progress=lambda video, chunk, total: None,
+) -> dict:
     """Per video id: {"target", "scores" (list of T floats), "chunks"}.
 
     `videos`: id -> clip (T, C, H, W). `targets`: id -> class; the model's
@@ -172,7 +201,7 @@ def attribute(model, videos: dict, targets: dict | None = None, *, mode="exact",
         spans = chunks(clip.shape[0], mode, chunk_size)
         grads, digest = [], clip_hash(clip) if cache else None
         for idx, (s, e) in enumerate(spans):
-            name = Cache.name(vid, digest, target, idx) if cache else None
+            name = Cache.name(vid, digest, target, idx) if cache and digest else ""
             g = cache.get(name) if cache else None
             if g is None:
                 g = _gradient(model, clip[s:e], target)
@@ -181,8 +210,11 @@ def attribute(model, videos: dict, targets: dict | None = None, *, mode="exact",
             grads.append(g)
             progress(vid, idx, len(spans))
         grad = torch.cat(grads)
-        out[vid] = {"target": target, "chunks": len(spans),
-                    "scores": frame_scores(grad, clip, reduce, times_input).tolist()}
+        out[vid] = {
+            "target": target,
+            "chunks": len(spans),
+            "scores": frame_scores(grad, clip, reduce, times_input).tolist(),
+        }
     return out
 
 
@@ -191,8 +223,9 @@ def compare_scores(a: list, b: list, k: int = 5) -> dict:
     frames (a fraction) between two per-frame score vectors."""
     x, y = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
     rel = ((x - y).abs() / x.abs().clamp_min(1e-12)).max().item()
-    pearson = torch.corrcoef(torch.stack([x, y]))[0, 1].item() if x.std() > 0 and y.std() > 0 else float(
-        torch.equal(x, y))
+    pearson = (
+        torch.corrcoef(torch.stack([x, y]))[0, 1].item() if x.std() > 0 and y.std() > 0 else float(torch.equal(x, y))
+    )
     k = min(k, len(a))
     top = len(set(x.topk(k).indices.tolist()) & set(y.topk(k).indices.tolist())) / k
     return {"max_rel_error": rel, "pearson": pearson, "top_k_agreement": top, "k": k}

@@ -84,7 +84,7 @@ def write_outputs(results: dict, out_dir, classes: dict | None = None) -> list[P
         atomic_write(out / f"{vid}.png", lambda f, fig=fig: fig.savefig(f, format="png", dpi=100), "wb")
         plt.close(fig)
         written += [out / f"{vid}.csv", out / f"{vid}.json", out / f"{vid}.png"]
-    by_class = {}
+    by_class: dict = {}
     for vid, r in results.items():
         by_class.setdefault((classes or {}).get(vid, f"class {r['target']}"), []).append(r["scores"])
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -156,7 +156,7 @@ def training_loss(output):
 
 def _report(model, chosen_plan, strategy, ranks) -> str:
     wrapped = wrapped_blocks(model)
-    total = sum(applied_strategy(m)["n_blocks"] for m in model.modules() if applied_strategy(m))
+    total = sum(a["n_blocks"] for m in model.modules() if (a := applied_strategy(m)))
     head = f"memfit: checkpointing {len(wrapped)} of {total} blocks"
     if ranks.world > 1:
         head += f" on each of {ranks.world} {ranks.kind.upper()} processes (planned on rank 0, per rank)"

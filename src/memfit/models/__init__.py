@@ -35,7 +35,7 @@ def load(name: str, size: str | None = None, batch_size: int | None = None, seed
 
         if size is not None and size not in hf.SIZES:
             raise MemfitError(f"unknown size {size!r} for {name}; sizes: {', '.join(hf.SIZES)}.")
-        return hf.build(name[3:], **{k: v for k, v in options.items() if v is not None})
+        return hf.build(name[3:], **{k: v for k, v in options.items() if v is not None})  # type: ignore[arg-type]
     if ":" not in name:
         raise MemfitError(f"unknown model {name!r}; built-in models: {', '.join(REGISTRY)}, "
                           f"or your own as package.module:factory.")

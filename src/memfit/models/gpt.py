@@ -127,7 +127,8 @@ def create_gpt(cfg: GPTConfig | dict, gradient_checkpointing=False) -> GPT:
 def batch(size="small", batch_size=8, seed=0):
     """Random token ids and their next tokens, (B, T) each."""
     cfg = SIZES[size]
-    data = torch.randint(cfg.vocab_size, (batch_size, cfg.block_size + 1), generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    data = torch.randint(cfg.vocab_size, (batch_size, cfg.block_size + 1), generator=generator)
     return data[:, :-1].contiguous(), data[:, 1:].contiguous()
 
 

@@ -25,8 +25,10 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils._pytree import tree_map
@@ -64,9 +66,8 @@ def checkpointing_status(model) -> str:
     wrapped = wrapped_blocks(model)
     if not wrapped:
         return "DISABLED"
-    chains = [m for m in model.modules() if applied_strategy(m)]
-    total = sum(applied_strategy(m)["n_blocks"] for m in chains)
-    modes = {}
+    total = sum(a["n_blocks"] for m in model.modules() if (a := applied_strategy(m)))
+    modes: dict = {}
     for _, mode in wrapped:
         modes[mode] = modes.get(mode, 0) + 1
     if list(modes) == [RECOMPUTE]:
@@ -174,15 +175,15 @@ class _Run:
     checkpointed it and as it trains (`model_`: DDP or FSDP2 around it, or the same model), and the rest."""
 
     t: dict
-    recipe: object
+    recipe: Any
     model: torch.nn.Module
     model_: torch.nn.Module
     opt: torch.optim.Optimizer
-    scaler: object
-    loss_fn: object
-    data: object
-    ranks: object
-    callback: object
+    scaler: Any
+    loss_fn: Callable
+    data: Any
+    ranks: distributed.Ranks
+    callback: Callable
 
 
 def _loop(run: _Run, first, metrics_path):
@@ -192,7 +193,8 @@ def _loop(run: _Run, first, metrics_path):
     history, val_loss = [], None
     with metrics_file as mf:
         for it in range(1, t["max_iters"] + 1):
-            batch = distributed.local(first if it == 1 else _to(run.data.batch("train", t["batch_size"]), device), run.ranks)
+            fresh = first if it == 1 else _to(run.data.batch("train", t["batch_size"]), device)
+            batch = distributed.local(fresh, run.ranks)
             result = {}
 
             def step():
@@ -215,8 +217,12 @@ def _loop(run: _Run, first, metrics_path):
             metrics = None
             if log:
                 memory = {k: distributed.reduce(v, run.ranks, "max") for k, v in memory.items()}  # the fullest rank
-                metrics = {"iter": it, "loss": distributed.reduce(result["loss"].item(), run.ranks), "step_time_s": elapsed,
-                           **memory}
+                metrics = {
+                    "iter": it,
+                    "loss": distributed.reduce(result["loss"].item(), run.ranks),
+                    "step_time_s": elapsed,
+                    **memory,
+                }
                 if it % t["eval_interval"] == 0 or it == t["max_iters"]:
                     val_loss = evaluate(run.model_, run.data, run.loss_fn, t, run.ranks)
                     metrics["val_loss"] = val_loss
@@ -299,21 +305,30 @@ def _report(cfg, model, data, loss_fn, ranks) -> dict:
     saved = {k: g.get_state() for k, g in data.generators.items()}
     n = t["batch_size"] // ranks.world
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        predicted = simulate(model, _to(data.batch("train", n), device), loss_fn, None,
-                             distributed=ranks.spec).peak_bytes
+        predicted = simulate(
+            model, _to(data.batch("train", n), device), loss_fn, None, distributed=ranks.spec
+        ).peak_bytes
         memory_budget = Budget.parse(t["memory_budget"] or "auto").bytes(predicted, device)
-        recommended, _ = largest_batch(model, lambda b: _to(data.batch("train", b), device), loss_fn, None,
-                                       memory_budget, distributed=ranks.spec)
+        recommended, _ = largest_batch(
+            model, lambda b: _to(data.batch("train", b), device), loss_fn, None, memory_budget, distributed=ranks.spec
+        )
     for k, g in data.generators.items():
         g.set_state(saved[k])
-    report = {"model": cfg["model"]["name"], "parameters": sum(p.numel() for p in model.parameters()),
-              "device": str(device), "precision": t["precision"],
-              "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-              "gradient_checkpointing": checkpointing_status(model), "batch_size": t["batch_size"],
-              "distributed": ranks.kind, "world_size": ranks.world,
-              "predicted_peak_bytes": predicted, "memory_budget_bytes": memory_budget,
-              "memory_budget_source": "training.memory_budget" if t["memory_budget"] else "free device memory less 10%",
-              "recommended_batch_size": recommended * ranks.world}
+    report = {
+        "model": cfg["model"]["name"],
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "device": str(device),
+        "precision": t["precision"],
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "gradient_checkpointing": checkpointing_status(model),
+        "batch_size": t["batch_size"],
+        "distributed": ranks.kind,
+        "world_size": ranks.world,
+        "predicted_peak_bytes": predicted,
+        "memory_budget_bytes": memory_budget,
+        "memory_budget_source": "training.memory_budget" if t["memory_budget"] else "free device memory less 10%",
+        "recommended_batch_size": recommended * ranks.world,
+    }
     if hasattr(data, "unigram_entropy"):
         report["unigram_entropy"] = data.unigram_entropy
     return report
@@ -322,7 +337,9 @@ def _report(cfg, model, data, loss_fn, ranks) -> dict:
 @torch.no_grad()
 def evaluate(model, data, loss_fn, t, ranks) -> float:
     model.eval()
-    losses = [loss_fn(model, distributed.local(_to(data.batch("val", t["batch_size"]), ranks.device), ranks)).item()
-              for _ in range(t["eval_iters"])]
+    losses = [
+        loss_fn(model, distributed.local(_to(data.batch("val", t["batch_size"]), ranks.device), ranks)).item()
+        for _ in range(t["eval_iters"])
+    ]
     model.train()
     return distributed.reduce(sum(losses) / len(losses), ranks)

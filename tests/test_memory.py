@@ -95,3 +95,44 @@ def test_forward_end_is_found_without_help():
         y.sum().backward()
     assert mem.forward_end_bytes is not None
     assert 50 * 100 * 4 <= mem.activation_bytes <= 50 * 100 * 4 + 16  # plus the scalar sum
+
+
+def test_a_storage_resized_in_place_counts_at_its_new_size():
+    """FSDP2 frees and gathers its parameters with `UntypedStorage.resize_`, which no op dispatch sees: the
+    tracker counts a storage it knows at each new size, and leaves the others (made before it started) alone."""
+    before = torch.zeros(100)
+    with track_memory(device="cpu") as mem:
+        x = torch.zeros(1000)                      # 4000 bytes
+        x.untyped_storage().resize_(0)             # freed in place, as FSDP2 frees a gathered parameter
+        freed = mem.live
+        x.untyped_storage().resize_(2000)          # gathered again, larger
+        before.untyped_storage().resize_(0)        # not the tracker's: not counted
+        at_end = mem.live
+        del x
+    assert (freed, at_end, mem.peak_bytes, mem.end_bytes) == (0, 2000, 4000, 0)
+    resize = torch.UntypedStorage.resize_
+    with track_memory(device="cpu") as mem:
+        y = torch.zeros(1000)
+        y.untyped_storage().resize_(8000)           # above what it had: a new peak
+    assert mem.peak_bytes == 8000 and torch.UntypedStorage.resize_ is resize  # and put back as it was
+
+
+def test_static_bytes_count_each_storage_once():
+    """What counts as static: parameters, their gradients, buffers, optimizer state and the batch's tensors, each
+    storage once however many views of it are given."""
+    from memfit.memory import static_tensors, storage_bytes
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))   # 15 + 6 parameters, 7 buffer elements
+    model(torch.randn(5, 4)).sum().backward()
+    opt = torch.optim.AdamW(model.parameters())
+    opt.step()
+    batch = {"x": torch.zeros(10), "views": [torch.zeros(10)[2:], torch.zeros(3).view(3, 1)]}
+    params, grads, buffers = 21 * 4, 21 * 4, 6 * 4 + 8
+    state = 2 * 21 * 4 + 4 * 4   # exp_avg, exp_avg_sq, and a step count per parameter
+    assert storage_bytes(static_tensors(model)) == params + grads + buffers
+    assert storage_bytes(static_tensors(opt)) == state
+    assert storage_bytes(static_tensors(batch)) == 40 + 40 + 12
+    a = torch.zeros(10)
+    assert storage_bytes([a, a[2:], a.view(2, 5), torch.zeros(3)]) == 40 + 12
+    with track_memory(model, opt, batch, a) as mem:
+        pass
+    assert mem.static_bytes == params + grads + buffers + state + 40 + 40 + 12 + 40

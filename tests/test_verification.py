@@ -199,3 +199,47 @@ def test_verify_fails_when_checkpointing_is_not_the_same_training(case, steps, f
         r = cli("verify", "--model", f"verify_cases:{case}", "--steps", str(steps), cwd=CASES)
         assert r.returncode == 1, r.stdout + r.stderr
         assert "FAIL" in r.stdout and failure in " ".join(r.stdout.split())
+
+
+def test_the_largest_relative_difference_is_relative_to_the_plain_tensors_largest_element():
+    """What `verify` compares gradients and parameters with: max |a - b| / max |a|, the absolute difference
+    where a is all zeros, and 0 for empty tensors (a parameter with no elements)."""
+    from memfit.verification import _max_rel_diff
+    a, b = torch.tensor([10.0, -20.0]), torch.tensor([10.5, -20.0])
+    assert _max_rel_diff(a, b) == 0.5 / 20
+    assert _max_rel_diff(torch.zeros(2), torch.tensor([0.0, 0.25])) == 0.25
+    assert _max_rel_diff(a, a.clone()) == 0.0
+    assert _max_rel_diff(torch.empty(0), torch.empty(0)) == 0.0
+
+
+FAILURE_CASES = [  # (reduction, strategy none, expect_reduction, grads, buffers, params, losses, tolerance, first loss)
+    ((0.5, False, None, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0), []),
+    ((0.0, False, None, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0), ["no memory saved"]),
+    ((-0.1, True, None, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0), []),  # `none` saves nothing, and may not
+    ((0.3, False, (0.3, 0.5), 0.0, 0.0, 0.0, 0.0, 0.0, 1.0), []),  # the bounds are inclusive
+    ((0.5, False, (0.3, 0.5), 0.0, 0.0, 0.0, 0.0, 0.0, 1.0), []),
+    ((0.29, False, (0.3, 0.5), 0.0, 0.0, 0.0, 0.0, 0.0, 1.0), ["outside the expected 30%..50%"]),
+    ((0.51, False, (0.3, 0.5), 0.0, 0.0, 0.0, 0.0, 0.0, 1.0), ["outside the expected"]),
+    ((0.0, False, (0.0, 0.5), 0.0, 0.0, 0.0, 0.0, 0.0, 1.0), []),  # an expected range replaces "any saving"
+    ((0.5, False, None, 1e-4, 0.0, 0.0, 0.0, 1e-4, 1.0), []),  # at the tolerance passes
+    ((0.5, False, None, 2e-4, 0.0, 0.0, 0.0, 1e-4, 1.0), ["gradients differ (max relative difference 0.0002 > 0.0001)"]),
+    ((0.5, False, None, 1e-9, 0.0, 1e-9, 0.0, 0.0, 1.0), ["gradients differ"]),  # parameters differ: explained
+    ((0.5, False, None, 0.0, 1e-9, 0.0, 0.0, 0.0, 1.0), ["buffers differ"]),
+    ((0.5, False, None, 0.0, 1e-4, 0.0, 0.0, 1e-4, 1.0), []),
+    ((0.5, False, None, 0.0, 0.0, 1e-9, 0.0, 0.0, 1.0), ["parameters differ after training although every gradient"]),
+    ((0.5, False, None, 0.0, 0.0, 0.0, 1e-9, 0.0, 1.0), ["losses differ"]),
+    ((0.5, False, None, 0.0, 0.0, 0.0, 2e-4, 1e-4, 3.0), []),  # the loss tolerance scales with the loss
+    ((0.5, False, None, 0.0, 0.0, 0.0, 4e-4, 1e-4, -3.0), ["losses differ"]),
+    ((0.5, False, None, 0.0, 0.0, 0.0, 1e-4, 1e-4, 0.5), []),  # ... but never below the gradient tolerance
+    ((0.5, False, None, 0.0, 0.0, 0.0, 1.1e-4, 1e-4, 0.5), ["losses differ"]),
+]
+
+
+@pytest.mark.parametrize("arguments, expected", FAILURE_CASES)
+def test_each_failure_is_found_at_its_bound_and_said_once(arguments, expected):
+    """`verify`'s decision, case by case: each failure sentence appears exactly when its number crosses its
+    bound, and no other (the end-to-end runs above show the numbers reach it)."""
+    from memfit.verification import _failures
+    got = _failures(*arguments)
+    assert len(got) == len(expected), got
+    assert all(e in g for e, g in zip(expected, got)), got

@@ -136,3 +136,31 @@ def test_static_bytes_count_each_storage_once():
     with track_memory(model, opt, batch, a) as mem:
         pass
     assert mem.static_bytes == params + grads + buffers + state + 40 + 40 + 12 + 40
+
+
+def test_a_tensor_subclass_counts_the_tensors_it_holds():
+    """A traceable wrapper subclass (FSDP2's DTensor holds this rank's shard) counts as the storages inside it,
+    each once, and those made before tracking started stay static."""
+    from torch.testing._internal.two_tensor import TwoTensor
+    with track_memory(device="cpu") as mem:
+        t = TwoTensor(torch.zeros(10), torch.zeros(10))   # two storages of 40 bytes, inside one tensor
+        u = TwoTensor(t.a, torch.zeros(10))                # one of them again, and one more
+        held = mem.live
+        del t, u
+    assert held == 120 and mem.end_bytes == 0
+
+
+def test_the_timeline_says_forward_backward_and_after():
+    """One point per op, labelled by where the step is: the forward, the backward (its first op marks the end
+    of the forward), then what follows (the optimizer), between the start and the end."""
+    lin = nn.Linear(8, 8)
+    x = torch.randn(4, 8)
+    with track_memory(lin, x) as mem:
+        lin(x).square().sum().backward()
+        mem.mark("backward done")
+        torch.zeros(3)
+    labels = [label for label, _ in mem.timeline]
+    assert labels[0] == "start" and labels[-1] == "end" and "backward done" in labels
+    ops = [label for label in labels if label in ("forward", "backward", "other")]
+    assert ops == sorted(ops, key=["forward", "backward", "other"].index) and len(set(ops)) == 3
+    assert mem.timeline[-1][1] == mem.end_bytes and max(v for _, v in mem.timeline) == mem.peak_bytes

@@ -264,3 +264,15 @@ def test_unknown_generator_signature_fails_at_import_in_one_sentence():
     ckpt = sys.modules["memfit.checkpointing"]  # memfit.checkpoint is the function
     with pytest.raises(ImportError, match=re.escape(f"torch {torch.__version__}") + ".*use torch 2.8 to 2.13"):
         ckpt._binding(lambda function, inputs: None)
+
+
+@pytest.mark.parametrize("strategy", ["selective", "pointwise"])
+def test_selective_regions_keep_their_saved_tensors_out_of_memfits_own_hooks(strategy):
+    """NOTE [torch's generator]: from torch 2.14, a selective checkpoint warns when a saved-tensor hook is around
+    it (its tensors will go through such hooks by default); the hook around memfit's is its own observer, which
+    must not see them, so memfit says so and torch does not warn (on older torch there is nothing to say)."""
+    import warnings
+    m = memfit.apply(nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(3)]), strategy)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*saved_tensors_hooks.*", category=FutureWarning)
+        m(torch.randn(2, 8, requires_grad=True)).sum().backward()

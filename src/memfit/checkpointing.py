@@ -240,6 +240,8 @@ def _context_fn(owner, policy, state_replay=True):
         else:  # the pruned recompute goes under the policy's modes (NOTE [pruned recompute])
             policy_fn = policy()
             fwd, rec = tuc.create_selective_checkpoint_contexts(policy_fn)
+            if hasattr(fwd, "respect_saved_tensors_hooks"):  # NOTE [torch's generator]: torch 2.14 and later
+                fwd.respect_saved_tensors_hooks = False
             pruner = pruning.Pruner(policy_fn, fwd.storage)
             fwd, rec = _Nested(pruner.forward, fwd), _Nested(pruner.recompute, rec)
         return (_Context(replay.enter_forward, replay.exit_forward, fwd),
@@ -255,22 +257,31 @@ def _context_fn(owner, policy, state_replay=True):
 # on torch's main branch (the release after 2.13) it is
 # `(fn, args, kwargs, *, preserve_rng_state, context_fn, determinism_check, debug, early_stop)`.
 # `_binding` recognises both and says so at import if it meets a third.
+# From 2.14 it also takes `respect_saved_tensors_hooks`: whether the tensors a
+# selective checkpoint saves go through the saved-tensor hooks around it. The
+# hook around memfit's selective regions is its own (the pruned recompute's
+# observer, NOTE [pruned recompute] in memfit.pruning), which must see only
+# what autograd saves, as it always has; so memfit passes False, where torch
+# would warn that its default is about to change. Where memfit wraps the
+# selective contexts in its own (`_context_fn`), torch cannot reach them to
+# say so, and memfit sets it on the caching mode itself.
 
 def _binding(generator):
     """A function `open(fn, args, context_fn)` that starts `generator` for either signature."""
     params = list(inspect.signature(generator).parameters.values())
     names = [p.name for p in params]
+    legacy = {"respect_saved_tensors_hooks": False} if "respect_saved_tensors_hooks" in names else {}
     if names[:3] == ["fn", "args", "kwargs"] and "context_fn" in names and all(
             p.kind is p.KEYWORD_ONLY for p in params[3:]):
         return lambda fn, args, context_fn: generator(fn, tuple(args), {}, preserve_rng_state=True,
-                                                      context_fn=context_fn)
+                                                      context_fn=context_fn, **legacy)
     head = list(itertools.takewhile(lambda p: p.kind is p.POSITIONAL_OR_KEYWORD, params))
     if (names[:1] == ["fn"] and any(p.kind is p.VAR_POSITIONAL for p in params)
             and {"preserve_rng_state", "context_fn"} <= set(names[:len(head)])
             and all(p.default is not p.empty for p in head[1:])):
         def open_(fn, args, context_fn):
             values = {"fn": fn, "context_fn": context_fn, "preserve_rng_state": True}
-            return generator(*[values.get(p.name, p.default) for p in head], *args)
+            return generator(*[values.get(p.name, p.default) for p in head], *args, **legacy)
         return open_
     raise ImportError(f"memfit does not know the checkpoint generator of torch {torch.__version__} "
                       f"(signature {inspect.signature(generator)}); use torch 2.8 to 2.13, or a memfit that "

@@ -222,7 +222,8 @@ FAILURE_CASES = [  # (reduction, strategy none, expect_reduction, grads, buffers
     ((0.51, False, (0.3, 0.5), 0.0, 0.0, 0.0, 0.0, 0.0, 1.0), ["outside the expected"]),
     ((0.0, False, (0.0, 0.5), 0.0, 0.0, 0.0, 0.0, 0.0, 1.0), []),  # an expected range replaces "any saving"
     ((0.5, False, None, 1e-4, 0.0, 0.0, 0.0, 1e-4, 1.0), []),  # at the tolerance passes
-    ((0.5, False, None, 2e-4, 0.0, 0.0, 0.0, 1e-4, 1.0), ["gradients differ (max relative difference 0.0002 > 0.0001)"]),
+    ((0.5, False, None, 2e-4, 0.0, 0.0, 0.0, 1e-4, 1.0),
+     ["gradients differ (max relative difference 0.0002 > 0.0001)"]),
     ((0.5, False, None, 1e-9, 0.0, 1e-9, 0.0, 0.0, 1.0), ["gradients differ"]),  # parameters differ: explained
     ((0.5, False, None, 0.0, 1e-9, 0.0, 0.0, 0.0, 1.0), ["buffers differ"]),
     ((0.5, False, None, 0.0, 1e-4, 0.0, 0.0, 1e-4, 1.0), []),

@@ -4,14 +4,14 @@
 
 For each model, on this machine, in one run:
 * torch.compile's min-cut partitioner (`aot_eager_decomp_partition`, whose
-  code the storage tracker sees, NOTE [compiled code] in memfit.memory) at
+  code the storage tracker sees, NOTE [compiled code] in memfit.core.memory) at
   `torch._functorch.config.activation_memory_budget` 0.0, 0.1, ..., 1.0;
 * memfit's plan at 30% to 90% of the plain step's peak, with the FLOP and the
   time cost, in eager mode, and the same plans compiled;
 * memfit's FLOP-cost plan for the compiled step at the same levels (NOTE
-  [planning for the compiled step] in memfit.planner), compiled;
+  [planning for the compiled step] in memfit.planning.planner), compiled;
 * every uniform strategy, in eager mode.
-Each is a run of its own copy of the model; `memfit.measurement.steps` drives
+Each is a run of its own copy of the model; `memfit.core.measurement.steps` drives
 them all side by side: the peak of a steady-state step (memfit's tracker),
 the FLOPs of a step (matrix multiplies, convolutions, attention), and step
 times with the runs interleaved. For each plan the table shows the least
@@ -35,9 +35,10 @@ from rich.table import Table
 
 import memfit
 from memfit import models
-from memfit.measurement import Run, compiled, steps
-from memfit.report import fmt_bytes, write_json
-from memfit.wrapping import wrap
+from memfit.core.measurement import Run, compiled, steps
+from memfit.core.memory import fmt_bytes
+from memfit.core.wrapping import wrap
+from memfit.tools.report import write_json
 
 BACKEND = "aot_eager_decomp_partition"
 COMPILE_BUDGETS = tuple(round(0.1 * i, 1) for i in range(11))

@@ -29,10 +29,11 @@ from rich.console import Console
 from rich.table import Table
 
 import memfit
-from memfit.measurement import measure, resolve_device
+from memfit.core.measurement import measure, resolve_device
+from memfit.core.memory import fmt_bytes
 from memfit.models import hf
-from memfit.report import fmt_bytes, write_json
-from memfit.simulation import simulate
+from memfit.planning.simulation import simulate
+from memfit.tools.report import write_json
 
 
 def hf_checkpointing(model, every=1):

@@ -26,12 +26,12 @@ from rich.table import Table
 
 import memfit
 from memfit import models
-from memfit.bench import sweep
-from memfit.measurement import measure
+from memfit.core.measurement import measure
 from memfit.models import gpt
-from memfit.planner import solve
-from memfit.profiling import profile
-from memfit.report import bench_table, plot_frontier, write_json
+from memfit.planning.planner import solve
+from memfit.planning.profiling import profile
+from memfit.tools.bench import sweep
+from memfit.tools.report import bench_table, plot_frontier, write_json
 
 BUDGETS = (20, 30, 40, 50, 60, 70, 80, 90, 100)
 ISSUE_UNIFORM = ("blocks", "every:2", "every:3", "sqrt", "selective")

@@ -38,7 +38,7 @@ from real_models import BUILDERS, MORE, STACKS
 from test_real_models import STRATEGIES, grads, measured_peak
 
 import memfit
-from memfit.report import write_json
+from memfit.tools.report import write_json
 
 
 def own_checkpointing(m):

@@ -27,8 +27,8 @@ import real_models
 from test_real_models import grads, measured_peak
 
 import memfit
-from memfit.profiling import coverage
-from memfit.report import write_json
+from memfit.planning.profiling import coverage
+from memfit.tools.report import write_json
 
 
 def own_peak(model, batch, loss_fn):

@@ -24,8 +24,9 @@ from rich.console import Console
 from rich.table import Table
 
 import memfit
-from memfit.report import fmt_bytes, write_json
-from memfit.simulation import blocks_of
+from memfit.core.memory import fmt_bytes
+from memfit.planning.simulation import blocks_of
+from memfit.tools.report import write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import zoo

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from memfit import ondemand
-from memfit.strategies import KEEP, OFFLOAD
+from memfit.core import ondemand
+from memfit.core.strategies import KEEP, OFFLOAD
 
 
 @dataclass

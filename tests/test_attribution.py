@@ -19,7 +19,7 @@ from memfit.attribution import (
     simulated_peak,
 )
 from memfit.attribution.cache import weights_hash
-from memfit.memory import track_memory
+from memfit.core.memory import track_memory
 from memfit.models import video
 
 

@@ -1,6 +1,6 @@
-"""memfit.bench: the frontier, each row measured, the plans within their budgets."""
+"""memfit.tools.bench: the frontier, each row measured, the plans within their budgets."""
 from memfit import models
-from memfit.bench import UNIFORM, sweep
+from memfit.tools.bench import UNIFORM, sweep
 
 
 def test_the_frontier_measures_every_row_and_each_plan_fits():

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from memfit import MemfitError
-from memfit.blocks import find_blocks
+from memfit.core.blocks import find_blocks
 from memfit.models import REGISTRY
 
 

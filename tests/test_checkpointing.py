@@ -251,7 +251,7 @@ def _old_signature_shim(calls):
 @pytest.mark.parametrize("shim", [_new_signature_shim, _old_signature_shim])
 @pytest.mark.parametrize("strategy", ["blocks", "segments:2", "selective"])
 def test_both_generator_signatures(monkeypatch, shim, strategy):
-    ckpt = sys.modules["memfit.checkpointing"]  # memfit.checkpoint is the function
+    ckpt = sys.modules["memfit.core.checkpointing"]  # memfit.checkpoint is the function
     from test_wrapping import LayerDropNet, assert_same_training, drop_loss
     calls = []
     monkeypatch.setattr(ckpt, "_open", ckpt._binding(shim(calls)))
@@ -261,7 +261,7 @@ def test_both_generator_signatures(monkeypatch, shim, strategy):
 
 
 def test_unknown_generator_signature_fails_at_import_in_one_sentence():
-    ckpt = sys.modules["memfit.checkpointing"]  # memfit.checkpoint is the function
+    ckpt = sys.modules["memfit.core.checkpointing"]  # memfit.checkpoint is the function
     with pytest.raises(ImportError, match=re.escape(f"torch {torch.__version__}") + ".*use torch 2.8 to 2.13"):
         ckpt._binding(lambda function, inputs: None)
 

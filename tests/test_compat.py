@@ -10,9 +10,9 @@ from torch import nn
 
 import memfit
 from memfit import models
+from memfit.core.strategies import Unit
+from memfit.core.wrapping import wrapped_blocks
 from memfit.models import REGISTRY, gpt
-from memfit.strategies import Unit
-from memfit.wrapping import wrapped_blocks
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -140,8 +140,8 @@ def test_op_level_modes_save_their_ops_under_compile(monkeypatch):
     policy a `clone` for each dropout of p=0, which eager mode never
     dispatches, so the op numbers drift; a traced policy still saves every op
     its mode lists (here every matmul and attention kernel of each block)."""
-    from memfit import strategies
-    from memfit.frontier import record_ops
+    from memfit.core import strategies
+    from memfit.planning.frontier import record_ops
     torch._dynamo.reset()
     model, batch = gpt_no_dropout(), gpt.batch("tiny", 8)
     ops = record_ops(model, batch, gpt.loss_fn).blocks[0]
@@ -176,8 +176,8 @@ def test_a_plan_for_the_compiled_step_fits_its_budget_compiled(monkeypatch):
     step's, measured again to the byte and within the budget; '80%' is of the
     compiled plain step; the eager plan for the same bytes, compiled, peaks
     above the budget or recomputes no less."""
-    from memfit import planner
-    from memfit.measurement import compiled_step
+    from memfit.core.measurement import compiled_step
+    from memfit.planning import planner
     monkeypatch.setattr(planner, "COMPILED_TRIES", 2)
     torch._dynamo.reset()
     model, batch, backend = gpt_no_dropout(), gpt.batch("tiny", 8), "aot_eager_decomp_partition"
@@ -194,7 +194,7 @@ def test_a_plan_for_the_compiled_step_fits_its_budget_compiled(monkeypatch):
 def test_verify_compile_sets_a_plan_against_compiles_own_budget(monkeypatch):
     """A plan verified under a partitioning backend is set against torch.compile's activation_memory_budget: the
     budget reported reaches a measured peak no higher than the plan's, and says what it recomputes."""
-    from memfit import verification
+    from memfit.tools import verification
     monkeypatch.setattr(verification, "COMPILE_BUDGETS", (0.1, 1.0))  # one reaches the peak, one does not
     torch._dynamo.reset()
     model, batch = gpt_no_dropout(), gpt.batch("tiny", 8)
@@ -211,7 +211,7 @@ def test_verify_compile_sets_a_plan_against_compiles_own_budget(monkeypatch):
 def test_the_tracker_and_the_allocator_events_agree_on_compiled_code():
     """The storage tracker sees what aot_eager's compiled code allocates: the CPU allocator's events, which also
     see inductor's buffers, give the same peak (12 bytes apart: the profiler's own)."""
-    from memfit.measurement import Run, compiled, steps
+    from memfit.core.measurement import Run, compiled, steps
     torch._dynamo.reset()
     model, batch = memfit.apply(gpt_no_dropout(), "blocks"), gpt.batch("tiny", 8)
     peaks = {}

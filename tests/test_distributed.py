@@ -9,12 +9,12 @@ import torch
 from test_compat import free_port, gpt_no_dropout
 
 import memfit
-from memfit import distributed
-from memfit.memory import track_memory
+from memfit.core.memory import track_memory
+from memfit.core.wrapping import applied_strategy
 from memfit.models import gpt
+from memfit.planning import distributed
 from memfit.train.config import resolve
 from memfit.train.loop import train
-from memfit.wrapping import applied_strategy
 
 SMALL = {"model.n_layer": "4", "model.n_embd": "64", "model.n_head": "2", "model.block_size": "32",
          "model.dropout": "0.0", "training.batch_size": "8", "training.max_iters": "3",
@@ -59,8 +59,8 @@ def test_torchrun_matches_one_process(tmp_path, one_process, kind, strategy):
         torch.testing.assert_close(got[name], p, rtol=1e-4, atol=1e-5, msg=name)
     summary = json.loads((tmp_path / "summary.json").read_text())
     predicted, measured = summary["report"]["predicted_peak_bytes"], summary["peak_gb"] * 1e9
-    # FSDP2's memory is a hand model here (memfit.distributed.rank_timeline), which over-predicts: measured peaks
-    # were 95.7-97.8% of it on 2 gloo ranks. Every single-process prediction is exact to the byte.
+    # FSDP2's memory is a hand model here (memfit.planning.distributed.rank_timeline), which over-predicts:
+    # measured peaks were 95.7-97.8% of it on 2 gloo ranks. Every single-process prediction is exact to the byte.
     assert 0.95 * predicted <= measured <= predicted * 1.01, (predicted, measured)
 
 
@@ -169,7 +169,7 @@ def test_a_segment_plans_per_rank_prediction_counts_the_segment_as_one_fsdp_grou
 
     import memfit
     from memfit.models import REGISTRY
-    from memfit.simulation import simulate
+    from memfit.planning.simulation import simulate
 
     model, batch, loss_fn = REGISTRY["gpt"].build("tiny", batch_size=2)
     wrapped = memfit.apply(copy.deepcopy(model), "segments:1")  # what train shards and reports

@@ -1,4 +1,4 @@
-"""memfit.fit: the largest batch that fits a budget, with each strategy, as a real step measures it."""
+"""memfit.planning.fit: the largest batch that fits a budget, with each strategy, as a real step measures it."""
 import copy
 import json
 
@@ -8,8 +8,8 @@ import torch
 import memfit
 from memfit import models
 from memfit.cli import main
-from memfit.fit import largest_batch
-from memfit.memory import track_memory
+from memfit.core.memory import track_memory
+from memfit.planning.fit import largest_batch
 
 
 def test_fit_finds_the_largest_batch_that_fits():
@@ -52,13 +52,13 @@ def test_cli_fit(tmp_path, cli):
 def test_fit_budget_auto_is_the_free_memory_of_the_device_used(monkeypatch, capsys):
     """`fit --budget auto` asks the device the model runs on (it read the host's memory for --device cuda)."""
     import memfit.cli
-    import memfit.fit
-    from memfit import schedule
+    import memfit.planning.fit
+    from memfit.core import schedule
     asked, budgets = [], []
     model, _, loss_fn = memfit.models.load("mlp", size="tiny")[:3]
     monkeypatch.setattr(memfit.cli, "_load", lambda args: (torch.device("cuda"), model, None, loss_fn))
     monkeypatch.setattr(schedule, "available_bytes", lambda device: asked.append(torch.device(device).type) or 2**30)
-    monkeypatch.setattr(memfit.fit, "fit", lambda m, mb, lf, budget, *a, **k: budgets.append(budget) or [
+    monkeypatch.setattr(memfit.planning.fit, "fit", lambda m, mb, lf, budget, *a, **k: budgets.append(budget) or [
         {"strategy": "none", "batch_size": 4, "peak_bytes": 100, "time_per_sample_s": None, "memory_source": "-"}])
     assert main(["fit", "--model", "mlp", "--size", "tiny", "--budget", "auto", "--strategies", "none"]) == 0
     assert asked[-1] == "cuda" and budgets == [2**30]
@@ -68,7 +68,7 @@ def test_fit_budget_auto_is_the_free_memory_of_the_device_used(monkeypatch, caps
 def test_fit_with_a_plan_finds_a_batch_at_least_as_large_as_without_checkpointing():
     """The `plan` row: at the batch it reports, a plan made for the budget fits it when measured; one sample more
     has no plan that fits; and no checkpointing fits no more."""
-    from memfit.measurement import measure
+    from memfit.core.measurement import measure
     model, _, loss_fn = models.load("mlp", "tiny")
     make = lambda b: models.mlp.batch("tiny", b)  # noqa: E731
     budget = 2**20

@@ -1,8 +1,8 @@
-"""memfit.flops: the counter counts what torch's own counter leaves out, as the same work written plainly."""
+"""memfit.core.flops: the counter counts what torch's own counter leaves out, as the same work written plainly."""
 import torch
 import torch.nn.functional as F
 
-from memfit.flops import counting_flops
+from memfit.core.flops import counting_flops
 
 
 def count(fn, *args) -> int:

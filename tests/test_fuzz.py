@@ -18,6 +18,7 @@ from test_wrapping import assert_same_training
 from torch import nn
 
 import memfit
+from memfit.core.strategies import KEEP
 
 PARTS = ["act_", "add_", "view_", "concat", "twice", "dropout", "norm", "random", "frozen"]
 STRATEGIES = ["blocks", "sqrt", "every:2", "segments:2", "selective", "scores", "pointwise"]
@@ -127,7 +128,7 @@ def check(r: Recipe):
         assert_same_training(model, batch, loss_fn, strategy, steps=1)
     none, blocks = measured_peak(model, batch, loss_fn, "none"), measured_peak(model, batch, loss_fn, "blocks")
     plan = memfit.plan(model, batch, loss_fn, (none + blocks) // 2 if blocks < none else none + 1024, cost="flops")
-    if any(b.mode != memfit.strategies.KEEP for b in plan.blocks):  # a plan that keeps every block is the plain step
+    if any(b.mode != KEEP for b in plan.blocks):  # a plan that keeps every block is the plain step
         assert_same_training(model, batch, loss_fn, plan, steps=1)
     measured = measured_peak(model, batch, loss_fn, plan)
     assert measured <= plan.budget_bytes and abs(plan.predicted_peak_bytes / measured - 1) <= 0.01, \
@@ -149,7 +150,7 @@ def test_random_models_train_exactly_and_plan_within_one_percent(r):
 def test_recompute_on_demand_sees_a_write_through_a_view():
     """NOTE [recompute on demand]: `y[:, :2].mul_(2)` writes `y`; the concatenation that reads `y` after it must
     not get `y` by replaying the op that made it."""
-    from memfit.strategies import Unit
+    from memfit.core.strategies import Unit
     torch.manual_seed(0)
     model = Net(FOUND)
     assert_same_training(model, torch.randn(16, 4), loss_fn, [Unit(0, 1, "lazy:addmm@6"), Unit(1, 2, "lazy:addmm@6")],

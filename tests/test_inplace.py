@@ -1,5 +1,5 @@
 """Blocks that write in place a tensor a policy saves (NOTE [in-place writes to
-saved tensors] in memfit.pruning): every op-level mode gives the plain step's
+saved tensors] in memfit.core.pruning): every op-level mode gives the plain step's
 gradients bitwise, recomputes, and the simulated step prices the copy."""
 import copy
 
@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import memfit
-from memfit import ondemand
-from memfit.measurement import measure
-from memfit.simulation import simulate
-from memfit.strategies import Mode, Unit
+from memfit.core import ondemand
+from memfit.core.measurement import measure
+from memfit.core.strategies import Mode, Unit
+from memfit.planning.simulation import simulate
 
 PATTERNS = ["relu_", "silu_", "add_", "mul_", "norm_", "view_", "linear_relu_"]
 MODES = ["selective", "scores", "pointwise", "ops:convolution@0", "lazy:convolution@0"]

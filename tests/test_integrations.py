@@ -10,10 +10,10 @@ import pytest
 import torch
 import trainers
 
+from memfit.core.strategies import KEEP
+from memfit.core.wrapping import wrapped_blocks
 from memfit.errors import MemfitError
 from memfit.integrations import Session
-from memfit.strategies import KEEP
-from memfit.wrapping import wrapped_blocks
 
 
 # Each extra is skipped where it is used: without lightning the Hugging Face and plain-torch tests still run.

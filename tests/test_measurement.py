@@ -1,4 +1,4 @@
-"""memfit.measurement: the one loop of real, measured training steps."""
+"""memfit.core.measurement: the one loop of real, measured training steps."""
 import copy
 
 import pytest
@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from memfit import MemfitError, models
-from memfit.measurement import Run, measure, resolve_device, steps
-from memfit.memory import track_memory
-from memfit.wrapping import wrap
+from memfit.core.measurement import Run, measure, resolve_device, steps
+from memfit.core.memory import track_memory
+from memfit.core.wrapping import wrap
 
 
 def runs_of(model, n=2, strategies=("none", "blocks")):

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import memfit
-from memfit.memory import CPU_SOURCE, track_memory
+from memfit.core.memory import CPU_SOURCE, track_memory
 from memfit.models import REGISTRY
 
 
@@ -120,7 +120,7 @@ def test_a_storage_resized_in_place_counts_at_its_new_size():
 def test_static_bytes_count_each_storage_once():
     """What counts as static: parameters, their gradients, buffers, optimizer state and the batch's tensors, each
     storage once however many views of it are given."""
-    from memfit.memory import static_tensors, storage_bytes
+    from memfit.core.memory import static_tensors, storage_bytes
     model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))   # 15 + 6 parameters, 7 buffer elements
     model(torch.randn(5, 4)).sum().backward()
     opt = torch.optim.AdamW(model.parameters())

@@ -7,10 +7,10 @@ from torch import nn
 
 import memfit
 from memfit import models
-from memfit.frontier import frontier, record_ops
-from memfit.measurement import Run, steps
-from memfit.profiling import Point, profile
-from memfit.strategies import RECOMPUTE, Mode, Unit
+from memfit.core.measurement import Run, steps
+from memfit.core.strategies import RECOMPUTE, Mode, Unit
+from memfit.planning.frontier import frontier, record_ops
+from memfit.planning.profiling import Point, profile
 
 
 def points(model, batch, loss_fn):
@@ -157,7 +157,7 @@ def test_a_write_inside_the_block_keeps_the_tensors_a_replay_would_read():
 def test_a_point_whose_step_fails_leaves_lazy_modes_out_with_a_warning():
     """The profile simulates the `lazy:` points; where a step fails (a replay
     refused), they are left out, and it says so."""
-    from memfit.profiling import _each_point
+    from memfit.planning.profiling import _each_point
 
     def simulated(units):
         raise RuntimeError("memfit: a tensor that recomputing on demand reads was written in place")

@@ -11,11 +11,11 @@ from hypothesis import strategies as st
 
 import memfit
 from memfit import MemfitError, models
-from memfit.planner import _candidates, solve
-from memfit.profiling import HOST_MODES, Profile
-from memfit.schedule import Plan
-from memfit.strategies import KEEP, MODES, OFFLOAD, RECOMPUTE, Unit
-from memfit.verification import verify
+from memfit.core.schedule import Plan
+from memfit.core.strategies import KEEP, MODES, OFFLOAD, RECOMPUTE, Unit
+from memfit.planning.planner import _candidates, solve
+from memfit.planning.profiling import HOST_MODES, Profile
+from memfit.tools.verification import verify
 
 
 def all_plans(n, modes=HOST_MODES):
@@ -112,8 +112,8 @@ def test_plan_beats_uniform_strategies_that_fit():
     than any uniform strategy that fits the same budget (FLOP cost)."""
     model, batch, loss_fn = models.load("gpt", size="tiny", batch_size=16)
     p = memfit.plan(model, batch, loss_fn, "60%", cost="flops")
-    from memfit.bench import UNIFORM
-    from memfit.measurement import measure
+    from memfit.core.measurement import measure
+    from memfit.tools.bench import UNIFORM
     base = measure(model, batch, loss_fn, "none", timed_steps=0)
     planned = measure(model, batch, loss_fn, p, timed_steps=0)
     fitting = 0
@@ -129,8 +129,8 @@ def test_plan_beats_uniform_strategies_that_fit():
 def test_a_budget_a_uniform_strategy_just_meets_is_planned(uniform):
     """At exactly the simulated peak of a uniform strategy, where the DP's rounded-up
     bytes may miss it, the plan still fits and costs no more than that strategy."""
-    from memfit.measurement import measure
-    from memfit.simulation import simulate
+    from memfit.core.measurement import measure
+    from memfit.planning.simulation import simulate
     model, batch, loss_fn = models.load("resnet-se", size="tiny", batch_size=16)  # blocks: the DP alone misses it
     budget = simulate(model, batch, loss_fn, uniform).peak_bytes
     p = memfit.plan(model, batch, loss_fn, budget, cost="flops")
@@ -143,9 +143,10 @@ def test_a_time_plan_is_never_beaten_by_a_fitting_uniform_strategy(monkeypatch):
     """Under one time model (fixed here, so the test is deterministic), no
     uniform strategy that fits the budget costs less predicted time than the
     plan, and the plan is never beaten by one in both time and FLOPs."""
-    from memfit import profiling, simulation, strategies
-    from memfit.planner import UNIFORM_FALLBACKS
-    from memfit.timemodel import TimeModel
+    from memfit.core import strategies
+    from memfit.planning import profiling, simulation
+    from memfit.planning.planner import UNIFORM_FALLBACKS
+    from memfit.planning.timemodel import TimeModel
     fixed = TimeModel("cpu", per_flop=1e-11, per_byte=2e-11, per_op=3e-6, spread=0.0, error=0.0)
     monkeypatch.setattr(profiling, "calibrate", lambda device: fixed)
     model, batch, loss_fn = models.load("gpt", size="tiny", batch_size=16)
@@ -195,7 +196,7 @@ def test_plan_json_round_trip_and_apply_to_a_fresh_model(tmp_path):
 
 
 def test_plans_are_cached_by_shape(monkeypatch):
-    import memfit.planner as planner
+    import memfit.planning.planner as planner
     calls = []
     real = planner.profile
     monkeypatch.setattr(planner, "profile", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -310,7 +311,7 @@ def test_a_step_the_simulation_gets_wrong_is_planned_on_real_steps(model, why):
 def test_a_cached_plan_is_not_reused_for_a_model_whose_memory_changed():
     """NOTE [plan cache]: the same model object in bf16 (or a copy, or with another loss) is planned again, and
     the new plan predicts the bf16 step's measured peak; the same call again is served from the cache."""
-    from memfit.measurement import measure
+    from memfit.core.measurement import measure
     model, batch, loss_fn = models.load("gpt", size="tiny", batch_size=16)
     first = memfit.plan(model, batch, loss_fn, "80%", cost="flops")
     assert memfit.plan(model, batch, loss_fn, "80%", cost="flops") is first

@@ -1,4 +1,4 @@
-"""memfit.profiling: simulated steps against real ones, and profiling that leaves the model as it was."""
+"""memfit.planning.profiling: simulated steps against real ones, and profiling that leaves the model as it was."""
 import copy
 
 import pytest
@@ -7,9 +7,9 @@ from torch import nn
 
 import memfit
 from memfit import models
-from memfit.measurement import measure
-from memfit.simulation import simulate
-from memfit.strategies import Unit
+from memfit.core.measurement import measure
+from memfit.core.strategies import Unit
+from memfit.planning.simulation import simulate
 
 
 @pytest.mark.parametrize("name", ["gpt", "resnet-se"])
@@ -66,8 +66,8 @@ def test_the_ops_recorded_are_the_ones_a_policy_numbers(name, real, monkeypatch)
     same ops in the same order (BatchNorm's buffers included: memfit's state
     snapshot must not show the policy its copies). transformers' Llama takes
     another path on fake tensors (NOTE [real steps]): its real step is recorded."""
-    from memfit import strategies
-    from memfit.frontier import record_ops
+    from memfit.core import strategies
+    from memfit.planning.frontier import record_ops
     model, batch, loss_fn = models.load(name, size="tiny", batch_size=4)
     recorded = record_ops(model, batch, loss_fn, real=real, seed=0).blocks
     seen, policy = [], strategies.policy
@@ -93,7 +93,7 @@ def test_the_ops_recorded_are_the_ones_a_policy_numbers(name, real, monkeypatch)
 
 
 def _ops(sizes):
-    from memfit.frontier import Op
+    from memfit.planning.frontier import Op
     return [Op("mm", f, 0, 0, b, False, frozenset()) for b, f in sizes]
 
 
@@ -101,7 +101,7 @@ def _flow(n, last=None):
     """The dataflow of `n` independent ops, each saved by autograd: nothing to prune."""
     from types import SimpleNamespace
 
-    from memfit.pruning import FRESH, Flow
+    from memfit.core.pruning import FRESH, Flow
     return SimpleNamespace(ops=[Flow("mm", (), FRESH)] * n, roots=set(range(n)), opaque=None,
                            last=n - 1 if last is None else last)
 
@@ -111,7 +111,7 @@ def test_the_frontier_points_are_pareto_optimal():
     and avoids more recompute than a point of the frontier."""
     import itertools
 
-    from memfit.frontier import frontier, saved_by
+    from memfit.planning.frontier import frontier, saved_by
     sizes = [(3, 40), (5, 90), (2, 10), (7, 70), (4, 55), (1, 3), (6, 20), (2, 33)]
     ops = _ops(sizes)
     modes = frontier(ops, _flow(len(ops)), "flops")
@@ -127,7 +127,7 @@ def test_the_frontier_points_are_pareto_optimal():
 def test_random_and_in_place_written_outputs_are_never_saved():
     from dataclasses import replace
 
-    from memfit.frontier import frontier
+    from memfit.planning.frontier import frontier
     ops = _ops([(3, 40), (5, 90), (2, 10)])
     ops[1] = replace(ops[1], random=True)
     ops[2] = replace(ops[2], saveable=False)
@@ -142,7 +142,7 @@ def test_the_peak_model_of_op_level_points_is_what_a_simulation_reads():
     `recompute`'s terms instead of simulating them; on GPT blocks what a point
     keeps is the simulation's reading to the byte, and the rise of its
     backward and inside its forward are no lower than the simulation's."""
-    from memfit.profiling import _read, profile
+    from memfit.planning.profiling import _read, profile
 
     model, batch, loss_fn = models.load("gpt", size="tiny", batch_size=4)
     prof = profile(model, batch, loss_fn, cost="flops")
@@ -167,8 +167,8 @@ def test_the_frontier_sees_what_saving_an_op_spares_before_it():
     independent items would save the matmul and recompute the sum)."""
     from types import SimpleNamespace
 
-    from memfit.frontier import Op, frontier
-    from memfit.pruning import FRESH, Flow
+    from memfit.core.pruning import FRESH, Flow
+    from memfit.planning.frontier import Op, frontier
 
     ops = [Op("mm", 100, 0, 0, 10, False, frozenset()), Op("add.Tensor", 0, 1, 0, 10, False, frozenset())]
     flow = SimpleNamespace(ops=[Flow("mm", (), FRESH), Flow("add.Tensor", (0,), FRESH)], roots={1}, last=1, opaque=None)
@@ -190,7 +190,7 @@ class _UnusedHead(torch.nn.Module):
 
 
 def test_a_parameter_the_step_never_reaches_has_no_optimizer_state_in_the_simulation():
-    from memfit.measurement import measure
+    from memfit.core.measurement import measure
 
     model, batch = _UnusedHead(), torch.randn(8, 16)
     loss = lambda m, b: m(b).square().mean()  # noqa: E731

@@ -8,7 +8,7 @@ from recompute import counting, recomputes
 from torch import nn
 
 import memfit
-from memfit.wrapping import wrapped_blocks
+from memfit.core.wrapping import wrapped_blocks
 
 
 class RandomBlock(nn.Module):

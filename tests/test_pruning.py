@@ -3,9 +3,9 @@ import pytest
 import torch
 from torch import nn
 
-from memfit import pruning, strategies
-from memfit.checkpointing import run
-from memfit.flops import counting_flops
+from memfit.core import pruning, strategies
+from memfit.core.checkpointing import run
+from memfit.core.flops import counting_flops
 
 
 class Residual(nn.Module):

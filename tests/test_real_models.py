@@ -10,9 +10,9 @@ from real_models import BUILDERS, needs
 from recompute import counting, recomputes
 
 import memfit
-from memfit.memory import track_memory
-from memfit.simulation import blocks_of
-from memfit.wrapping import wrapped_blocks
+from memfit.core.memory import track_memory
+from memfit.core.wrapping import wrapped_blocks
+from memfit.planning.simulation import blocks_of
 
 STRATEGIES = ["blocks", "sqrt", "every:2", "selective", "scores", "pointwise"]
 REAL_STEPS = ("wav2vec2 (LayerDrop)", "plain-torch LayerDrop", "mixtral (MoE, eager experts)")  # fake tensors fail
@@ -69,9 +69,9 @@ def test_op_level_modes_give_the_plain_gradients(built, monkeypatch):
     the recompute pruned (NOTE [pruned recompute]), which skips ops on every
     model, and as their `lazy:` twins, recomputed on demand (NOTE [recompute on
     demand]), whose handles backward unpacks on every model."""
-    from memfit import ondemand, pruning
-    from memfit.frontier import frontier, record_ops
-    from memfit.strategies import RECOMPUTE, Unit
+    from memfit.core import ondemand, pruning
+    from memfit.core.strategies import RECOMPUTE, Unit
+    from memfit.planning.frontier import frontier, record_ops
     name, model, batch, loss_fn = built
     skipped, end, replayed, unpack = [], pruning.Pruner._end_forward, [], ondemand._unpack
 

@@ -1,14 +1,15 @@
-"""memfit.report: files appear whole or not at all, with the user's permissions."""
+"""memfit.tools.report: files appear whole or not at all, with the user's permissions."""
 import json
 import os
 
 import pytest
 
-from memfit.report import atomic_write, fmt_bytes
+from memfit.core.memory import fmt_bytes
+from memfit.tools.report import atomic_write
 
 
 def test_outputs_are_written_with_the_umask_not_0600(tmp_path):
-    from memfit.report import write_json
+    from memfit.tools.report import write_json
 
     old = os.umask(0o022)
     try:

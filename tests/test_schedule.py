@@ -1,15 +1,16 @@
-"""memfit.schedule: every spelling of a schedule, read by one parser, means the same everywhere."""
+"""memfit.core.schedule: every spelling of a schedule, read by one parser, means the same everywhere."""
 import pytest
 
 import memfit
-from memfit import MemfitError, models, schedule
+from memfit import MemfitError, models
 from memfit.attribution import choose_checkpointing
+from memfit.core import schedule
+from memfit.core.measurement import measure
+from memfit.core.schedule import Budget, Schedule
+from memfit.core.strategies import Unit
+from memfit.core.wrapping import applied_strategy
 from memfit.integrations import Session
-from memfit.measurement import measure
-from memfit.schedule import Budget, Schedule
-from memfit.strategies import Unit
 from memfit.train.config import resolve
-from memfit.wrapping import applied_strategy
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -137,3 +137,24 @@ def test_a_public_name_means_one_thing_in_src_memfit():
     twice = {name: sorted(mods) for name, mods in public_names().items()
              if len(mods) > 1 and not _interface(name, mods)}
     assert not twice, twice
+
+
+LAYERS = ["memfit.core", "memfit.planning", "memfit.tools"]  # each may import the ones before it, none after
+
+
+def layer(module: str) -> int:
+    """The layer of a memfit module: core 0, planning 1, tools 2; 3 for the rest (the command line, the
+    applications: train, attribution, integrations, models), which sit on top; -1 for memfit.errors, under all."""
+    if module == "memfit.errors":
+        return -1
+    return next((k for k, prefix in enumerate(LAYERS) if module == prefix or module.startswith(prefix + ".")),
+                len(LAYERS))
+
+
+def test_the_folders_import_downwards():
+    """The folders draw the architecture: `core` (what memfit does to a step, and the instruments that measure
+    one) imports nothing of `planning`, which imports nothing of `tools` (verify, bench, report), which imports
+    nothing of the applications above them."""
+    upward = sorted(f"{m} imports {d}" for m, deps in imports().items() for d in deps
+                    if m != "memfit" and layer(d) > layer(m))
+    assert not upward, upward

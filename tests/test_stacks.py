@@ -10,9 +10,9 @@ import torch
 from real_models import STACKS, needs
 
 import memfit
-from memfit.blocks import find_chains
-from memfit.memory import track_memory
-from memfit.profiling import CoverageWarning, coverage
+from memfit.core.blocks import find_chains
+from memfit.core.memory import track_memory
+from memfit.planning.profiling import CoverageWarning, coverage
 
 CHAINS = {  # the containers of the chains found, in model order
     # the upsampler is a lone composite block beside the resnets' container (NOTE [discovery])

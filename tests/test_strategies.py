@@ -1,10 +1,10 @@
-"""memfit.strategies: the units each strategy string means, and what each policy keeps."""
+"""memfit.core.strategies: the units each strategy string means, and what each policy keeps."""
 import pytest
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, SelectiveCheckpointContext
 
 from memfit import MemfitError
-from memfit.strategies import KEEP, RECOMPUTE, SELECTIVE, Mode, Unit, check, policy, units_of
+from memfit.core.strategies import KEEP, RECOMPUTE, SELECTIVE, Mode, Unit, check, policy, units_of
 
 aten = torch.ops.aten
 
@@ -69,7 +69,7 @@ def test_op_level_modes_give_the_plain_gradients_with_random_ops(mode):
     """NOTE [random ops]: saving the first dropout and recomputing the second
     would draw the second mask from the first one's numbers; memfit saves the
     second too, and the gradient is the plain one, bitwise."""
-    from memfit.checkpointing import run
+    from memfit.core.checkpointing import run
     x = torch.randn(64, requires_grad=True)
     torch.manual_seed(3)
     plain, = torch.autograd.grad(_two_dropouts(x), x)
@@ -79,7 +79,7 @@ def test_op_level_modes_give_the_plain_gradients_with_random_ops(mode):
 
 
 def test_a_mode_is_a_value_printed_as_memfit_reads_it():
-    from memfit.strategies import Kind
+    from memfit.core.strategies import Kind
     mode = Mode.of_ops({12: "gelu", 3: "mm", 7: "add.Tensor"})
     assert str(mode) == "ops:mm@3,add.Tensor@7,gelu@12" and str(mode.lazy()) == "lazy:mm@3,add.Tensor@7,gelu@12"
     assert mode.saved_ops == {12: "gelu", 3: "mm", 7: "add.Tensor"} and mode.kind is Kind.OPS
@@ -97,7 +97,7 @@ def test_a_mode_is_a_value_printed_as_memfit_reads_it():
 
 
 def test_attention_draws_random_numbers_only_with_dropout():
-    from memfit.strategies import draws_random
+    from memfit.core.strategies import draws_random
     q = torch.empty(1, 2, 4, 8)
     flash = aten._scaled_dot_product_flash_attention_for_cpu.default
     assert draws_random(flash, (q, q, q, 0.1), {}) and not draws_random(flash, (q, q, q), {})

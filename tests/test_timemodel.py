@@ -1,7 +1,7 @@
-"""memfit.timemodel: the fit, and a calibration that leaves the training as it was."""
+"""memfit.planning.timemodel: the fit, and a calibration that leaves the training as it was."""
 import torch
 
-from memfit.timemodel import TimeModel, _nonnegative_fit, calibrate
+from memfit.planning.timemodel import TimeModel, _nonnegative_fit, calibrate
 
 
 def test_the_fit_recovers_known_coefficients_and_drops_negative_ones():

@@ -204,7 +204,7 @@ def test_verify_fails_when_checkpointing_is_not_the_same_training(case, steps, f
 def test_the_largest_relative_difference_is_relative_to_the_plain_tensors_largest_element():
     """What `verify` compares gradients and parameters with: max |a - b| / max |a|, the absolute difference
     where a is all zeros, and 0 for empty tensors (a parameter with no elements)."""
-    from memfit.verification import _max_rel_diff
+    from memfit.tools.verification import _max_rel_diff
     a, b = torch.tensor([10.0, -20.0]), torch.tensor([10.5, -20.0])
     assert _max_rel_diff(a, b) == 0.5 / 20
     assert _max_rel_diff(torch.zeros(2), torch.tensor([0.0, 0.25])) == 0.25
@@ -240,7 +240,7 @@ FAILURE_CASES = [  # (reduction, strategy none, expect_reduction, grads, buffers
 def test_each_failure_is_found_at_its_bound_and_said_once(arguments, expected):
     """`verify`'s decision, case by case: each failure sentence appears exactly when its number crosses its
     bound, and no other (the end-to-end runs above show the numbers reach it)."""
-    from memfit.verification import _failures
+    from memfit.tools.verification import _failures
     got = _failures(*arguments)
     assert len(got) == len(expected), got
     assert all(e in g for e, g in zip(expected, got)), got

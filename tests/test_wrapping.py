@@ -8,8 +8,8 @@ from torch import nn
 
 import memfit
 from memfit import MemfitError
+from memfit.core.wrapping import SegmentWarning, wrapped_blocks
 from memfit.models import REGISTRY
-from memfit.wrapping import SegmentWarning, wrapped_blocks
 
 STRATEGIES = ["none", "blocks", "every:2", "every:3", "segments:2", "segments:3", "sqrt", "selective", "scores",
               "pointwise", "offload"]  # offload: on CPU, the mechanism only (it moves nothing)
@@ -511,7 +511,7 @@ def universal_loss(m, x):
 def test_a_block_called_several_times_is_a_chain_of_its_calls():
     """NOTE [blocks called several times]: each call is a block, 'block#K', in call order; without a trace the
     block is not found, and the error says how it would be."""
-    from memfit.simulation import blocks_of
+    from memfit.planning.simulation import blocks_of
 
     model, batch = Universal(), torch.randn(4, 8)
     assert blocks_of(model, batch, universal_loss) == [f"block#{k}" for k in range(4)]

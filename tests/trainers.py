@@ -174,7 +174,7 @@ def main(kind, out, budget):
     """One process of a torchrun: without memfit, then with it, in one process group."""
     import torch.distributed as dist
 
-    from memfit.wrapping import wrapped_blocks
+    from memfit.core.wrapping import wrapped_blocks
     if kind == "hf":
         from memfit.integrations.transformers import MemfitCallback
         run = lambda cb: hf_run(cb, out_dir=f"{out}.hf")  # noqa: E731

@@ -17,7 +17,7 @@ from memfit.errors import MemfitError
 
 def _load(args):
     """Device, model (on it), batch and loss function from the model options."""
-    from memfit.measurement import resolve_device
+    from memfit.core.measurement import resolve_device
 
     device = resolve_device(args.device)
     model, batch, loss_fn = models.load(args.model, args.size, args.batch_size, args.seed)
@@ -40,8 +40,8 @@ def _save(out: Console, path, what: str, write) -> None:
 
 
 def _verify(args, out: Console) -> int:
-    from memfit.report import check_writable, verify_table, write_json
-    from memfit.verification import verify
+    from memfit.tools.report import check_writable, verify_table, write_json
+    from memfit.tools.verification import verify
 
     expect = _expected_reduction(args.expect_reduction)
     json_path = check_writable(args.json) if args.json else None
@@ -75,10 +75,10 @@ def _expected_reduction(text: str | None) -> tuple[float, float] | None:
 
 
 def _plan(args, out: Console) -> int:
-    from memfit.measurement import measure
-    from memfit.planner import plan
-    from memfit.report import check_writable, plan_table, write_json
-    from memfit.schedule import Budget
+    from memfit.core.measurement import measure
+    from memfit.core.schedule import Budget
+    from memfit.planning.planner import plan
+    from memfit.tools.report import check_writable, plan_table, write_json
 
     budget = Budget.parse(args.budget)  # a bad budget fails before any work
     json_path = check_writable(args.json) if args.json else None
@@ -108,8 +108,8 @@ def _parse_budgets(text: str) -> list[float]:
 
 
 def _bench(args, out: Console) -> int:
-    from memfit.bench import sweep
-    from memfit.report import (
+    from memfit.tools.bench import sweep
+    from memfit.tools.report import (
         bench_table,
         check_writable,
         plot_frontier,
@@ -138,7 +138,7 @@ def _train_outputs(args):
     """`--out` and `--metrics`, checked writable before any work: (out dir or None, metrics path or None)."""
     from pathlib import Path
 
-    from memfit.report import check_writable
+    from memfit.tools.report import check_writable
 
     out_dir = None
     if args.out:
@@ -158,7 +158,7 @@ def _train_outputs(args):
 
 def _train_callback(out: Console, progress, max_iters: int):
     """Renders `train`'s events: the startup report, a progress bar with each logged step, the end."""
-    from memfit.report import fmt_bytes
+    from memfit.core.memory import fmt_bytes
 
     task = None
 
@@ -245,9 +245,10 @@ def _train(args, out: Console) -> int:
 
 
 def _fit(args, out: Console) -> int:
-    from memfit.fit import STRATEGIES, fit
-    from memfit.report import check_writable, fit_table, fmt_bytes, write_json
-    from memfit.schedule import Budget
+    from memfit.core.memory import fmt_bytes
+    from memfit.core.schedule import Budget
+    from memfit.planning.fit import STRATEGIES, fit
+    from memfit.tools.report import check_writable, fit_table, write_json
 
     parsed = Budget.parse(args.budget)  # a bad budget fails before any work
     strategies = [s.strip() for s in args.strategies.split(",")] if args.strategies else list(STRATEGIES)
@@ -256,7 +257,7 @@ def _fit(args, out: Console) -> int:
     budget = parsed.bytes(device=device)  # auto: the free memory of the device used
     module = models.REGISTRY.get(args.model)
     if module is None:
-        raise MemfitError("memfit fit works on the built-in models; for your own, call memfit.fit.fit(model, "
+        raise MemfitError("memfit fit works on the built-in models; for your own, call memfit.planning.fit.fit(model, "
                           "make_batch, loss_fn, budget) from Python.")
     size = args.size or "small"
     make_batch = lambda b: tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t,  # noqa: E731
@@ -300,7 +301,7 @@ def _attribution_run(args, out: Console, model, videos, targets, strategy):
 
     from memfit.attribution import attribute, cache_for, checkpoint_model
     from memfit.attribution.run import compare
-    from memfit.memory import track_memory
+    from memfit.core.memory import track_memory
 
     cache = mem = results = None
     progress = Progress(console=out, transient=True)
@@ -335,7 +336,7 @@ def _attribute(args, out: Console) -> int:
 
     from memfit.attribution import choose_checkpointing
     from memfit.attribution.run import write_outputs
-    from memfit.report import (
+    from memfit.tools.report import (
         check_writable,
         compare_tables,
         fmt_bytes,

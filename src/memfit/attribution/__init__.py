@@ -20,11 +20,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from memfit import schedule
 from memfit.attribution.cache import Cache, clip_hash, weights_hash
+from memfit.core import schedule
+from memfit.core.wrapping import wrap
 from memfit.errors import MemfitError
 from memfit.models.video import VideoConfig
-from memfit.wrapping import wrap
 
 __all__ = [
     "attribute",
@@ -69,12 +69,12 @@ def _gradient(model, frames, target):
 
 def simulated_peak(model, clip, strategy) -> int:
     """Peak bytes of one exact attribution of `clip` with `strategy`,
-    simulated on fake tensors (see `memfit.simulation`): exact on CPU, and
+    simulated on fake tensors (see `memfit.planning.simulation`): exact on CPU, and
     nothing runs on the device."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from memfit.memory import track_memory
-    from memfit.simulation import copy_with
+    from memfit.core.memory import track_memory
+    from memfit.planning.simulation import copy_with
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fmodel, (fclip,) = copy_with(model, (clip,), mode.from_tensor)
@@ -88,11 +88,11 @@ def choose_checkpointing(model, clip, *, budget=None, strategy=None) -> tuple:
     """Checkpoint `model` for attributing `clip` (the longest clip, or chunk)
     and return (the strategy, its simulated peak, the peak without
     checkpointing; both None unless planned). `strategy`: any spelling
-    `memfit.schedule.parse` reads, applied as given (default `blocks`);
+    `memfit.core.schedule.parse` reads, applied as given (default `blocks`);
     `budget` (or `plan:BUDGET`): bytes, '2GiB', '60%' of the peak without
     checkpointing, or 'auto'; then the first strategy of `LADDER` whose
     simulated peak fits. Raises, naming the smallest peak, if none fits."""
-    from memfit.report import fmt_bytes
+    from memfit.core.memory import fmt_bytes
 
     if budget is not None and strategy is not None:
         raise MemfitError("give a budget (memfit chooses the checkpointing) or a strategy, not both.")

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from memfit.errors import MemfitError
-from memfit.report import atomic_write
+from memfit.tools.report import atomic_write
 
 
 def weights_hash(model) -> str:

@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 
 from memfit.attribution import attribute, checkpoint_model, compare_scores
-from memfit.memory import track_memory
+from memfit.core.memory import track_memory
+from memfit.core.wrapping import remove
 from memfit.models import video
-from memfit.report import atomic_write, write_json
-from memfit.wrapping import remove
+from memfit.tools.report import atomic_write, write_json
 
 
 def demo(per_class=2, iters=40, size="small", seed=0):

@@ -26,14 +26,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from memfit import schedule
-from memfit.distributed import Ranks, on_main
+from memfit.core import schedule
+from memfit.core.memory import GB, fmt_bytes, track_memory
+from memfit.core.schedule import Budget, Plan
+from memfit.core.wrapping import applied_strategy, wrapped_blocks
 from memfit.errors import MemfitError
-from memfit.memory import track_memory
-from memfit.planner import apply, plan
-from memfit.report import GB, fmt_bytes
-from memfit.schedule import Budget, Plan
-from memfit.wrapping import applied_strategy, wrapped_blocks
+from memfit.planning.distributed import Ranks, on_main
+from memfit.planning.planner import apply, plan
 
 __all__ = ["Session", "SessionCallback", "training_loss", "accumulation_warning"]
 
@@ -71,7 +70,7 @@ class Session:
         """Plan for the budget (or resolve the strategy) on `batch`, apply it
         to `model` on every rank, and return the startup report. `kind`:
         how several processes will train it, "ddp" or "fsdp" (sharded
-        after this, with `memfit.distributed.shard`)."""
+        after this, with `memfit.planning.distributed.shard`)."""
         if _sharded(model):
             raise MemfitError("the model is already sharded by FSDP, and memfit must be applied before sharding; "
                               "call memfit.apply(model, ...) before the trainer wraps the model.")

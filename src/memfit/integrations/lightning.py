@@ -14,7 +14,7 @@ inside DDP.
 
 Under `ModelParallelStrategy` (FSDP2) memfit must be applied before the
 module is sharded in `configure_model` (NOTE [order with FSDP2] in
-`memfit.distributed`), so the callback plans in `setup`, on the first batch
+`memfit.planning.distributed`), so the callback plans in `setup`, on the first batch
 of the training dataloader (drawn without touching the random numbers the
 training draws), for one rank of an FSDP2 run. Shard with
 `memfit.integrations.lightning.fully_shard(self, mesh)` in `configure_model`:
@@ -39,9 +39,9 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from memfit.distributed import shard
 from memfit.errors import MemfitError
 from memfit.integrations import SessionCallback, accumulation_warning, training_loss
+from memfit.planning.distributed import shard
 
 __all__ = ["MemfitCallback", "fully_shard"]
 

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from memfit import schedule
+from memfit.core import schedule
+from memfit.core.wrapping import wrap
 from memfit.errors import MemfitError
-from memfit.wrapping import wrap
 
 
 def checkpointing(module: nn.Module, value, blocks=None) -> nn.Module:
     """Apply a `gradient_checkpointing` setting to `module`: any spelling
-    `memfit.schedule.parse` reads. Budgets (`budget:60%`) need a batch to
+    `memfit.core.schedule.parse` reads. Budgets (`budget:60%`) need a batch to
     plan with: `memfit train` and `memfit.apply(model, "plan:60%", batch=...,
     loss_fn=...)` take them."""
     s = schedule.parse(False if value is None else value)  # YAML's null: off

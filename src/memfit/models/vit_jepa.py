@@ -153,7 +153,7 @@ def create_jepa(cfg: JEPAConfig | dict, gradient_checkpointing=False) -> JEPA:
     """The model, with checkpointing applied to the encoder, the predictor or
     both: a bool, a strategy string or Plan for both, or a dict
     {"encoder": ..., "predictor": ...}."""
-    from memfit import schedule
+    from memfit.core import schedule
     from memfit.models.switch import checkpointing
 
     if isinstance(cfg, dict):

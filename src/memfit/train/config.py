@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from memfit import schedule
+from memfit.core import schedule
 from memfit.errors import MemfitError
 
 TRAINING = {

@@ -33,19 +33,20 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_map
 
-from memfit import distributed, schedule
+from memfit.core import schedule
+from memfit.core.measurement import resolve_device
+from memfit.core.memory import GB, track_memory
+from memfit.core.schedule import Budget, Plan
+from memfit.core.strategies import RECOMPUTE
+from memfit.core.wrapping import applied_strategy, wrap, wrapped_blocks
 from memfit.errors import MemfitError
-from memfit.fit import largest_batch
-from memfit.measurement import resolve_device
-from memfit.memory import track_memory
-from memfit.planner import plan
-from memfit.report import GB, atomic_write, exchange, write_json
-from memfit.schedule import Budget, Plan
-from memfit.simulation import simulate
-from memfit.strategies import RECOMPUTE
+from memfit.planning import distributed
+from memfit.planning.fit import largest_batch
+from memfit.planning.planner import plan
+from memfit.planning.simulation import simulate
+from memfit.tools.report import atomic_write, exchange, write_json
 from memfit.train.config import dump
 from memfit.train.recipes import RECIPES
-from memfit.wrapping import applied_strategy, wrap, wrapped_blocks
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -140,7 +141,7 @@ def _train(cfg, recipe, ranks, callback, out_dir, metrics_path):
 
     report = distributed.on_main(lambda: _report(cfg, model, data, loss_fn, ranks), ranks)
     callback("start", report)
-    model_ = distributed.parallelize(model, ranks)  # after memfit, see NOTE [order with FSDP2] in memfit.distributed
+    model_ = distributed.parallelize(model, ranks)  # after memfit (NOTE [order with FSDP2])
     opt = torch.optim.AdamW(model_.parameters(), lr=t["learning_rate"], weight_decay=t["weight_decay"])
     scaler = torch.amp.GradScaler("cuda") if t["precision"] == "fp16" else None
     staged = _Staged(out_dir, metrics_path)

@@ -4,7 +4,7 @@
 recipes, the trainers' callbacks and attribution alike, into a `Schedule`:
 
 * a strategy string: `none`, `blocks`, `every:K`, `segments:N`, `sqrt`,
-  `selective`, `scores`, `pointwise`, `offload` (see `memfit.strategies`);
+  `selective`, `scores`, `pointwise`, `offload` (see `memfit.core.strategies`);
 * `true` / `false` (bools, or YAML's `on`, `off`, `yes`, `no`, `1`, `0`):
   `blocks` / `none`;
 * `plan:BUDGET` or `budget:BUDGET` (`60%`, `8GiB`, `auto`): plan for that
@@ -24,11 +24,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from memfit import strategies
+from memfit.core import strategies
+from memfit.core.memory import available_bytes, fmt_bytes
+from memfit.core.strategies import Mode, Unit
 from memfit.errors import MemfitError
-from memfit.memory import available_bytes
-from memfit.report import fmt_bytes
-from memfit.strategies import Mode, Unit
 
 __all__ = ["parse", "Schedule", "Budget", "Plan", "BlockChoice"]
 
@@ -118,7 +117,7 @@ class Plan:
     cost: str                   # "time" or "flops"
     predicted_recompute_flops: float  # matmul FLOPs recomputed, fraction of a plain step's
     signature: dict = field(default_factory=dict)
-    sources: dict = field(default_factory=dict)  # where each number came from (see `memfit.planner._sources`)
+    sources: dict = field(default_factory=dict)  # where each number came from (see `memfit.planning.planner._sources`)
     coverage: float | None = None  # share of the plain step's saved activations inside the blocks
     predicted_step_time_s: float | None = None  # a plain step, by the time model (cost "time" only)
 

@@ -33,7 +33,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils import _python_dispatch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from memfit import ondemand, pruning
+from memfit.core import ondemand, pruning
 
 __all__ = ["checkpoint", "Region"]
 
@@ -59,7 +59,7 @@ def checkpoint(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 def run(fn, args, kwargs, policy=None, state_replay=True, training_only=True):
     """`checkpoint` with an optional selective policy: `policy()` returns a
-    fresh policy function for each checkpointed call (`memfit.strategies.policy`).
+    fresh policy function for each checkpointed call (`memfit.core.strategies.policy`).
 
     `state_replay=False` gives PyTorch's own semantics (buffers written again
     by the recompute), for comparison only. `training_only=False` recomputes
@@ -141,7 +141,7 @@ def _outside_policy():
     """Hide the snapshot's copies from a selective-checkpoint policy and the
     pruned recompute's record: they are not the block's ops, and would shift
     the numbers of the ops after them (NOTE [op-level modes] in
-    memfit.strategies). The modes below (the memory tracker, fake tensors)
+    memfit.core.strategies). The modes below (the memory tracker, fake tensors)
     still see them."""
     stack = contextlib.ExitStack()
     while isinstance(_python_dispatch._get_current_dispatch_mode(),
@@ -260,7 +260,7 @@ def _context_fn(owner, policy, state_replay=True):
 # From 2.14 it also takes `respect_saved_tensors_hooks`: whether the tensors a
 # selective checkpoint saves go through the saved-tensor hooks around it. The
 # hook around memfit's selective regions is its own (the pruned recompute's
-# observer, NOTE [pruned recompute] in memfit.pruning), which must see only
+# observer, NOTE [pruned recompute] in memfit.core.pruning), which must see only
 # what autograd saves, as it always has; so memfit passes False, where torch
 # would warn that its default is about to change. Where memfit wraps the
 # selective contexts in its own (`_context_fn`), torch cannot reach them to
@@ -345,7 +345,7 @@ class Region:
     Between those calls the region can be paused: its saved-tensor hooks come
     off the thread's stack, so what the loop does between blocks is saved by
     autograd as usual, not recorded in the region (see NOTE [segments] in
-    `memfit.wrapping`).
+    `memfit.core.wrapping`).
 
     `owner` is the module whose forward opens the region: its own buffers are
     snapshotted too, since its pre-hooks ran before the region opened.
@@ -360,7 +360,7 @@ class Region:
     `torch.utils._pytree`), torch's generator keeps the tensors as it keeps
     any input (with their version checks), and the recompute rebuilds fresh
     containers as they were at the call. Segments do the same for each later
-    call's extra arguments (`memfit.wrapping._Call`).
+    call's extra arguments (`memfit.core.wrapping._Call`).
     """
 
     def __init__(self, replay, args, policy=None, owner=None, state_replay=True):

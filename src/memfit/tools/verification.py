@@ -23,16 +23,16 @@ from dataclasses import dataclass
 import torch
 from torch.utils._pytree import tree_map
 
-from memfit import strategies
-from memfit.blocks import find_blocks, find_chains
+from memfit.core import strategies
+from memfit.core.blocks import find_blocks, find_chains
+from memfit.core.measurement import Run, check_backend, run_of
+from memfit.core.measurement import steps as run_steps
+from memfit.core.schedule import Plan
+from memfit.core.wrapping import wrap, wrapped_blocks
 from memfit.errors import MemfitError
-from memfit.measurement import Run, check_backend, run_of
-from memfit.measurement import steps as run_steps
-from memfit.planner import resolve_plan
-from memfit.profiling import CoverageWarning, coverage, coverage_warning
-from memfit.schedule import Plan
-from memfit.simulation import blocks_of
-from memfit.wrapping import wrap, wrapped_blocks
+from memfit.planning.planner import resolve_plan
+from memfit.planning.profiling import CoverageWarning, coverage, coverage_warning
+from memfit.planning.simulation import blocks_of
 
 __all__ = ["verify"]
 
@@ -87,7 +87,8 @@ def _check_arguments(steps, grad_tol, compile) -> None:
 
 def _plan_and_units(strategy, model, batch, loss_fn, blocks, device, compile=None):
     """(the plan or None, the units) of a strategy, checked against the model and device; a budget is planned
-    for the step compiled with `compile`, if given (NOTE [planning for the compiled step] in memfit.planner)."""
+    for the step compiled with `compile`, if given (NOTE [planning for the compiled step] in
+    memfit.planning.planner)."""
     the_plan = resolve_plan(strategy, model, batch, loss_fn, blocks, compile=compile)
     if the_plan is not None:
         the_plan.check([n for n, _ in find_blocks(model, blocks)])
@@ -130,7 +131,7 @@ def _run_both(base, ckpt, batch, loss_fn, seed, n_steps):
                 grads_bitwise &= torch.equal(p.grad, q.grad)
                 grad_rel = max(grad_rel, _max_rel_diff(p.grad, q.grad))
 
-    # step k of both runs, then their gradients compared (see memfit.measurement.steps)
+    # step k of both runs, then their gradients compared (see memfit.core.measurement.steps)
     run_steps([base, ckpt], batch, loss_fn, seed=seed, timed=n_steps, after=lambda k: compare_grads())
     return grad_rel, grads_bitwise
 
@@ -249,7 +250,7 @@ def verify(model: torch.nn.Module, batch: object, loss_fn: Callable, strategy: o
     device = torch.device(device)
     model = model.to(device).train()
     batch = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, batch)
-    blocks = blocks_of(model, batch, loss_fn, blocks)  # NOTE [blocks called several times] in memfit.blocks
+    blocks = blocks_of(model, batch, loss_fn, blocks)  # NOTE [blocks called several times] in memfit.core.blocks
     n_blocks = len(find_blocks(model, blocks))
     the_plan, units = _plan_and_units(strategy, model, batch, loss_fn, blocks, device, compile)
     if grad_tol is None:
@@ -258,7 +259,7 @@ def verify(model: torch.nn.Module, batch: object, loss_fn: Callable, strategy: o
         grad_tol = 0.0 if device.type == "cpu" and compile in (None, "eager", "aot_eager") else 1e-4
 
     # the baseline gets wrap(none): no block is wrapped, but a Hugging Face KV cache is off in both runs
-    # (NOTE [no KV cache] in memfit.wrapping)
+    # (NOTE [no KV cache] in memfit.core.wrapping)
     base, ckpt = (run_of(wrap(copy.deepcopy(model), s, blocks=blocks, state_replay=state_replay), compile, device)
                   for s in ("none", the_plan or units))
     grad_rel, grads_bitwise = _run_both(base, ckpt, batch, loss_fn, seed, steps)

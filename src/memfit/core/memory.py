@@ -59,6 +59,19 @@ CUDA_SOURCE = "cuda-allocator"
 EVENTS_SOURCE = "cpu-allocator events (torch.profiler)"
 
 
+GB = 1e9  # the unit of the memory numbers trainers log
+
+
+def fmt_bytes(n: float) -> str:
+    """`n` bytes for a reader: B, KiB, MiB or GiB."""
+    unit = "B"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            break
+        n /= 1024
+    return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+
+
 def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 

@@ -26,7 +26,8 @@ the plain step: no gradient reached their output) are left out of the
 profile and the plan's choice (`Profile.fixed`), and the plan lists them as
 `keep`.
 
-How memory is simulated: NOTE [simulated steps] in memfit.simulation; where costs come from: memfit.frontier.
+How memory is simulated: NOTE [simulated steps] in memfit.planning.simulation; where costs come from:
+memfit.planning.frontier.
 """
 from __future__ import annotations
 
@@ -38,12 +39,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from memfit.blocks import find_blocks, find_chains
-from memfit.errors import MemfitError
-from memfit.frontier import alike, block_cost, frontiers, recomputed_ops, record_ops, saved_by
-from memfit.memory import available_cpu_bytes
-from memfit.simulation import MEASURED, SIMULATED, Simulation, blocks_of, simulate
-from memfit.strategies import (
+from memfit.core.blocks import find_blocks, find_chains
+from memfit.core.memory import available_cpu_bytes
+from memfit.core.strategies import (
     KEEP,
     MODES,
     OFFLOAD,
@@ -54,7 +52,10 @@ from memfit.strategies import (
     Mode,
     Unit,
 )
-from memfit.timemodel import TimeModel, calibrate
+from memfit.errors import MemfitError
+from memfit.planning.frontier import alike, block_cost, frontiers, recomputed_ops, record_ops, saved_by
+from memfit.planning.simulation import MEASURED, SIMULATED, Simulation, blocks_of, simulate
+from memfit.planning.timemodel import TimeModel, calibrate
 
 __all__ = ["profile", "simulate", "Profile", "Point", "coverage"]
 
@@ -101,7 +102,7 @@ class Profile:
     `lazy/1`, ...), which stand for a mode of each block's own
     (`points[point][i]`, an op-level mode: NOTE [op-level frontier]). `costs[kind][m][i]` is what recomputing block i
     under m costs: `flops` (matmul FLOPs plus one per element of the other
-    ops) or `time` (seconds, NOTE [time model] in memfit.timemodel);
+    ops) or `time` (seconds, NOTE [time model] in memfit.planning.timemodel);
     `recomputed[m][i]` its matmul FLOPs alone.
     """
 
@@ -354,7 +355,7 @@ def profile(model: torch.nn.Module, batch: object, loss_fn: Callable, *, blocks:
         blocks: the blocks to profile, if not the chains found (names, or a container's name).
         optimizer: the optimizer class whose state counts (default AdamW).
         cost: 'flops' (matmul FLOPs plus one per element of the other ops recomputed) or 'time' (the time
-            model of the model's device, memfit.timemodel).
+            model of the model's device, memfit.planning.timemodel).
         distributed: ("ddp" | "fsdp", world size): profile one rank of that run (see `simulate`).
 
     Returns:

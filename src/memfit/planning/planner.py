@@ -12,9 +12,9 @@ NOTE [exact, then checked]
 It solves the choice exactly by dynamic programming over the blocks and the
 bytes kept through the forward, discretised into 1000 bins rounded up (as in
 Beaumont et al. 2019, "Optimal checkpointing for heterogeneous chains"), with
-the peak model of `memfit.profiling.Profile`. That model is additive and
+the peak model of `memfit.planning.profiling.Profile`. That model is additive and
 therefore approximate where blocks interact; so the chosen plan's peak is then
-simulated exactly (fake tensors, see `memfit.simulation`). If the simulation
+simulated exactly (fake tensors, see `memfit.planning.simulation`). If the simulation
 exceeds the budget, the planner solves again with the budget lowered by the
 excess, until the simulated peak fits. The predicted peak it reports is the
 simulated one: on CPU it is what the step will measure, to the byte.
@@ -33,15 +33,15 @@ from dataclasses import dataclass
 import torch
 from torch.utils._pytree import tree_leaves
 
-from memfit import schedule, strategies
-from memfit.blocks import find_blocks
+from memfit.core import schedule, strategies
+from memfit.core.blocks import find_blocks
+from memfit.core.memory import fmt_bytes
+from memfit.core.schedule import BlockChoice, Budget, Plan
+from memfit.core.strategies import KEEP, OFFLOAD, RECOMPUTE, Mode, Unit
+from memfit.core.wrapping import applied_strategy, wrap
 from memfit.errors import MemfitError
-from memfit.profiling import CoverageWarning, Profile, coverage_warning, profile
-from memfit.report import fmt_bytes
-from memfit.schedule import BlockChoice, Budget, Plan
-from memfit.simulation import MEASURED, blocks_of, simulate
-from memfit.strategies import KEEP, OFFLOAD, RECOMPUTE, Mode, Unit
-from memfit.wrapping import applied_strategy, wrap
+from memfit.planning.profiling import CoverageWarning, Profile, coverage_warning, profile
+from memfit.planning.simulation import MEASURED, blocks_of, simulate
 
 __all__ = ["plan", "solve", "resolve_plan", "apply"]
 
@@ -263,10 +263,10 @@ def plan(model, batch, loss_fn, budget, *, blocks=None, cost="time", optimizer=N
         budget: bytes, '20GiB', '800MB', '60%' (of the plain run's peak, with the same batch and optimizer),
             or 'auto' (free device memory less 10%).
         blocks: the blocks to checkpoint (names, a container's name, or None: found, `memfit.find_chains`).
-        cost: 'time' (the device's time model, memfit.timemodel; the default) or 'flops' (deterministic).
+        cost: 'time' (the device's time model, memfit.planning.timemodel; the default) or 'flops' (deterministic).
         optimizer: the optimizer class whose state counts (default AdamW).
         distributed: ("ddp" | "fsdp", world size) plans for one rank of that run, `batch` being the rank's
-            share (see `memfit.distributed.rank_timeline`); budgets and peaks are then per rank.
+            share (see `memfit.planning.distributed.rank_timeline`); budgets and peaks are then per rank.
         compile: a torch.compile backend the model will be trained under: the plan is made for the compiled
             step, whose peak is measured (NOTE [planning for the compiled step]); '60%' is then of the compiled
             plain step.
@@ -308,7 +308,7 @@ def _planned(model, batch, loss_fn, budget, *, blocks=None, cost="time", optimiz
     if cost not in ("time", "flops"):
         raise MemfitError(f"unknown cost {cost!r}; use time (the device's time model) or flops (deterministic).")
     if compile:
-        from memfit.measurement import check_backend
+        from memfit.core.measurement import check_backend
         check_backend(compile)
         if distributed:
             raise MemfitError("planning for a compiled step is for one process; give compile or distributed, "
@@ -318,7 +318,7 @@ def _planned(model, batch, loss_fn, budget, *, blocks=None, cost="time", optimiz
     cached = _CACHE.get(model, {}).get(key)
     if cached is not None and cached[0] is loss_fn:  # NOTE [plan cache]
         return cached[1]
-    blocks = blocks_of(model, batch, loss_fn, blocks)  # NOTE [blocks called several times] in memfit.blocks
+    blocks = blocks_of(model, batch, loss_fn, blocks)  # NOTE [blocks called several times] in memfit.core.blocks
     sig, device = signature(model, batch, blocks), next(model.parameters()).device
     prof = profile(model, batch, loss_fn, blocks=blocks, optimizer=optimizer, cost=cost, distributed=distributed)
     peaks = {tuple(strategies.units_of(name, prof.chain_sizes)): peak
@@ -333,7 +333,7 @@ def _planned(model, batch, loss_fn, budget, *, blocks=None, cost="time", optimiz
         return peaks[key]
     sources, baseline = _sources(prof, cost), prof.baseline_peak_bytes
     if compile:
-        from memfit.measurement import compiled_step
+        from memfit.core.measurement import compiled_step
         measured = functools.partial(compiled_step, model, batch, loss_fn, backend=compile, blocks=prof.names,
                                      optimizer=optimizer)
         found, baseline, budget_bytes = _for_compiled(prof, budget, device, cost, peak_of, measured)
@@ -444,14 +444,14 @@ def resolve_plan(strategy, model, batch, loss_fn, blocks=None, cost="time", comp
 def apply(model: torch.nn.Module, strategy: object = "blocks", blocks: object = None, state_replay: bool = True, *,
           budget: object = None, batch: object = None, loss_fn: Callable | None = None, cost: str = "time",
           training_only: bool = True) -> torch.nn.Module:
-    """Checkpoint the blocks of `model` in place, by a strategy or a plan (`memfit.wrapping.wrap` does the
+    """Checkpoint the blocks of `model` in place, by a strategy or a plan (`memfit.core.wrapping.wrap` does the
     wrapping); applied again, it replaces what was applied.
 
     Args:
         model: the model whose chains of blocks to checkpoint (`memfit.find_chains`).
-        strategy: any spelling `memfit.schedule.parse` reads: a strategy (`blocks`, `selective`, `every:2`,
+        strategy: any spelling `memfit.core.schedule.parse` reads: a strategy (`blocks`, `selective`, `every:2`,
             `sqrt`, ...), `true`/`false`, a `Plan`, `plan:FILE.json`, `plan:60%`, `{chain: strategy}`, or
-            units (`memfit.strategies.Unit`).
+            units (`memfit.core.strategies.Unit`).
         blocks: the blocks to checkpoint, if not the chains found (names, or a container's name).
         state_replay: replay module state written in the forward (BatchNorm statistics) in the recompute.
         budget: plan for this budget ('60%', '8GiB', 'auto') instead of `strategy`; needs `batch` and `loss_fn`.

@@ -7,7 +7,7 @@ it: a block's recomputed activations are all live at once at the start of
 its backward. torch.compile's partitioner instead recomputes each tensor
 just before the backward op that needs it. This does the same in eager
 mode, for the `lazy:NAME@K` modes (the `ops:` modes' twins, NOTE [op-level
-frontier] in memfit.frontier):
+frontier] in memfit.planning.frontier):
 
 While the block's forward runs, a dispatch mode (`_Recorder`) records each
 op: its function and arguments, each tensor argument named by the op that
@@ -45,7 +45,7 @@ Never wrong, only slower or refused:
   does for a saved tensor written in place;
 * under torch.compile the block goes through torch's checkpoint with the
   policy, as its `ops:` twin (NOTE [op-level modes under compile] in
-  memfit.strategies): the partitioner interleaves recompute by itself.
+  memfit.core.strategies): the partitioner interleaves recompute by itself.
 What is assumed, as the pruned recompute assumes (NOTE [pruned recompute]):
 an op's output depends only on its arguments; a kernel that writes a tensor
 without the dispatcher seeing it (a raw Triton or C++ launch into a tensor
@@ -63,7 +63,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from memfit import pruning, strategies
+from memfit.core import pruning, strategies
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter, FakeTensor)
 _CONTEXT = tuc.SelectiveCheckpointContext(is_recompute=False)
@@ -241,7 +241,7 @@ def _argument(a):
 
 
 def run_on_demand(fn, args, kwargs, policy):
-    """`fn(*args, **kwargs)`, its activations recomputed on demand under `policy` (`memfit.strategies.policy`)."""
+    """`fn(*args, **kwargs)`, its activations recomputed on demand under `policy` (`memfit.core.strategies.policy`)."""
     recorder = _Recorder(policy())
     try:
         with torch.autograd.graph.saved_tensors_hooks(recorder.pack, _unpack), recorder:

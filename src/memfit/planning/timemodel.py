@@ -142,8 +142,8 @@ def _policy_seconds_per_op(device, sync, repeats) -> float:
     """What a selective-checkpoint policy adds to each op of a checkpointed
     call (its dispatch modes see every op, in the forward and again in the
     recompute): a chain of small ops, checkpointed with and without one."""
-    from memfit import strategies
-    from memfit.checkpointing import run
+    from memfit.core import strategies
+    from memfit.core.checkpointing import run
     x, n = _leaf((64,), 1.0, device), 32
 
     def chain(x):

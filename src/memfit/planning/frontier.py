@@ -3,7 +3,7 @@ what recomputing the rest costs, and each block's Pareto frontier of the two.
 
 Costs come from each block's ops, recorded in the plain step (`record_ops`):
 in FLOPs, the matmul FLOPs plus one per element of the other ops that a mode
-recomputes; in time, what the device's time model (memfit.timemodel) says
+recomputes; in time, what the device's time model (memfit.planning.timemodel) says
 those ops take, plus a policy's cost on each op for the selective modes. No
 step is run on the model itself.
 """
@@ -17,12 +17,12 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from memfit import pruning, strategies
-from memfit.blocks import find_blocks
-from memfit.flops import op_flops
-from memfit.simulation import copy_with, each_call, on_cpu, real_step
-from memfit.strategies import KEEP, RECOMPUTE, Mode
-from memfit.wrapping import wrap
+from memfit.core import pruning, strategies
+from memfit.core.blocks import find_blocks
+from memfit.core.flops import op_flops
+from memfit.core.strategies import KEEP, RECOMPUTE, Mode
+from memfit.core.wrapping import wrap
+from memfit.planning.simulation import copy_with, each_call, on_cpu, real_step
 
 __all__ = ["Op", "record_ops", "saved_by", "recomputed_ops", "block_cost", "frontier", "frontiers", "alike"]
 
@@ -30,7 +30,7 @@ __all__ = ["Op", "record_ops", "saved_by", "recomputed_ops", "block_cost", "fron
 @dataclass
 class Op:
     """One op of a block's forward, as the selective-checkpoint dispatch mode
-    sees it (NOTE [op-level modes] in memfit.strategies)."""
+    sees it (NOTE [op-level modes] in memfit.core.strategies)."""
 
     name: str
     flops: int           # matmul, convolution and attention FLOPs (the FLOP counter's)
@@ -46,7 +46,7 @@ class _OpRecorder(TorchDispatchMode):
     """Every op of a training step: the step's totals (FLOPs, bytes moved,
     ops: what the time model needs), and inside each block's forward each op
     the selective-checkpoint mode would see, as an `Op`, with the block's
-    dataflow (`flows[i]`, NOTE [pruned recompute] in memfit.pruning: what each
+    dataflow (`flows[i]`, NOTE [pruned recompute] in memfit.core.pruning: what each
     op reads, what autograd saves, and `last`, the op after which it saved
     the last tensor: a recompute stops there, torch's early stop)."""
 
@@ -89,7 +89,7 @@ class _OpRecorder(TorchDispatchMode):
 
 def record_ops(model, batch, loss_fn, *, blocks=None, real=False, seed=None) -> _OpRecorder:
     """The ops of a plain training step (`_OpRecorder`), on fake tensors, so
-    deterministic and cheap, or on a real step (see NOTE [real steps] in memfit.profiling)."""
+    deterministic and cheap, or on a real step (see NOTE [real steps] in memfit.planning.profiling)."""
     fake = None if real else FakeTensorMode(allow_non_fake_inputs=True)
     mode = real_step(seed) if fake is None else fake
     fmodel, fbatch = copy_with(model, batch, on_cpu if fake is None else fake.from_tensor)
@@ -138,7 +138,7 @@ def op_cost(op: Op, kind: str, model) -> float:
 def recomputed_ops(mode, ops, flow) -> list:
     """The ops a recompute under `mode` runs again: those it does not save, up to the last one whose output
     backward needs (torch's early stop), but for a selective mode only those that backward needs (NOTE
-    [pruned recompute] in memfit.pruning)."""
+    [pruned recompute] in memfit.core.pruning)."""
     saved = saved_by(mode, ops)
     skip = set()
     if mode not in (KEEP, RECOMPUTE) and not flow.opaque:
@@ -161,7 +161,7 @@ def block_cost(mode, ops, flow, kind, model) -> float:
 # cost (its FLOPs plus one per element, or its time). The exact Pareto
 # frontier of (bytes saved, cost avoided) over a block's items is a knapsack,
 # computed here by merging and pruning lists of points. The recompute skips
-# the ops nothing needs (NOTE [pruned recompute] in memfit.pruning), so
+# the ops nothing needs (NOTE [pruned recompute] in memfit.core.pruning), so
 # saving an op can also spare the ops before it: each point is priced by the
 # pruned recompute, outputs saved that nothing reads are dropped from it, and
 # a greedy walk that saves, step by step, the op sparing the most cost per
@@ -169,7 +169,7 @@ def block_cost(mode, ops, flow, kind, model) -> float:
 # `FRONTIER` shares of the block's whole recompute cost (falling by 0.7 from
 # 0.6: the planner trades memory against small costs) become modes `ops:...`
 # for that block, and their twins `lazy:...` (NOTE [recompute on demand] in
-# memfit.ondemand); each block of the chain gets its own. The `ops:` points
+# memfit.core.ondemand); each block of the chain gets its own. The `ops:` points
 # are not simulated one by one: their terms in the planner's peak model come
 # from `recompute`'s, the bytes of the outputs saved added to what the block
 # keeps and taken off what its backward rematerialises, but no lower than
@@ -181,7 +181,7 @@ def block_cost(mode, ops, flow, kind, model) -> float:
 # are; blocks alike share a point's terms, so one simulated step runs a
 # different point on each of them (`_each_point`). The plan the planner picks is then
 # simulated whole, as every plan is (NOTE [exact, then checked] in
-# memfit.planner): the peak it predicts never rests on the estimate.
+# memfit.planning.planner): the peak it predicts never rests on the estimate.
 # Ops that cannot be saved: views and in-place ops (no storage of their own),
 # outputs written in place later (torch's cache refuses them), random ops
 # (NOTE [random ops]: saving them would force saving later ones).
@@ -190,7 +190,7 @@ FRONTIER = tuple(0.6 * 0.7 ** k for k in range(15))  # 0.6 down to 0.004
 
 def frontier(ops: list, flow, kind: str, model=None, shares=FRONTIER) -> list[Mode]:
     """The distinct `ops:...` modes of a block that leave these shares of its recompute cost, fewest bytes
-    first; `flow` is the block's `memfit.pruning.Dataflow`."""
+    first; `flow` is the block's `memfit.core.pruning.Dataflow`."""
     last, price = flow.last, [op_cost(op, kind, model) for op in ops]
     items = [(k, op.new_bytes, price[k]) for k, op in enumerate(ops[:last + 1])
              if op.saveable and not op.random and op.new_bytes > 0 and price[k] > 0]

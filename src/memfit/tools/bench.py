@@ -2,10 +2,10 @@
 next to every uniform strategy, each measured."""
 from __future__ import annotations
 
+from memfit.core.measurement import measure
 from memfit.errors import MemfitError
-from memfit.measurement import measure
-from memfit.planner import plan
-from memfit.simulation import simulate
+from memfit.planning.planner import plan
+from memfit.planning.simulation import simulate
 
 UNIFORM = ("none", "blocks", "every:2", "every:3", "sqrt", "selective", "scores", "pointwise")
 

@@ -8,7 +8,7 @@ registered for them here. Nor has it one for `_grouped_mm`, the experts'
 matmul of a mixture of experts (its backward is made of `_grouped_mm` too).
 
 The counter's mode says `ignore_compile_internals`, as the memory tracker's
-does (NOTE [compiled code] in memfit.memory): compiled code runs under it,
+does (NOTE [compiled code] in memfit.core.memory): compiled code runs under it,
 and it counts the aten ops that code calls. Inductor's fused kernels are
 not ops it sees; the matmuls inductor leaves to aten are.
 """

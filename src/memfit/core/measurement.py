@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from memfit.core.flops import counting_flops
+from memfit.core.memory import MemoryTracker, static_tensors, storage_bytes, track_memory
+from memfit.core.wrapping import wrap
 from memfit.errors import MemfitError, scalar_loss
-from memfit.flops import counting_flops
-from memfit.memory import MemoryTracker, static_tensors, storage_bytes, track_memory
-from memfit.wrapping import wrap
 
 __all__ = ["Run", "steps", "measure", "compiled", "run_of", "resolve_device"]
 
@@ -139,7 +139,7 @@ def check_backend(compile) -> None:
 
 def run_of(model, compile, device, optimizer=None) -> Run:
     """A run of `model` (AdamW, or `optimizer`'s class), compiled with the backend `compile` if given. NOTE
-    [compiled code] in memfit.memory: the storage tracker sees what the aot_eager backends' code allocates, not
+    [compiled code] in memfit.core.memory: the storage tracker sees what the aot_eager backends' code allocates, not
     inductor's CPU kernels' buffers, which the allocator's events show."""
     opt = (optimizer or torch.optim.AdamW)(model.parameters(), lr=1e-3)
     if not compile:

@@ -9,18 +9,8 @@ from pathlib import Path
 
 from rich.table import Table
 
+from memfit.core.memory import fmt_bytes
 from memfit.errors import MemfitError
-
-GB = 1e9  # the unit of the memory numbers trainers log
-
-
-def fmt_bytes(n: float) -> str:
-    unit = "B"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            break
-        n /= 1024
-    return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
 
 
 def check_writable(path: str | os.PathLike) -> Path:

@@ -62,7 +62,7 @@ class Kind(enum.Enum):
 class Mode:
     """What a unit does to its blocks: a kind and, for an op-level mode, the op invocations it saves (`saved`:
     (number, op name) pairs, by number) and whether it recomputes each other tensor when backward needs it
-    (`on_demand`, NOTE [recompute on demand] in memfit.ondemand). Its printed form is what `Mode.parse`
+    (`on_demand`, NOTE [recompute on demand] in memfit.core.ondemand). Its printed form is what `Mode.parse`
     reads: `keep`, `recompute`, `selective`, `scores`, `pointwise`, `offload`, `ops:mm@3,addmm@7`,
     `lazy:mm@3,addmm@7`."""
 
@@ -277,7 +277,7 @@ PRESETS = {SELECTIVE: _selective, SCORES: _scores, POINTWISE: _pointwise}
 # op invocations number 3, 7 and 12 (counting every op the selective-
 # checkpoint dispatch mode shows the policy, from 0, in the order the forward
 # calls them), provided they are the ops named, and recomputes the rest. The
-# planner builds them from a block's own ops (`memfit.frontier`, NOTE
+# planner builds them from a block's own ops (`memfit.planning.frontier`, NOTE
 # [op-level frontier]); they apply one block at a time, like the presets. The
 # names guard against a run that calls other ops than the profiled one
 # (transformers takes another code path on fake tensors): an op that is not
@@ -286,7 +286,7 @@ PRESETS = {SELECTIVE: _selective, SCORES: _scores, POINTWISE: _pointwise}
 # never in its gradients: whatever a policy saves, torch's checkpoint is exact.
 # `lazy:mm@3,...` saves the same, but recomputes each other tensor when
 # backward needs it instead of re-running the block (NOTE [recompute on
-# demand] in memfit.ondemand); under torch.compile it is its `ops:` twin.
+# demand] in memfit.core.ondemand); under torch.compile it is its `ops:` twin.
 def op_name(op) -> str:
     """`mm` for aten.mm.default, `add.Tensor` for aten.add.Tensor."""
     return str(op).removeprefix("aten.").removesuffix(".default")
@@ -396,5 +396,5 @@ def policy(mode: Mode):
         policy_fn.replayed, policy_fn.decisions = 0, decisions
         return policy_fn
 
-    fresh.on_demand = mode.on_demand  # type: ignore[attr-defined]  # eager: NOTE [recompute on demand] in memfit.ondemand
+    fresh.on_demand = mode.on_demand  # type: ignore[attr-defined]  # eager: NOTE [recompute on demand] in memfit.core.ondemand
     return fresh

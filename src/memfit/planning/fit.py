@@ -14,11 +14,11 @@ import gc
 
 import torch
 
+from memfit.core.measurement import measure
+from memfit.core.memory import fmt_bytes
 from memfit.errors import MemfitError
-from memfit.measurement import measure
-from memfit.planner import plan, plan_or_none
-from memfit.report import fmt_bytes
-from memfit.simulation import batch_dims, simulate
+from memfit.planning.planner import plan, plan_or_none
+from memfit.planning.simulation import batch_dims, simulate
 
 STRATEGIES = ("none", "blocks", "sqrt", "selective", "plan")
 LIMIT = 1 << 20

@@ -23,10 +23,10 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
-from memfit.blocks import find_blocks, with_calls
+from memfit.core.blocks import find_blocks, with_calls
+from memfit.core.memory import track_memory
+from memfit.core.wrapping import SegmentWarning, wrap
 from memfit.errors import scalar_loss
-from memfit.memory import track_memory
-from memfit.wrapping import SegmentWarning, wrap
 
 __all__ = ["simulate", "Simulation", "blocks_of", "count_calls", "each_call", "batch_dims"]
 
@@ -60,7 +60,7 @@ def count_calls(model, batch, loss_fn) -> dict:
     """Where each module of `model` is called in one forward (with the loss):
     {qualified name: positions of its calls in the sequence of all module
     calls}, from a step on fake tensors, or {} if the step cannot run on them
-    (NOTE [blocks called several times] in memfit.blocks)."""
+    (NOTE [blocks called several times] in memfit.core.blocks)."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fmodel, fbatch = copy_with(model, batch, mode.from_tensor)
     names = {id(m): n for n, m in fmodel.named_modules()}
@@ -84,7 +84,7 @@ def count_calls(model, batch, loss_fn) -> dict:
 
 def blocks_of(model, batch, loss_fn, blocks=None):
     """`blocks`, with each call of a block called several times per step a block of its own
-    (`memfit.blocks.with_calls`)."""
+    (`memfit.core.blocks.with_calls`)."""
     if blocks is not None and not isinstance(blocks, str) and any("#" in n for n in blocks):
         return blocks  # the calls are named already (a plan's blocks)
     return with_calls(model, blocks, count_calls(model, batch, loss_fn))
@@ -176,10 +176,10 @@ def simulate(model, batch, loss_fn, strategy, *, blocks=None, optimizer=None, ma
     """Peak memory of one training step with `strategy` applied (None: as the
     model is wrapped now), with the optimizer state in place as after a first
     step, computed on fake tensors, or with `real=True` by a real step on a
-    CPU copy (see NOTE [real steps] in memfit.profiling). The model itself is not touched.
+    CPU copy (see NOTE [real steps] in memfit.planning.profiling). The model itself is not touched.
     `resize`: see `copy_with` (a batch of any size, without making one).
     `distributed`: ("ddp" | "fsdp", world size): the step of one rank of that
-    run, `batch` being its share (see `memfit.distributed.rank_timeline`)."""
+    run, `batch` being its share (see `memfit.planning.distributed.rank_timeline`)."""
     fake = None if real else FakeTensorMode(allow_non_fake_inputs=True)
     mode = real_step(seed) if fake is None else fake
     fmodel, fbatch = copy_with(model, batch, on_cpu if fake is None else fake.from_tensor, resize)
@@ -216,7 +216,7 @@ def simulate(model, batch, loss_fn, strategy, *, blocks=None, optimizer=None, ma
     if not distributed:
         timeline = [(label, live - unused) for label, live in mem.timeline]
         return Simulation(mem.peak_bytes - unused, mem.static_bytes - unused, timeline, split)
-    from memfit.distributed import rank_timeline
+    from memfit.planning.distributed import rank_timeline
     state = sum(t.numel() * t.element_size() for t in tree_leaves(list(opt.state.values()))
                 if isinstance(t, torch.Tensor))
     # the copy, with the strategy simulated applied: its units are the FSDP groups (NOTE [order with FSDP2])

@@ -16,7 +16,7 @@ NOTE [segments]
 A segment (several consecutive blocks recomputed as one unit, keeping only the
 first block's input) must span calls that the model's own loop makes one at a
 time: `for block in self.blocks: x = block(x, mask)`. The first block called
-opens a checkpoint region (`memfit.checkpointing.Region`); each later block of
+opens a checkpoint region (`memfit.core.checkpointing.Region`); each later block of
 the segment that is called with the previous block's output as its first
 positional argument joins it, with its extra arguments and the RNG and
 autocast state it ran under (NOTE [per-call replay]); the last block closes
@@ -51,12 +51,12 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
-from memfit import schedule, strategies
-from memfit.blocks import find_blocks, find_chains
-from memfit.checkpointing import CallState, Region, run, will_recompute
+from memfit.core import schedule, strategies
+from memfit.core.blocks import find_blocks, find_chains
+from memfit.core.checkpointing import CallState, Region, run, will_recompute
+from memfit.core.schedule import Plan
+from memfit.core.strategies import KEEP, OFFLOAD, RECOMPUTE
 from memfit.errors import MemfitError
-from memfit.schedule import Plan
-from memfit.strategies import KEEP, OFFLOAD, RECOMPUTE
 
 __all__ = ["wrap", "remove", "wrapped_blocks", "applied_strategy"]
 
@@ -68,7 +68,7 @@ def wrap(model: nn.Module, strategy="blocks", blocks=None, state_replay=True, *,
     `sqrt`, `selective`, `scores`, `pointwise`, `offload`), one per chain as a dict
     (`{"encoder.blocks": "blocks", "predictor.blocks": "selective"}`: containers
     or patterns, other chains left plain), a `memfit.Plan`, or a list of
-    `strategies.Unit`. (`memfit.apply`, in `memfit.planner`, also takes `plan:60%`,
+    `strategies.Unit`. (`memfit.apply`, in `memfit.planning.planner`, also takes `plan:60%`,
     `plan:FILE.json` and `budget=`, and calls this.) `blocks`:
     which modules are blocks (see `memfit.find_chains`; every chain found by default). Applying again
     replaces the previous strategy. Recomputation only happens in training mode with grad
@@ -109,7 +109,7 @@ def _resolved(model, strategy, blocks):
     if s.budget is not None:
         raise MemfitError(
             f"checkpointing {str(s)!r} plans for a budget: call memfit.apply with batch and "
-            f"loss_fn (it plans, then calls this), not memfit.wrapping.wrap."
+            f"loss_fn (it plans, then calls this), not memfit.core.wrapping.wrap."
         )
     strategy = s.strategy
     plan = strategy if isinstance(strategy, Plan) else None
@@ -134,7 +134,7 @@ def _resolved(model, strategy, blocks):
 
 def _wrap_chain(model, chain, units, state_replay, training_only):
     """Wrap each unit's blocks; a block called several times per step (its calls named 'name#K', NOTE [blocks
-    called several times] in memfit.blocks) gets one spec per call, chosen by counting its calls from the
+    called several times] in memfit.core.blocks) gets one spec per call, chosen by counting its calls from the
     start of each forward of `model`."""
     specs: dict = {}  # block -> [spec of each call]
     for unit in units:

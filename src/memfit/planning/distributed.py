@@ -20,7 +20,7 @@ segment expects the previous block's output.
 
 NOTE [per-rank memory]
 The planner and the startup report simulate one process's step on the
-rank's share of the batch (see `memfit.simulation`), and turn its timeline of
+rank's share of the batch (see `memfit.planning.simulation`), and turn its timeline of
 live bytes into one rank's (`rank_timeline`). With DDP every point gains the
 gradient buckets (one more copy of the gradients). With FSDP2 every point
 loses the share of parameters, optimizer state and finished gradients that
@@ -42,10 +42,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from memfit.blocks import find_blocks
+from memfit.core.blocks import find_blocks
+from memfit.core.strategies import KEEP
+from memfit.core.wrapping import applied_strategy
 from memfit.errors import MemfitError
-from memfit.strategies import KEEP
-from memfit.wrapping import applied_strategy
 
 PARALLELISMS = ("none", "ddp", "fsdp")
 

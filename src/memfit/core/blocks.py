@@ -141,7 +141,7 @@ def with_calls(model: nn.Module, blocks, calls: dict):
     weight matrices or more, and lies neither inside nor around a found block,
     is a chain of its calls too. The blocks are then in the order the forward
     calls them. Only a step shows how many calls there are,
-    so this takes the counts of a traced forward (`memfit.simulation.count_calls`):
+    so this takes the counts of a traced forward (`memfit.planning.simulation.count_calls`):
     plans, `verify` and `memfit.apply` with a batch find them; a plan's JSON
     names every call, so it applies to a fresh model without a trace. The
     parameters the calls share get the sum of every call's gradient, as

@@ -53,7 +53,7 @@ been out of place. The copy costs the bytes the policy meant to save (the
 written storage itself goes on as the in-place result), and the memory
 tracker and fake tensors beneath this mode see it, so simulated steps and
 plans price it. The op-level modes the planner builds never save such an
-output in the first place (NOTE [op-level frontier] in memfit.frontier).
+output in the first place (NOTE [op-level frontier] in memfit.planning.frontier).
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_leaves, tree_map
 
-from memfit import strategies
+from memfit.core import strategies
 
 VIEW, FRESH, INPLACE, OTHER = "view", "fresh", "inplace", "other"
 IGNORED = getattr(tuc, "SAC_IGNORED_OPS", {torch.ops.aten.detach.default})  # metadata and detach: never numbered

@@ -8,7 +8,7 @@ import pytest
 import torch
 import verify_cases
 
-from memfit import models, verify
+from memfit import MemfitError, models, verify
 from memfit.cli import main
 
 STRATEGIES = ["blocks", "every:2", "segments:2", "sqrt", "selective", "scores", "pointwise", "none"]
@@ -244,3 +244,41 @@ def test_each_failure_is_found_at_its_bound_and_said_once(arguments, expected):
     got = _failures(*arguments)
     assert len(got) == len(expected), got
     assert all(e in g for e, g in zip(expected, got)), got
+
+
+class _TwoLayers(torch.nn.Module):
+    """`skew` scales the first layer's gradient (a run whose gradients differ there only); `skip` leaves the
+    second layer out of the step (a run in which a parameter gets no gradient)."""
+
+    def __init__(self, skew=1.0, skip=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+        self.skew, self.skip = skew, skip
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.skew != 1.0:  # the same values; the gradient into the first layer scaled, the second's as it was
+            h.register_hook(lambda grad: grad * self.skew)
+        return h if self.skip else self.b(h)
+
+
+def test_the_gradient_comparison_sees_every_parameter_and_a_missing_gradient():
+    """`verify`'s comparison of two runs' gradients (`_run_both`): bitwise equal only if every parameter's is, the
+    largest relative difference over all of them, and an error naming a parameter that got a gradient in one run
+    only."""
+    from memfit.core.measurement import Run
+    from memfit.tools.verification import _run_both
+    batch = torch.randn(3, 4)
+
+    def loss_fn(m, x):
+        return m(x).square().mean()
+
+    def compare(ckpt_model):
+        base = _TwoLayers()
+        return _run_both(Run(base, None), Run(ckpt_model, None), batch, loss_fn, 0, 1)
+    assert compare(_TwoLayers()) == (0.0, True)
+    rel, bitwise = compare(_TwoLayers(skew=1.5))   # only the first layer's gradient differs, by half
+    assert not bitwise and rel == pytest.approx(0.5)
+    with pytest.raises(MemfitError, match="parameter b.weight got a gradient in one run and not the other"):
+        compare(_TwoLayers(skip=True))

@@ -1,4 +1,5 @@
 """`memfit verify`, through the library and the command line."""
+import copy
 import json
 import sys
 import textwrap
@@ -282,3 +283,21 @@ def test_the_gradient_comparison_sees_every_parameter_and_a_missing_gradient():
     assert not bitwise and rel == pytest.approx(0.5)
     with pytest.raises(MemfitError, match="parameter b.weight got a gradient in one run and not the other"):
         compare(_TwoLayers(skip=True))
+
+
+def test_the_comparison_runs_the_steps_asked_for_from_the_seed_asked_for():
+    """Both runs step from `seed` (step k draws with seed + k: another seed, other dropout masks) and are timed
+    for `n_steps` steps after the warm-up, memory and FLOPs steps."""
+    from memfit.core.measurement import Run
+    from memfit.tools.verification import _run_both
+    batch = torch.randn(8, 16)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Dropout(0.5))
+
+    def loss_fn(m, x):
+        return m(x).square().mean()
+    for seed, n_steps in [(0, 1), (7, 3)]:
+        runs = [Run(copy.deepcopy(model), None), Run(copy.deepcopy(model), None)]
+        _run_both(*runs, batch, loss_fn, seed, n_steps)
+        torch.manual_seed(seed)
+        assert runs[0].losses[0] == loss_fn(copy.deepcopy(model), batch), seed
+        assert [len(r.times) for r in runs] == [n_steps, n_steps] and len(runs[0].losses) == 3 + n_steps

@@ -208,6 +208,7 @@ def test_the_largest_relative_difference_is_relative_to_the_plain_tensors_larges
     from memfit.tools.verification import _max_rel_diff
     a, b = torch.tensor([10.0, -20.0]), torch.tensor([10.5, -20.0])
     assert _max_rel_diff(a, b) == 0.5 / 20
+    assert _max_rel_diff(torch.tensor([0.5, -0.25]), torch.tensor([0.25, -0.25])) == 0.5  # small gradients too
     assert _max_rel_diff(torch.zeros(2), torch.tensor([0.0, 0.25])) == 0.25
     assert _max_rel_diff(a, a.clone()) == 0.0
     assert _max_rel_diff(torch.empty(0), torch.empty(0)) == 0.0

@@ -80,7 +80,7 @@ def wrap(model: nn.Module, strategy="blocks", blocks=None, state_replay=True, *,
     if not isinstance(model, nn.Module):
         raise MemfitError(f"apply takes a torch.nn.Module, not {type(model).__name__}; call "
                           f"memfit.apply(model, 'blocks').")
-    chain, units, blocks = _resolved(model, strategy, blocks)  # a bad strategy leaves what is applied as it was
+    chain, units, blocks = resolve_units(model, strategy, blocks)  # a bad strategy leaves what is applied as it was
     remove(model)
     # NOTE [no KV cache]: a Hugging Face KV cache is state that recompute would append to a second time, so
     # `apply` turns it off, as their own checkpointing does in training, on every config (an encoder-decoder's
@@ -103,8 +103,9 @@ def wrap(model: nn.Module, strategy="blocks", blocks=None, state_replay=True, *,
     return model
 
 
-def _resolved(model, strategy, blocks):
-    """(the blocks as (name, module), the units over them, the `blocks` that names them) for a strategy."""
+def resolve_units(model, strategy, blocks):
+    """(the blocks as (name, module), the units over them, the `blocks` that names them) for a strategy, checked
+    against the model: a plan against its blocks, units against the chains."""
     s = schedule.parse(strategy)
     if s.budget is not None:
         raise MemfitError(

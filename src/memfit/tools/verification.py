@@ -24,11 +24,11 @@ import torch
 from torch.utils._pytree import tree_map
 
 from memfit.core import strategies
-from memfit.core.blocks import find_blocks, find_chains
+from memfit.core.blocks import find_blocks
 from memfit.core.measurement import Run, check_backend, run_of
 from memfit.core.measurement import steps as run_steps
 from memfit.core.schedule import Plan
-from memfit.core.wrapping import wrap, wrapped_blocks
+from memfit.core.wrapping import resolve_units, wrap, wrapped_blocks
 from memfit.errors import MemfitError
 from memfit.planning.planner import resolve_plan
 from memfit.planning.profiling import CoverageWarning, coverage, coverage_warning
@@ -90,12 +90,7 @@ def _plan_and_units(strategy, model, batch, loss_fn, blocks, device, compile=Non
     for the step compiled with `compile`, if given (NOTE [planning for the compiled step] in
     memfit.planning.planner)."""
     the_plan = resolve_plan(strategy, model, batch, loss_fn, blocks, compile=compile)
-    if the_plan is not None:
-        the_plan.check([n for n, _ in find_blocks(model, blocks)])
-        units = the_plan.units
-    else:
-        sizes = [len(c) for c in find_chains(model, blocks)]
-        units = strategies.units_of(strategy, sizes) if isinstance(strategy, str) else strategy
+    _, units, _ = resolve_units(model, the_plan or strategy, blocks)  # as `wrap` will apply them
     if device.type != "cuda" and any(u.mode == strategies.OFFLOAD for u in units):
         raise MemfitError(f"offload moves saved tensors from a CUDA device to CPU memory, so on {device.type} it "
                           f"saves nothing; use the cuda device, or a strategy that recomputes.")

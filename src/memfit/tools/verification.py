@@ -43,8 +43,10 @@ COMPILE_BUDGETS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
 def _max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    scale = a.abs().max().item() if a.numel() else 0.0
-    diff = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+    if not a.numel():
+        return 0.0
+    scale = a.abs().max().item()
+    diff = (a.double() - b.double()).abs().max().item()
     return diff / scale if scale > 0 else diff
 
 

@@ -139,15 +139,16 @@ def test_static_bytes_count_each_storage_once():
 
 
 def test_a_tensor_subclass_counts_the_tensors_it_holds():
-    """A traceable wrapper subclass (FSDP2's DTensor holds this rank's shard) counts as the storages inside it,
-    each once, and those made before tracking started stay static."""
+    """A traceable wrapper subclass (FSDP2's DTensor holds this rank's shard) counts as the storages inside it:
+    given as a static object, and as the output of an op (the tracker sees the op on the subclass, not the ops
+    inside it)."""
     from torch.testing._internal.two_tensor import TwoTensor
-    with track_memory(device="cpu") as mem:
-        t = TwoTensor(torch.zeros(10), torch.zeros(10))   # two storages of 40 bytes, inside one tensor
-        u = TwoTensor(t.a, torch.zeros(10))                # one of them again, and one more
-        held = mem.live
-        del t, u
-    assert held == 120 and mem.end_bytes == 0
+    held = TwoTensor(torch.zeros(10), torch.zeros(10))   # two storages of 40 bytes, inside one tensor
+    with track_memory(held, device="cpu") as mem:
+        doubled = held * 2                                 # another two
+        live = mem.live
+        del doubled
+    assert (mem.static_bytes, live, mem.peak_bytes, mem.end_bytes) == (80, 160, 160, 80)
 
 
 def test_the_timeline_says_forward_backward_and_after():

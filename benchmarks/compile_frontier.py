@@ -21,6 +21,7 @@ time against the FLOP-cost plan's at the same budget, with the noise (the
 larger interquartile range / median of the two runs' timed steps). Last,
 how long the planner takes to solve a 48-block chain.
 """
+
 import argparse
 import copy
 import datetime
@@ -45,8 +46,11 @@ COMPILE_BUDGETS = tuple(round(0.1 * i, 1) for i in range(11))
 PLAN_BUDGETS = (30, 40, 50, 60, 70, 80, 90)
 UNIFORM = ("none", "blocks", "every:2", "sqrt", "selective", "scores", "pointwise")
 FOR_COMPILE = "flops, for compile"
-SETUPS = {"gpt": dict(size="tiny", batch_size=64), "resnet-se": dict(size="tiny", batch_size=64),
-          "hf:llama": dict(size="tiny", batch_size=32)}
+SETUPS = {
+    "gpt": dict(size="tiny", batch_size=64),
+    "resnet-se": dict(size="tiny", batch_size=64),
+    "hf:llama": dict(size="tiny", batch_size=32),
+}
 
 
 def eager_run(model, strategy):
@@ -83,8 +87,9 @@ def runs_for(name, model, batch, loss_fn, out: Console):
     plain = next(iter(plans.values())).baseline_peak_bytes  # the eager plain step's: the levels are of it
     for pct in PLAN_BUDGETS:  # planned for the compiled step (NOTE [planning for the compiled step])
         try:
-            plans[(FOR_COMPILE, pct)] = p = memfit.plan(model, batch, loss_fn, int(pct / 100 * plain), cost="flops",
-                                                       compile=BACKEND)
+            plans[(FOR_COMPILE, pct)] = p = memfit.plan(
+                model, batch, loss_fn, int(pct / 100 * plain), cost="flops", compile=BACKEND
+            )
         except memfit.MemfitError as e:
             out.print(f"  {name}: no plan for the compiled step at {pct}%: {e}", markup=False)
             continue
@@ -102,14 +107,21 @@ def rows_for(name, runs, plans):
             assert all(run.graphs_per_step), f"{name} {kind} {level}: a measured step ran eagerly"
         p = plans.get((kind.split("(")[-1].split(")")[0], level)) if kind.startswith("plan") else None
         q = statistics.quantiles(run.times, n=4) if len(run.times) > 1 else [run.times[0]] * 3
-        rows.append({"model": name, "kind": kind, "level": level, "peak_bytes": run.mem.peak_bytes,
-                     "time_spread": (q[2] - q[0]) / statistics.median(run.times),
-                     "peak": run.mem.peak_bytes / plain.mem.peak_bytes,
-                     "recompute_flops": run.flops / plain.flops - 1,
-                     "step_time_s": statistics.median(run.times),
-                     "slowdown": statistics.median(run.times) / statistics.median(plain.times) - 1,
-                     "predicted_peak_bytes": p.predicted_peak_bytes if p else None,
-                     "budget_bytes": p.budget_bytes if p else None})
+        rows.append(
+            {
+                "model": name,
+                "kind": kind,
+                "level": level,
+                "peak_bytes": run.mem.peak_bytes,
+                "time_spread": (q[2] - q[0]) / statistics.median(run.times),
+                "peak": run.mem.peak_bytes / plain.mem.peak_bytes,
+                "recompute_flops": run.flops / plain.flops - 1,
+                "step_time_s": statistics.median(run.times),
+                "slowdown": statistics.median(run.times) / statistics.median(plain.times) - 1,
+                "predicted_peak_bytes": p.predicted_peak_bytes if p else None,
+                "budget_bytes": p.budget_bytes if p else None,
+            }
+        )
     return rows
 
 
@@ -127,32 +139,61 @@ def compare(rows):
         if not r["kind"].startswith("plan") or r["kind"].endswith("compiled"):
             continue
         same = [x for x in rows if x["model"] == r["model"] and x["peak_bytes"] <= r["peak_bytes"]]
-        best = {k: min((x["recompute_flops"] for x in same if x["kind"] == k), default=None)
-                for k in ("compile budget", "uniform")}
+        best = {
+            k: min((x["recompute_flops"] for x in same if x["kind"] == k), default=None)
+            for k in ("compile budget", "uniform")
+        }
         fitting_uniform = [x for x in same if x["kind"] == "uniform" and x["peak_bytes"] <= r["budget_bytes"]]
         twin = r["kind"] == "plan (time)" and next(
             (x for x in rows if x["model"] == r["model"] and x["kind"] == "plan (flops)" and x["level"] == r["level"]),
-            None)
-        out.append({**r, "compile_at_this_peak": best["compile budget"], "uniform_at_this_peak": best["uniform"],
-                    "time_vs_flops_plan": twin and r["step_time_s"] / twin["step_time_s"] - 1,
-                    "noise": twin and max(r["time_spread"], twin["time_spread"]),
-                    "prediction_error": r["peak_bytes"] / r["predicted_peak_bytes"] - 1,
-                    "beaten_by_a_fitting_uniform": [x["level"] for x in fitting_uniform if _beats(x, r)]})
+            None,
+        )
+        out.append(
+            {
+                **r,
+                "compile_at_this_peak": best["compile budget"],
+                "uniform_at_this_peak": best["uniform"],
+                "time_vs_flops_plan": twin and r["step_time_s"] / twin["step_time_s"] - 1,
+                "noise": twin and max(r["time_spread"], twin["time_spread"]),
+                "prediction_error": r["peak_bytes"] / r["predicted_peak_bytes"] - 1,
+                "beaten_by_a_fitting_uniform": [x["level"] for x in fitting_uniform if _beats(x, r)],
+            }
+        )
     return out
 
 
 def table(comparisons) -> Table:
-    t = Table(title=f"memfit plans against torch.compile's activation_memory_budget ({BACKEND}), recomputed "
-                    f"FLOPs as a share of a plain step")
-    for c in ("model", "cost", "budget", "peak", "vs predicted", "memfit", "compile", "uniform", "slowdown",
-              "time vs flops plan (noise)"):
+    t = Table(
+        title=f"memfit plans against torch.compile's activation_memory_budget ({BACKEND}), recomputed "
+        f"FLOPs as a share of a plain step"
+    )
+    for c in (
+        "model",
+        "cost",
+        "budget",
+        "peak",
+        "vs predicted",
+        "memfit",
+        "compile",
+        "uniform",
+        "slowdown",
+        "time vs flops plan (noise)",
+    ):
         t.add_column(c, justify="left" if c in ("model", "cost") else "right")
     pct = lambda x: "-" if x is None else f"{x:.1%}"  # noqa: E731
     for c in comparisons:
-        t.add_row(c["model"], c["kind"][len("plan ("):-1], f"{c['level']}%", f"{c['peak']:.1%}",
-                  f"{c['prediction_error']:+.2%}", pct(c["recompute_flops"]), pct(c["compile_at_this_peak"]),
-                  pct(c["uniform_at_this_peak"]), f"{c['slowdown']:+.1%}",
-                  f"{c['time_vs_flops_plan']:+.1%} (±{c['noise']:.1%})" if c["noise"] else "")
+        t.add_row(
+            c["model"],
+            c["kind"][len("plan (") : -1],
+            f"{c['level']}%",
+            f"{c['peak']:.1%}",
+            f"{c['prediction_error']:+.2%}",
+            pct(c["recompute_flops"]),
+            pct(c["compile_at_this_peak"]),
+            pct(c["uniform_at_this_peak"]),
+            f"{c['slowdown']:+.1%}",
+            f"{c['time_vs_flops_plan']:+.1%} (±{c['noise']:.1%})" if c["noise"] else "",
+        )
     return t
 
 
@@ -164,20 +205,33 @@ def frontier_table(rows) -> Table:
     for name in sorted({r["model"] for r in rows}):
         for kind in ("compile budget", "plan (flops), compiled", "uniform"):
             pts = [r for r in rows if r["model"] == name and r["kind"] == kind]
-            t.add_row(name, kind, "  ".join(f"{r['level']}: {r['peak']:.0%}/{r['recompute_flops']:.1%}/"
-                                            f"{r['slowdown']:+.0%}" for r in pts))
+            t.add_row(
+                name,
+                kind,
+                "  ".join(
+                    f"{r['level']}: {r['peak']:.0%}/{r['recompute_flops']:.1%}/{r['slowdown']:+.0%}" for r in pts
+                ),
+            )
     return t
 
 
 def plot(rows, path):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     names = sorted({r["model"] for r in rows})
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
     for ax, name in zip(axes[0], names):
-        for kind, style in (("compile budget", "o-"), ("plan (flops)", "s-"), ("plan (time)", "^--"),
-                            ("plan (flops), compiled", "x:"), (f"plan ({FOR_COMPILE})", "v-"), ("uniform", "D")):
+        for kind, style in (
+            ("compile budget", "o-"),
+            ("plan (flops)", "s-"),
+            ("plan (time)", "^--"),
+            ("plan (flops), compiled", "x:"),
+            (f"plan ({FOR_COMPILE})", "v-"),
+            ("uniform", "D"),
+        ):
             pts = sorted((r["peak"], r["recompute_flops"]) for r in rows if r["model"] == name and r["kind"] == kind)
             if pts:
                 ax.plot([100 * p for p, _ in pts], [100 * f for _, f in pts], style, label=kind)
@@ -208,19 +262,42 @@ def main():
     out.print(table(comparisons))
     sys.path.insert(0, str(Path(__file__).parent))
     from planner import planning_time  # benchmarks/planner.py
+
     planning = planning_time(48)
-    out.print(f"planning a 48-block chain: {planning['solve_s']:.2f} s after profiling ({planning['profile_s']:.1f} s "
-              f"profiling, one thread)")
+    out.print(
+        f"planning a 48-block chain: {planning['solve_s']:.2f} s after profiling ({planning['profile_s']:.1f} s "
+        f"profiling, one thread)"
+    )
     out.print(frontier_table(rows))
     device = "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name().replace(" ", "-")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     stem = Path(args.out) / f"compile-frontier-{device}-{datetime.date.today()}"
-    write_json(stem.with_suffix(".json"), {
-        "device": device, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-        "backend": BACKEND, "rows": rows, "comparisons": comparisons, "planning_48_blocks": planning,
-        "sizes": {k: {**v, "plain_peak": fmt_bytes(next(r["peak_bytes"] for r in rows if r["model"] == k
-                                                       and r["kind"] == "uniform" and r["level"] == "none"))}
-                  for k, v in SETUPS.items() if any(r["model"] == k for r in rows)}})
+    write_json(
+        stem.with_suffix(".json"),
+        {
+            "device": device,
+            "torch": torch.__version__,
+            "machine": platform.processor() or platform.machine(),
+            "backend": BACKEND,
+            "rows": rows,
+            "comparisons": comparisons,
+            "planning_48_blocks": planning,
+            "sizes": {
+                k: {
+                    **v,
+                    "plain_peak": fmt_bytes(
+                        next(
+                            r["peak_bytes"]
+                            for r in rows
+                            if r["model"] == k and r["kind"] == "uniform" and r["level"] == "none"
+                        )
+                    ),
+                }
+                for k, v in SETUPS.items()
+                if any(r["model"] == k for r in rows)
+            },
+        },
+    )
     plot(rows, stem.with_suffix(".png"))
     out.print(f"written: {stem}.json, {stem}.png")
 

@@ -16,6 +16,7 @@ allocator); step time is the median of --steps steps, the strategies timed
 in turn round by round so that machine noise hits them alike. Gradients of
 every run are compared with the plain run's.
 """
+
 import argparse
 import copy
 import datetime
@@ -45,9 +46,11 @@ def hf_checkpointing(model, every=1):
 
 def variants(model, batch):
     """(name, model with the setting applied, memfit strategy for `measure`)."""
-    out = [("none", model, "none"),
-           ("hf", hf_checkpointing(copy.deepcopy(model)), "none"),
-           ("memfit blocks", model, "blocks")]
+    out = [
+        ("none", model, "none"),
+        ("hf", hf_checkpointing(copy.deepcopy(model)), "none"),
+        ("memfit blocks", model, "blocks"),
+    ]
     try:
         out += [("hf every 2", hf_checkpointing(copy.deepcopy(model), 2), "none"), ("memfit every:2", model, "every:2")]
     except TypeError:  # transformers before every_n_layers
@@ -72,6 +75,7 @@ def training_step(model, batch, loss_fn, strategy):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter() - t0
+
     step()
     return step
 
@@ -90,17 +94,30 @@ def bench(kind, size, batch_size, steps, device):
     rows = {}
     for name, m, strategy in runs:
         r = measure(m, batch, loss_fn, strategy, timed_steps=0)
-        rows[name] = {"model": f"hf:{kind}", "variant": name, "peak_bytes": r["peak_bytes"], "flops": r["flops"],
-                      "memory_source": r["memory_source"], "times": []}
+        rows[name] = {
+            "model": f"hf:{kind}",
+            "variant": name,
+            "peak_bytes": r["peak_bytes"],
+            "flops": r["flops"],
+            "memory_source": r["memory_source"],
+            "times": [],
+        }
     # The budget: HF's own peak as memfit's simulation sees it (the simulation is up to 0.1% above the
     # measured peak on HF models: under fake tensors they build an explicit attention mask).
     budget = simulate(runs[1][1], batch, loss_fn, None).peak_bytes
     the_plan = memfit.plan(model, batch, loss_fn, budget, cost="flops")
     r = measure(model, batch, loss_fn, the_plan, timed_steps=0)
     runs.append(("memfit plan@hf", model, the_plan))
-    rows["memfit plan@hf"] = {"model": f"hf:{kind}", "variant": "memfit plan@hf", "peak_bytes": r["peak_bytes"],
-                              "flops": r["flops"], "memory_source": r["memory_source"], "times": [],
-                              "predicted_peak_bytes": the_plan.predicted_peak_bytes, "budget_bytes": budget}
+    rows["memfit plan@hf"] = {
+        "model": f"hf:{kind}",
+        "variant": "memfit plan@hf",
+        "peak_bytes": r["peak_bytes"],
+        "flops": r["flops"],
+        "memory_source": r["memory_source"],
+        "times": [],
+        "predicted_peak_bytes": the_plan.predicted_peak_bytes,
+        "budget_bytes": budget,
+    }
     stepper = {name: training_step(m, batch, loss_fn, strategy) for name, m, strategy in runs}
     for _ in range(steps):  # round by round, so noise hits every variant alike
         for name, step in stepper.items():
@@ -134,18 +151,38 @@ def main():
     for col in ("model", "variant", "peak", "vs none", "step time", "slowdown", "recompute FLOPs", "grad diff"):
         table.add_column(col, justify="left" if col in ("model", "variant") else "right")
     for r in rows:
-        table.add_row(r["model"], r["variant"], fmt_bytes(r["peak_bytes"]), f"{-r['memory_reduction']:+.1%}",
-                      f"{r['step_time_s'] * 1e3:.0f} ms", f"{r['slowdown']:+.1%}", f"{r['recompute_flops']:+.1%}",
-                      f"{r['grads_max_abs_diff']:.1e}")
+        table.add_row(
+            r["model"],
+            r["variant"],
+            fmt_bytes(r["peak_bytes"]),
+            f"{-r['memory_reduction']:+.1%}",
+            f"{r['step_time_s'] * 1e3:.0f} ms",
+            f"{r['slowdown']:+.1%}",
+            f"{r['recompute_flops']:+.1%}",
+            f"{r['grads_max_abs_diff']:.1e}",
+        )
     Console(width=150).print(table)
     import transformers
+
     date = datetime.date.today().isoformat()
     name = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).replace(" ", "-")
     out = Path(args.out) / f"hf-{name}-{date}.json"
-    write_json(out, {"date": date, "device": str(device), "device_name": name, "machine": platform.platform(),
-                     "torch_version": torch.__version__, "transformers_version": transformers.__version__,
-                     "size": args.size, "batch_size": args.batch_size, "steps": args.steps,
-                     "seconds": time.time() - t0, "rows": rows})
+    write_json(
+        out,
+        {
+            "date": date,
+            "device": str(device),
+            "device_name": name,
+            "machine": platform.platform(),
+            "torch_version": torch.__version__,
+            "transformers_version": transformers.__version__,
+            "size": args.size,
+            "batch_size": args.batch_size,
+            "steps": args.steps,
+            "seconds": time.time() - t0,
+            "rows": rows,
+        },
+    )
     print(f"written to {out}")
 
 

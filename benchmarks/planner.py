@@ -14,6 +14,7 @@
 4. Planning (the DP, after profiling) takes under 2 s for 48 blocks on one core.
 Costs are FLOPs (--cost flops) so the comparisons are deterministic.
 """
+
 import argparse
 import datetime
 import platform
@@ -47,8 +48,12 @@ def check_rows(rows):
             if u["peak_bytes"] <= p["budget_bytes"] and u["recompute_flops"] < p["recompute_flops"] - 1e-9:
                 dominated.append((p["strategy"], u["strategy"]))
     over_budget = [p["strategy"] for p in planned if p["peak_bytes"] > p["budget_bytes"]]
-    return {"plans": len(planned), "worst_prediction_error": worst_error, "dominated_by": dominated,
-            "over_budget": over_budget}
+    return {
+        "plans": len(planned),
+        "worst_prediction_error": worst_error,
+        "dominated_by": dominated,
+        "over_budget": over_budget,
+    }
 
 
 def half_activation(model, batch, loss_fn):
@@ -64,12 +69,18 @@ def half_activation(model, batch, loss_fn):
     cost = planned["flops"] / base["flops"] - 1
     listed = [v for k, v in fitting.items() if k in ISSUE_UNIFORM]
     whole = [v for k, v in fitting.items() if k in ISSUE_UNIFORM[:-1]]
-    return {"budget_bytes": budget, "plan_recompute_flops": cost, "plan_peak_bytes": planned["peak_bytes"],
-            "plan_activation_bytes": planned["activation_bytes"], "baseline_activation_bytes": base["activation_bytes"],
-            "uniform_fitting": fitting, "ratio_to_cheapest_uniform": cost / min(listed) if listed else None,
-            "ratio_to_cheapest_whole_block_uniform": cost / min(whole) if whole else None,
-            "ratio_to_cheapest_memfit_uniform": cost / min(fitting.values()) if fitting else None,
-            "plan": [[b.name, str(b.mode)] for b in p.blocks]}
+    return {
+        "budget_bytes": budget,
+        "plan_recompute_flops": cost,
+        "plan_peak_bytes": planned["peak_bytes"],
+        "plan_activation_bytes": planned["activation_bytes"],
+        "baseline_activation_bytes": base["activation_bytes"],
+        "uniform_fitting": fitting,
+        "ratio_to_cheapest_uniform": cost / min(listed) if listed else None,
+        "ratio_to_cheapest_whole_block_uniform": cost / min(whole) if whole else None,
+        "ratio_to_cheapest_memfit_uniform": cost / min(fitting.values()) if fitting else None,
+        "plan": [[b.name, str(b.mode)] for b in p.blocks],
+    }
 
 
 def planning_time(n_layer=48):
@@ -91,8 +102,14 @@ def planning_time(n_layer=48):
     memfit.plan(model, batch, gpt.loss_fn, "50%", cost="flops")
     whole = time.perf_counter() - t0
     torch.set_num_threads(threads)
-    return {"blocks": n_layer, "profile_s": profiling, "solve_s": solving, "feasible": solution is not None,
-            "plan_including_profile_and_simulated_check_s": whole, "threads": 1}
+    return {
+        "blocks": n_layer,
+        "profile_s": profiling,
+        "solve_s": solving,
+        "feasible": solution is not None,
+        "plan_including_profile_and_simulated_check_s": whole,
+        "threads": 1,
+    }
 
 
 def main():
@@ -104,9 +121,15 @@ def main():
     size = {"gpt": "tiny", "resnet-se": "tiny", "mlp": "tiny"} if args.quick else {}
     budgets = (40, 70, 100) if args.quick else BUDGETS
     date = datetime.date.today().isoformat()
-    results = {"date": date, "device": "cpu", "machine": platform.processor() or platform.machine(),
-               "threads": torch.get_num_threads(), "torch_version": torch.__version__, "cost": "flops",
-               "models": {}}
+    results = {
+        "date": date,
+        "device": "cpu",
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "cost": "flops",
+        "models": {},
+    }
     summary = Table(title="planner targets (CPU, FLOP cost)")
     for col in ("model", "plans", "worst |measured/predicted - 1|", "over budget", "dominated"):
         summary.add_column(col)
@@ -116,8 +139,13 @@ def main():
         out.print(bench_table(rows))
         checks = check_rows(rows)
         results["models"][name] = {"size": size.get(name) or "default", "rows": rows, "checks": checks}
-        summary.add_row(name, str(checks["plans"]), f"{checks['worst_prediction_error']:.3%}",
-                        str(checks["over_budget"] or "none"), str(checks["dominated_by"] or "none"))
+        summary.add_row(
+            name,
+            str(checks["plans"]),
+            f"{checks['worst_prediction_error']:.3%}",
+            str(checks["over_budget"] or "none"),
+            str(checks["dominated_by"] or "none"),
+        )
         if name == "gpt":
             plot_frontier(rows, Path(args.out) / f"planner-frontier-gpt-cpu-{date}.png", title=f"gpt on CPU ({date})")
             results["gpt_half_activation"] = half_activation(model, batch, loss_fn)
@@ -134,14 +162,18 @@ def main():
         "48 blocks: solve under 2 s on one core": t["solve_s"] < 2,
     }
     results["targets"] = targets
-    out.print(f"gpt at half the activation memory (budget {h['budget_bytes'] / 2**20:.1f} MiB): plan recomputes "
-              f"{h['plan_recompute_flops']:.1%} of the step's FLOPs; fitting uniform strategies: "
-              + ", ".join(f"{k} {v:.1%}" for k, v in h["uniform_fitting"].items())
-              + f"; ratio to the cheapest of {', '.join(ISSUE_UNIFORM)}: {h['ratio_to_cheapest_uniform']:.2f}, "
-              f"to the cheapest whole-block one {h['ratio_to_cheapest_whole_block_uniform'] or float('nan'):.2f}, "
-              f"to the cheapest of every memfit uniform strategy {h['ratio_to_cheapest_memfit_uniform']:.2f}")
-    out.print(f"48 blocks, one core: solve {t['solve_s']:.2f} s after a {t['profile_s']:.1f} s profile; "
-              f"plan() with profile and simulated check {t['plan_including_profile_and_simulated_check_s']:.1f} s")
+    out.print(
+        f"gpt at half the activation memory (budget {h['budget_bytes'] / 2**20:.1f} MiB): plan recomputes "
+        f"{h['plan_recompute_flops']:.1%} of the step's FLOPs; fitting uniform strategies: "
+        + ", ".join(f"{k} {v:.1%}" for k, v in h["uniform_fitting"].items())
+        + f"; ratio to the cheapest of {', '.join(ISSUE_UNIFORM)}: {h['ratio_to_cheapest_uniform']:.2f}, "
+        f"to the cheapest whole-block one {h['ratio_to_cheapest_whole_block_uniform'] or float('nan'):.2f}, "
+        f"to the cheapest of every memfit uniform strategy {h['ratio_to_cheapest_memfit_uniform']:.2f}"
+    )
+    out.print(
+        f"48 blocks, one core: solve {t['solve_s']:.2f} s after a {t['profile_s']:.1f} s profile; "
+        f"plan() with profile and simulated check {t['plan_including_profile_and_simulated_check_s']:.1f} s"
+    )
     for name, ok in targets.items():
         out.print(f"  {'met' if ok else 'NOT MET'}: {name}")
     path = Path(args.out) / f"planner-cpu-{date}.json"

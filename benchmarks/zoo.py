@@ -12,6 +12,7 @@ virtual environment of their own (README, "The model zoos"):
     python -m venv .zoo && .zoo/bin/pip install torch==2.14.1 torchvision==0.29.1 -e ".[zoo]"
     .zoo/bin/python benchmarks/zoo.py [--only NAME ...] [--out benchmarks/results]
 """
+
 import argparse
 import datetime
 import importlib.util

@@ -1,5 +1,6 @@
 """What a checkpointed step recomputed, so that a test of sameness also fails
 when a strategy wraps nothing or nothing is recomputed."""
+
 import contextlib
 from dataclasses import dataclass
 
@@ -13,7 +14,7 @@ from memfit.core.strategies import KEEP, OFFLOAD
 @dataclass
 class Recomputed:
     forwards: int = 0  # module calls made while backward runs: a recompute calls the block's modules again
-    replays: int = 0   # ops evaluated again by recompute on demand (`lazy:` modes)
+    replays: int = 0  # ops evaluated again by recompute on demand (`lazy:` modes)
 
     @property
     def anything(self) -> bool:
@@ -32,6 +33,7 @@ def counting():
     def spy(ref):
         seen.replays += ref.node.value is None
         return evaluate(ref)
+
     handle = nn.modules.module.register_module_forward_pre_hook(pre)
     ondemand._evaluate = spy
     try:

@@ -1,5 +1,6 @@
 """Per-frame importance: exact with checkpointing equals exact without, and the
 cache survives kills and corruption."""
+
 import copy
 import subprocess
 import sys
@@ -109,8 +110,8 @@ def test_a_corrupt_file_is_detected_and_recomputed(tmp_path):
     model, videos = tiny(1)
     first = attribute(model, videos, mode="chunked", chunk_size=2, cache=make_cache(tmp_path, model))
     cache = make_cache(tmp_path, model)
-    victim, = cache.dir.glob("video_000_*_chunk_001.pt")
-    victim.write_bytes(victim.read_bytes()[:50])           # truncated
+    (victim,) = cache.dir.glob("video_000_*_chunk_001.pt")
+    victim.write_bytes(victim.read_bytes()[:50])  # truncated
     again = attribute(model, videos, mode="chunked", chunk_size=2, cache=cache)
     assert cache.corrupt == [victim.stem] and again == first
     assert make_cache(tmp_path, model).get(victim.stem) is not None  # rewritten, valid again
@@ -140,11 +141,10 @@ def test_bad_input(tmp_path):
         attribute(model, videos, reduce="l3")
 
 
-
-
 def write_frames(directory, n, sizes=None, skip=None):
     import numpy as np
     from PIL import Image
+
     directory.mkdir()
     for i in range(n):
         if i != skip:

@@ -1,4 +1,5 @@
 """find_blocks on the repo's models and on the layouts of common libraries."""
+
 import pytest
 import torch
 from torch import nn
@@ -20,8 +21,9 @@ def names(model, blocks=None):
     return [n for n, _ in find_blocks(model, blocks)]
 
 
-@pytest.mark.parametrize("model, prefix, count", [
-    ("gpt", "transformer.h.", 4), ("mlp", "hidden.", 4), ("resnet-se", "blocks.", 3)])
+@pytest.mark.parametrize(
+    "model, prefix, count", [("gpt", "transformer.h.", 4), ("mlp", "hidden.", 4), ("resnet-se", "blocks.", 3)]
+)
 def test_builtin_models(model, prefix, count):
     m, _, _ = REGISTRY[model].build("tiny", batch_size=2)
     found = names(m)
@@ -38,8 +40,12 @@ def layout(path, n=6, container=nn.ModuleList, **kw):
         child = nn.Module()
         node.add_module(p, child)
         node = child
-    node.add_module(leaf, container(*([Layer(**kw) for _ in range(n)],) if container is nn.ModuleList
-                                     else [Layer(**kw) for _ in range(n)]))
+    node.add_module(
+        leaf,
+        container(
+            *([Layer(**kw) for _ in range(n)],) if container is nn.ModuleList else [Layer(**kw) for _ in range(n)]
+        ),
+    )
     root.add_module("head", nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 2)))
     return root
 
@@ -100,8 +106,11 @@ def test_no_blocks_is_a_clear_error():
 
 
 def conv_norm_act(cin, cout, stride=1, act=True):
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout),
-                         nn.ReLU(inplace=True) if act else nn.Identity())
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True) if act else nn.Identity(),
+    )
 
 
 class Bottleneck(nn.Module):

@@ -1,4 +1,5 @@
 """memfit.checkpoint against the same code run without checkpointing."""
+
 import copy
 import re
 import sys
@@ -125,8 +126,13 @@ def test_autocast_replayed():
 
 def bn_net(momentum=0.1):
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8, momentum=momentum), nn.ReLU(),
-                         nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8, momentum=momentum))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8, momentum=momentum),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8, momentum=momentum),
+    )
 
 
 def run_steps(model, call, steps=3):
@@ -155,6 +161,7 @@ def test_state_seen_by_recompute_is_the_forwards():
     """Spectral norm's power iteration updates u in forward and its output
     depends on u: the recompute must see u as the forward did, or the
     gradients change."""
+
     def make():
         torch.manual_seed(0)
         return nn.utils.parametrizations.spectral_norm(nn.Linear(8, 8))
@@ -230,10 +237,20 @@ def _new_signature_shim(calls):
     `(fn, args, kwargs, *, ...)`, forwarding to the installed one."""
     original = tuc._checkpoint_without_reentrant_generator
 
-    def generator(fn, args, kwargs, *, preserve_rng_state=True, context_fn=tuc.noop_context_fn,
-                  determinism_check="default", debug=False, early_stop=True):
+    def generator(
+        fn,
+        args,
+        kwargs,
+        *,
+        preserve_rng_state=True,
+        context_fn=tuc.noop_context_fn,
+        determinism_check="default",
+        debug=False,
+        early_stop=True,
+    ):
         calls.append(fn)
         return original(fn, preserve_rng_state, context_fn, determinism_check, debug, early_stop, *args, **kwargs)
+
     return generator
 
 
@@ -241,10 +258,18 @@ def _old_signature_shim(calls):
     """The generator of torch releases before `early_stop` was added."""
     original = tuc._checkpoint_without_reentrant_generator
 
-    def generator(fn, preserve_rng_state=True, context_fn=tuc.noop_context_fn, determinism_check="default",
-                  debug=False, *args, **kwargs):
+    def generator(
+        fn,
+        preserve_rng_state=True,
+        context_fn=tuc.noop_context_fn,
+        determinism_check="default",
+        debug=False,
+        *args,
+        **kwargs,
+    ):
         calls.append(fn)
         return original(fn, preserve_rng_state, context_fn, determinism_check, debug, True, *args, **kwargs)
+
     return generator
 
 
@@ -253,6 +278,7 @@ def _old_signature_shim(calls):
 def test_both_generator_signatures(monkeypatch, shim, strategy):
     ckpt = sys.modules["memfit.core.checkpointing"]  # memfit.checkpoint is the function
     from test_wrapping import LayerDropNet, assert_same_training, drop_loss
+
     calls = []
     monkeypatch.setattr(ckpt, "_open", ckpt._binding(shim(calls)))
     torch.manual_seed(0)
@@ -272,6 +298,7 @@ def test_selective_regions_keep_their_saved_tensors_out_of_memfits_own_hooks(str
     it (its tensors will go through such hooks by default); the hook around memfit's is its own observer, which
     must not see them, so memfit says so and torch does not warn (on older torch there is nothing to say)."""
     import warnings
+
     m = memfit.apply(nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(3)]), strategy)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*saved_tensors_hooks.*", category=FutureWarning)

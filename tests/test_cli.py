@@ -1,5 +1,6 @@
 """Bad input, one row each: one sentence that says what would work, exit code
 2, no traceback, and nothing half-written (issue: nothing lost, nothing wrong)."""
+
 import json
 from pathlib import Path
 
@@ -63,8 +64,10 @@ GPT = str(Path(__file__).resolve().parent.parent / "configs" / "gpt-char.yaml")
 VERIFY = ["verify", "--model", "mlp", "--size", "tiny", "--steps", "1"]
 ROWS = [
     ([*VERIFY, "--strategy", "plan:binary.json"], "is not a text file"),
-    (["plan", "--model", "mlp", "--size", "tiny", "--budget", "90%", "--compile", "nosuch"],
-     "unknown torch.compile backend 'nosuch'"),
+    (
+        ["plan", "--model", "mlp", "--size", "tiny", "--budget", "90%", "--compile", "nosuch"],
+        "unknown torch.compile backend 'nosuch'",
+    ),
     ([*VERIFY, "--strategy", "plan:empty.json"], "it has no blocks"),
     ([*VERIFY, "--strategy", "plan:segment.json"], "does not contain it"),
     (["verify", "--model", ":"], "names no factory"),
@@ -73,8 +76,10 @@ ROWS = [
     (["verify", "--model", "broken_syntax:make"], "has a syntax error"),
     (["verify", "--model", "factories:failing"], "your code raised ValueError in failing"),
     (["verify", "--model", "factories:vector_loss", "--steps", "1"], "loss_fn returned a tensor of shape (2, 4)"),
-    (["verify", "--model", "factories:wrong_shape", "--steps", "1"],
-     "factories.py:12): mat1 and mat2 shapes cannot be multiplied (2x3 and 4x4)"),
+    (
+        ["verify", "--model", "factories:wrong_shape", "--steps", "1"],
+        "factories.py:12): mat1 and mat2 shapes cannot be multiplied (2x3 and 4x4)",
+    ),
     ([*VERIFY, "--grad-tol", "-1"], "grad_tol -1.0 must be a finite number"),
     ([*VERIFY, "--grad-tol", "nan"], "grad_tol nan must be a finite number"),
     ([*VERIFY, "--json", "/proc/memfit.json"], "cannot write /proc/memfit.json"),
@@ -93,8 +98,10 @@ ROWS = [
     (["attribute", "ok.npy", "--size", "tiny", "--weights", "garbage.pt"], "cannot read weights garbage.pt"),
     (["attribute", "ok.npy", "--size", "tiny", "--weights", "tensor.pt"], "hold a Tensor, not a state_dict"),
     (["attribute", "ok.npy", "--size", "tiny", "--weights", "other.pt"], "Missing key(s) in state_dict"),
-    (["fit", "--model", "mlp", "--size", "tiny", "--budget", "1KB", "--strategies", "none,blocks"],
-     "fits no batch with any of none, blocks: a batch of 1 peaks at"),
+    (
+        ["fit", "--model", "mlp", "--size", "tiny", "--budget", "1KB", "--strategies", "none,blocks"],
+        "fits no batch with any of none, blocks: a batch of 1 peaks at",
+    ),
 ]
 
 
@@ -110,8 +117,15 @@ def test_debug_shows_the_traceback(workdir):
         main(["verify", "--model", "factories:failing", "--debug"])
 
 
-@pytest.mark.parametrize("call", [lambda m: memfit.apply(m, None), lambda m: memfit.apply(m, 3),
-                                  lambda m: memfit.apply("model"), lambda m: memfit.remove("model")])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m: memfit.apply(m, None),
+        lambda m: memfit.apply(m, 3),
+        lambda m: memfit.apply("model"),
+        lambda m: memfit.remove("model"),
+    ],
+)
 def test_python_api_bad_arguments_raise_memfit_errors(call):
     with pytest.raises(MemfitError):
         call(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)))
@@ -119,12 +133,47 @@ def test_python_api_bad_arguments_raise_memfit_errors(call):
 
 LATE = [
     ([*VERIFY, "--json", "r.json"], "r.json", "PASS"),
-    (["plan", "--model", "mlp", "--size", "tiny", "--budget", "90%", "--cost", "flops", "--no-measure",
-      "--json", "r.json"], "r.json", "plan for"),
-    (["bench", "--model", "mlp", "--size", "tiny", "--budgets", "90", "--cost", "flops", "--json", "r.json"],
-     "r.json", "none"),
-    (["fit", "--model", "mlp", "--size", "tiny", "--budget", "4MiB", "--strategies", "none", "--no-time",
-      "--json", "r.json"], "r.json", "largest batch"),
+    (
+        [
+            "plan",
+            "--model",
+            "mlp",
+            "--size",
+            "tiny",
+            "--budget",
+            "90%",
+            "--cost",
+            "flops",
+            "--no-measure",
+            "--json",
+            "r.json",
+        ],
+        "r.json",
+        "plan for",
+    ),
+    (
+        ["bench", "--model", "mlp", "--size", "tiny", "--budgets", "90", "--cost", "flops", "--json", "r.json"],
+        "r.json",
+        "none",
+    ),
+    (
+        [
+            "fit",
+            "--model",
+            "mlp",
+            "--size",
+            "tiny",
+            "--budget",
+            "4MiB",
+            "--strategies",
+            "none",
+            "--no-time",
+            "--json",
+            "r.json",
+        ],
+        "r.json",
+        "largest batch",
+    ),
     (["attribute", "ok.npy", "--size", "tiny", "--json", "r.json"], "r.json", "most important frames"),
 ]
 
@@ -137,11 +186,10 @@ def test_a_write_that_fails_at_the_end_keeps_the_results_on_screen(workdir, caps
 
     def full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
     monkeypatch.setattr(os, "fsync", full)
     assert main(args) == 2
     captured = capsys.readouterr()
     assert shown in captured.out, captured.out
     assert "the results are above, but writing the" in captured.err and "No space left on device" in captured.err
     assert captured.err.count("\n") == 1 and not (workdir / path).exists() and not list(workdir.glob(".r.json*"))
-
-

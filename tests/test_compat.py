@@ -1,6 +1,7 @@
 """Where people train: Hugging Face models, mixed precision, torch.compile,
 stochastic depth, DataParallel, DDP. Each test compares against the same
 training without checkpointing."""
+
 import copy
 
 import pytest
@@ -47,8 +48,9 @@ def assert_equal_grads(a, b, exact=True):
 
 
 @pytest.mark.parametrize("strategy", ["blocks", "selective", "sqrt"])
-@pytest.mark.parametrize("kind, layers", [("gpt2", "transformer.h"), ("llama", "model.layers"),
-                                          ("bert", "bert.encoder.layer")])
+@pytest.mark.parametrize(
+    "kind, layers", [("gpt2", "transformer.h"), ("llama", "model.layers"), ("bert", "bert.encoder.layer")]
+)
 def test_hugging_face_models(kind, layers, strategy):
     pytest.importorskip("transformers")
     model, batch, loss_fn = models.load(f"hf:{kind}", size="tiny", batch_size=2)
@@ -89,8 +91,7 @@ def test_cuda_autocast_and_fp16_gradient_scaler(dtype, strategy):
     scale = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     plain = grads(model, batch, loss_fn, autocast=dtype, device="cuda", scaler=scale)
     wrapped = memfit.apply(copy.deepcopy(model), strategy)
-    assert_equal_grads(plain, grads(wrapped, batch, loss_fn, autocast=dtype, device="cuda", scaler=scale),
-                       exact=False)
+    assert_equal_grads(plain, grads(wrapped, batch, loss_fn, autocast=dtype, device="cuda", scaler=scale), exact=False)
 
 
 @pytest.mark.parametrize("strategy", ["blocks", "selective", "sqrt"])
@@ -142,11 +143,17 @@ def test_op_level_modes_save_their_ops_under_compile(monkeypatch):
     its mode lists (here every matmul and attention kernel of each block)."""
     from memfit.core import strategies
     from memfit.planning.frontier import record_ops
+
     torch._dynamo.reset()
     model, batch = gpt_no_dropout(), gpt.batch("tiny", 8)
     ops = record_ops(model, batch, gpt.loss_fn).blocks[0]
-    mode = strategies.Mode.of_ops({k: op.name for k, op in enumerate(ops) if op.name in ("addmm", "mm")
-                                or op.name.startswith("_scaled_dot_product")})
+    mode = strategies.Mode.of_ops(
+        {
+            k: op.name
+            for k, op in enumerate(ops)
+            if op.name in ("addmm", "mm") or op.name.startswith("_scaled_dot_product")
+        }
+    )
     made, policy = [], strategies.policy
 
     def keeping(m):  # each policy made: its decisions, and the names of the ops it was shown
@@ -158,14 +165,18 @@ def test_op_level_modes_save_their_ops_under_compile(monkeypatch):
             def spy(ctx, op, *args, **kwargs):
                 names.append(strategies.op_name(op))
                 return fn(ctx, op, *args, **kwargs)
+
             spy.decisions = fn.decisions
             made.append((fn.decisions, names))
             return spy
+
         return make
+
     monkeypatch.setattr(strategies, "policy", keeping)
     n = len(memfit.find_blocks(model))
-    compiled = torch.compile(memfit.apply(copy.deepcopy(model), [Unit(i, i + 1, mode) for i in range(n)]),
-                             backend="aot_eager")
+    compiled = torch.compile(
+        memfit.apply(copy.deepcopy(model), [Unit(i, i + 1, mode) for i in range(n)]), backend="aot_eager"
+    )
     gpt.loss_fn(compiled, batch).backward()
     traced = [d for d, names in made if "clone" in names]
     assert traced and all(sum(d) == len(mode.saved) for d in traced)
@@ -178,6 +189,7 @@ def test_a_plan_for_the_compiled_step_fits_its_budget_compiled(monkeypatch):
     above the budget or recomputes no less."""
     from memfit.core.measurement import compiled_step
     from memfit.planning import planner
+
     monkeypatch.setattr(planner, "COMPILED_TRIES", 2)
     torch._dynamo.reset()
     model, batch, backend = gpt_no_dropout(), gpt.batch("tiny", 8), "aot_eager_decomp_partition"
@@ -195,6 +207,7 @@ def test_verify_compile_sets_a_plan_against_compiles_own_budget(monkeypatch):
     """A plan verified under a partitioning backend is set against torch.compile's activation_memory_budget: the
     budget reported reaches a measured peak no higher than the plan's, and says what it recomputes."""
     from memfit.tools import verification
+
     monkeypatch.setattr(verification, "COMPILE_BUDGETS", (0.1, 1.0))  # one reaches the peak, one does not
     torch._dynamo.reset()
     model, batch = gpt_no_dropout(), gpt.batch("tiny", 8)
@@ -204,21 +217,24 @@ def test_verify_compile_sets_a_plan_against_compiles_own_budget(monkeypatch):
     found = r["compile_budget_at_this_peak"]
     assert found is not None and found["budget"] == 0.1
     assert found["peak_bytes"] <= r["checkpointed"]["peak_bytes"] and found["recompute_flops"] >= 0
-    assert "compile_budget_at_this_peak" not in memfit.verify(copy.deepcopy(model), batch, gpt.loss_fn, plan,
-                                                             steps=1)  # eager: nothing to set it against
+    assert "compile_budget_at_this_peak" not in memfit.verify(
+        copy.deepcopy(model), batch, gpt.loss_fn, plan, steps=1
+    )  # eager: nothing to set it against
 
 
 def test_the_tracker_and_the_allocator_events_agree_on_compiled_code():
     """The storage tracker sees what aot_eager's compiled code allocates: the CPU allocator's events, which also
     see inductor's buffers, give the same peak (12 bytes apart: the profiler's own)."""
     from memfit.core.measurement import Run, compiled, steps
+
     torch._dynamo.reset()
     model, batch = memfit.apply(gpt_no_dropout(), "blocks"), gpt.batch("tiny", 8)
     peaks = {}
     for events in (False, True):
         forward, calls = compiled(model, "aot_eager_decomp_partition")
-        run = Run(model, torch.optim.AdamW(model.parameters()), forward=forward, graph_calls=calls,
-                  allocator_events=events)
+        run = Run(
+            model, torch.optim.AdamW(model.parameters()), forward=forward, graph_calls=calls, allocator_events=events
+        )
         steps([run], batch, gpt.loss_fn, flops=False, timed=0)
         assert run.graphs_per_step == [1, 1]
         peaks[run.mem.source] = run.mem.peak_bytes
@@ -264,6 +280,7 @@ def test_data_parallel_wrapper():
 
 def free_port():
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -285,6 +302,7 @@ def train_steps(model, batches, steps=3):
 def ddp_worker(rank, port, strategy, find_unused, out):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
+
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         model = memfit.apply(gpt_no_dropout(), strategy)
@@ -298,8 +316,10 @@ def ddp_worker(rank, port, strategy, find_unused, out):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("strategy, find_unused", [("blocks", False), ("selective", False), ("sqrt", True),
-                                                    ("pointwise", False), ("every:2", True)])
+@pytest.mark.parametrize(
+    "strategy, find_unused",
+    [("blocks", False), ("selective", False), ("sqrt", True), ("pointwise", False), ("every:2", True)],
+)
 def test_ddp_two_processes_match_one(tmp_path, strategy, find_unused):
     """Two gloo ranks, each on half of the global batch, end with the parameters
     of one process trained on the whole batch without checkpointing."""

@@ -1,5 +1,6 @@
 """`memfit train --distributed ddp|fsdp` under torchrun (2 gloo processes on CPU),
 FSDP2 with memfit, the per-rank memory model, and the plan broadcast."""
+
 import json
 import subprocess
 import sys
@@ -16,16 +17,44 @@ from memfit.planning import distributed
 from memfit.train.config import resolve
 from memfit.train.loop import train
 
-SMALL = {"model.n_layer": "4", "model.n_embd": "64", "model.n_head": "2", "model.block_size": "32",
-         "model.dropout": "0.0", "training.batch_size": "8", "training.max_iters": "3",
-         "training.eval_iters": "1", "training.memory_budget": "1GiB", "training.device": "cpu"}
+SMALL = {
+    "model.n_layer": "4",
+    "model.n_embd": "64",
+    "model.n_head": "2",
+    "model.block_size": "32",
+    "model.dropout": "0.0",
+    "training.batch_size": "8",
+    "training.max_iters": "3",
+    "training.eval_iters": "1",
+    "training.memory_budget": "1GiB",
+    "training.device": "cpu",
+}
 
 
 def torchrun(out, *args):
     sets = [a for k, v in SMALL.items() for a in ("--set", f"{k}={v}")]
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "memfit", "train", "--config", "configs/gpt-char.yaml", *sets, "--out", str(out),
-                           *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "memfit",
+            "train",
+            "--config",
+            "configs/gpt-char.yaml",
+            *sets,
+            "--out",
+            str(out),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
 """memfit.planning.fit: the largest batch that fits a budget, with each strategy, as a real step measures it."""
+
 import copy
 import json
 
@@ -39,8 +40,19 @@ def test_fit_finds_the_largest_batch_that_fits():
 @pytest.mark.slow
 def test_cli_fit(tmp_path, cli):
     path = tmp_path / "fit.json"
-    r = cli("fit", "--model", "resnet-se", "--size", "tiny", "--budget", "32MiB", "--strategies", "none,blocks",
-            "--json", str(path))
+    r = cli(
+        "fit",
+        "--model",
+        "resnet-se",
+        "--size",
+        "tiny",
+        "--budget",
+        "32MiB",
+        "--strategies",
+        "none,blocks",
+        "--json",
+        str(path),
+    )
     assert r.returncode == 0, r.stderr
     rows = {row["strategy"]: row for row in json.loads(path.read_text())["rows"]}
     assert rows["blocks"]["batch_size"] > rows["none"]["batch_size"] > 0
@@ -54,12 +66,27 @@ def test_fit_budget_auto_is_the_free_memory_of_the_device_used(monkeypatch, caps
     import memfit.cli
     import memfit.planning.fit
     from memfit.core import schedule
+
     asked, budgets = [], []
     model, _, loss_fn = memfit.models.load("mlp", size="tiny")[:3]
     monkeypatch.setattr(memfit.cli, "_load", lambda args: (torch.device("cuda"), model, None, loss_fn))
     monkeypatch.setattr(schedule, "available_bytes", lambda device: asked.append(torch.device(device).type) or 2**30)
-    monkeypatch.setattr(memfit.planning.fit, "fit", lambda m, mb, lf, budget, *a, **k: budgets.append(budget) or [
-        {"strategy": "none", "batch_size": 4, "peak_bytes": 100, "time_per_sample_s": None, "memory_source": "-"}])
+    monkeypatch.setattr(
+        memfit.planning.fit,
+        "fit",
+        lambda m, mb, lf, budget, *a, **k: (
+            budgets.append(budget)
+            or [
+                {
+                    "strategy": "none",
+                    "batch_size": 4,
+                    "peak_bytes": 100,
+                    "time_per_sample_s": None,
+                    "memory_source": "-",
+                }
+            ]
+        ),
+    )
     assert main(["fit", "--model", "mlp", "--size", "tiny", "--budget", "auto", "--strategies", "none"]) == 0
     assert asked[-1] == "cuda" and budgets == [2**30]
     assert "largest batch in 1.0 GiB: mlp on cuda" in capsys.readouterr().out
@@ -69,6 +96,7 @@ def test_fit_with_a_plan_finds_a_batch_at_least_as_large_as_without_checkpointin
     """The `plan` row: at the batch it reports, a plan made for the budget fits it when measured; one sample more
     has no plan that fits; and no checkpointing fits no more."""
     from memfit.core.measurement import measure
+
     model, _, loss_fn = models.load("mlp", "tiny")
     make = lambda b: models.mlp.batch("tiny", b)  # noqa: E731
     budget = 2**20

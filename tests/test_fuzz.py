@@ -7,6 +7,7 @@ give the plain step's loss, gradients and buffers bitwise, and the plan's
 predicted peak is within 1% of the measured one. A failure shrinks to a small
 model, printed as its recipe (`Recipe`). A few examples run by default, more
 with `-m slow`."""
+
 import dataclasses
 
 import pytest
@@ -33,13 +34,14 @@ class Out:
 @dataclasses.dataclass
 class Recipe:
     """What a random model is made of: printed when a case fails."""
+
     width: int
     depth: int
-    parts: list        # the patterns each block applies, in order
-    residual: bool     # the block adds its input to what it computes
-    returns: str       # "tensor", "tuple", "dict" or "dataclass"
-    keyword: bool      # the model calls each block with a keyword argument
-    between: str       # what the model does between blocks: "nothing", "dropout", "random"
+    parts: list  # the patterns each block applies, in order
+    residual: bool  # the block adds its input to what it computes
+    returns: str  # "tensor", "tuple", "dict" or "dataclass"
+    keyword: bool  # the model calls each block with a keyword argument
+    between: str  # what the model does between blocks: "nothing", "dropout", "random"
 
 
 class Block(nn.Module):
@@ -81,13 +83,22 @@ class Block(nn.Module):
                 h = torch.sigmoid(layer(h))
         h = (x + h if self.r.residual else h) * scale
         aux = h.sum()
-        return {"tensor": lambda: h, "tuple": lambda: (h, aux), "dict": lambda: {"x": h, "aux": aux},
-                "dataclass": lambda: Out(h, aux)}[self.r.returns]()
+        return {
+            "tensor": lambda: h,
+            "tuple": lambda: (h, aux),
+            "dict": lambda: {"x": h, "aux": aux},
+            "dataclass": lambda: Out(h, aux),
+        }[self.r.returns]()
 
 
 def _main(out):
-    return out if isinstance(out, torch.Tensor) else out[0] if isinstance(out, tuple) else (
-        out["x"] if isinstance(out, dict) else out.x)
+    return (
+        out
+        if isinstance(out, torch.Tensor)
+        else out[0]
+        if isinstance(out, tuple)
+        else (out["x"] if isinstance(out, dict) else out.x)
+    )
 
 
 class Net(nn.Module):
@@ -111,10 +122,15 @@ class Net(nn.Module):
 
 @st.composite
 def recipes(draw):
-    return Recipe(width=draw(st.integers(4, 10)), depth=draw(st.integers(2, 4)),
-                  parts=draw(st.lists(st.sampled_from(PARTS), min_size=1, max_size=5)),
-                  residual=draw(st.booleans()), returns=draw(st.sampled_from(["tensor", "tuple", "dict", "dataclass"])),
-                  keyword=draw(st.booleans()), between=draw(st.sampled_from(["nothing", "dropout", "random"])))
+    return Recipe(
+        width=draw(st.integers(4, 10)),
+        depth=draw(st.integers(2, 4)),
+        parts=draw(st.lists(st.sampled_from(PARTS), min_size=1, max_size=5)),
+        residual=draw(st.booleans()),
+        returns=draw(st.sampled_from(["tensor", "tuple", "dict", "dataclass"])),
+        keyword=draw(st.booleans()),
+        between=draw(st.sampled_from(["nothing", "dropout", "random"])),
+    )
 
 
 def loss_fn(m, x):
@@ -131,13 +147,22 @@ def check(r: Recipe):
     if any(b.mode != KEEP for b in plan.blocks):  # a plan that keeps every block is the plain step
         assert_same_training(model, batch, loss_fn, plan, steps=1)
     measured = measured_peak(model, batch, loss_fn, plan)
-    assert measured <= plan.budget_bytes and abs(plan.predicted_peak_bytes / measured - 1) <= 0.01, \
-        (plan.predicted_peak_bytes, measured)
+    assert measured <= plan.budget_bytes and abs(plan.predicted_peak_bytes / measured - 1) <= 0.01, (
+        plan.predicted_peak_bytes,
+        measured,
+    )
 
 
 # what the fuzzer found (2026-12-03): recompute on demand replayed a tensor's op after a write through a view
-FOUND = Recipe(width=4, depth=2, parts=["view_", "concat", "add_"], residual=False, returns="tensor", keyword=False,
-               between="nothing")
+FOUND = Recipe(
+    width=4,
+    depth=2,
+    parts=["view_", "concat", "add_"],
+    residual=False,
+    returns="tensor",
+    keyword=False,
+    between="nothing",
+)
 
 
 @settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True)
@@ -151,10 +176,12 @@ def test_recompute_on_demand_sees_a_write_through_a_view():
     """NOTE [recompute on demand]: `y[:, :2].mul_(2)` writes `y`; the concatenation that reads `y` after it must
     not get `y` by replaying the op that made it."""
     from memfit.core.strategies import Unit
+
     torch.manual_seed(0)
     model = Net(FOUND)
-    assert_same_training(model, torch.randn(16, 4), loss_fn, [Unit(0, 1, "lazy:addmm@6"), Unit(1, 2, "lazy:addmm@6")],
-                         steps=1)
+    assert_same_training(
+        model, torch.randn(16, 4), loss_fn, [Unit(0, 1, "lazy:addmm@6"), Unit(1, 2, "lazy:addmm@6")], steps=1
+    )
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """Blocks that write in place a tensor a policy saves (NOTE [in-place writes to
 saved tensors] in memfit.core.pruning): every op-level mode gives the plain step's
 gradients bitwise, recomputes, and the simulated step prices the copy."""
+
 import copy
 
 import pytest
@@ -29,20 +30,20 @@ class InPlaceBlock(nn.Module):
 
     def forward(self, x):
         self.calls += 1
-        y = self.conv(x)                                  # saved by every mode in MODES
+        y = self.conv(x)  # saved by every mode in MODES
         if self.pattern == "relu_":
             F.relu(y, inplace=True)
-        elif self.pattern == "silu_":                     # timm's and torchvision's nn.SiLU(inplace=True)
+        elif self.pattern == "silu_":  # timm's and torchvision's nn.SiLU(inplace=True)
             y = F.silu(y, inplace=True)
-        elif self.pattern == "add_":                      # `out += identity`
+        elif self.pattern == "add_":  # `out += identity`
             y.add_(x)
         elif self.pattern == "mul_":
             y.mul_(self.scale)
-        elif self.pattern == "norm_":                     # in-place normalisation
+        elif self.pattern == "norm_":  # in-place normalisation
             y.sub_(y.mean(dim=1, keepdim=True)).mul_(self.scale)
-        elif self.pattern == "view_":                     # an in-place op on a view of the saved tensor
+        elif self.pattern == "view_":  # an in-place op on a view of the saved tensor
             y[:, :2].mul_(self.scale)
-        elif self.pattern == "linear_relu_":              # a linear layer's saved output, then relu_
+        elif self.pattern == "linear_relu_":  # a linear layer's saved output, then relu_
             z = self.linear(y)
             z.relu_()
             y = y + z

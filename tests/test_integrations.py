@@ -1,5 +1,6 @@
 """memfit.integrations: the real Hugging Face and Lightning trainers on CPU with
 tiny models, each with and without MemfitCallback, compared step for step."""
+
 import json
 import logging
 import subprocess
@@ -21,6 +22,7 @@ from memfit.integrations import Session
 def memfit_hf():
     pytest.importorskip("transformers")
     from memfit.integrations import transformers
+
     return transformers
 
 
@@ -28,6 +30,7 @@ def memfit_hf():
 def memfit_lightning():
     pytest.importorskip("lightning.pytorch")
     from memfit.integrations import lightning
+
     return lightning
 
 
@@ -109,11 +112,14 @@ def test_hf_trainer_budget_that_cannot_be_met_stops_before_training(tmp_path, me
     assert callback.plan is None and callback.peaks == []
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"budget": "60 apples"}, "cannot read budget '60 apples'"),
-    ({"budget": "60%", "strategy": "blocks"}, "not both"),
-    ({"cost": "speed"}, "unknown cost 'speed'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"budget": "60 apples"}, "cannot read budget '60 apples'"),
+        ({"budget": "60%", "strategy": "blocks"}, "not both"),
+        ({"cost": "speed"}, "unknown cost 'speed'"),
+    ],
+)
 def test_bad_arguments_fail_when_the_callback_is_made(kwargs, message, memfit_hf, memfit_lightning):
     with pytest.raises(MemfitError, match=message):
         memfit_hf.MemfitCallback(**kwargs)
@@ -133,8 +139,9 @@ def test_lightning_with_a_budget(lightning_plain, memfit_lightning):
     losses, trainer = trainers.lightning_run(callback)
     assert losses == lightning_plain[0]  # dropout on
     trainers.assert_same_weights(trainers.weights(trainer.lightning_module), lightning_plain[1])  # bitwise
-    assert dict(wrapped_blocks(trainer.lightning_module)) == \
-        {b.name: b.mode for b in callback.plan.blocks if b.mode != KEEP}
+    assert dict(wrapped_blocks(trainer.lightning_module)) == {
+        b.name: b.mode for b in callback.plan.blocks if b.mode != KEEP
+    }
     check_fits(callback, callback.peaks)
     assert trainer.callback_metrics["memory/peak"].item() == pytest.approx(callback.peaks[-1] / 1e9)
 
@@ -150,6 +157,7 @@ def test_lightning_fsdp1_is_refused_before_it_wraps(memfit_lightning):
     from types import SimpleNamespace
 
     from lightning.pytorch.strategies import FSDPStrategy
+
     trainer = SimpleNamespace(strategy=FSDPStrategy())  # the real strategy needs a GPU to run
     with pytest.raises(MemfitError, match="use ModelParallelStrategy and memfit.integrations.lightning.fully_shard"):
         memfit_lightning.MemfitCallback(budget="60%").setup(trainer, trainers.lightning_module(), "fit")
@@ -167,8 +175,9 @@ def test_accelerate_needs_only_memfit_apply():
 
 def test_session_leaves_the_random_numbers_alone():
     """Planning on the first batch draws no number the training would have drawn."""
-    model = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Dropout(0.5))
-                                  for _ in range(3)])
+    model = torch.nn.Sequential(
+        *[torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Dropout(0.5)) for _ in range(3)]
+    )
     batch = torch.randn(512, 16)
     torch.manual_seed(3)
     expected = torch.rand(3)
@@ -180,14 +189,30 @@ def test_session_leaves_the_random_numbers_alone():
 
 def torchrun(kind, out):
     script = Path(__file__).with_name("trainers.py")
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          str(script), kind, str(out), "80%"], capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(script),
+            kind,
+            str(out),
+            "80%",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-4000:]
     return [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(2)]
 
 
-@pytest.mark.parametrize("kind, how", [("hf", "DDP"), pytest.param("lightning", "DDP", marks=pytest.mark.slow),
-                                       ("lightning-fsdp", "FSDP")])
+@pytest.mark.parametrize(
+    "kind, how", [("hf", "DDP"), pytest.param("lightning", "DDP", marks=pytest.mark.slow), ("lightning-fsdp", "FSDP")]
+)
 def test_two_gloo_processes(kind, how, tmp_path):
     """DDP (and FSDP2 under Lightning's ModelParallelStrategy): rank 0's plan, for one
     rank, is applied on both; the losses equal the run without memfit step for step,

@@ -1,4 +1,5 @@
 """memfit.core.measurement: the one loop of real, measured training steps."""
+
 import copy
 
 import pytest
@@ -25,11 +26,20 @@ def test_the_runs_step_side_by_side_on_the_same_random_numbers():
     model, batch, loss_fn = models.load("mlp", size="tiny", batch_size=8)
     base, ckpt = runs_of(model)
     seen = []
-    steps([base, ckpt], batch, loss_fn, seed=5, timed=3, after=lambda k: seen.append(
-        (k, all(torch.equal(p.grad, q.grad) for p, q in zip(base.model.parameters(), ckpt.model.parameters())))))
+    steps(
+        [base, ckpt],
+        batch,
+        loss_fn,
+        seed=5,
+        timed=3,
+        after=lambda k: seen.append(
+            (k, all(torch.equal(p.grad, q.grad) for p, q in zip(base.model.parameters(), ckpt.model.parameters())))
+        ),
+    )
     assert seen == [(k, True) for k in range(5, 11)]  # warm-up, memory, FLOPs, 3 timed
-    assert len(base.losses) == len(ckpt.losses) == 6 and all(torch.equal(a, b) for a, b in zip(base.losses,
-                                                                                                ckpt.losses))
+    assert len(base.losses) == len(ckpt.losses) == 6 and all(
+        torch.equal(a, b) for a, b in zip(base.losses, ckpt.losses)
+    )
     assert len(base.times) == len(ckpt.times) == 3 and base.flops > 0 and ckpt.flops > base.flops
 
 
@@ -66,6 +76,7 @@ def test_devices(monkeypatch):
 
     def available(kind):
         return {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}[kind]()
+
     assert resolve_device("auto").type == next((k for k in ("cuda", "mps") if available(k)), "cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)

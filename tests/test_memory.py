@@ -1,4 +1,5 @@
 """The storage tracker: exact, repeatable, and in agreement with PyTorch's MemTracker."""
+
 import copy
 
 import pytest
@@ -28,10 +29,10 @@ def measured(model, batch, loss_fn):
 def test_known_allocations_to_the_byte():
     keep = torch.zeros(1000)
     with track_memory(keep) as mem:
-        a = torch.empty(250, dtype=torch.float32)   # 1000 bytes
-        b = torch.empty(500, dtype=torch.float64)   # 4000 bytes
+        a = torch.empty(250, dtype=torch.float32)  # 1000 bytes
+        b = torch.empty(500, dtype=torch.float64)  # 4000 bytes
         del a
-        c = b[:10]                                  # a view: no new storage
+        c = b[:10]  # a view: no new storage
         del b, c
     assert mem.source == CPU_SOURCE
     assert mem.static_bytes == 4000
@@ -91,7 +92,7 @@ def test_forward_end_is_found_without_help():
     lin = nn.Linear(100, 100)
     x = torch.randn(50, 100)
     with track_memory(lin, x) as mem:
-        y = torch.relu(lin(x))   # relu keeps its 50x100 output; the linear output dies
+        y = torch.relu(lin(x))  # relu keeps its 50x100 output; the linear output dies
         y.sum().backward()
     assert mem.forward_end_bytes is not None
     assert 50 * 100 * 4 <= mem.activation_bytes <= 50 * 100 * 4 + 16  # plus the scalar sum
@@ -102,18 +103,18 @@ def test_a_storage_resized_in_place_counts_at_its_new_size():
     tracker counts a storage it knows at each new size, and leaves the others (made before it started) alone."""
     before = torch.zeros(100)
     with track_memory(device="cpu") as mem:
-        x = torch.zeros(1000)                      # 4000 bytes
-        x.untyped_storage().resize_(0)             # freed in place, as FSDP2 frees a gathered parameter
+        x = torch.zeros(1000)  # 4000 bytes
+        x.untyped_storage().resize_(0)  # freed in place, as FSDP2 frees a gathered parameter
         freed = mem.live
-        x.untyped_storage().resize_(2000)          # gathered again, larger
-        before.untyped_storage().resize_(0)        # not the tracker's: not counted
+        x.untyped_storage().resize_(2000)  # gathered again, larger
+        before.untyped_storage().resize_(0)  # not the tracker's: not counted
         at_end = mem.live
         del x
     assert (freed, at_end, mem.peak_bytes, mem.end_bytes) == (0, 2000, 4000, 0)
     resize = torch.UntypedStorage.resize_
     with track_memory(device="cpu") as mem:
         y = torch.zeros(1000)
-        y.untyped_storage().resize_(8000)           # above what it had: a new peak
+        y.untyped_storage().resize_(8000)  # above what it had: a new peak
     assert mem.peak_bytes == 8000 and torch.UntypedStorage.resize_ is resize  # and put back as it was
 
 
@@ -121,13 +122,14 @@ def test_static_bytes_count_each_storage_once():
     """What counts as static: parameters, their gradients, buffers, optimizer state and the batch's tensors, each
     storage once however many views of it are given."""
     from memfit.core.memory import static_tensors, storage_bytes
-    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))   # 15 + 6 parameters, 7 buffer elements
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))  # 15 + 6 parameters, 7 buffer elements
     model(torch.randn(5, 4)).sum().backward()
     opt = torch.optim.AdamW(model.parameters())
     opt.step()
     batch = {"x": torch.zeros(10), "views": [torch.zeros(10)[2:], torch.zeros(3).view(3, 1)]}
     params, grads, buffers = 21 * 4, 21 * 4, 6 * 4 + 8
-    state = 2 * 21 * 4 + 4 * 4   # exp_avg, exp_avg_sq, and a step count per parameter
+    state = 2 * 21 * 4 + 4 * 4  # exp_avg, exp_avg_sq, and a step count per parameter
     assert storage_bytes(static_tensors(model)) == params + grads + buffers
     assert storage_bytes(static_tensors(opt)) == state
     assert storage_bytes(static_tensors(batch)) == 40 + 40 + 12
@@ -143,9 +145,10 @@ def test_a_tensor_subclass_counts_the_tensors_it_holds():
     given as a static object, and as the output of an op (the tracker sees the op on the subclass, not the ops
     inside it)."""
     from torch.testing._internal.two_tensor import TwoTensor
-    held = TwoTensor(torch.zeros(10), torch.zeros(10))   # two storages of 40 bytes, inside one tensor
+
+    held = TwoTensor(torch.zeros(10), torch.zeros(10))  # two storages of 40 bytes, inside one tensor
     with track_memory(held, device="cpu") as mem:
-        doubled = held * 2                                 # another two
+        doubled = held * 2  # another two
         live = mem.live
         del doubled
     assert (mem.static_bytes, live, mem.peak_bytes, mem.end_bytes) == (80, 160, 160, 80)

@@ -1,4 +1,5 @@
 """memfit.models: the built-in models, and a user's factory, loaded with what they take."""
+
 import sys
 import textwrap
 
@@ -21,7 +22,8 @@ def test_each_built_in_model_loads_at_its_batch_and_seed(name):
 
 
 def test_a_factory_gets_only_the_arguments_it_takes(tmp_path, monkeypatch):
-    (tmp_path / "takes_some.py").write_text(textwrap.dedent("""
+    (tmp_path / "takes_some.py").write_text(
+        textwrap.dedent("""
         import torch
         from torch import nn
         seen = {}
@@ -30,7 +32,8 @@ def test_a_factory_gets_only_the_arguments_it_takes(tmp_path, monkeypatch):
             seen["batch_size"] = batch_size
             return nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), torch.randn(batch_size, 2), \\
                 lambda m, b: m(b).sum()
-    """))
+    """)
+    )
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     _, batch, _ = models.load("takes_some:make", size="large", batch_size=7, seed=1)

@@ -1,4 +1,5 @@
 """NOTE [recompute on demand]: op-level modes recompute each tensor when backward unpacks it, exactly."""
+
 import copy
 
 import pytest
@@ -51,8 +52,9 @@ def test_on_demand_peaks_below_the_rerun_of_the_same_mode():
     policy (the tracker's measure), with the same FLOPs and losses."""
     model, batch, loss_fn = models.load("hf:llama", size="tiny", batch_size=16)
     prof = profile(model, batch, loss_fn, cost="flops")
-    label = min((x for x in prof.points if not x.on_demand and not any(prof.recomputed[x])),
-                key=lambda x: sum(prof.kept[x]))
+    label = min(
+        (x for x in prof.points if not x.on_demand and not any(prof.recomputed[x])), key=lambda x: sum(prof.kept[x])
+    )
     runs = []
     for twin in (Mode.lazy, lambda m: m):
         m = memfit.apply(copy.deepcopy(model), [Unit(i, i + 1, twin(m)) for i, m in enumerate(prof.points[label])])
@@ -149,6 +151,7 @@ def test_a_write_inside_the_block_keeps_the_tensors_a_replay_would_read():
 
         def forward(self, x):
             return self.blocks[1](self.blocks[0](x * 1.0))
+
     (plain,) = torch.autograd.grad(Two()(x).sum(), x)
     (got,) = torch.autograd.grad(memfit.apply(Two(), _nothing_saved())(x).sum(), x)
     assert torch.equal(plain, got)
@@ -161,6 +164,7 @@ def test_a_point_whose_step_fails_leaves_lazy_modes_out_with_a_warning():
 
     def simulated(units):
         raise RuntimeError("memfit: a tensor that recomputing on demand reads was written in place")
+
     with pytest.warns(UserWarning, match="recompute on demand left out"):
         terms = _each_point({Point(1, on_demand=True): [Mode.parse("lazy:mm@0")] * 2}, [[0, 1]], simulated)
     assert terms == {}
@@ -177,6 +181,7 @@ def _decisions(model, batch, loss_fn, units):
             def spy(traced=False, fresh=fresh):
                 made.append(fresh(traced))
                 return made[-1]
+
             spy.on_demand = fresh.on_demand
             block._memfit.policy = spy
     torch.manual_seed(0)

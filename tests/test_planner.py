@@ -1,5 +1,6 @@
 """The planner: optimal for its model (against brute force), and its plans fit
 their budgets when measured."""
+
 import copy
 import itertools
 import json
@@ -46,14 +47,29 @@ def profiles(draw, modes=HOST_MODES):
     n = draw(st.integers(1, 5 if modes == HOST_MODES else 4))
     ints = st.integers(0, 1000)
     per_mode = lambda: {m: [draw(ints) for _ in range(n)] for m in MODES}  # noqa: E731
-    costs = {kind: {m: [0.0 if m == KEEP else draw(st.floats(0, 100)) for _ in range(n)] for m in modes}
-             for kind in ("flops", "time")}
+    costs = {
+        kind: {m: [0.0 if m == KEEP else draw(st.floats(0, 100)) for _ in range(n)] for m in modes}
+        for kind in ("flops", "time")
+    }
     costs["flops"][OFFLOAD] = [float("inf")] * n
-    return Profile(names=[f"b{i}" for i in range(n)], device="cuda" if OFFLOAD in modes else "cpu", modes=modes,
-                   step_time_s=1.0, baseline_peak_bytes=10**5, static_bytes=0,
-                   start=draw(st.integers(0, 500)), head=draw(ints), tail=draw(st.integers(0, 3000)),
-                   other=[draw(ints) for _ in range(n)], kept=per_mode(), work=per_mode(), transient=per_mode(),
-                   costs=costs, recomputed={m: [0] * n for m in modes}, step_flops=1000)
+    return Profile(
+        names=[f"b{i}" for i in range(n)],
+        device="cuda" if OFFLOAD in modes else "cpu",
+        modes=modes,
+        step_time_s=1.0,
+        baseline_peak_bytes=10**5,
+        static_bytes=0,
+        start=draw(st.integers(0, 500)),
+        head=draw(ints),
+        tail=draw(st.integers(0, 3000)),
+        other=[draw(ints) for _ in range(n)],
+        kept=per_mode(),
+        work=per_mode(),
+        transient=per_mode(),
+        costs=costs,
+        recomputed={m: [0] * n for m in modes},
+        step_flops=1000,
+    )
 
 
 def check_optimal(prof, budget, kind, modes):
@@ -114,6 +130,7 @@ def test_plan_beats_uniform_strategies_that_fit():
     p = memfit.plan(model, batch, loss_fn, "60%", cost="flops")
     from memfit.core.measurement import measure
     from memfit.tools.bench import UNIFORM
+
     base = measure(model, batch, loss_fn, "none", timed_steps=0)
     planned = measure(model, batch, loss_fn, p, timed_steps=0)
     fitting = 0
@@ -131,12 +148,15 @@ def test_a_budget_a_uniform_strategy_just_meets_is_planned(uniform):
     bytes may miss it, the plan still fits and costs no more than that strategy."""
     from memfit.core.measurement import measure
     from memfit.planning.simulation import simulate
+
     model, batch, loss_fn = models.load("resnet-se", size="tiny", batch_size=16)  # blocks: the DP alone misses it
     budget = simulate(model, batch, loss_fn, uniform).peak_bytes
     p = memfit.plan(model, batch, loss_fn, budget, cost="flops")
     assert p.predicted_peak_bytes <= budget
-    assert measure(model, batch, loss_fn, p, timed_steps=0)["flops"] <= \
-        measure(model, batch, loss_fn, uniform, timed_steps=0)["flops"]
+    assert (
+        measure(model, batch, loss_fn, p, timed_steps=0)["flops"]
+        <= measure(model, batch, loss_fn, uniform, timed_steps=0)["flops"]
+    )
 
 
 def test_a_time_plan_is_never_beaten_by_a_fitting_uniform_strategy(monkeypatch):
@@ -147,6 +167,7 @@ def test_a_time_plan_is_never_beaten_by_a_fitting_uniform_strategy(monkeypatch):
     from memfit.planning import profiling, simulation
     from memfit.planning.planner import UNIFORM_FALLBACKS
     from memfit.planning.timemodel import TimeModel
+
     fixed = TimeModel("cpu", per_flop=1e-11, per_byte=2e-11, per_op=3e-6, spread=0.0, error=0.0)
     monkeypatch.setattr(profiling, "calibrate", lambda device: fixed)
     model, batch, loss_fn = models.load("gpt", size="tiny", batch_size=16)
@@ -154,14 +175,16 @@ def test_a_time_plan_is_never_beaten_by_a_fitting_uniform_strategy(monkeypatch):
     uniform = {}
     for name in UNIFORM_FALLBACKS:
         units = strategies.units_of(name, prof.chain_sizes)
-        uniform[name] = (simulation.simulate(model, batch, loss_fn, name).peak_bytes,
-                         *[sum(prof.cost(u.mode, i, k) for u in units for i in range(u.start, u.stop))
-                           for k in ("time", "flops")])
+        uniform[name] = (
+            simulation.simulate(model, batch, loss_fn, name).peak_bytes,
+            *[sum(prof.cost(u.mode, i, k) for u in units for i in range(u.start, u.stop)) for k in ("time", "flops")],
+        )
     fitting = []
     for budget in ("50%", "65%", "80%"):
         p = memfit.plan(model, batch, loss_fn, budget, cost="time")
-        time_cost, flop_cost = [sum(prof.cost(u.mode, i, k) for u in p.units for i in range(u.start, u.stop))
-                                for k in ("time", "flops")]
+        time_cost, flop_cost = [
+            sum(prof.cost(u.mode, i, k) for u in p.units for i in range(u.start, u.stop)) for k in ("time", "flops")
+        ]
         assert time_cost == pytest.approx(p.predicted_overhead * prof.step_time_s)
         for name, (peak, t, f) in uniform.items():
             if peak <= p.budget_bytes:
@@ -197,6 +220,7 @@ def test_plan_json_round_trip_and_apply_to_a_fresh_model(tmp_path):
 
 def test_plans_are_cached_by_shape(monkeypatch):
     import memfit.planning.planner as planner
+
     calls = []
     real = planner.profile
     monkeypatch.setattr(planner, "profile", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -222,8 +246,6 @@ def test_apply_with_a_budget_plans_and_applies():
         assert torch.equal(p.grad, q.grad)
 
 
-
-
 def test_cli_plan_and_bench(tmp_path, cli):
     plan_path, verified = tmp_path / "plan.json", tmp_path / "verify.json"
     r = cli("plan", "--model", "gpt", "--size", "tiny", "--budget", "60%", "--json", str(plan_path))  # time cost
@@ -233,40 +255,83 @@ def test_cli_plan_and_bench(tmp_path, cli):
     assert "step time (time model)" in r.stdout and "under a policy" in r.stdout
     data = json.loads(plan_path.read_text())
     assert data["measured_peak_bytes"] == data["predicted_peak_bytes"]
-    r = cli("verify", "--model", "gpt", "--size", "tiny", "--strategy", f"plan:{plan_path}", "--steps", "1",
-            "--json", str(verified))
+    r = cli(
+        "verify",
+        "--model",
+        "gpt",
+        "--size",
+        "tiny",
+        "--strategy",
+        f"plan:{plan_path}",
+        "--steps",
+        "1",
+        "--json",
+        str(verified),
+    )
     assert r.returncode == 0 and "predicted (time model)" in r.stdout, r.stderr
     assert json.loads(verified.read_text())["checkpointed"]["predicted_slowdown"] > 0
     r = cli("verify", "--model", "resnet-se", "--strategy", f"plan:{plan_path}", "--steps", "1")
     assert r.returncode == 2 and "this plan was made for a model" in r.stderr
 
     bench_json, png = tmp_path / "bench.json", tmp_path / "pareto.png"
-    r = cli("bench", "--model", "mlp", "--size", "tiny", "--budgets", "50,100", "--cost", "flops",
-            "--json", str(bench_json), "--plot", str(png))
+    r = cli(
+        "bench",
+        "--model",
+        "mlp",
+        "--size",
+        "tiny",
+        "--budgets",
+        "50,100",
+        "--cost",
+        "flops",
+        "--json",
+        str(bench_json),
+        "--plot",
+        str(png),
+    )
     assert r.returncode == 0, r.stderr
     rows = json.loads(bench_json.read_text())["rows"]
-    assert {"none", "blocks", "every:2", "every:3", "sqrt", "selective", "scores", "pointwise",
-            "plan:50%", "plan:100%"} == {
-        r["strategy"] for r in rows}
+    assert {
+        "none",
+        "blocks",
+        "every:2",
+        "every:3",
+        "sqrt",
+        "selective",
+        "scores",
+        "pointwise",
+        "plan:50%",
+        "plan:100%",
+    } == {r["strategy"] for r in rows}
     for row in rows:
-        assert {"strategy", "budget_bytes", "predicted_peak_bytes", "peak_bytes", "step_time_s",
-                "recompute_flops"} <= set(row)
+        assert {
+            "strategy",
+            "budget_bytes",
+            "predicted_peak_bytes",
+            "peak_bytes",
+            "step_time_s",
+            "recompute_flops",
+        } <= set(row)
     assert png.stat().st_size > 10_000
 
 
-@pytest.mark.parametrize("args, message", [
-    (["plan", "--budget", "0"], "must be positive"),
-    (["plan", "--budget", "-5GiB"], "must be positive"),
-    (["plan", "--budget", "150%"], "at most 100%"),
-    (["plan", "--budget", "abc"], "cannot read budget"),
-    (["plan", "--model", "gpt", "--size", "tiny", "--budget", "3%", "--cost", "flops"], "below the smallest peak"),
-    (["bench", "--budgets", "20,x"], "--budgets"),
-    (["verify", "--strategy", "plan:missing.json"], "cannot read plan"),
-    (["verify", "--model", "mlp", "--size", "tiny", "--strategy", "offload"], "on cpu it saves nothing"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["plan", "--budget", "0"], "must be positive"),
+        (["plan", "--budget", "-5GiB"], "must be positive"),
+        (["plan", "--budget", "150%"], "at most 100%"),
+        (["plan", "--budget", "abc"], "cannot read budget"),
+        (["plan", "--model", "gpt", "--size", "tiny", "--budget", "3%", "--cost", "flops"], "below the smallest peak"),
+        (["bench", "--budgets", "20,x"], "--budgets"),
+        (["verify", "--strategy", "plan:missing.json"], "cannot read plan"),
+        (["verify", "--model", "mlp", "--size", "tiny", "--strategy", "offload"], "on cpu it saves nothing"),
+    ],
+)
 def test_cli_bad_input(args, message, capsys):
     """In this process, as tests/test_cli.py does."""
     from memfit.cli import main
+
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
@@ -278,11 +343,13 @@ class TwoFaced(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.layers = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh())
-                                            for _ in range(4)])
+        self.layers = torch.nn.Sequential(
+            *[torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh()) for _ in range(4)]
+        )
 
     def forward(self, x):
         from torch._subclasses.fake_tensor import FakeTensor
+
         width = 512 if isinstance(x, FakeTensor) else 16
         return (self.layers(x) * torch.ones(x.shape[0], width)[:, :16]).pow(2).mean()
 
@@ -312,6 +379,7 @@ def test_a_cached_plan_is_not_reused_for_a_model_whose_memory_changed():
     """NOTE [plan cache]: the same model object in bf16 (or a copy, or with another loss) is planned again, and
     the new plan predicts the bf16 step's measured peak; the same call again is served from the cache."""
     from memfit.core.measurement import measure
+
     model, batch, loss_fn = models.load("gpt", size="tiny", batch_size=16)
     first = memfit.plan(model, batch, loss_fn, "80%", cost="flops")
     assert memfit.plan(model, batch, loss_fn, "80%", cost="flops") is first

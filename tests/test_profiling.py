@@ -1,4 +1,5 @@
 """memfit.planning.profiling: simulated steps against real ones, and profiling that leaves the model as it was."""
+
 import copy
 
 import pytest
@@ -16,15 +17,18 @@ from memfit.planning.simulation import simulate
 def test_a_simulated_step_peaks_where_the_real_one_does(name):
     model, batch, loss_fn = models.load(name, size="tiny", batch_size=4)
     for strategy in ("none", "blocks", "selective", "sqrt"):
-        assert simulate(model, batch, loss_fn, strategy).peak_bytes == \
-            measure(model, batch, loss_fn, strategy, timed_steps=0, flops=False)["peak_bytes"], strategy
+        assert (
+            simulate(model, batch, loss_fn, strategy).peak_bytes
+            == measure(model, batch, loss_fn, strategy, timed_steps=0, flops=False)["peak_bytes"]
+        ), strategy
 
 
 class Tower(nn.Module):
     def __init__(self, n=4, width=32):
         super().__init__()
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
-                                    for _ in range(n))
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)) for _ in range(n)
+        )
 
     def forward(self, x):
         for block in self.blocks:
@@ -68,6 +72,7 @@ def test_the_ops_recorded_are_the_ones_a_policy_numbers(name, real, monkeypatch)
     another path on fake tensors (NOTE [real steps]): its real step is recorded."""
     from memfit.core import strategies
     from memfit.planning.frontier import record_ops
+
     model, batch, loss_fn = models.load(name, size="tiny", batch_size=4)
     recorded = record_ops(model, batch, loss_fn, real=real, seed=0).blocks
     seen, policy = [], strategies.policy
@@ -82,9 +87,12 @@ def test_the_ops_recorded_are_the_ones_a_policy_numbers(name, real, monkeypatch)
                 if not ctx.is_recompute and op not in strategies.UNNUMBERED:
                     seen.append(strategies.op_name(op))
                 return fn(ctx, op, *args, **kwargs)
+
             spy.decisions = fn.decisions
             return spy
+
         return fresh
+
     monkeypatch.setattr(strategies, "policy", spying)
     n = len(memfit.find_blocks(model))
     memfit.apply(model, [Unit(i, i + 1, "ops:mm@0") for i in range(n)])
@@ -94,6 +102,7 @@ def test_the_ops_recorded_are_the_ones_a_policy_numbers(name, real, monkeypatch)
 
 def _ops(sizes):
     from memfit.planning.frontier import Op
+
     return [Op("mm", f, 0, 0, b, False, frozenset()) for b, f in sizes]
 
 
@@ -102,8 +111,10 @@ def _flow(n, last=None):
     from types import SimpleNamespace
 
     from memfit.core.pruning import FRESH, Flow
-    return SimpleNamespace(ops=[Flow("mm", (), FRESH)] * n, roots=set(range(n)), opaque=None,
-                           last=n - 1 if last is None else last)
+
+    return SimpleNamespace(
+        ops=[Flow("mm", (), FRESH)] * n, roots=set(range(n)), opaque=None, last=n - 1 if last is None else last
+    )
 
 
 def test_the_frontier_points_are_pareto_optimal():
@@ -112,12 +123,16 @@ def test_the_frontier_points_are_pareto_optimal():
     import itertools
 
     from memfit.planning.frontier import frontier, saved_by
+
     sizes = [(3, 40), (5, 90), (2, 10), (7, 70), (4, 55), (1, 3), (6, 20), (2, 33)]
     ops = _ops(sizes)
     modes = frontier(ops, _flow(len(ops)), "flops")
     assert modes and all(set(m.saved_ops.values()) == {"mm"} for m in modes)
-    subsets = [(sum(sizes[k][0] for k in c), sum(sizes[k][1] for k in c))
-               for r in range(len(sizes) + 1) for c in itertools.combinations(range(len(sizes)), r)]
+    subsets = [
+        (sum(sizes[k][0] for k in c), sum(sizes[k][1] for k in c))
+        for r in range(len(sizes) + 1)
+        for c in itertools.combinations(range(len(sizes)), r)
+    ]
     for m in modes:
         saved = saved_by(m, ops)
         b, avoided = sum(sizes[k][0] for k in saved), sum(sizes[k][1] for k in saved)
@@ -128,6 +143,7 @@ def test_random_and_in_place_written_outputs_are_never_saved():
     from dataclasses import replace
 
     from memfit.planning.frontier import frontier
+
     ops = _ops([(3, 40), (5, 90), (2, 10)])
     ops[1] = replace(ops[1], random=True)
     ops[2] = replace(ops[2], saveable=False)

@@ -1,4 +1,5 @@
 """Property: on any chain of blocks, any strategy trains exactly like no checkpointing."""
+
 import copy
 
 import torch
@@ -44,13 +45,22 @@ class Chain(nn.Module):
 @st.composite
 def chains(draw):
     depth = draw(st.integers(1, 6))
-    chain = dict(depth=depth, width=draw(st.integers(2, 12)), dropout=draw(st.sampled_from([0.0, 0.1, 0.5])),
-                 batchnorm=draw(st.booleans()), activation=draw(st.sampled_from([nn.ReLU, nn.GELU, nn.Tanh])),
-                 residual=draw(st.booleans()), extra_args=draw(st.booleans()))
-    strategy = draw(st.one_of(
-        st.sampled_from(["none", "blocks", "sqrt", "selective", "scores", "pointwise"]),
-        st.integers(1, 4).map(lambda k: f"every:{k}"),
-        st.integers(1, depth).map(lambda n: f"segments:{n}")))
+    chain = dict(
+        depth=depth,
+        width=draw(st.integers(2, 12)),
+        dropout=draw(st.sampled_from([0.0, 0.1, 0.5])),
+        batchnorm=draw(st.booleans()),
+        activation=draw(st.sampled_from([nn.ReLU, nn.GELU, nn.Tanh])),
+        residual=draw(st.booleans()),
+        extra_args=draw(st.booleans()),
+    )
+    strategy = draw(
+        st.one_of(
+            st.sampled_from(["none", "blocks", "sqrt", "selective", "scores", "pointwise"]),
+            st.integers(1, 4).map(lambda k: f"every:{k}"),
+            st.integers(1, depth).map(lambda n: f"segments:{n}"),
+        )
+    )
     return chain, strategy, draw(st.integers(2, 6)), draw(st.integers(0, 2**16))
 
 

@@ -1,4 +1,5 @@
 """NOTE [pruned recompute]: a selective recompute runs only the ops backward needs, and is never wrong."""
+
 import pytest
 import torch
 from torch import nn
@@ -29,6 +30,7 @@ class Residual(nn.Module):
 def _saving(model, x, name):
     """An ops: mode saving the first op of this name in the block's forward."""
     from torch.utils._python_dispatch import TorchDispatchMode
+
     names = []
 
     class Names(TorchDispatchMode):
@@ -36,6 +38,7 @@ def _saving(model, x, name):
             if func not in pruning.IGNORED and func not in strategies.UNNUMBERED:
                 names.append(strategies.op_name(func))
             return func(*args, **(kwargs or {}))
+
     with Names():
         model(x)
     return f"ops:{name}@{names.index(name)}"
@@ -121,12 +124,14 @@ def test_a_forward_that_reads_memory_no_op_wrote_is_not_pruned(filled):
     """`torch.empty` may be filled by a kernel the dispatcher does not see:
     such a forward is recomputed in full; an `empty` that a seen op fills
     (dropout's mask on CPU, `copy_`) is fine."""
+
     class Empty(Residual):
         def forward(self, x):
             buf = torch.empty_like(x)
             if filled:
                 buf.copy_(x)
             return super().forward(buf)
+
     torch.manual_seed(0)
     model, x = Empty(), torch.randn(8, 16, requires_grad=True)
     flow = pruning.Dataflow()
@@ -137,6 +142,7 @@ def test_a_forward_that_reads_memory_no_op_wrote_is_not_pruned(filled):
             if func not in pruning.IGNORED:
                 flow.add(func, args, kwargs or {}, out)
             return out
+
     with Record():
         model(x)
     assert (flow.opaque is None) if filled else "uninitialised" in flow.opaque

@@ -2,6 +2,7 @@
 every strategy trains exactly like the plain model (bitwise on CPU, dropout
 and LayerDrop on), and a plan fits its budget with its predicted peak within
 1% of the peak the storage tracker measures."""
+
 import copy
 
 import pytest
@@ -72,6 +73,7 @@ def test_op_level_modes_give_the_plain_gradients(built, monkeypatch):
     from memfit.core import ondemand, pruning
     from memfit.core.strategies import RECOMPUTE, Unit
     from memfit.planning.frontier import frontier, record_ops
+
     name, model, batch, loss_fn = built
     skipped, end, replayed, unpack = [], pruning.Pruner._end_forward, [], ondemand._unpack
 
@@ -82,6 +84,7 @@ def test_op_level_modes_give_the_plain_gradients(built, monkeypatch):
     def unpack_spy(x):
         replayed.append(isinstance(x, ondemand._Lazy))
         return unpack(x)
+
     monkeypatch.setattr(pruning.Pruner, "_end_forward", spy)
     monkeypatch.setattr(ondemand, "_unpack", unpack_spy)
     rec = record_ops(model, batch, loss_fn, blocks=blocks_for(model, batch, loss_fn), real=True, seed=0)
@@ -156,8 +159,9 @@ def test_selective_keeps_a_mixture_of_experts_grouped_matmuls():
             return func(*args, **(kwargs or {}))
 
     torch.manual_seed(0)
-    model, batch, loss_fn = _causal_lm(tf.MixtralForCausalLM(_decoder_config(
-        tf.MixtralConfig, num_local_experts=4, num_experts_per_tok=2)), mask=True)
+    model, batch, loss_fn = _causal_lm(
+        tf.MixtralForCausalLM(_decoder_config(tf.MixtralConfig, num_local_experts=4, num_experts_per_tok=2)), mask=True
+    )
     model.set_experts_implementation("grouped_mm")
     calls = {}
     for strategy in ("none", "selective", "blocks"):

@@ -1,4 +1,5 @@
 """memfit.tools.report: files appear whole or not at all, with the user's permissions."""
+
 import json
 import os
 
@@ -27,6 +28,7 @@ def test_a_write_that_fails_midway_leaves_the_old_file_and_no_temporary(tmp_path
     def half(f):
         f.write("new, half")
         raise RuntimeError("killed")
+
     with pytest.raises(RuntimeError):
         atomic_write(path, half)
     assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]

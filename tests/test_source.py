@@ -1,6 +1,7 @@
 """The shape of src/memfit: its modules import one another in one direction
 (no cycle, counting the imports inside functions too), and no function is
 over 60 lines."""
+
 import ast
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def find_cycle(graph):
         state[node] = "open"
         for dep in sorted(graph.get(node, ())):
             if state.get(dep) == "open":
-                return path[path.index(dep):] + [dep]
+                return path[path.index(dep) :] + [dep]
             if dep not in state and (cycle := visit(dep, path + [dep])):
                 return cycle
         state[node] = "done"
@@ -66,9 +67,12 @@ def code_lines(node) -> int:
 
 
 def test_no_function_in_src_memfit_is_over_60_lines():
-    long = [f"{p.relative_to(ROOT)}:{node.name} ({code_lines(node)} lines)"
-            for p in ROOT.rglob("*.py") for node in ast.walk(ast.parse(p.read_text()))
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and code_lines(node) > 60]
+    long = [
+        f"{p.relative_to(ROOT)}:{node.name} ({code_lines(node)} lines)"
+        for p in ROOT.rglob("*.py")
+        for node in ast.walk(ast.parse(p.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and code_lines(node) > 60
+    ]
     assert not long, long
 
 
@@ -77,6 +81,7 @@ def test_init_rebinds_no_submodule_name():
     import importlib
 
     import memfit
+
     names = {p.stem for p in ROOT.iterdir() if p.suffix == ".py" and p.stem not in ("__init__", "__main__")}
     names |= {p.name for p in ROOT.iterdir() if (p / "__init__.py").exists()}
     shadowed = []
@@ -90,14 +95,16 @@ def test_init_rebinds_no_submodule_name():
 def test_library_errors_name_arguments_not_cli_flags():
     """Only the CLI speaks of its flags; a command quoted whole (`memfit plan --json PATH`) may stand in a hint."""
     import re
+
     found = []
     for p in ROOT.rglob("*.py"):
         if p.name in ("cli.py", "__main__.py"):
             continue
         for node in ast.walk(ast.parse(p.read_text())):
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "MemfitError":
-                text = "".join(c.value for c in ast.walk(node) if isinstance(c, ast.Constant)
-                               and isinstance(c.value, str))
+                text = "".join(
+                    c.value for c in ast.walk(node) if isinstance(c, ast.Constant) and isinstance(c.value, str)
+                )
                 if re.search(r"(?<![\w-])--[a-z]", re.sub(r"`memfit [^`]*`", "", text)):
                     found.append(f"{p.relative_to(ROOT)}:{node.lineno}: {text[:80]}")
     assert not found, found
@@ -134,8 +141,9 @@ def test_a_public_name_means_one_thing_in_src_memfit():
     """No two modules define the same public name (`apply` meant two functions, `parse` two parsers, `UNIFORM` a
     dict and a tuple): a name found in one file means the same in every other, but for one interface that
     several modules implement (`SHARED`)."""
-    twice = {name: sorted(mods) for name, mods in public_names().items()
-             if len(mods) > 1 and not _interface(name, mods)}
+    twice = {
+        name: sorted(mods) for name, mods in public_names().items() if len(mods) > 1 and not _interface(name, mods)
+    }
     assert not twice, twice
 
 
@@ -147,14 +155,16 @@ def layer(module: str) -> int:
     applications: train, attribution, integrations, models), which sit on top; -1 for memfit.errors, under all."""
     if module == "memfit.errors":
         return -1
-    return next((k for k, prefix in enumerate(LAYERS) if module == prefix or module.startswith(prefix + ".")),
-                len(LAYERS))
+    return next(
+        (k for k, prefix in enumerate(LAYERS) if module == prefix or module.startswith(prefix + ".")), len(LAYERS)
+    )
 
 
 def test_the_folders_import_downwards():
     """The folders draw the architecture: `core` (what memfit does to a step, and the instruments that measure
     one) imports nothing of `planning`, which imports nothing of `tools` (verify, bench, report), which imports
     nothing of the applications above them."""
-    upward = sorted(f"{m} imports {d}" for m, deps in imports().items() for d in deps
-                    if m != "memfit" and layer(d) > layer(m))
+    upward = sorted(
+        f"{m} imports {d}" for m, deps in imports().items() for d in deps if m != "memfit" and layer(d) > layer(m)
+    )
     assert not upward, upward

@@ -2,6 +2,7 @@
 chain of blocks, checkpoints them all with the plain gradients, saves at least
 what the model's own gradient checkpointing saves, and plans one budget
 across all of them (issue: every stack of a model)."""
+
 import copy
 import warnings
 
@@ -16,9 +17,17 @@ from memfit.planning.profiling import CoverageWarning, coverage
 
 CHAINS = {  # the containers of the chains found, in model order
     # the upsampler is a lone composite block beside the resnets' container (NOTE [discovery])
-    "diffusers UNet2DConditionModel": ["down_blocks.0.attentions", "down_blocks.0.resnets", "down_blocks.1.resnets",
-                                       "up_blocks.0.resnets", "up_blocks.0.upsamplers", "up_blocks.1.attentions",
-                                       "up_blocks.1.resnets", "mid_block.attentions", "mid_block.resnets"],
+    "diffusers UNet2DConditionModel": [
+        "down_blocks.0.attentions",
+        "down_blocks.0.resnets",
+        "down_blocks.1.resnets",
+        "up_blocks.0.resnets",
+        "up_blocks.0.upsamplers",
+        "up_blocks.1.attentions",
+        "up_blocks.1.resnets",
+        "mid_block.attentions",
+        "mid_block.resnets",
+    ],
     "CLIP (two towers)": ["text_model.encoder.layers", "vision_model.encoder.layers"],
     "t5 (encoder-decoder)": ["encoder.block", "decoder.block"],
     "Whisper (encoder-decoder)": ["model.encoder.layers", "model.decoder.layers"],
@@ -68,8 +77,12 @@ def step(model, batch, loss_fn, how):
 
 
 def same(a, b):
-    return torch.equal(a[1], b[1]) and a[2].keys() == b[2].keys() and all(
-        torch.equal(a[2][n], b[2][n]) for n in a[2]) and all(torch.equal(x, y) for x, y in zip(a[3], b[3]))
+    return (
+        torch.equal(a[1], b[1])
+        and a[2].keys() == b[2].keys()
+        and all(torch.equal(a[2][n], b[2][n]) for n in a[2])
+        and all(torch.equal(x, y) for x, y in zip(a[3], b[3]))
+    )
 
 
 def test_blocks_saves_what_the_models_own_checkpointing_saves_with_the_plain_gradients(built):

@@ -1,4 +1,5 @@
 """memfit.core.strategies: the units each strategy string means, and what each policy keeps."""
+
 import pytest
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, SelectiveCheckpointContext
@@ -29,9 +30,17 @@ def test_a_strategy_applies_to_each_chain_alone():
     assert [(u.start, u.stop) for u in units_of("segments:3", [2, 6])] == [(0, 1), (1, 2), (2, 4), (4, 6), (6, 8)]
 
 
-@pytest.mark.parametrize("bad, message", [
-    ("every:0", "positive integer"), ("segments:-1", "positive integer"), ("every:x", "positive integer"),
-    ("every:02", "positive integer"), ("sqrt:2", "takes no argument"), ("checkpoint-all", "unknown strategy")])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("every:0", "positive integer"),
+        ("segments:-1", "positive integer"),
+        ("every:x", "positive integer"),
+        ("every:02", "positive integer"),
+        ("sqrt:2", "takes no argument"),
+        ("checkpoint-all", "unknown strategy"),
+    ],
+)
 def test_bad_strategy_strings(bad, message):
     with pytest.raises(MemfitError, match=message):
         check(bad)
@@ -48,38 +57,52 @@ def test_what_each_policy_keeps():
     scores, v = torch.empty(8, 16, 16), torch.empty(8, 16, 4)  # scores @ v: smaller than its inputs
     save = CheckpointPolicy.MUST_SAVE
     forward = SelectiveCheckpointContext(is_recompute=False)
-    kept = {name: [policy(Mode.parse(name))()(forward, op, *args) == save for op, args in (
-        (aten.mm.default, ()), (aten.bmm.default, (q, k)), (aten.bmm.default, (scores, v)),
-        (aten.gelu.default, ()))] for name in ("selective", "scores", "pointwise")}
+    kept = {
+        name: [
+            policy(Mode.parse(name))()(forward, op, *args) == save
+            for op, args in (
+                (aten.mm.default, ()),
+                (aten.bmm.default, (q, k)),
+                (aten.bmm.default, (scores, v)),
+                (aten.gelu.default, ()),
+            )
+        ]
+        for name in ("selective", "scores", "pointwise")
+    }
     #                     linear  q @ k^T  scores @ v  gelu
-    assert kept == {"selective": [True, False, False, False],
-                    "scores": [True, False, True, False],
-                    "pointwise": [True, True, True, False]}
+    assert kept == {
+        "selective": [True, False, False, False],
+        "scores": [True, False, True, False],
+        "pointwise": [True, True, True, False],
+    }
 
 
 def _two_dropouts(x):
-    a, _ = torch.native_dropout(x.sin(), 0.5, True)      # ops 0 (sin), 1 (native_dropout)
-    b, _ = torch.native_dropout(a.cos(), 0.5, True)      # ops 2, 3
+    a, _ = torch.native_dropout(x.sin(), 0.5, True)  # ops 0 (sin), 1 (native_dropout)
+    b, _ = torch.native_dropout(a.cos(), 0.5, True)  # ops 2, 3
     return (b * 2).sum()
 
 
-@pytest.mark.parametrize("mode", ["ops:native_dropout@1", "ops:sin@0,native_dropout@1", "ops:native_dropout@3",
-                                  "ops:sin@0,cos@2"])
+@pytest.mark.parametrize(
+    "mode", ["ops:native_dropout@1", "ops:sin@0,native_dropout@1", "ops:native_dropout@3", "ops:sin@0,cos@2"]
+)
 def test_op_level_modes_give_the_plain_gradients_with_random_ops(mode):
     """NOTE [random ops]: saving the first dropout and recomputing the second
     would draw the second mask from the first one's numbers; memfit saves the
     second too, and the gradient is the plain one, bitwise."""
     from memfit.core.checkpointing import run
+
     x = torch.randn(64, requires_grad=True)
     torch.manual_seed(3)
-    plain, = torch.autograd.grad(_two_dropouts(x), x)
+    (plain,) = torch.autograd.grad(_two_dropouts(x), x)
     torch.manual_seed(3)
-    got, = torch.autograd.grad(run(_two_dropouts, (x,), {}, policy=policy(Mode.parse(mode))), x)
+    (got,) = torch.autograd.grad(run(_two_dropouts, (x,), {}, policy=policy(Mode.parse(mode))), x)
     assert torch.equal(plain, got)
 
 
 def test_a_mode_is_a_value_printed_as_memfit_reads_it():
     from memfit.core.strategies import Kind
+
     mode = Mode.of_ops({12: "gelu", 3: "mm", 7: "add.Tensor"})
     assert str(mode) == "ops:mm@3,add.Tensor@7,gelu@12" and str(mode.lazy()) == "lazy:mm@3,add.Tensor@7,gelu@12"
     assert mode.saved_ops == {12: "gelu", 3: "mm", 7: "add.Tensor"} and mode.kind is Kind.OPS
@@ -98,6 +121,7 @@ def test_a_mode_is_a_value_printed_as_memfit_reads_it():
 
 def test_attention_draws_random_numbers_only_with_dropout():
     from memfit.core.strategies import draws_random
+
     q = torch.empty(1, 2, 4, 8)
     flash = aten._scaled_dot_product_flash_attention_for_cpu.default
     assert draws_random(flash, (q, q, q, 0.1), {}) and not draws_random(flash, (q, q, q), {})

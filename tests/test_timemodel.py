@@ -1,4 +1,5 @@
 """memfit.planning.timemodel: the fit, and a calibration that leaves the training as it was."""
+
 import torch
 
 from memfit.planning.timemodel import TimeModel, _nonnegative_fit, calibrate
@@ -19,7 +20,7 @@ def test_calibrating_draws_no_random_numbers_and_gives_positive_costs():
     assert torch.equal(torch.get_rng_state(), rng)
     assert model.per_flop > 0 and model.per_op > 0 and model.spread >= 0 and model.error >= 0
     assert calibrate("cpu", repeats=3) is model  # once per process
-    big, small = model.seconds(flops=2 * 512 ** 3, moved=3 * 512 * 512 * 4), model.seconds(moved=4096)
+    big, small = model.seconds(flops=2 * 512**3, moved=3 * 512 * 512 * 4), model.seconds(moved=4096)
     assert big > small > 0
 
 

@@ -1,4 +1,5 @@
 """Recipes: configs, `memfit train`, the memory monitor, the startup report and `memfit fit`."""
+
 import json
 import subprocess
 import sys
@@ -17,21 +18,37 @@ SMALL = {  # keeps each recipe's CPU run to seconds
     "gpt-char": {"model.n_layer": 2, "model.n_embd": 32, "model.block_size": 32},
     "mlp": {"model.hidden": 64, "model.n_in": 32, "training.batch_size": 64},
     "resnet-se": {"model.n_blocks": 4, "model.channels": 16, "training.batch_size": 8},
-    "vit-jepa": {"model.embed_dim": 32, "model.depth": 2, "model.num_heads": 2, "model.pred_dim": 16,
-                 "model.pred_depth": 2, "model.pred_heads": 2, "training.batch_size": 8},
-    "video": {"model.frames": 8, "model.size": 16, "model.width": 8, "model.dim": 16, "model.heads": 2,
-              "training.batch_size": 4},
+    "vit-jepa": {
+        "model.embed_dim": 32,
+        "model.depth": 2,
+        "model.num_heads": 2,
+        "model.pred_dim": 16,
+        "model.pred_depth": 2,
+        "model.pred_heads": 2,
+        "training.batch_size": 8,
+    },
+    "video": {
+        "model.frames": 8,
+        "model.size": 16,
+        "model.width": 8,
+        "model.dim": 16,
+        "model.heads": 2,
+        "training.batch_size": 4,
+    },
 }
-
-
 
 
 @pytest.mark.parametrize("recipe", [pytest.param(r, marks=pytest.mark.slow) if r == "vit-jepa" else r for r in SMALL])
 @pytest.mark.parametrize("checkpointing", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_each_recipe_trains_from_its_config(recipe, checkpointing):
     """vit-jepa's config is trained in the default run by test_checkpointing_on_or_off_is_the_same_training."""
-    overrides = {**SMALL[recipe], "training.max_iters": "10", "training.log_interval": "5",
-                 "training.gradient_checkpointing": str(checkpointing).lower(), "training.memory_budget": "256MiB"}
+    overrides = {
+        **SMALL[recipe],
+        "training.max_iters": "10",
+        "training.log_interval": "5",
+        "training.gradient_checkpointing": str(checkpointing).lower(),
+        "training.memory_budget": "256MiB",
+    }
     events = []
     summary = train(resolve(CONFIGS / f"{recipe}.yaml", overrides), callback=lambda e, d: events.append((e, d)))
     report = events[0][1]
@@ -46,10 +63,18 @@ def test_checkpointing_lowers_the_monitored_peak_and_the_prediction_holds():
     peaks = {}
     for gc in ("true", "false"):
         events = []
-        train(resolve(CONFIGS / "gpt-char.yaml", {"training.max_iters": "4", "training.log_interval": "2",
-                                                   "training.gradient_checkpointing": gc,
-                                                   "training.memory_budget": "256MiB"}),  # a short probe search
-              callback=lambda e, d: events.append((e, d)))
+        train(
+            resolve(
+                CONFIGS / "gpt-char.yaml",
+                {
+                    "training.max_iters": "4",
+                    "training.log_interval": "2",
+                    "training.gradient_checkpointing": gc,
+                    "training.memory_budget": "256MiB",
+                },
+            ),  # a short probe search
+            callback=lambda e, d: events.append((e, d)),
+        )
         report = events[0][1]
         measured = [d["memory/peak"] for e, d in events if e == "step" and d][-1] * 1e9
         assert measured == pytest.approx(report["predicted_peak_bytes"], rel=0.01)

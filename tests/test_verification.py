@@ -1,4 +1,5 @@
 """`memfit verify`, through the library and the command line."""
+
 import copy
 import json
 import sys
@@ -15,8 +16,6 @@ from memfit.cli import main
 STRATEGIES = ["blocks", "every:2", "segments:2", "sqrt", "selective", "scores", "pointwise", "none"]
 
 
-
-
 def test_default_gpt_blocks_halves_the_peak(tmp_path, cli):
     """The issue's own check: `memfit verify --model gpt --strategy blocks --json r.json`, with two timed steps
     where the default times five (the steps are alike; each costs the suite about 10 seconds)."""
@@ -25,8 +24,19 @@ def test_default_gpt_blocks_halves_the_peak(tmp_path, cli):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "PASS" in r.stdout
     report = json.loads(out.read_text())
-    for key in ("model", "strategy", "device", "memory_source", "memory_reduction", "slowdown", "recompute_flops",
-                "grads_bitwise_equal", "grads_max_rel_diff", "buffers_equal", "passed"):
+    for key in (
+        "model",
+        "strategy",
+        "device",
+        "memory_source",
+        "memory_reduction",
+        "slowdown",
+        "recompute_flops",
+        "grads_bitwise_equal",
+        "grads_max_rel_diff",
+        "buffers_equal",
+        "passed",
+    ):
         assert key in report
     assert report["memory_source"] == "storage-tracker"
     assert report["checkpointed"]["peak_bytes"] <= 0.5 * report["baseline"]["peak_bytes"]
@@ -40,8 +50,18 @@ def test_resnet_se_batchnorm_equal_and_torch_checkpoint_is_not(tmp_path, cli):
     assert r.returncode == 0, r.stdout + r.stderr
     report = json.loads(ours.read_text())
     assert report["buffers_equal"] and report["grads_bitwise_equal"]
-    r = cli("verify", "--model", "resnet-se", "--strategy", "blocks", "--steps", "2", "--torch-checkpoint",
-            "--json", str(theirs))
+    r = cli(
+        "verify",
+        "--model",
+        "resnet-se",
+        "--strategy",
+        "blocks",
+        "--steps",
+        "2",
+        "--torch-checkpoint",
+        "--json",
+        str(theirs),
+    )
     assert r.returncode == 1 and "FAIL" in r.stdout and "buffers differ" in r.stdout
     assert not json.loads(theirs.read_text())["buffers_equal"]
 
@@ -89,7 +109,8 @@ def test_expect_reduction_range_decides_pass_or_fail():
 
 
 def test_user_factory(tmp_path, cli):
-    (tmp_path / "mymodel.py").write_text(textwrap.dedent("""
+    (tmp_path / "mymodel.py").write_text(
+        textwrap.dedent("""
         import torch
         from torch import nn
 
@@ -98,33 +119,39 @@ def test_user_factory(tmp_path, cli):
             model = nn.Sequential(*[nn.Sequential(nn.Linear(64, 64), nn.GELU()) for _ in range(4)])
             x = torch.randn(batch_size, 64)
             return model, x, lambda m, batch: m(batch).pow(2).mean()
-    """))
-    r = cli("verify", "--model", "mymodel:make", "--strategy", "every:2", "--steps", "1", "--batch-size", "64",
-            cwd=tmp_path)
+    """)
+    )
+    r = cli(
+        "verify", "--model", "mymodel:make", "--strategy", "every:2", "--steps", "1", "--batch-size", "64", cwd=tmp_path
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "(2 of 4 blocks)" in r.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model", "gpt3"], "unknown model 'gpt3'"),
-    (["--strategy", "everything"], "unknown strategy"),
-    (["--strategy", "every:0"], "every:0 needs a positive integer"),
-    (["--strategy", "segments:-1"], "segments:-1 needs a positive integer"),
-    (["--model", "no_such_pkg.mod:make"], "cannot import 'no_such_pkg.mod'"),
-    (["--model", "badfactory:wrong"], "not (model, batch, loss_fn)"),
-    (["--model", "badfactory:missing"], "has no function 'missing'"),
-    (["--model", "badfactory:noblocks"], "no chain of repeated blocks"),
-    (["--size", "huge"], "unknown size 'huge'"),
-    (["--batch-size", "0"], "batch size must be a positive integer"),
-    (["--expect-reduction", "40:20"], "MIN:MAX"),
-    (["--expect-reduction", "20:500"], "MIN:MAX"),  # percent: at most 100
-    (["--json", "/no/such/dir/r.json"], "cannot write"),
-    (["--device", "tpu"], "unknown device"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "gpt3"], "unknown model 'gpt3'"),
+        (["--strategy", "everything"], "unknown strategy"),
+        (["--strategy", "every:0"], "every:0 needs a positive integer"),
+        (["--strategy", "segments:-1"], "segments:-1 needs a positive integer"),
+        (["--model", "no_such_pkg.mod:make"], "cannot import 'no_such_pkg.mod'"),
+        (["--model", "badfactory:wrong"], "not (model, batch, loss_fn)"),
+        (["--model", "badfactory:missing"], "has no function 'missing'"),
+        (["--model", "badfactory:noblocks"], "no chain of repeated blocks"),
+        (["--size", "huge"], "unknown size 'huge'"),
+        (["--batch-size", "0"], "batch size must be a positive integer"),
+        (["--expect-reduction", "40:20"], "MIN:MAX"),
+        (["--expect-reduction", "20:500"], "MIN:MAX"),  # percent: at most 100
+        (["--json", "/no/such/dir/r.json"], "cannot write"),
+        (["--device", "tpu"], "unknown device"),
+    ],
+)
 def test_bad_input_is_one_sentence_and_exit_2(tmp_path, monkeypatch, capsys, args, message):
     """In this process, as tests/test_cli.py does (`test_bad_input_exits_2_from_a_new_process` runs one in a new
     process, as a user does)."""
-    (tmp_path / "badfactory.py").write_text(textwrap.dedent("""
+    (tmp_path / "badfactory.py").write_text(
+        textwrap.dedent("""
         import torch
         from torch import nn
 
@@ -133,7 +160,8 @@ def test_bad_input_is_one_sentence_and_exit_2(tmp_path, monkeypatch, capsys, arg
 
         def noblocks():
             return nn.Linear(2, 2), torch.randn(1, 2), lambda m, b: m(b).sum()
-    """))
+    """)
+    )
     monkeypatch.chdir(tmp_path)
     monkeypatch.delitem(sys.modules, "badfactory", raising=False)
     assert main(["verify", "--steps", "1", *args]) == 2
@@ -168,6 +196,7 @@ def test_selective_modes_trade_memory_for_flops_in_order():
 def test_cli_dtype_bf16_halves_the_static_bytes(tmp_path):
     """--dtype bf16: weights in bf16 (as a GPU run in bf16 would hold them), checked like fp32."""
     from memfit.cli import main
+
     reports = {}
     for dtype in ("fp32", "bf16"):
         path = tmp_path / f"{dtype}.json"
@@ -181,13 +210,20 @@ def test_cli_dtype_bf16_halves_the_static_bytes(tmp_path):
 CASES = Path(__file__).parent
 
 
-@pytest.mark.parametrize("case, steps, failure, others", [
-    ("wrong_gradients", 1, "gradients differ", ()),
-    ("wrong_losses", 2, "losses differ", ("gradients differ", "parameters differ")),
-    ("drifting_parameters", 1, "parameters differ after training although every gradient was equal",
-     ("gradients differ", "losses differ")),
-    ("no_saving", 1, "no memory saved", ("gradients differ", "losses differ", "parameters differ")),
-])
+@pytest.mark.parametrize(
+    "case, steps, failure, others",
+    [
+        ("wrong_gradients", 1, "gradients differ", ()),
+        ("wrong_losses", 2, "losses differ", ("gradients differ", "parameters differ")),
+        (
+            "drifting_parameters",
+            1,
+            "parameters differ after training although every gradient was equal",
+            ("gradients differ", "losses differ"),
+        ),
+        ("no_saving", 1, "no memory saved", ("gradients differ", "losses differ", "parameters differ")),
+    ],
+)
 def test_verify_fails_when_checkpointing_is_not_the_same_training(case, steps, failure, others, cli):
     """Models checkpointing cannot make exact (tests/verify_cases.py): verify fails with the sentence that says
     what differs, and only that, in the library, and with exit code 1 and FAIL on the command line."""
@@ -206,6 +242,7 @@ def test_the_largest_relative_difference_is_relative_to_the_plain_tensors_larges
     """What `verify` compares gradients and parameters with: max |a - b| / max |a|, the absolute difference
     where a is all zeros, and 0 for empty tensors (a parameter with no elements)."""
     from memfit.tools.verification import _max_rel_diff
+
     a, b = torch.tensor([10.0, -20.0]), torch.tensor([10.5, -20.0])
     assert _max_rel_diff(a, b) == 0.5 / 20
     assert _max_rel_diff(torch.tensor([0.5, -0.25]), torch.tensor([0.25, -0.25])) == 0.5  # small gradients too
@@ -224,8 +261,10 @@ FAILURE_CASES = [  # (reduction, strategy none, expect_reduction, grads, buffers
     ((0.51, False, (0.3, 0.5), 0.0, 0.0, 0.0, 0.0, 0.0, 1.0), ["outside the expected"]),
     ((0.0, False, (0.0, 0.5), 0.0, 0.0, 0.0, 0.0, 0.0, 1.0), []),  # an expected range replaces "any saving"
     ((0.5, False, None, 1e-4, 0.0, 0.0, 0.0, 1e-4, 1.0), []),  # at the tolerance passes
-    ((0.5, False, None, 2e-4, 0.0, 0.0, 0.0, 1e-4, 1.0),
-     ["gradients differ (max relative difference 0.0002 > 0.0001)"]),
+    (
+        (0.5, False, None, 2e-4, 0.0, 0.0, 0.0, 1e-4, 1.0),
+        ["gradients differ (max relative difference 0.0002 > 0.0001)"],
+    ),
     ((0.5, False, None, 1e-9, 0.0, 1e-9, 0.0, 0.0, 1.0), ["gradients differ"]),  # parameters differ: explained
     ((0.5, False, None, 0.0, 1e-9, 0.0, 0.0, 0.0, 1.0), ["buffers differ"]),
     ((0.5, False, None, 0.0, 1e-4, 0.0, 0.0, 1e-4, 1.0), []),
@@ -243,6 +282,7 @@ def test_each_failure_is_found_at_its_bound_and_said_once(arguments, expected):
     """`verify`'s decision, case by case: each failure sentence appears exactly when its number crosses its
     bound, and no other (the end-to-end runs above show the numbers reach it)."""
     from memfit.tools.verification import _failures
+
     got = _failures(*arguments)
     assert len(got) == len(expected), got
     assert all(e in g for e, g in zip(expected, got)), got
@@ -271,6 +311,7 @@ def test_the_gradient_comparison_sees_every_parameter_and_a_missing_gradient():
     only."""
     from memfit.core.measurement import Run
     from memfit.tools.verification import _run_both
+
     batch = torch.randn(3, 4)
 
     def loss_fn(m, x):
@@ -279,8 +320,9 @@ def test_the_gradient_comparison_sees_every_parameter_and_a_missing_gradient():
     def compare(ckpt_model):
         base = _TwoLayers()
         return _run_both(Run(base, None), Run(ckpt_model, None), batch, loss_fn, 0, 1)
+
     assert compare(_TwoLayers()) == (0.0, True)
-    rel, bitwise = compare(_TwoLayers(skew=1.5))   # only the first layer's gradient differs, by half
+    rel, bitwise = compare(_TwoLayers(skew=1.5))  # only the first layer's gradient differs, by half
     assert not bitwise and rel == pytest.approx(0.5)
     with pytest.raises(MemfitError, match="parameter b.weight got a gradient in one run and not the other"):
         compare(_TwoLayers(skip=True))
@@ -291,11 +333,13 @@ def test_the_comparison_runs_the_steps_asked_for_from_the_seed_asked_for():
     for `n_steps` steps after the warm-up, memory and FLOPs steps."""
     from memfit.core.measurement import Run
     from memfit.tools.verification import _run_both
+
     batch = torch.randn(8, 16)
     model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Dropout(0.5))
 
     def loss_fn(m, x):
         return m(x).square().mean()
+
     for seed, n_steps in [(0, 1), (7, 3)]:
         runs = [Run(copy.deepcopy(model), None), Run(copy.deepcopy(model), None)]
         _run_both(*runs, batch, loss_fn, seed, n_steps)

@@ -1,4 +1,5 @@
 """memfit.apply / memfit.remove: every strategy trains exactly like the plain model."""
+
 import copy
 
 import pytest
@@ -11,8 +12,19 @@ from memfit import MemfitError
 from memfit.core.wrapping import SegmentWarning, wrapped_blocks
 from memfit.models import REGISTRY
 
-STRATEGIES = ["none", "blocks", "every:2", "every:3", "segments:2", "segments:3", "sqrt", "selective", "scores",
-              "pointwise", "offload"]  # offload: on CPU, the mechanism only (it moves nothing)
+STRATEGIES = [
+    "none",
+    "blocks",
+    "every:2",
+    "every:3",
+    "segments:2",
+    "segments:3",
+    "sqrt",
+    "selective",
+    "scores",
+    "pointwise",
+    "offload",
+]  # offload: on CPU, the mechanism only (it moves nothing)
 
 
 def step(model, batch, loss_fn, seed=1):
@@ -112,8 +124,8 @@ def test_names_and_state_dict_unchanged_and_portable():
         memfit.apply(model, strategy)
         assert list(model.state_dict()) == keys and [n for n, _ in model.named_parameters()] == params
         fresh, _, _ = REGISTRY["gpt"].build("tiny", seed=5)
-        fresh.load_state_dict(model.state_dict())          # wrapped -> plain
-        model.load_state_dict(fresh.state_dict())          # plain -> wrapped
+        fresh.load_state_dict(model.state_dict())  # wrapped -> plain
+        model.load_state_dict(fresh.state_dict())  # plain -> wrapped
         memfit.remove(model)
         assert list(model.state_dict()) == keys
     for k, v in model.state_dict().items():
@@ -179,10 +191,17 @@ def test_every_k_and_segments_choose_the_documented_blocks():
     assert [n for n, _ in wrapped_blocks(model)] == [str(i) for i in range(7)]
 
 
-@pytest.mark.parametrize("bad, message", [
-    ("every:0", "positive integer"), ("segments:-1", "positive integer"), ("every:x", "positive integer"),
-    ("segments:9", "more segments than the 7 blocks"), ("sqrt:2", "takes no argument"),
-    ("checkpoint-all", "unknown strategy")])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("every:0", "positive integer"),
+        ("segments:-1", "positive integer"),
+        ("every:x", "positive integer"),
+        ("segments:9", "more segments than the 7 blocks"),
+        ("sqrt:2", "takes no argument"),
+        ("checkpoint-all", "unknown strategy"),
+    ],
+)
 def test_bad_strategies(bad, message):
     model = nn.Sequential(*[CountingBlock() for _ in range(7)])
     with pytest.raises(MemfitError, match=message):
@@ -269,8 +288,12 @@ def test_segment_recomputes_each_block_under_its_own_autocast(strategy):
 
 def nothing_installed():
     from torch.nn.modules import module
-    return (torch._C._autograd._top_saved_tensors_default_hooks(False) is None
-            and not module._global_forward_pre_hooks and not module._global_forward_hooks)
+
+    return (
+        torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+        and not module._global_forward_pre_hooks
+        and not module._global_forward_hooks
+    )
 
 
 class Failing(DropBlock):
@@ -312,7 +335,7 @@ def test_nothing_stays_installed_after_a_failure_or_a_skipped_last_block(strateg
             drop_loss(model, torch.randn(4, 8))
     assert nothing_installed()
     plain = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
-    plain(torch.randn(4, 8)).sum().backward()   # an unrelated model's backward in the same process
+    plain(torch.randn(4, 8)).sum().backward()  # an unrelated model's backward in the same process
     assert nothing_installed()
     model.layers[4].fail = False if where == "in a block" else None
     if where != "between blocks":  # the same model still trains exactly
@@ -328,6 +351,7 @@ def test_blocks_called_from_outside_a_forward_are_checkpointed_one_by_one():
         for layer in model:
             x = layer(x)
         return x.pow(2).mean()
+
     with pytest.warns(SegmentWarning, match="one by one"):
         assert_same_training(layers, torch.randn(4, 8), loss_fn, "segments:1")
 
@@ -358,6 +382,7 @@ def test_a_strategy_per_chain_in_one_apply():
     import copy
 
     from memfit.models import vit_jepa
+
     model, batch, loss_fn = vit_jepa.build("tiny", batch_size=2)
     memfit.apply(model, {"encoder.blocks": "selective", "predictor.*": "sqrt"})
     modes = dict(wrapped_blocks(model))

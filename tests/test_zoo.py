@@ -5,6 +5,7 @@ a plan fits its budget with its predicted peak within 1% of the measured one.
 torchvision and timm need a torch other than the one the README pins, so
 these tests skip without them; the README's "The model zoos" gives the
 command that runs them in a virtual environment of their own."""
+
 import pytest
 import torch
 from test_real_models import (
@@ -32,8 +33,9 @@ def test_a_plan_fits_and_predicts_the_peak(built):
     optimizer state make the peak at this tiny size)."""
     name, model, batch, loss_fn = built
     none, blocks = measured_peak(model, batch, loss_fn, "none"), measured_peak(model, batch, loss_fn, "blocks")
-    plan = memfit.plan(model, batch, loss_fn, (none + blocks) // 2 if blocks < 0.98 * none else int(none * 1.01),
-                       cost="flops")
+    plan = memfit.plan(
+        model, batch, loss_fn, (none + blocks) // 2 if blocks < 0.98 * none else int(none * 1.01), cost="flops"
+    )
     measured = measured_peak(model, batch, loss_fn, plan)
     assert measured <= plan.budget_bytes, name
     assert abs(plan.predicted_peak_bytes / measured - 1) <= 0.01, (name, plan.predicted_peak_bytes, measured)
@@ -46,6 +48,7 @@ def test_what_blocks_keeps_beyond_timms_own_on_efficientnet_is_the_batchnorm_rep
     written twice; with it they are the plain step's."""
     pytest.importorskip("timm")
     import copy
+
     torch.manual_seed(0)
     model, batch, loss_fn = TIMM["timm efficientnet_b0 (SE, in-place SiLU)"]()
     own = copy.deepcopy(model)

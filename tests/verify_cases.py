@@ -1,5 +1,6 @@
 """Models on which checkpointing cannot be the same training, for `verify` to fail on
 (`test_verification.py`; the CLI imports them as `--model verify_cases:NAME` from this folder)."""
+
 import torch
 from torch import nn
 
@@ -57,6 +58,7 @@ def _make(block, loss, rows=256):
     def factory(batch_size=rows):
         torch.manual_seed(0)
         return nn.Sequential(*[block() for _ in range(3)]), torch.randn(batch_size, 16), loss
+
     return factory
 
 

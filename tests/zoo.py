@@ -6,6 +6,7 @@ pins; see "The model zoos" in the README for the command that installs them.
 
 Drop path and dropout are on wherever the model has them, so the random
 numbers a recompute draws are checked too."""
+
 import torch
 from torch import nn
 
@@ -24,27 +25,46 @@ def _classify(model, size=32):
 def _tv(name, size=32, **kw):
     def build():
         import torchvision
+
         return _classify(getattr(torchvision.models, name)(num_classes=10, **kw), size * SCALE)
+
     return build
 
 
 def _timm(name, size=32, fixed=False, **kw):
     """`fixed`: the model is built for its image size (`img_size=`)."""
+
     def build():
         import timm
+
         extra = {"img_size": size * SCALE} if fixed else {}
         return _classify(timm.create_model(name, pretrained=False, num_classes=10, **kw, **extra), size * SCALE)
+
     return build
 
 
 def tv_vit():
     from torchvision.models import VisionTransformer
-    return _classify(VisionTransformer(image_size=32 * SCALE, patch_size=8, num_layers=3, num_heads=2, hidden_dim=32,
-                                       mlp_dim=64, dropout=0.1, attention_dropout=0.1, num_classes=10), 32 * SCALE)
+
+    return _classify(
+        VisionTransformer(
+            image_size=32 * SCALE,
+            patch_size=8,
+            num_layers=3,
+            num_heads=2,
+            hidden_dim=32,
+            mlp_dim=64,
+            dropout=0.1,
+            attention_dropout=0.1,
+            num_classes=10,
+        ),
+        32 * SCALE,
+    )
 
 
 def tv_swin():
     from torchvision.models import SwinTransformer
+
     return _classify(
         SwinTransformer(
             patch_size=[2, 2],

@@ -1,5 +1,6 @@
 """memfit: make PyTorch training fit in memory by recomputing activations,
 and prove it is the same training."""
+
 from memfit.core.blocks import find_blocks, find_chains
 from memfit.core.checkpointing import checkpoint
 from memfit.core.memory import track_memory

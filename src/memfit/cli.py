@@ -1,5 +1,6 @@
 """`memfit ...`: thin commands over the library. Errors a user can fix print one
 line and exit 2; a failed verification exits 1."""
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,9 @@ def _load(args):
     model, batch, loss_fn = models.load(args.model, args.size, args.batch_size, args.seed)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     model = model.to(device, dtype).train()
-    batch = tree_map(lambda t: t.to(device, dtype if t.is_floating_point() else t.dtype)
-                     if isinstance(t, torch.Tensor) else t, batch)
+    batch = tree_map(
+        lambda t: t.to(device, dtype if t.is_floating_point() else t.dtype) if isinstance(t, torch.Tensor) else t, batch
+    )
     return device, model, batch, loss_fn
 
 
@@ -34,8 +36,10 @@ def _save(out: Console, path, what: str, write) -> None:
     try:
         write()
     except OSError as e:
-        raise MemfitError(f"the results are above, but writing the {what} to {path} failed ({e.strerror}); "
-                          f"free space or choose another path and run again.") from None
+        raise MemfitError(
+            f"the results are above, but writing the {what} to {path} failed ({e.strerror}); "
+            f"free space or choose another path and run again."
+        ) from None
     out.print(f"{what} written to {path}")
 
 
@@ -46,13 +50,27 @@ def _verify(args, out: Console) -> int:
     expect = _expected_reduction(args.expect_reduction)
     json_path = check_writable(args.json) if args.json else None
     device, model, batch, loss_fn = _load(args)
-    report = verify(model, batch, loss_fn, args.strategy, steps=args.steps, device=device, seed=args.seed,
-                    blocks=args.blocks, expect_reduction=expect, grad_tol=args.grad_tol,
-                    state_replay=not args.torch_checkpoint, name=args.model, compile=args.compile)
+    report = verify(
+        model,
+        batch,
+        loss_fn,
+        args.strategy,
+        steps=args.steps,
+        device=device,
+        seed=args.seed,
+        blocks=args.blocks,
+        expect_reduction=expect,
+        grad_tol=args.grad_tol,
+        state_replay=not args.torch_checkpoint,
+        name=args.model,
+        compile=args.compile,
+    )
     out.print(verify_table(report))
     if report["passed"]:
-        out.print("[bold green]PASS[/]: same training"
-                  + (f", {report['memory_reduction']:.1%} less peak memory" if report["memory_reduction"] else ""))
+        out.print(
+            "[bold green]PASS[/]: same training"
+            + (f", {report['memory_reduction']:.1%} less peak memory" if report["memory_reduction"] else "")
+        )
     else:
         out.print("[bold red]FAIL[/]: " + "; ".join(report["failures"]))
     if json_path:
@@ -69,8 +87,9 @@ def _expected_reduction(text: str | None) -> tuple[float, float] | None:
     except ValueError:
         lo = hi = float("nan")
     if not (0 <= lo <= hi <= 1):  # fractions now: 20:500 is 0.2..5.0, refused
-        raise MemfitError(f"--expect-reduction {text!r} must be MIN:MAX in percent with 0 <= MIN <= MAX <= 100, "
-                          f"like 20:40.")
+        raise MemfitError(
+            f"--expect-reduction {text!r} must be MIN:MAX in percent with 0 <= MIN <= MAX <= 100, like 20:40."
+        )
     return lo, hi
 
 
@@ -90,8 +109,12 @@ def _plan(args, out: Console) -> int:
         measured = measure(model, batch, loss_fn, p, blocks=args.blocks, timed_steps=5, against="none")
     out.print(plan_table(p, measured))
     if json_path:
-        _save(out, json_path, "plan", lambda: write_json(
-            json_path, {**p.to_dict(), "measured_peak_bytes": measured and measured["peak_bytes"]}))
+        _save(
+            out,
+            json_path,
+            "plan",
+            lambda: write_json(json_path, {**p.to_dict(), "measured_peak_bytes": measured and measured["peak_bytes"]}),
+        )
         out.print(f"apply it with memfit.apply(model, memfit.Plan.load(path)) or --strategy plan:{json_path}")
     return 0
 
@@ -102,8 +125,10 @@ def _parse_budgets(text: str) -> list[float]:
     except ValueError:
         values = []
     if not values or not all(0 < v <= 100 for v in values):
-        raise MemfitError(f"--budgets {text!r} must be percentages of the plain run's peak, above 0 and at most "
-                          f"100, separated by commas, like 20,40,60,80,100.")
+        raise MemfitError(
+            f"--budgets {text!r} must be percentages of the plain run's peak, above 0 and at most "
+            f"100, separated by commas, like 20,40,60,80,100."
+        )
     return [int(v) if v == int(v) else v for v in values]
 
 
@@ -126,9 +151,22 @@ def _bench(args, out: Console) -> int:
     rows = sweep(model, batch, loss_fn, budgets, cost=args.cost, blocks=args.blocks)
     out.print(bench_table(rows))
     if json_path:
-        _save(out, json_path, "rows", lambda: write_json(json_path, {
-            "model": args.model, "size": args.size, "device": str(device), "torch_version": torch.__version__,
-            "cost": args.cost, "rows": rows}))
+        _save(
+            out,
+            json_path,
+            "rows",
+            lambda: write_json(
+                json_path,
+                {
+                    "model": args.model,
+                    "size": args.size,
+                    "device": str(device),
+                    "torch_version": torch.__version__,
+                    "cost": args.cost,
+                    "rows": rows,
+                },
+            ),
+        )
     if plot_path:
         _save(out, plot_path, "plot", lambda: plot_frontier(rows, plot_path, title=f"{args.model} on {device}"))
     return 0
@@ -166,18 +204,25 @@ def _train_callback(out: Console, progress, max_iters: int):
         nonlocal task
         if event == "start":
             r = data
-            out.print(f"memfit train: {r['model']} ({r['parameters']:,} parameters) on {r['device']}, "
-                      f"{r['precision']} ({r['dtype']} weights)")
+            out.print(
+                f"memfit train: {r['model']} ({r['parameters']:,} parameters) on {r['device']}, "
+                f"{r['precision']} ({r['dtype']} weights)"
+            )
             mark = "[green]✓[/]" if r["gradient_checkpointing"] != "DISABLED" else "[yellow]✗[/]"
             out.print(f"{mark} Gradient checkpointing: {r['gradient_checkpointing']}")
             if r["world_size"] > 1 or r["distributed"] != "none":
-                out.print(f"  {r['distributed'].upper()} over {r['world_size']} processes: global batch "
-                          f"{r['batch_size']}, {r['batch_size'] // r['world_size']} per process")
+                out.print(
+                    f"  {r['distributed'].upper()} over {r['world_size']} processes: global batch "
+                    f"{r['batch_size']}, {r['batch_size'] // r['world_size']} per process"
+                )
             per = " per process" if r["distributed"] != "none" else ""
-            out.print(f"  Predicted peak memory{per} for batch {r['batch_size']}: "
-                      f"{fmt_bytes(r['predicted_peak_bytes'])}")
-            out.print(f"  Recommended batch size for {fmt_bytes(r['memory_budget_bytes'])} "
-                      f"({r['memory_budget_source']}): {r['recommended_batch_size']}")
+            out.print(
+                f"  Predicted peak memory{per} for batch {r['batch_size']}: {fmt_bytes(r['predicted_peak_bytes'])}"
+            )
+            out.print(
+                f"  Recommended batch size for {fmt_bytes(r['memory_budget_bytes'])} "
+                f"({r['memory_budget_source']}): {r['recommended_batch_size']}"
+            )
             if "unigram_entropy" in r:
                 out.print(f"  Unigram entropy of the data: {r['unigram_entropy']:.3f} nats")
             progress.start()
@@ -197,6 +242,33 @@ def _train_callback(out: Console, progress, max_iters: int):
     return callback
 
 
+def _train_overrides(args) -> dict:
+    """The config keys `train`'s flags set, as `resolve` takes them: {"training.max_iters": "100", ...}."""
+    overrides = {
+        f"training.{k}": v
+        for k, v in (
+            ("gradient_checkpointing", args.gradient_checkpointing),
+            ("max_iters", args.max_iters),
+            ("batch_size", args.batch_size),
+            ("precision", args.precision),
+            ("device", args.device),
+            ("memory_budget", args.memory_budget),
+            ("log_interval", args.log_interval),
+            ("seed", args.seed),
+            ("distributed", args.distributed),
+        )
+        if v is not None
+    }
+    if args.data is not None:
+        overrides["data.path"] = args.data
+    for item in args.set or []:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise MemfitError(f"--set {item!r} must be KEY=VALUE, like training.learning_rate=3e-4.")
+        overrides[key.strip()] = value
+    return overrides
+
+
 def _train(args, out: Console) -> int:
     from rich.progress import (
         BarColumn,
@@ -209,22 +281,16 @@ def _train(args, out: Console) -> int:
     from memfit.train.config import resolve
     from memfit.train.loop import train
 
-    overrides = {f"training.{k}": v for k, v in (
-        ("gradient_checkpointing", args.gradient_checkpointing), ("max_iters", args.max_iters),
-        ("batch_size", args.batch_size), ("precision", args.precision), ("device", args.device),
-        ("memory_budget", args.memory_budget), ("log_interval", args.log_interval), ("seed", args.seed),
-        ("distributed", args.distributed)) if v is not None}
-    if args.data is not None:
-        overrides["data.path"] = args.data
-    for item in args.set or []:
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise MemfitError(f"--set {item!r} must be KEY=VALUE, like training.learning_rate=3e-4.")
-        overrides[key.strip()] = value
-    cfg = resolve(args.config, overrides)
+    cfg = resolve(args.config, _train_overrides(args))
     out_dir, metrics_path = _train_outputs(args)
-    progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                        TextColumn("{task.fields[status]}"), console=out)
+    progress = Progress(
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=out,
+    )
     callback = _train_callback(out, progress, cfg["training"]["max_iters"])
     try:
         summary = train(cfg, callback=callback, out_dir=out_dir, metrics_path=metrics_path)
@@ -232,11 +298,15 @@ def _train(args, out: Console) -> int:
         progress.stop()
     if summary is None:  # a rank other than 0 of a distributed run: rank 0 reports and writes
         return 0
-    out.print(f"final loss {summary['final_loss']:.4f}" + (f", validation loss {summary['val_loss']:.4f}"
-                                                            if summary["val_loss"] is not None else ""))
+    out.print(
+        f"final loss {summary['final_loss']:.4f}"
+        + (f", validation loss {summary['val_loss']:.4f}" if summary["val_loss"] is not None else "")
+    )
     if "not_written" in summary:
-        raise MemfitError(f"the run finished but its files could not be written ({summary['not_written']}); "
-                          f"the results are above, and --out holds the previous run's files as they were.")
+        raise MemfitError(
+            f"the run finished but its files could not be written ({summary['not_written']}); "
+            f"the results are above, and --out holds the previous run's files as they were."
+        )
     if metrics_path:
         out.print(f"metrics written to {metrics_path}")
     if out_dir:
@@ -257,16 +327,27 @@ def _fit(args, out: Console) -> int:
     budget = parsed.bytes(device=device)  # auto: the free memory of the device used
     module = models.REGISTRY.get(args.model)
     if module is None:
-        raise MemfitError("memfit fit works on the built-in models; for your own, call memfit.planning.fit.fit(model, "
-                          "make_batch, loss_fn, budget) from Python.")
+        raise MemfitError(
+            "memfit fit works on the built-in models; for your own, call memfit.planning.fit.fit(model, "
+            "make_batch, loss_fn, budget) from Python."
+        )
     size = args.size or "small"
-    make_batch = lambda b: tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t,  # noqa: E731
-                                    module.batch(size, b, args.seed))
+
+    def make_batch(b):
+        return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, module.batch(size, b, args.seed))
+
     rows = fit(model, make_batch, loss_fn, budget, strategies, blocks=args.blocks, timing=not args.no_time)
     out.print(fit_table(rows, f"largest batch in {fmt_bytes(budget)}: {args.model} on {device}"))
     if json_path:
-        _save(out, json_path, "rows", lambda: write_json(json_path, {
-            "model": args.model, "size": size, "device": str(device), "budget_bytes": budget, "rows": rows}))
+        _save(
+            out,
+            json_path,
+            "rows",
+            lambda: write_json(
+                json_path,
+                {"model": args.model, "size": size, "device": str(device), "budget_bytes": budget, "rows": rows},
+            ),
+        )
     return 0
 
 
@@ -314,8 +395,16 @@ def _attribution_run(args, out: Console, model, videos, targets, strategy):
     progress.start()
     try:
         if args.compare:
-            report = compare(model, videos, targets, chunk_size=args.chunk_size, reduce=args.reduce,
-                             times_input=args.times_input, strategy=strategy, progress=advance)
+            report = compare(
+                model,
+                videos,
+                targets,
+                chunk_size=args.chunk_size,
+                reduce=args.reduce,
+                times_input=args.times_input,
+                strategy=strategy,
+                progress=advance,
+            )
         else:
             report = None
             checkpoint_model(model, strategy)
@@ -323,9 +412,17 @@ def _attribution_run(args, out: Console, model, videos, targets, strategy):
                 cache_root = args.cache_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="memfit_"))
                 cache = cache_for(cache_root, args.model, model, args.mode, args.chunk_size)
                 with track_memory(model) as mem:
-                    results = attribute(model, videos, targets, mode=args.mode, chunk_size=args.chunk_size,
-                                        reduce=args.reduce, times_input=args.times_input, cache=cache,
-                                        progress=advance)
+                    results = attribute(
+                        model,
+                        videos,
+                        targets,
+                        mode=args.mode,
+                        chunk_size=args.chunk_size,
+                        reduce=args.reduce,
+                        times_input=args.times_input,
+                        cache=cache,
+                        progress=advance,
+                    )
     finally:
         progress.stop()
     return report, results, cache, mem
@@ -354,28 +451,25 @@ def _attribute(args, out: Console) -> int:
         check_writable(out_dir / "summary.json")
     model, videos, classes, targets = _attribution_inputs(args, out)
     longest = max(videos.values(), key=len)
-    unit = longest[:args.chunk_size] if args.mode == "chunked" else longest
+    unit = longest[: args.chunk_size] if args.mode == "chunked" else longest
     strategy, predicted, plain = choose_checkpointing(model, unit, budget=args.budget, strategy=args.strategy)
     if predicted is not None:
-        out.print(f"budget {args.budget}: checkpointing {strategy}, simulated peak {fmt_bytes(predicted)} for the "
-                  f"longest {'chunk' if args.mode == 'chunked' else 'clip'} (without checkpointing: "
-                  f"{fmt_bytes(plain)})")
+        out.print(
+            f"budget {args.budget}: checkpointing {strategy}, simulated peak {fmt_bytes(predicted)} for the "
+            f"longest {'chunk' if args.mode == 'chunked' else 'clip'} (without checkpointing: "
+            f"{fmt_bytes(plain)})"
+        )
     report, results, cache, mem = _attribution_run(args, out, model, videos, targets, strategy)
     if report is not None:
         for table in compare_tables(report, len(videos)):
             out.print(table)
-        out.print(f"chunked mode (chunks of {args.chunk_size}) is an approximation: the model's temporal "
-                  f"transformer mixes frames, and a chunk sees only its own.")
+        out.print(
+            f"chunked mode (chunks of {args.chunk_size}) is an approximation: the model's temporal "
+            f"transformer mixes frames, and a chunk sees only its own."
+        )
         results = report["results"]["exact"]
     else:
-        where = f"cached in {cache.dir}" if args.cache_dir else "computed (no --cache-dir: nothing kept)"
-        out.print(f"gradients {where} ({len(cache.reused)} chunks reused"
-                  + (f", {len(cache.corrupt)} corrupt and recomputed: {', '.join(cache.corrupt)}" if cache.corrupt
-                     else "")
-                  + (f", {len(cache.unwritten)} computed but not cached: {cache.unwritten[0]}" if cache.unwritten
-                     else "") + ")")
-        out.print(f"checkpointing {strategy}: measured peak {fmt_bytes(mem.peak_bytes)} ({mem.source})"
-                  + (f", simulated {fmt_bytes(predicted)}" if args.budget else ""))
+        _print_attribution_run(args, out, cache, mem, strategy, predicted)
     for vid, r in results.items():
         top = sorted(range(len(r["scores"])), key=lambda i: -r["scores"][i])[:5]
         label = f" ({classes[vid]})" if classes else ""
@@ -384,9 +478,25 @@ def _attribute(args, out: Console) -> int:
         data = results if report is None else {k: v for k, v in report.items() if k != "results"}
         _save(out, json_path, "scores", lambda: write_json(json_path, data))
     if out_dir:
-        _save(out, out_dir, "per-video CSV, JSON and plots",
-              lambda: write_outputs(results, out_dir, classes))
+        _save(out, out_dir, "per-video CSV, JSON and plots", lambda: write_outputs(results, out_dir, classes))
     return 0
+
+
+def _print_attribution_run(args, out: Console, cache, mem, strategy: str, predicted) -> None:
+    """What one `memfit attribute` run did: the chunks cached and reused, and its measured peak."""
+    from memfit.core.memory import fmt_bytes
+
+    where = f"cached in {cache.dir}" if args.cache_dir else "computed (no --cache-dir: nothing kept)"
+    out.print(
+        f"gradients {where} ({len(cache.reused)} chunks reused"
+        + (f", {len(cache.corrupt)} corrupt and recomputed: {', '.join(cache.corrupt)}" if cache.corrupt else "")
+        + (f", {len(cache.unwritten)} computed but not cached: {cache.unwritten[0]}" if cache.unwritten else "")
+        + ")"
+    )
+    out.print(
+        f"checkpointing {strategy}: measured peak {fmt_bytes(mem.peak_bytes)} ({mem.source})"
+        + (f", simulated {fmt_bytes(predicted)}" if args.budget else "")
+    )
 
 
 def _attribution_model(args):
@@ -394,8 +504,9 @@ def _attribution_model(args):
     user's `package.module:factory`; with `--weights` loaded into it."""
     if args.model == "video":
         if args.size and args.size not in models.video.SIZES:
-            raise MemfitError(f"unknown size {args.size!r} for the video model; sizes: "
-                              f"{', '.join(models.video.SIZES)}.")
+            raise MemfitError(
+                f"unknown size {args.size!r} for the video model; sizes: {', '.join(models.video.SIZES)}."
+            )
         torch.manual_seed(0)  # without --weights: the same untrained model every run (and cache key)
         model = models.video.create_video(models.video.SIZES[args.size or "small"])
     else:
@@ -406,17 +517,23 @@ def _attribution_model(args):
         try:
             state = torch.load(args.weights, weights_only=True)
         except Exception as e:
-            raise MemfitError(f"cannot read weights {args.weights} ({type(e).__name__}: "
-                              f"{(str(e).splitlines() or [''])[0]}); give a state_dict saved with "
-                              f"torch.save(model.state_dict(), PATH).") from None
+            raise MemfitError(
+                f"cannot read weights {args.weights} ({type(e).__name__}: "
+                f"{(str(e).splitlines() or [''])[0]}); give a state_dict saved with "
+                f"torch.save(model.state_dict(), PATH)."
+            ) from None
         if not isinstance(state, dict):
-            raise MemfitError(f"weights {args.weights} hold a {type(state).__name__}, not a state_dict; save them "
-                              f"with torch.save(model.state_dict(), PATH).")
+            raise MemfitError(
+                f"weights {args.weights} hold a {type(state).__name__}, not a state_dict; save them "
+                f"with torch.save(model.state_dict(), PATH)."
+            )
         try:
             model.load_state_dict(state)
         except RuntimeError as e:  # missing and unexpected keys, size mismatches: all of it, on one line
-            raise MemfitError(f"weights {args.weights} do not fit this model ({' '.join(str(e).split())}); give "
-                              f"a state_dict saved from the same model.") from None
+            raise MemfitError(
+                f"weights {args.weights} do not fit this model ({' '.join(str(e).split())}); give "
+                f"a state_dict saved from the same model."
+            ) from None
     return model
 
 
@@ -427,8 +544,9 @@ def _targets(values: list[str], videos: dict) -> dict | None:
     for value in values:
         vid, _, cls = value.rpartition("=")
         if not cls.strip().lstrip("-").isdigit():
-            raise MemfitError(f"--target {value!r} is not a class; give a class number like 3, or VIDEO=CLASS "
-                              f"like video_001=3.")
+            raise MemfitError(
+                f"--target {value!r} is not a class; give a class number like 3, or VIDEO=CLASS like video_001=3."
+            )
         if not vid:
             default = int(cls)
         elif vid not in videos:
@@ -441,23 +559,39 @@ def _targets(values: list[str], videos: dict) -> dict | None:
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=models.DEFAULT,
-                   help=f"{', '.join(models.REGISTRY)}, or package.module:factory (default: {models.DEFAULT})")
-    p.add_argument("--size", help="size of a built-in model (gpt: tiny, small, medium, gpt2; "
-                   "mlp: tiny, small, large; resnet-se: tiny, small, full)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
-                   help="weights and floating inputs in this type (bf16: half the bytes, as on a GPU)")
-    p.add_argument("--blocks", help="which modules are the blocks: a container path like transformer.h or "
-                   "a pattern like 'layers.*' (default: found automatically)")
+    p.add_argument(
+        "--model",
+        default=models.DEFAULT,
+        help=f"{', '.join(models.REGISTRY)}, or package.module:factory (default: {models.DEFAULT})",
+    )
+    p.add_argument(
+        "--size",
+        help="size of a built-in model (gpt: tiny, small, medium, gpt2; "
+        "mlp: tiny, small, large; resnet-se: tiny, small, full)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="weights and floating inputs in this type (bf16: half the bytes, as on a GPU)",
+    )
+    p.add_argument(
+        "--blocks",
+        help="which modules are the blocks: a container path like transformer.h or "
+        "a pattern like 'layers.*' (default: found automatically)",
+    )
     p.add_argument("--batch-size", type=int)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     p.add_argument("--seed", type=int, default=0)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="memfit", description="Make PyTorch training fit in memory by recomputing "
-                                "activations, and prove it is the same training.",
-                                epilog="--debug (anywhere, or MEMFIT_DEBUG=1): show the traceback of an error.")
+    p = argparse.ArgumentParser(
+        prog="memfit",
+        description="Make PyTorch training fit in memory by recomputing "
+        "activations, and prove it is the same training.",
+        epilog="--debug (anywhere, or MEMFIT_DEBUG=1): show the traceback of an error.",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     _verify_command(sub)
     _plan_command(sub)
@@ -470,25 +604,49 @@ def parser() -> argparse.ArgumentParser:
 
 def _verify_command(sub) -> None:
 
-    v = sub.add_parser("verify", help="train with and without checkpointing; compare memory, time, gradients",
-                       description="Train a model for a few steps without and with a checkpointing strategy, "
-                       "from the same seed and batch, and report peak memory, slowdown, recomputed FLOPs and "
-                       "whether gradients, buffers and losses are the same. Exit 0 on PASS, 1 on FAIL.")
+    v = sub.add_parser(
+        "verify",
+        help="train with and without checkpointing; compare memory, time, gradients",
+        description="Train a model for a few steps without and with a checkpointing strategy, "
+        "from the same seed and batch, and report peak memory, slowdown, recomputed FLOPs and "
+        "whether gradients, buffers and losses are the same. Exit 0 on PASS, 1 on FAIL.",
+    )
     _model_options(v)
-    v.add_argument("--strategy", default="blocks", help="none, blocks, every:K, segments:N, sqrt, selective, scores, "
-                   "pointwise, offload (CUDA), plan:BUDGET (e.g. plan:60%%) or plan:FILE.json (default: blocks)")
-    v.add_argument("--steps", type=int, default=5, help="timed steps per run, after a warm-up step and "
-                   "the steps that measure memory and FLOPs (default: 5)")
-    v.add_argument("--expect-reduction", metavar="MIN:MAX",
-                   help="PASS only if the peak memory saved is within MIN..MAX percent (default: any saving)")
-    v.add_argument("--grad-tol", type=float, help="largest relative gradient difference that passes "
-                   "(default: 0, bitwise, on CPU; 1e-4 on accelerators)")
-    v.add_argument("--torch-checkpoint", action="store_true",
-                   help="use PyTorch's own checkpoint semantics (BatchNorm statistics updated twice), "
-                   "to see what memfit fixes")
-    v.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
-                   help="compile both runs with torch.compile (default backend inductor; aot_eager compiles "
-                        "fastest) and report the memory saved under compile")
+    v.add_argument(
+        "--strategy",
+        default="blocks",
+        help="none, blocks, every:K, segments:N, sqrt, selective, scores, "
+        "pointwise, offload (CUDA), plan:BUDGET (e.g. plan:60%%) or plan:FILE.json (default: blocks)",
+    )
+    v.add_argument(
+        "--steps",
+        type=int,
+        default=5,
+        help="timed steps per run, after a warm-up step and the steps that measure memory and FLOPs (default: 5)",
+    )
+    v.add_argument(
+        "--expect-reduction",
+        metavar="MIN:MAX",
+        help="PASS only if the peak memory saved is within MIN..MAX percent (default: any saving)",
+    )
+    v.add_argument(
+        "--grad-tol",
+        type=float,
+        help="largest relative gradient difference that passes (default: 0, bitwise, on CPU; 1e-4 on accelerators)",
+    )
+    v.add_argument(
+        "--torch-checkpoint",
+        action="store_true",
+        help="use PyTorch's own checkpoint semantics (BatchNorm statistics updated twice), to see what memfit fixes",
+    )
+    v.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        metavar="BACKEND",
+        help="compile both runs with torch.compile (default backend inductor; aot_eager compiles "
+        "fastest) and report the memory saved under compile",
+    )
     v.add_argument("--json", metavar="PATH", help="write the report as JSON")
     v.set_defaults(run=_verify)
 

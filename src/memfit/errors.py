@@ -14,6 +14,7 @@ def scalar_loss(loss_fn, model, batch):
         what = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
             what = "a scalar that does not require grad (computed without the model's parameters?)"
-        raise MemfitError(f"loss_fn returned {what}; it must return the scalar loss of a training step, like "
-                          f"model(x).pow(2).mean().")
+        raise MemfitError(
+            f"loss_fn returned {what}; it must return the scalar loss of a training step, like model(x).pow(2).mean()."
+        )
     return loss

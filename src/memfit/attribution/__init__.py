@@ -15,6 +15,7 @@ Importance of a frame: the norm (l2, l1 or max) of the gradient of the target
 class score with respect to that frame (times the input with
 `times_input`), normalised to sum to 1 over the clip.
 """
+
 from __future__ import annotations
 
 import torch

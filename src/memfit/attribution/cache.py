@@ -22,6 +22,7 @@ targets for some, reuse what they share.
 * No pickle: tensors are saved with `torch.save` and read with
   `torch.load(weights_only=True)`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -61,8 +62,9 @@ class Cache:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as e:
-            raise MemfitError(f"cannot write the cache directory {root}: {e.strerror}; choose a writable "
-                              f"cache directory.") from None
+            raise MemfitError(
+                f"cannot write the cache directory {root}: {e.strerror}; choose a writable cache directory."
+            ) from None
         self.corrupt: list[str] = []
         self.reused: list[str] = []
         self.unwritten: list[str] = []  # chunks computed but not cached

@@ -1,4 +1,5 @@
 """`memfit attribute`'s work: the demo, the comparison of modes, and the files it writes."""
+
 from __future__ import annotations
 
 import csv
@@ -35,8 +36,17 @@ def demo(per_class=2, iters=40, size="small", seed=0):
     return model.eval(), videos, classes
 
 
-def compare(model, videos, targets=None, *, chunk_size=8, reduce="l2", times_input=False, strategy="blocks",
-            progress=lambda *a: None) -> dict:
+def compare(
+    model,
+    videos,
+    targets=None,
+    *,
+    chunk_size=8,
+    reduce="l2",
+    times_input=False,
+    strategy="blocks",
+    progress=lambda *a: None,
+) -> dict:
     """Run exact (checkpointed), exact without checkpointing, and chunked on
     the same videos; measure each one's peak memory and time, and compare their scores."""
     modes, scores = {}, {}
@@ -46,21 +56,31 @@ def compare(model, videos, targets=None, *, chunk_size=8, reduce="l2", times_inp
             checkpoint_model(model, strategy)
         t0 = time.perf_counter()
         with track_memory(model) as mem:
-            result = attribute(model, videos, targets, mode="chunked" if name == "chunked" else "exact",
-                               chunk_size=chunk_size, reduce=reduce, times_input=times_input,
-                               progress=lambda v, c, n, name=name: progress(name, v, c, n))
-        modes[name] = {"peak_bytes": mem.peak_bytes, "time_s": time.perf_counter() - t0,
-                       "memory_source": mem.source}
+            result = attribute(
+                model,
+                videos,
+                targets,
+                mode="chunked" if name == "chunked" else "exact",
+                chunk_size=chunk_size,
+                reduce=reduce,
+                times_input=times_input,
+                progress=lambda v, c, n, name=name: progress(name, v, c, n),
+            )
+        modes[name] = {"peak_bytes": mem.peak_bytes, "time_s": time.perf_counter() - t0, "memory_source": mem.source}
         scores[name] = result
     comparisons = []
     for a, b in (("exact", "exact_nockpt"), ("chunked", "exact")):
         per_video = {v: compare_scores(scores[a][v]["scores"], scores[b][v]["scores"]) for v in videos}
-        comparisons.append({
-            "a": a, "b": b,
-            "max_rel_error": max(c["max_rel_error"] for c in per_video.values()),
-            "pearson": sum(c["pearson"] for c in per_video.values()) / len(per_video),
-            "top_k_agreement": sum(c["top_k_agreement"] for c in per_video.values()) / len(per_video),
-            "per_video": per_video})
+        comparisons.append(
+            {
+                "a": a,
+                "b": b,
+                "max_rel_error": max(c["max_rel_error"] for c in per_video.values()),
+                "pearson": sum(c["pearson"] for c in per_video.values()) / len(per_video),
+                "top_k_agreement": sum(c["top_k_agreement"] for c in per_video.values()) / len(per_video),
+                "per_video": per_video,
+            }
+        )
     return {"modes": modes, "comparisons": comparisons, "results": scores}
 
 
@@ -68,14 +88,17 @@ def write_outputs(results: dict, out_dir, classes: dict | None = None) -> list[P
     """Per video a CSV and a JSON of frame importance; a plot per video and one
     per class (importance over frames averaged over its videos)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out = Path(out_dir)
     written = []
     for vid, r in results.items():
-        atomic_write(out / f"{vid}.csv", lambda f, r=r: csv.writer(f).writerows([("frame", "importance"),
-                                                                                *enumerate(r["scores"])]))
+        atomic_write(
+            out / f"{vid}.csv",
+            lambda f, r=r: csv.writer(f).writerows([("frame", "importance"), *enumerate(r["scores"])]),
+        )
         write_json(out / f"{vid}.json", {"video": vid, **r, "class": (classes or {}).get(vid)})
         fig, ax = plt.subplots(figsize=(6, 2.5))
         ax.plot(r["scores"], marker=".")

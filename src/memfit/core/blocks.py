@@ -6,6 +6,7 @@ blocks of a ResNet (`layer1` .. `layer4` together), an encoder's and a
 decoder's layers, a U-Net's resnets and attention blocks. Found
 automatically (NOTE [discovery]) or named by the user.
 """
+
 from __future__ import annotations
 
 import fnmatch

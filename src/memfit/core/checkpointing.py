@@ -16,6 +16,7 @@ Everything else is PyTorch's: kwargs, nested checkpoints, `torch.autograd.grad`,
 double backward, the CPU and accelerator RNG replay that makes dropout exact,
 and the autocast replay.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -129,6 +130,7 @@ def _owner(fn):
 # Limit: state written by plain functions, not held in a module's buffers
 # (F.batch_norm on tensors the caller owns), is not seen.
 
+
 def _written(buf, version, snapshot) -> bool:
     if buf._version != version:
         return True
@@ -144,8 +146,9 @@ def _outside_policy():
     memfit.core.strategies). The modes below (the memory tracker, fake tensors)
     still see them."""
     stack = contextlib.ExitStack()
-    while isinstance(_python_dispatch._get_current_dispatch_mode(),
-                     (tuc._CachingTorchDispatchMode, pruning._Recording)):
+    while isinstance(
+        _python_dispatch._get_current_dispatch_mode(), (tuc._CachingTorchDispatchMode, pruning._Recording)
+    ):
         stack.enter_context(_python_dispatch._pop_mode_temporarily())
     return stack
 
@@ -244,8 +247,10 @@ def _context_fn(owner, policy, state_replay=True):
                 fwd.respect_saved_tensors_hooks = False
             pruner = pruning.Pruner(policy_fn, fwd.storage)
             fwd, rec = _Nested(pruner.forward, fwd), _Nested(pruner.recompute, rec)
-        return (_Context(replay.enter_forward, replay.exit_forward, fwd),
-                _Context(replay.enter_recompute, replay.exit_recompute, rec))
+        return (
+            _Context(replay.enter_forward, replay.exit_forward, fwd),
+            _Context(replay.enter_recompute, replay.exit_recompute, rec),
+        )
 
     return context_fn
 
@@ -266,26 +271,38 @@ def _context_fn(owner, policy, state_replay=True):
 # selective contexts in its own (`_context_fn`), torch cannot reach them to
 # say so, and memfit sets it on the caching mode itself.
 
+
 def _binding(generator):
     """A function `open(fn, args, context_fn)` that starts `generator` for either signature."""
     params = list(inspect.signature(generator).parameters.values())
     names = [p.name for p in params]
     legacy = {"respect_saved_tensors_hooks": False} if "respect_saved_tensors_hooks" in names else {}
-    if names[:3] == ["fn", "args", "kwargs"] and "context_fn" in names and all(
-            p.kind is p.KEYWORD_ONLY for p in params[3:]):
-        return lambda fn, args, context_fn: generator(fn, tuple(args), {}, preserve_rng_state=True,
-                                                      context_fn=context_fn, **legacy)
+    if (
+        names[:3] == ["fn", "args", "kwargs"]
+        and "context_fn" in names
+        and all(p.kind is p.KEYWORD_ONLY for p in params[3:])
+    ):
+        return lambda fn, args, context_fn: generator(
+            fn, tuple(args), {}, preserve_rng_state=True, context_fn=context_fn, **legacy
+        )
     head = list(itertools.takewhile(lambda p: p.kind is p.POSITIONAL_OR_KEYWORD, params))
-    if (names[:1] == ["fn"] and any(p.kind is p.VAR_POSITIONAL for p in params)
-            and {"preserve_rng_state", "context_fn"} <= set(names[:len(head)])
-            and all(p.default is not p.empty for p in head[1:])):
+    if (
+        names[:1] == ["fn"]
+        and any(p.kind is p.VAR_POSITIONAL for p in params)
+        and {"preserve_rng_state", "context_fn"} <= set(names[: len(head)])
+        and all(p.default is not p.empty for p in head[1:])
+    ):
+
         def open_(fn, args, context_fn):
             values = {"fn": fn, "context_fn": context_fn, "preserve_rng_state": True}
             return generator(*[values.get(p.name, p.default) for p in head], *args, **legacy)
+
         return open_
-    raise ImportError(f"memfit does not know the checkpoint generator of torch {torch.__version__} "
-                      f"(signature {inspect.signature(generator)}); use torch 2.8 to 2.13, or a memfit that "
-                      f"supports torch {torch.__version__}.")
+    raise ImportError(
+        f"memfit does not know the checkpoint generator of torch {torch.__version__} "
+        f"(signature {inspect.signature(generator)}); use torch 2.8 to 2.13, or a memfit that "
+        f"supports torch {torch.__version__}."
+    )
 
 
 _open = _binding(tuc._checkpoint_without_reentrant_generator)
@@ -314,8 +331,11 @@ class CallState:
         if module is not None and getattr(module, "_initialized", False):
             self.devices, self.states = tuc.get_device_states(*tensors)
         kinds = dict.fromkeys([self.device_type, "cpu"])
-        self.autocast = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in kinds
-                         if torch.amp.is_autocast_available(d)]
+        self.autocast = [
+            (d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d))
+            for d in kinds
+            if torch.amp.is_autocast_available(d)
+        ]
         self.autocast_cache = torch.is_autocast_cache_enabled()
 
     @contextlib.contextmanager
@@ -326,8 +346,9 @@ class CallState:
             if self.devices:
                 tuc.set_device_states(self.devices, self.states, device_type=self.device_type)
             for kind, enabled, dtype in self.autocast:
-                stack.enter_context(torch.autocast(kind, dtype=dtype, enabled=enabled,
-                                                   cache_enabled=self.autocast_cache))
+                stack.enter_context(
+                    torch.autocast(kind, dtype=dtype, enabled=enabled, cache_enabled=self.autocast_cache)
+                )
             yield
 
 
@@ -365,8 +386,9 @@ class Region:
 
     def __init__(self, replay, args, policy=None, owner=None, state_replay=True):
         leaves, spec = tree_flatten(tuple(args))  # NOTE [inputs changed after the call]
-        self._gen = _open(lambda *flat: replay(*tree_unflatten(list(flat), spec)), leaves,
-                          _context_fn(owner, policy, state_replay))
+        self._gen = _open(
+            lambda *flat: replay(*tree_unflatten(list(flat), spec)), leaves, _context_fn(owner, policy, state_replay)
+        )
         next(self._gen)
         self._hooks = _top_hooks() if torch.is_grad_enabled() else None
         self.paused = False
@@ -374,8 +396,10 @@ class Region:
     def pause(self):
         """Take the region's saved-tensor hooks off the stack until `resume`."""
         if _top_hooks() != self._hooks:
-            raise RuntimeError("memfit: the saved-tensor hooks on top are not the checkpoint region's; "
-                               "something inside a block left its own hooks installed.")
+            raise RuntimeError(
+                "memfit: the saved-tensor hooks on top are not the checkpoint region's; "
+                "something inside a block left its own hooks installed."
+            )
         torch._C._autograd._pop_saved_tensors_default_hooks()
         self.paused = True
 

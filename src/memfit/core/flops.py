@@ -12,6 +12,7 @@ does (NOTE [compiled code] in memfit.core.memory): compiled code runs under it,
 and it counts the aten ops that code calls. Inductor's fused kernels are
 not ops it sees; the matmuls inductor leaves to aten are.
 """
+
 from __future__ import annotations
 
 import math

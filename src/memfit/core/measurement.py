@@ -16,6 +16,7 @@ Every step of every run starts from `torch.manual_seed(seed + k)`, so the
 runs see the same dropout masks, and `after(k)` is called once all runs
 have made step k (verify compares gradients there).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -80,12 +81,14 @@ def _sync(device):
 
 def steps(runs, batch, loss_fn, *, seed=0, memory=True, flops=True, timed=2, after=None) -> None:
     """The protocol above; results land on each run (`mem`, `flops`, `times`, `losses`)."""
+
     def warm_up(run, device, k):
         run.step(batch, loss_fn, k)
 
     def measure_memory(run, device, k):
-        tracked = functools.partial(track_memory, run.model, run.opt, batch, device=device,
-                                    allocator_events=run.allocator_events)
+        tracked = functools.partial(
+            track_memory, run.model, run.opt, batch, device=device, allocator_events=run.allocator_events
+        )
         run.mem = run.step(batch, loss_fn, k, tracked)
         if device.type == "cuda":
             _only_own(run.mem, run, batch)
@@ -99,8 +102,12 @@ def steps(runs, batch, loss_fn, *, seed=0, memory=True, flops=True, timed=2, aft
         _sync(device)
         run.times.append(time.perf_counter() - t0)
 
-    rounds = [(warm_up, runs)] + [(measure_memory, runs)] * memory + [(count_flops, runs)] * flops + [
-        (time_step, runs if i % 2 == 0 else runs[::-1]) for i in range(timed)]
+    rounds = (
+        [(warm_up, runs)]
+        + [(measure_memory, runs)] * memory
+        + [(count_flops, runs)] * flops
+        + [(time_step, runs if i % 2 == 0 else runs[::-1]) for i in range(timed)]
+    )
     for k, (step_of, order) in enumerate(rounds, start=seed):  # step k of each run, then `after(k)`
         for run in order:
             device = _device(run)
@@ -121,8 +128,10 @@ def compiled(model, backend: str):
         def run(*args):
             calls.append(1)
             return graph(*args)
+
         run._boxed_call = getattr(graph, "_boxed_call", False)  # called with a list of inputs, if it is
         return run
+
     return torch.compile(model, backend=counting), calls
 
 
@@ -133,8 +142,10 @@ SEEN_BY_THE_TRACKER = ("eager", "aot_eager", "aot_eager_decomp_partition", "aot_
 def check_backend(compile) -> None:
     """A MemfitError unless `compile` is None or a torch.compile backend's name."""
     if compile and compile not in torch._dynamo.list_backends(exclude_tags=()):
-        raise MemfitError(f"unknown torch.compile backend {compile!r}; use inductor (the default), aot_eager, "
-                          f"or another name torch._dynamo.list_backends() gives.")
+        raise MemfitError(
+            f"unknown torch.compile backend {compile!r}; use inductor (the default), aot_eager, "
+            f"or another name torch._dynamo.list_backends() gives."
+        )
 
 
 def run_of(model, compile, device, optimizer=None) -> Run:
@@ -145,8 +156,13 @@ def run_of(model, compile, device, optimizer=None) -> Run:
     if not compile:
         return Run(model, opt)
     forward, calls = compiled(model, compile)
-    return Run(model, opt, forward=forward, graph_calls=calls,
-               allocator_events=torch.device(device).type == "cpu" and compile not in SEEN_BY_THE_TRACKER)
+    return Run(
+        model,
+        opt,
+        forward=forward,
+        graph_calls=calls,
+        allocator_events=torch.device(device).type == "cpu" and compile not in SEEN_BY_THE_TRACKER,
+    )
 
 
 def compiled_step(model, batch, loss_fn, strategy, backend, *, blocks=None, optimizer=None) -> tuple[int, int]:
@@ -160,13 +176,26 @@ def compiled_step(model, batch, loss_fn, strategy, backend, *, blocks=None, opti
     with torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit + 1000):
         steps([run], batch, loss_fn, timed=0)
     if not all(run.graphs_per_step):
-        raise MemfitError(f"the model compiled with {backend} ran no compiled graph in a step, so its compiled peak "
-                          f"cannot be measured; plan without compile.")
+        raise MemfitError(
+            f"the model compiled with {backend} ran no compiled graph in a step, so its compiled peak "
+            f"cannot be measured; plan without compile."
+        )
     return run.mem.peak_bytes, run.flops
 
 
-def measure(model, batch, loss_fn, strategy, *, blocks=None, optimizer=None, timed_steps=2, memory=True,
-            flops=True, against=None) -> dict:
+def measure(
+    model,
+    batch,
+    loss_fn,
+    strategy,
+    *,
+    blocks=None,
+    optimizer=None,
+    timed_steps=2,
+    memory=True,
+    flops=True,
+    against=None,
+) -> dict:
     """One strategy on a copy of `model`, as verify measures it: `peak_bytes`
     of a steady-state step, `step_time_s` (the median of `timed_steps`, None
     for 0), and `flops` of a step (each None when not measured). `against`:
@@ -178,9 +207,13 @@ def measure(model, batch, loss_fn, strategy, *, blocks=None, optimizer=None, tim
         runs.append(Run(m, (optimizer or torch.optim.AdamW)(m.parameters())))
     steps(runs, batch, loss_fn, memory=memory, flops=flops, timed=timed_steps)
     run, mem = runs[0], runs[0].mem
-    out = {"peak_bytes": mem and mem.peak_bytes, "activation_bytes": mem and mem.activation_bytes,
-           "memory_source": mem and mem.source, "step_time_s": statistics.median(run.times) if run.times else None,
-           "flops": run.flops if flops else None}
+    out = {
+        "peak_bytes": mem and mem.peak_bytes,
+        "activation_bytes": mem and mem.activation_bytes,
+        "memory_source": mem and mem.source,
+        "step_time_s": statistics.median(run.times) if run.times else None,
+        "flops": run.flops if flops else None,
+    }
     if against is not None:
         base = runs[1]
         out["slowdown"] = statistics.median(run.times) / statistics.median(base.times) - 1 if run.times else None
@@ -193,8 +226,9 @@ def _only_own(mem, run: Run, batch) -> None:
     other run, the caller's model, ...): the allocator counts it all. The run's
     own static bytes are its parameters, buffers, optimizer state and batch;
     its gradients were freed before the step."""
-    held = mem.static_bytes - storage_bytes(static_tensors(list(run.model.parameters()),
-                                                            list(run.model.buffers()), run.opt, batch))
+    held = mem.static_bytes - storage_bytes(
+        static_tensors(list(run.model.parameters()), list(run.model.buffers()), run.opt, batch)
+    )
     mem.peak_bytes -= held
     mem.static_bytes -= held
     if mem.forward_end_bytes is not None:
@@ -202,7 +236,7 @@ def _only_own(mem, run: Run, batch) -> None:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """"auto" is the accelerator if there is one, else the CPU."""
+    """ "auto" is the accelerator if there is one, else the CPU."""
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

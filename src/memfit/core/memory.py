@@ -35,6 +35,7 @@ engine runs its first op. `forward_end_bytes` is what was live then, and
 `activation_bytes` is that minus the static bytes: what the forward kept for
 backward (plus the loss and outputs).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -126,6 +127,7 @@ class _StorageCounter(TorchDispatchMode):
             out = resize(storage, size)
             t.resized(storage, storage.nbytes())
             return out
+
         self._resize = resize
         torch.UntypedStorage.resize_ = resize_
         return super().__enter__()
@@ -217,6 +219,7 @@ class _TrackerEvents(MemoryTracker):
 
     def start(self):
         from torch.profiler import ProfilerActivity, profile
+
         self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
         with _quiet_stderr():  # kineto prints a line to stderr at each start and stop
             self._profile.__enter__()
@@ -224,8 +227,14 @@ class _TrackerEvents(MemoryTracker):
     def stop(self):
         with _quiet_stderr():
             self._profile.__exit__(None, None, None)
-        events = sorted((e for e in self._profile.profiler.kineto_results.events() if e.name() == "[memory]"
-                         and e.device_type() == torch.autograd.DeviceType.CPU), key=lambda e: e.start_ns())
+        events = sorted(
+            (
+                e
+                for e in self._profile.profiler.kineto_results.events()
+                if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+            ),
+            key=lambda e: e.start_ns(),
+        )
         live = 0
         for e in events:
             live += e.nbytes()
@@ -297,8 +306,13 @@ class track_memory:
             inductor's compiled code, which the storage tracker cannot see: NOTE [compiled code]).
     """
 
-    def __init__(self, *objects: object, device: str | torch.device | None = None, storage_tracker: bool = False,
-                 allocator_events: bool = False):
+    def __init__(
+        self,
+        *objects: object,
+        device: str | torch.device | None = None,
+        storage_tracker: bool = False,
+        allocator_events: bool = False,
+    ):
         tensors = static_tensors(*objects)
         self._storage_tracker = storage_tracker  # also on CUDA (simulated steps have no allocator)
         self._events = allocator_events  # on the CPU, for inductor's compiled code (NOTE [compiled code])

@@ -51,6 +51,7 @@ an op's output depends only on its arguments; a kernel that writes a tensor
 without the dispatcher seeing it (a raw Triton or C++ launch into a tensor
 made by `zeros`) would not be replayed.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -100,8 +101,12 @@ class _Lazy:
 
     def reads(self) -> list:
         """The held tensors a replay reads, with the version each had when read: [(tensor, version)]."""
-        return [(r.node.held[r.index], r.version) for n in self.ancestors for r in _refs((n.args, n.kwargs))
-                if r.node.held is not None and isinstance(r.node.held[r.index], torch.Tensor)]
+        return [
+            (r.node.held[r.index], r.version)
+            for n in self.ancestors
+            for r in _refs((n.args, n.kwargs))
+            if r.node.held is not None and isinstance(r.node.held[r.index], torch.Tensor)
+        ]
 
     def hold(self):
         """Keep the tensor itself from now on: what a replay reads is about to be written in place."""
@@ -147,8 +152,12 @@ def _version(t):
 def _replayable(func, args, kwargs, out) -> bool:
     if not isinstance(func, torch._ops.OpOverload) or func.namespace not in ("aten", "prims"):
         return False
-    if func in pruning.UNINITIALISED or strategies.draws_random(func, args, kwargs) or pruning.written(
-            func, args, kwargs) or "batch_norm" in func._schema.name:  # native_batch_norm writes undeclared
+    if (
+        func in pruning.UNINITIALISED
+        or strategies.draws_random(func, args, kwargs)
+        or pruning.written(func, args, kwargs)
+        or "batch_norm" in func._schema.name
+    ):  # native_batch_norm writes undeclared
         return False
     return all(type(t) in _PLAIN for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor))
 
@@ -235,8 +244,10 @@ def _argument(a):
         return a
     value = _evaluate(a)
     if a.node.held is not None and _version(value) != a.version:
-        raise RuntimeError("memfit: a tensor that recomputing on demand reads was written in place after the "
-                           "forward read it; apply this block with a preset mode (blocks, selective) instead.")
+        raise RuntimeError(
+            "memfit: a tensor that recomputing on demand reads was written in place after the "
+            "forward read it; apply this block with a preset mode (blocks, selective) instead."
+        )
     return value
 
 

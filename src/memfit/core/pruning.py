@@ -55,6 +55,7 @@ tracker and fake tensors beneath this mode see it, so simulated steps and
 plans price it. The op-level modes the planner builds never save such an
 output in the first place (NOTE [op-level frontier] in memfit.planning.frontier).
 """
+
 from __future__ import annotations
 
 import weakref
@@ -70,8 +71,10 @@ from memfit.core import strategies
 
 VIEW, FRESH, INPLACE, OTHER = "view", "fresh", "inplace", "other"
 IGNORED = getattr(tuc, "SAC_IGNORED_OPS", {torch.ops.aten.detach.default})  # metadata and detach: never numbered
-UNINITIALISED = {getattr(torch.ops.aten, n).default if n != "empty" else torch.ops.aten.empty.memory_format
-                  for n in ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided")}
+UNINITIALISED = {
+    getattr(torch.ops.aten, n).default if n != "empty" else torch.ops.aten.empty.memory_format
+    for n in ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided")
+}
 _PLAIN = (torch.Tensor, torch.nn.Parameter, FakeTensor)
 
 
@@ -101,8 +104,13 @@ def written(func, args, kwargs) -> list:
     if schema is None:
         return []
     values = [args[i] if i < len(args) else kwargs.get(a.name) for i, a in enumerate(schema.arguments)]
-    return [t for a, v in zip(schema.arguments, values) if a.alias_info is not None and a.alias_info.is_write
-            for t in tree_leaves(v) if isinstance(t, torch.Tensor)]
+    return [
+        t
+        for a, v in zip(schema.arguments, values)
+        if a.alias_info is not None and a.alias_info.is_write
+        for t in tree_leaves(v)
+        if isinstance(t, torch.Tensor)
+    ]
 
 
 def copy_on_write(cache, targets):
@@ -149,8 +157,10 @@ class Dataflow:
             self.opaque = f"{strategies.op_name(func)} runs on a tensor subclass"
         filled = {id(t.untyped_storage()) for t in targets}
         if any(id(t.untyped_storage()) in self._unwritten and id(t.untyped_storage()) not in filled for t in ins):
-            self.opaque = (f"{strategies.op_name(func)} reads uninitialised memory that no op the dispatcher saw "
-                           "wrote: a kernel outside it may have")
+            self.opaque = (
+                f"{strategies.op_name(func)} reads uninitialised memory that no op the dispatcher saw "
+                "wrote: a kernel outside it may have"
+            )
         self._unwritten -= filled
         inputs = {id(t.untyped_storage()) for t in ins}
         new = {id(s): s for t in outs if id(s := t.untyped_storage()) not in inputs}
@@ -201,7 +211,7 @@ def needed(ops: list, roots, last: int, saved) -> set:
     ones from the cache needs: what autograd saves, and what the ops it runs
     (those that are not skipped) read, back through the ops it runs."""
     need = set()
-    stack = [*roots, *(j for j, op in enumerate(ops[:last + 1]) if op.kind == OTHER and j not in saved)]
+    stack = [*roots, *(j for j, op in enumerate(ops[: last + 1]) if op.kind == OTHER and j not in saved)]
     while stack:
         j = stack.pop()
         if j in need:
@@ -215,8 +225,9 @@ def needed(ops: list, roots, last: int, saved) -> set:
 def skipped(ops: list, roots, last: int, saved) -> set:
     """The ops up to `last` a recompute that takes the `saved` ones from the cache can skip."""
     need = needed(ops, roots, last, saved)
-    return {j for j, op in enumerate(ops[:last + 1])
-            if op.kind in (FRESH, INPLACE) and j not in saved and j not in need}
+    return {
+        j for j, op in enumerate(ops[: last + 1]) if op.kind in (FRESH, INPLACE) and j not in saved and j not in need
+    }
 
 
 class PruneError(RuntimeError):
@@ -255,9 +266,11 @@ class Pruner:
 
     def _pack_recompute(self, t):
         if self.recompute.mode.is_placeholder(t):
-            raise PruneError("memfit: the pruned recompute of a block was about to save a tensor it skipped: "
-                             "the block's recompute took another path than its forward. Use strategy 'blocks' "
-                             "for it, or make its forward deterministic.")
+            raise PruneError(
+                "memfit: the pruned recompute of a block was about to save a tensor it skipped: "
+                "the block's recompute took another path than its forward. Use strategy 'blocks' "
+                "for it, or make its forward deterministic."
+            )
 
 
 class _Scope:
@@ -339,11 +352,16 @@ class _Pruning(TorchDispatchMode):
             out = self._skip(func, args, kwargs, ops[self._at].kind)
             if out is not None:
                 return out
-        if (self._at <= self.pruner.flow.last and ops[self._at].kind != VIEW
-                and any(self.is_placeholder(t) for t in _tensors((args, kwargs)))):
-            raise PruneError(f"memfit: the pruned recompute of a block reached {strategies.op_name(func)} reading "
-                             "a tensor it skipped: the block's recompute took another path than its forward. Use "
-                             "strategy 'blocks' for it, or make its forward deterministic.")
+        if (
+            self._at <= self.pruner.flow.last
+            and ops[self._at].kind != VIEW
+            and any(self.is_placeholder(t) for t in _tensors((args, kwargs)))
+        ):
+            raise PruneError(
+                f"memfit: the pruned recompute of a block reached {strategies.op_name(func)} reading "
+                "a tensor it skipped: the block's recompute took another path than its forward. Use "
+                "strategy 'blocks' for it, or make its forward deterministic."
+            )
         return func(*args, **kwargs)
 
     def _skip(self, func, args, kwargs, kind):
@@ -357,8 +375,14 @@ class _Pruning(TorchDispatchMode):
         except Exception:  # no meta kernel (or one that needs values): compute it
             return None
         device = kwargs.get("device") or next((t.device for t in _tensors(args)), torch.device("cpu"))
-        out = tree_map(lambda m: torch.empty_strided(m.shape, m.stride(), dtype=m.dtype, device=device)
-                       if isinstance(m, torch.Tensor) else m, meta)
+        out = tree_map(
+            lambda m: (
+                torch.empty_strided(m.shape, m.stride(), dtype=m.dtype, device=device)
+                if isinstance(m, torch.Tensor)
+                else m
+            ),
+            meta,
+        )
         for t in _tensors(out):
             self._mark(t)
         return out

@@ -16,6 +16,7 @@ recipes, the trainers' callbacks and attribution alike, into a `Schedule`:
 A `Budget` is parsed once too, and resolved to bytes where the plain step's
 peak and the device are known (`auto`: that device's free memory).
 """
+
 from __future__ import annotations
 
 import json
@@ -33,11 +34,23 @@ __all__ = ["parse", "Schedule", "Budget", "Plan", "BlockChoice"]
 
 OFF = {"false", "off", "no", "0"}
 ON = {"true", "on", "yes", "1"}
-SPELLINGS = ("a strategy such as blocks or selective, true or false, plan:60% (or budget:60%), plan:FILE.json, "
-             "or one of these per chain as {chain: strategy}")
+SPELLINGS = (
+    "a strategy such as blocks or selective, true or false, plan:60% (or budget:60%), plan:FILE.json, "
+    "or one of these per chain as {chain: strategy}"
+)
 BUDGET_HELP = "a size like 20GiB or 800MB, a percentage of the plain run's peak like 60%, or auto"
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 _SIZE = re.compile(r"^\s*(-?\s*(?:\d+(?:\.\d*)?|\.\d+))\s*([a-z]*)\s*$", re.IGNORECASE)
 
 
@@ -68,8 +81,10 @@ class Budget:
             except ValueError:
                 pct = float("nan")
             if not 0 < pct <= 100:
-                raise MemfitError(f"budget {text} must be a percentage above 0% and at most 100% of the plain "
-                                  f"run's peak; give {BUDGET_HELP}.")
+                raise MemfitError(
+                    f"budget {text} must be a percentage above 0% and at most 100% of the plain "
+                    f"run's peak; give {BUDGET_HELP}."
+                )
             return cls(text, fraction=pct / 100)
         m = _SIZE.match(text)
         if not m or m.group(2).lower() not in _UNITS:
@@ -85,8 +100,10 @@ class Budget:
             return self.size
         if self.fraction is not None:
             if baseline_peak is None:
-                raise MemfitError(f"budget {self.text} is a share of the plain run's peak, which is not known "
-                                  f"here; give a size like 20GiB instead.")
+                raise MemfitError(
+                    f"budget {self.text} is a share of the plain run's peak, which is not known "
+                    f"here; give a size like 20GiB instead."
+                )
             return int(baseline_peak * self.fraction)
         return available_bytes(torch.device(device))
 
@@ -94,10 +111,10 @@ class Budget:
 @dataclass
 class BlockChoice:
     name: str
-    mode: Mode                # keep, pointwise, scores, selective, recompute, offload or ops:... (op-level)
-    segment: list | None      # [first, last] block names of its segment, if recomputed with others
-    kept_bytes: int           # what it keeps through the forward
-    cost: float               # its share of the plan's overhead (fraction of a plain step)
+    mode: Mode  # keep, pointwise, scores, selective, recompute, offload or ops:... (op-level)
+    segment: list | None  # [first, last] block names of its segment, if recomputed with others
+    kept_bytes: int  # what it keeps through the forward
+    cost: float  # its share of the plan's overhead (fraction of a plain step)
 
     def __post_init__(self):
         self.mode = Mode.parse(self.mode)  # a plan read from JSON names its modes in their printed form
@@ -113,8 +130,8 @@ class Plan:
     budget_bytes: int
     predicted_peak_bytes: int
     baseline_peak_bytes: int
-    predicted_overhead: float   # recomputation cost as a fraction of a plain step's
-    cost: str                   # "time" or "flops"
+    predicted_overhead: float  # recomputation cost as a fraction of a plain step's
+    cost: str  # "time" or "flops"
     predicted_recompute_flops: float  # matmul FLOPs recomputed, fraction of a plain step's
     signature: dict = field(default_factory=dict)
     sources: dict = field(default_factory=dict)  # where each number came from (see `memfit.planning.planner._sources`)
@@ -136,9 +153,11 @@ class Plan:
     def __str__(self) -> str:
         kind = "time" if self.cost == "time" else "FLOPs"
         width = max(len(b.name) for b in self.blocks)
-        lines = [f"plan for a budget of {fmt_bytes(self.budget_bytes)} (plain run: "
-                 f"{fmt_bytes(self.baseline_peak_bytes)}): predicted peak {fmt_bytes(self.predicted_peak_bytes)}, "
-                 f"+{self.predicted_overhead:.1%} {kind}"]
+        lines = [
+            f"plan for a budget of {fmt_bytes(self.budget_bytes)} (plain run: "
+            f"{fmt_bytes(self.baseline_peak_bytes)}): predicted peak {fmt_bytes(self.predicted_peak_bytes)}, "
+            f"+{self.predicted_overhead:.1%} {kind}"
+        ]
         for b in self.blocks:
             saved = b.mode.saved_ops
             mode = f"{str(b.mode).partition(':')[0]} ({len(saved)})" if saved else str(b.mode)
@@ -152,8 +171,10 @@ class Plan:
             lines.append(line)
         lines += [f"  {what}: {where}" for what, where in self.sources.items()]
         if self.coverage is not None:
-            lines.append(f"  coverage: {self.coverage:.0%} of the plain step's saved activations lie inside these "
-                         f"{len(self.blocks)} blocks")
+            lines.append(
+                f"  coverage: {self.coverage:.0%} of the plain step's saved activations lie inside these "
+                f"{len(self.blocks)} blocks"
+            )
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -172,8 +193,9 @@ class Plan:
             plan._validate()
             return plan
         except (ValueError, TypeError, KeyError, AttributeError) as e:
-            raise MemfitError(f"not a memfit plan ({e}); make one with `memfit plan --json PATH` "
-                              f"or Plan.to_json().") from None
+            raise MemfitError(
+                f"not a memfit plan ({e}); make one with `memfit plan --json PATH` or Plan.to_json()."
+            ) from None
 
     def _validate(self) -> None:
         """Raise ValueError unless the blocks form units: known modes, segments of consecutive blocks."""
@@ -182,13 +204,22 @@ class Plan:
         names = [b.name for b in self.blocks]
         for i, b in enumerate(self.blocks):
             if b.segment is not None:
-                if (not isinstance(b.segment, list) or len(b.segment) != 2 or b.segment[0] not in names
-                        or b.segment[1] not in names
-                        or not names.index(b.segment[0]) <= i <= names.index(b.segment[1])):
+                if (
+                    not isinstance(b.segment, list)
+                    or len(b.segment) != 2
+                    or b.segment[0] not in names
+                    or b.segment[1] not in names
+                    or not names.index(b.segment[0]) <= i <= names.index(b.segment[1])
+                ):
                     raise ValueError(f"block {b.name} names segment {b.segment!r}, which does not contain it")
         units = self.units
-        if any(u.stop - u.start > 1 and any(b.segment != self.blocks[u.start].segment or b.mode != u.mode
-                                              for b in self.blocks[u.start:u.stop]) for u in units):
+        if any(
+            u.stop - u.start > 1
+            and any(
+                b.segment != self.blocks[u.start].segment or b.mode != u.mode for b in self.blocks[u.start : u.stop]
+            )
+            for u in units
+        ):
             raise ValueError("a segment's blocks disagree on their segment or mode")
 
     @classmethod
@@ -199,17 +230,20 @@ class Plan:
         except OSError as e:
             raise MemfitError(f"cannot read plan {path}: {e.strerror}; give the path of a plan JSON file.") from None
         except UnicodeDecodeError:
-            raise MemfitError(f"plan {path} is not a text file; give a plan JSON file made by `memfit plan "
-                              f"--json`.") from None
+            raise MemfitError(
+                f"plan {path} is not a text file; give a plan JSON file made by `memfit plan --json`."
+            ) from None
         return cls.from_json(text)
 
     def check(self, names: list[str]) -> None:
         """Raise unless this plan was made for blocks with these names (in any order)."""
         mine = [b.name for b in self.blocks]
         if sorted(mine) != sorted(names):
-            raise MemfitError(f"this plan was made for a model with {len(mine)} blocks ({mine[0]}..{mine[-1]}), "
-                              f"not this one with {len(names)} ({names[0]}..{names[-1]}); make a plan for this "
-                              f"model with memfit.plan or `memfit plan`.")
+            raise MemfitError(
+                f"this plan was made for a model with {len(mine)} blocks ({mine[0]}..{mine[-1]}), "
+                f"not this one with {len(names)} ({names[0]}..{names[-1]}); make a plan for this "
+                f"model with memfit.plan or `memfit plan`."
+            )
 
 
 def _abbreviated(names, width=48) -> str:
@@ -263,13 +297,17 @@ def parse(value) -> Schedule:
 
 def _spellings_per_chain(value: dict) -> dict:
     if not value or not all(isinstance(k, str) for k in value):
-        raise MemfitError(f"a schedule per chain maps chains to strategies, like "
-                          f"{{'encoder.layers': 'blocks', 'decoder.layers': 'selective'}}; got {value!r}.")
+        raise MemfitError(
+            f"a schedule per chain maps chains to strategies, like "
+            f"{{'encoder.layers': 'blocks', 'decoder.layers': 'selective'}}; got {value!r}."
+        )
     out = {}
     for chain, v in value.items():
         s = parse(False if v is None else v)  # YAML null: off
         if not isinstance(s.strategy, str):
-            raise MemfitError(f"chain {chain!r} is given {v!r}; per chain give a strategy string such as blocks "
-                              f"or selective: one budget covers all chains, as plan:60% for the whole model.")
+            raise MemfitError(
+                f"chain {chain!r} is given {v!r}; per chain give a strategy string such as blocks "
+                f"or selective: one budget covers all chains, as plan:60% for the whole model."
+            )
         out[chain] = s.strategy
     return out

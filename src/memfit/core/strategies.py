@@ -31,6 +31,7 @@ The planner mixes all of them, block by block, with modes of each block's own:
 Strategy strings: `none`, `blocks`, `every:K`, `segments:N`, `sqrt`, `selective`, `scores`, `pointwise`,
 `offload`.
 """
+
 from __future__ import annotations
 
 import enum
@@ -91,8 +92,10 @@ class Mode:
             pairs = [p.rpartition("@") for p in body.split(",")]
             if body and all(name and at and k.isdigit() for name, at, k in pairs):
                 return cls.of_ops({int(k): name for name, _, k in pairs}, on_demand=head == LAZY)
-        raise ValueError(f"{text!r} is not a mode; modes are {', '.join(k.value for k in Kind if k is not Kind.OPS)}"
-                         f", or an op-level mode like ops:mm@3,addmm@7")
+        raise ValueError(
+            f"{text!r} is not a mode; modes are {', '.join(k.value for k in Kind if k is not Kind.OPS)}"
+            f", or an op-level mode like ops:mm@3,addmm@7"
+        )
 
     @classmethod
     def of_ops(cls, saved: dict, on_demand: bool = False) -> Mode:
@@ -166,14 +169,16 @@ def units_of(strategy: str, chains) -> list[Unit]:
     name, _, arg = check(strategy).partition(":")
     k = int(arg) if arg else 0  # every:K and segments:N have one (`check`)
     if name == "segments" and k > max(sizes):
-        raise MemfitError(f"segments:{k} asks for more segments than the {max(sizes)} blocks of the longest "
-                          f"chain; use segments:1 to segments:{max(sizes)}.")
+        raise MemfitError(
+            f"segments:{k} asks for more segments than the {max(sizes)} blocks of the longest "
+            f"chain; use segments:1 to segments:{max(sizes)}."
+        )
     return [u for at, n in zip(chain_starts(sizes), sizes) for u in shifted(_chain(name, k, n), at)]
 
 
 def chain_starts(sizes) -> list[int]:
     """The position of each chain's first block among all the blocks, for chains of these lengths."""
-    return [0, *itertools.accumulate(sizes)][:len(sizes)]
+    return [0, *itertools.accumulate(sizes)][: len(sizes)]
 
 
 def shifted(units, at: int) -> list[Unit]:
@@ -208,6 +213,8 @@ def segments(n_blocks: int, n: int) -> list[Unit]:
 
 
 aten = torch.ops.aten
+
+
 # The ops whose outputs `selective` keeps: linear layers (which reach the
 # dispatcher as mm / addmm, whatever the input's rank, or as grouped matmuls
 # in a mixture of experts), convolutions and fused attention kernels, whose

@@ -38,6 +38,7 @@ element if it returns a tuple). So:
   to close a region after them: they are checkpointed one by one, with a
   warning.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -78,8 +79,9 @@ def wrap(model: nn.Module, strategy="blocks", blocks=None, state_replay=True, *,
     recomputes in eval mode, for gradients of an eval-mode model (attribution).
     """
     if not isinstance(model, nn.Module):
-        raise MemfitError(f"apply takes a torch.nn.Module, not {type(model).__name__}; call "
-                          f"memfit.apply(model, 'blocks').")
+        raise MemfitError(
+            f"apply takes a torch.nn.Module, not {type(model).__name__}; call memfit.apply(model, 'blocks')."
+        )
     chain, units, blocks = resolve_units(model, strategy, blocks)  # a bad strategy leaves what is applied as it was
     remove(model)
     # NOTE [no KV cache]: a Hugging Face KV cache is state that recompute would append to a second time, so

@@ -21,6 +21,7 @@ trainer draws next (dropout, data order) are the ones it would have drawn.
 With several processes, rank 0 plans and sends the plan to every rank, so
 every rank recomputes the same blocks.
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,7 +36,6 @@ from memfit.planning.distributed import Ranks, on_main
 from memfit.planning.planner import apply, plan
 
 __all__ = ["Session", "SessionCallback", "training_loss", "accumulation_warning"]
-
 
 
 def _ranks(kind: str) -> Ranks:
@@ -54,8 +54,9 @@ class Session:
         if cost not in ("time", "flops"):
             raise MemfitError(f"unknown cost {cost!r}; use time (the device's time model) or flops (deterministic).")
         # a bad budget or strategy fails here, before the trainer starts
-        self.schedule = schedule.parse(Budget.parse("auto" if budget is None else budget) if strategy is None
-                                       else strategy)
+        self.schedule = schedule.parse(
+            Budget.parse("auto" if budget is None else budget) if strategy is None else strategy
+        )
         self.strategy, self.cost, self.monitor = strategy, cost, monitor
         self.plan: Plan | None = None
         self.report: str | None = None
@@ -72,17 +73,27 @@ class Session:
         how several processes will train it, "ddp" or "fsdp" (sharded
         after this, with `memfit.planning.distributed.shard`)."""
         if _sharded(model):
-            raise MemfitError("the model is already sharded by FSDP, and memfit must be applied before sharding; "
-                              "call memfit.apply(model, ...) before the trainer wraps the model.")
+            raise MemfitError(
+                "the model is already sharded by FSDP, and memfit must be applied before sharding; "
+                "call memfit.apply(model, ...) before the trainer wraps the model."
+            )
         ranks = _ranks(kind)
         opt_class = type(getattr(optimizer, "optimizer", optimizer)) if optimizer is not None else None
 
         def choose():
             chosen = self.schedule.strategy
             if self.schedule.budget is not None:
-                chosen = plan(model, batch, loss_fn, self.schedule.budget, cost=self.cost,
-                              optimizer=opt_class, distributed=ranks.spec)
+                chosen = plan(
+                    model,
+                    batch,
+                    loss_fn,
+                    self.schedule.budget,
+                    cost=self.cost,
+                    optimizer=opt_class,
+                    distributed=ranks.spec,
+                )
             return chosen.to_json() if isinstance(chosen, Plan) else chosen
+
         chosen = on_main(choose, ranks)
         if isinstance(chosen, str) and chosen.lstrip().startswith("{"):
             chosen = self.plan = Plan.from_json(chosen)
@@ -135,9 +146,11 @@ def accumulation_warning(steps: int) -> str | None:
     """What to say when gradients are accumulated over `steps` batches (None for 1)."""
     if steps <= 1:
         return None
-    return (f"memfit: gradients are accumulated over {steps} batches; the plan predicts a step without "
-            f"accumulation, and the batches after the first also hold the gradients (one more copy of the "
-            f"trainable parameters) through their forward, which the predicted peak does not count.")
+    return (
+        f"memfit: gradients are accumulated over {steps} batches; the plan predicts a step without "
+        f"accumulation, and the batches after the first also hold the gradients (one more copy of the "
+        f"trainable parameters) through their forward, which the predicted peak does not count."
+    )
 
 
 def training_loss(output):
@@ -148,8 +161,10 @@ def training_loss(output):
     elif isinstance(output, (tuple, list)) and output:
         output = output[0]
     if not isinstance(output, torch.Tensor):
-        raise MemfitError(f"the training step returned {type(output).__name__}, not a loss; memfit plans with the "
-                          f"loss it returns: a tensor, or a dict or model output with a 'loss'.")
+        raise MemfitError(
+            f"the training step returned {type(output).__name__}, not a loss; memfit plans with the "
+            f"loss it returns: a tensor, or a dict or model output with a 'loss'."
+        )
     return output
 
 
@@ -166,4 +181,5 @@ def _report(model, chosen_plan, strategy, ranks) -> str:
 
 def _sharded(model) -> bool:
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
     return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())

@@ -31,6 +31,7 @@ optimizer step) does not hold. The callback frees them before the forward
 of each step in which Lightning would zero them anyway (the first batch of
 an accumulation window): the same training, a lower peak, the one planned.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,11 +52,13 @@ fully_shard = shard  # for configure_model under ModelParallelStrategy: one FSDP
 
 def step_loss(trainer, batch_idx):
     """The loss of `training_step` as the planner calls it: `loss(module, batch)`."""
+
     def loss(module, batch):
         if module._trainer is None:  # the planner's copy of the module
             module._trainer = trainer
         with trainer.precision_plugin.train_step_context():
             return training_loss(module.training_step(batch, batch_idx))
+
     return loss
 
 
@@ -82,8 +85,10 @@ class MemfitCallback(SessionCallback, Callback):
 
     def _prepare(self, trainer, module, batch, batch_idx, kind="ddp"):
         if not module.automatic_optimization:
-            raise MemfitError("MemfitCallback plans with the loss training_step returns, which needs automatic "
-                              "optimization; with manual optimization call memfit.apply(self, ...) in setup().")
+            raise MemfitError(
+                "MemfitCallback plans with the loss training_step returns, which needs automatic "
+                "optimization; with manual optimization call memfit.apply(self, ...) in setup()."
+            )
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         with _quiet(module):
             report = self.session.prepare(module, batch, step_loss(trainer, batch_idx), optimizer, kind)
@@ -93,16 +98,21 @@ class MemfitCallback(SessionCallback, Callback):
 
     def setup(self, trainer, pl_module, stage):
         from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
         if isinstance(trainer.strategy, FSDPStrategy):
-            raise MemfitError("Lightning's FSDPStrategy shards the module before memfit can be applied; use "
-                              "ModelParallelStrategy and memfit.integrations.lightning.fully_shard(self, mesh) in "
-                              "configure_model.")
+            raise MemfitError(
+                "Lightning's FSDPStrategy shards the module before memfit can be applied; use "
+                "ModelParallelStrategy and memfit.integrations.lightning.fully_shard(self, mesh) in "
+                "configure_model."
+            )
         if stage == "fit" and isinstance(trainer.strategy, ModelParallelStrategy) and not self.session.prepared:
             mesh = trainer.strategy.device_mesh
             if mesh["data_parallel"].size() != mesh.size():
-                raise MemfitError(f"memfit plans FSDP2 data parallelism, and this ModelParallelStrategy has tensor "
-                                  f"parallelism of {mesh['tensor_parallel'].size()}; use "
-                                  f"ModelParallelStrategy(data_parallel_size={mesh.size()}, tensor_parallel_size=1).")
+                raise MemfitError(
+                    f"memfit plans FSDP2 data parallelism, and this ModelParallelStrategy has tensor "
+                    f"parallelism of {mesh['tensor_parallel'].size()}; use "
+                    f"ModelParallelStrategy(data_parallel_size={mesh.size()}, tensor_parallel_size=1)."
+                )
             self._prepare(trainer, pl_module, _first_batch(trainer), 0, kind="fsdp")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):

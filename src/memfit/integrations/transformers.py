@@ -13,6 +13,7 @@ since the last log) beside `memory/predicted_peak` and `memory/budget`. With
 `gradient_checkpointing=True` as well, memfit replaces the model's own
 checkpointing, and says so once.
 """
+
 from __future__ import annotations
 
 import torch
@@ -34,8 +35,10 @@ def model_loss(model, batch):
 
 def _own_checkpointing_off(model) -> bool:
     """Turn the model's own gradient checkpointing off; True when it was on."""
-    for on, off in (("is_activation_checkpointing", "activation_checkpointing_disable"),
-                    ("is_gradient_checkpointing", "gradient_checkpointing_disable")):
+    for on, off in (
+        ("is_activation_checkpointing", "activation_checkpointing_disable"),
+        ("is_gradient_checkpointing", "gradient_checkpointing_disable"),
+    ):
         if hasattr(type(model), on) or hasattr(model, off):
             if getattr(model, on, False):
                 getattr(model, off)()
@@ -56,8 +59,10 @@ class MemfitCallback(SessionCallback, TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._optimizer = optimizer
         if _own_checkpointing_off(model):
-            logger.warning("memfit: gradient_checkpointing=True is off for this run: memfit's callback "
-                           "checkpoints the model instead.")
+            logger.warning(
+                "memfit: gradient_checkpointing=True is off for this run: memfit's callback "
+                "checkpoints the model instead."
+            )
         if (said := accumulation_warning(args.gradient_accumulation_steps)) is not None:
             logger.warning(said)
         if self._hook is None:

@@ -5,6 +5,7 @@ loss_fn)` and a `SIZES` table. A user's model is named `package.module:factory`;
 the factory returns the same triple, and `loss_fn(model, batch)` returns the
 scalar loss of one training step.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -20,6 +21,8 @@ from memfit.models.switch import checkpointing  # noqa: F401 - for `memfit.model
 
 REGISTRY = {"gpt": gpt, "mlp": mlp, "resnet-se": resnet_se, "vit-jepa": vit_jepa, "video": video}
 DEFAULT = "gpt"
+
+
 def load(name: str, size: str | None = None, batch_size: int | None = None, seed: int = 0):
     """(model, batch, loss_fn) for a built-in name or `package.module:factory`."""
     if batch_size is not None and batch_size < 1:
@@ -37,8 +40,9 @@ def load(name: str, size: str | None = None, batch_size: int | None = None, seed
             raise MemfitError(f"unknown size {size!r} for {name}; sizes: {', '.join(hf.SIZES)}.")
         return hf.build(name[3:], **{k: v for k, v in options.items() if v is not None})  # type: ignore[arg-type]
     if ":" not in name:
-        raise MemfitError(f"unknown model {name!r}; built-in models: {', '.join(REGISTRY)}, "
-                          f"or your own as package.module:factory.")
+        raise MemfitError(
+            f"unknown model {name!r}; built-in models: {', '.join(REGISTRY)}, or your own as package.module:factory."
+        )
     return _user_factory(name, options)
 
 
@@ -51,29 +55,47 @@ def _user_factory(spec, options):
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise MemfitError(f"cannot import {module_name!r} ({e}); a model is named package.module:factory, with "
-                          f"the module importable from the current directory or an installed package.") from None
+        raise MemfitError(
+            f"cannot import {module_name!r} ({e}); a model is named package.module:factory, with "
+            f"the module importable from the current directory or an installed package."
+        ) from None
     except SyntaxError as e:
-        raise MemfitError(f"{module_name!r} has a syntax error ({e.filename}, line {e.lineno}: {e.msg}); fix "
-                          f"it.") from None
+        raise MemfitError(
+            f"{module_name!r} has a syntax error ({e.filename}, line {e.lineno}: {e.msg}); fix it."
+        ) from None
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise MemfitError(f"{module_name!r} has no function {attr!r}; a model is named package.module:factory, "
-                          f"where factory() returns (model, batch, loss_fn).")
+        raise MemfitError(
+            f"{module_name!r} has no function {attr!r}; a model is named package.module:factory, "
+            f"where factory() returns (model, batch, loss_fn)."
+        )
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):
         params = {}
     accepts_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
     kwargs = {k: v for k, v in options.items() if v is not None and (accepts_all or k in params)}
-    missing = [n for n, p in params.items() if p.default is p.empty and n not in kwargs
-               and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    missing = [
+        n
+        for n, p in params.items()
+        if p.default is p.empty
+        and n not in kwargs
+        and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
     if missing:
-        raise MemfitError(f"{spec} needs argument {missing[0]!r}, which memfit does not pass; memfit passes "
-                          f"size, batch_size and seed where the factory takes them: give it defaults.")
+        raise MemfitError(
+            f"{spec} needs argument {missing[0]!r}, which memfit does not pass; memfit passes "
+            f"size, batch_size and seed where the factory takes them: give it defaults."
+        )
     result = factory(**kwargs)
-    if (not isinstance(result, tuple) or len(result) != 3 or not isinstance(result[0], nn.Module)
-            or not callable(result[2])):
-        raise MemfitError(f"{spec} returned {type(result).__name__}, not (model, batch, loss_fn): the factory "
-                          f"must return an nn.Module, a batch, and a function loss_fn(model, batch) -> loss.")
+    if (
+        not isinstance(result, tuple)
+        or len(result) != 3
+        or not isinstance(result[0], nn.Module)
+        or not callable(result[2])
+    ):
+        raise MemfitError(
+            f"{spec} returned {type(result).__name__}, not (model, batch, loss_fn): the factory "
+            f"must return an nn.Module, a batch, and a function loss_fn(model, batch) -> loss."
+        )
     return result

@@ -4,6 +4,7 @@ width, each Linear -> ReLU -> Dropout, then a classifier.
 Its parameters and their gradients are a large part of its peak, so
 checkpointing saves less here than on deep nets: that is the point of showing it.
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,9 +25,9 @@ def layer(n_in, n_out, dropout):
 class MLP(nn.Module):
     def __init__(self, n_in=512, hidden=1024, n_out=10, n_hidden=4, dropout=0.1):
         super().__init__()
-        self.input = layer(n_in, hidden, dropout)                        # (B, n_in) -> (B, hidden)
+        self.input = layer(n_in, hidden, dropout)  # (B, n_in) -> (B, hidden)
         self.hidden = nn.ModuleList([layer(hidden, hidden, dropout) for _ in range(n_hidden)])
-        self.head = nn.Linear(hidden, n_out)                              # (B, hidden) -> (B, n_out)
+        self.head = nn.Linear(hidden, n_out)  # (B, hidden) -> (B, n_out)
 
     def forward(self, x):
         x = self.input(x)

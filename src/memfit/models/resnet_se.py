@@ -4,6 +4,7 @@ squeeze-excitation on a 15x15 board, with policy and value heads (a Gomoku net).
 Shapes: B batch, c channels, 15x15 board; input planes: own stones, opponent's
 stones, side to move.
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,8 +25,8 @@ class SqueezeExcite(nn.Module):
         self.fc1 = nn.Linear(c, c // reduction)
         self.fc2 = nn.Linear(c // reduction, c)
 
-    def forward(self, x):                                                  # (B, c, H, W)
-        s = x.mean(dim=(2, 3))                                             # (B, c)
+    def forward(self, x):  # (B, c, H, W)
+        s = x.mean(dim=(2, 3))  # (B, c)
         s = torch.sigmoid(self.fc2(F.relu(self.fc1(s))))
         return x * s[:, :, None, None]
 
@@ -50,17 +51,31 @@ class ResidualBlock(nn.Module):
 class ResNetSE(nn.Module):
     def __init__(self, n_blocks=30, channels=192, planes=3):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(planes, channels, 3, padding=1, bias=False),
-                                  nn.BatchNorm2d(channels), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(planes, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU()
+        )
         self.blocks = nn.Sequential(*[ResidualBlock(channels) for _ in range(n_blocks)])
-        self.policy = nn.Sequential(nn.Conv2d(channels, 2, 1, bias=False), nn.BatchNorm2d(2), nn.ReLU(),
-                                    nn.Flatten(), nn.Linear(2 * BOARD * BOARD, BOARD * BOARD))
-        self.value = nn.Sequential(nn.Conv2d(channels, 1, 1, bias=False), nn.BatchNorm2d(1), nn.ReLU(),
-                                   nn.Flatten(), nn.Linear(BOARD * BOARD, 64), nn.ReLU(), nn.Linear(64, 1), nn.Tanh())
+        self.policy = nn.Sequential(
+            nn.Conv2d(channels, 2, 1, bias=False),
+            nn.BatchNorm2d(2),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(2 * BOARD * BOARD, BOARD * BOARD),
+        )
+        self.value = nn.Sequential(
+            nn.Conv2d(channels, 1, 1, bias=False),
+            nn.BatchNorm2d(1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(BOARD * BOARD, 64),
+            nn.ReLU(),
+            nn.Linear(64, 1),
+            nn.Tanh(),
+        )
 
-    def forward(self, x):                                                  # (B, planes, 15, 15)
-        x = self.blocks(self.stem(x))                                      # (B, c, 15, 15)
-        return self.policy(x), self.value(x).squeeze(1)                    # (B, 225), (B,)
+    def forward(self, x):  # (B, planes, 15, 15)
+        x = self.blocks(self.stem(x))  # (B, c, 15, 15)
+        return self.policy(x), self.value(x).squeeze(1)  # (B, 225), (B,)
 
 
 def loss_fn(model, batch):
@@ -94,5 +109,8 @@ def create_resnet_se(cfg: dict, gradient_checkpointing=False) -> ResNetSE:
 def build(size="small", batch_size=32, seed=0, gradient_checkpointing=False):
     n_blocks, channels = SIZES[size]
     torch.manual_seed(seed)
-    return (create_resnet_se(dict(n_blocks=n_blocks, channels=channels), gradient_checkpointing),
-            batch(size, batch_size, seed + 1), loss_fn)
+    return (
+        create_resnet_se(dict(n_blocks=n_blocks, channels=channels), gradient_checkpointing),
+        batch(size, batch_size, seed + 1),
+        loss_fn,
+    )

@@ -1,4 +1,5 @@
 """A model's `gradient_checkpointing` setting, as the recipes' configs give it."""
+
 from __future__ import annotations
 
 from torch import nn
@@ -15,6 +16,8 @@ def checkpointing(module: nn.Module, value, blocks=None) -> nn.Module:
     loss_fn=...)` take them."""
     s = schedule.parse(False if value is None else value)  # YAML's null: off
     if s.budget is not None:
-        raise MemfitError(f"gradient_checkpointing {value!r} needs a batch to plan with; use it with memfit train, "
-                          f"or call memfit.apply(model, {str(s)!r}, batch=..., loss_fn=...).")
+        raise MemfitError(
+            f"gradient_checkpointing {value!r} needs a batch to plan with; use it with memfit train, "
+            f"or call memfit.apply(model, {str(s)!r}, batch=..., loss_fn=...)."
+        )
     return wrap(module, s.strategy, blocks=blocks)

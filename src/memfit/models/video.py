@@ -5,6 +5,7 @@ of objects moving with one motion pattern per class.
 Shapes: B clips, T frames (31), C channels, H x W frame, D feature width.
 Two chains of blocks: `frames.blocks` (spatial) and `temporal.blocks`.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,9 +25,9 @@ class VideoConfig:
     frames: int = 31
     channels: int = 3
     size: int = 32
-    width: int = 32            # conv channels
+    width: int = 32  # conv channels
     spatial_blocks: int = 4
-    dim: int = 64              # temporal transformer width
+    dim: int = 64  # temporal transformer width
     temporal_blocks: int = 4
     heads: int = 4
     classes: int = len(MOTIONS)
@@ -56,14 +57,15 @@ class ConvBlock(nn.Module):
 class FrameEncoder(nn.Module):
     def __init__(self, cfg: VideoConfig):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(cfg.channels, cfg.width, 3, stride=2, padding=1, bias=False),
-                                  nn.BatchNorm2d(cfg.width), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(cfg.channels, cfg.width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cfg.width), nn.ReLU()
+        )
         self.blocks = nn.Sequential(*[ConvBlock(cfg.width) for _ in range(cfg.spatial_blocks)])
         self.out = nn.Linear(cfg.width * 16, cfg.dim)
 
-    def forward(self, frames):                                            # (N, C, H, W)
-        x = self.blocks(self.stem(frames))                                # (N, width, H/2, W/2)
-        return self.out(F.adaptive_avg_pool2d(x, 4).flatten(1))           # (N, D): keeps where things are
+    def forward(self, frames):  # (N, C, H, W)
+        x = self.blocks(self.stem(frames))  # (N, width, H/2, W/2)
+        return self.out(F.adaptive_avg_pool2d(x, 4).flatten(1))  # (N, D): keeps where things are
 
 
 class TemporalTransformer(nn.Module):
@@ -74,11 +76,11 @@ class TemporalTransformer(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg.dim, cfg.heads) for _ in range(cfg.temporal_blocks)])
         self.norm = nn.LayerNorm(cfg.dim)
 
-    def forward(self, x):                                                 # (B, T, D)
-        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos[:, :x.shape[1] + 1]
+    def forward(self, x):  # (B, T, D)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos[:, : x.shape[1] + 1]
         for block in self.blocks:
             x = block(x)
-        return self.norm(x[:, 0])                                         # (B, D)
+        return self.norm(x[:, 0])  # (B, D)
 
 
 class VideoModel(nn.Module):
@@ -89,10 +91,10 @@ class VideoModel(nn.Module):
         self.temporal = TemporalTransformer(cfg)
         self.head = nn.Linear(cfg.dim, cfg.classes)
 
-    def forward(self, clips):                                             # (B, T, C, H, W)
+    def forward(self, clips):  # (B, T, C, H, W)
         B, T = clips.shape[:2]
-        features = self.frames(clips.flatten(0, 1)).view(B, T, -1)        # (B, T, D)
-        return self.head(self.temporal(features))                         # (B, classes)
+        features = self.frames(clips.flatten(0, 1)).view(B, T, -1)  # (B, T, D)
+        return self.head(self.temporal(features))  # (B, classes)
 
 
 def loss_fn(model, batch):
@@ -106,21 +108,31 @@ def moving_clips(n, cfg: VideoConfig, seed=0):
     and forth, or still with one sudden dart."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % cfg.classes
-    t = torch.linspace(0, 1, cfg.frames)[None]                             # (1, T)
-    start = (torch.rand(n, 2, generator=g) * 0.4 + 0.3) * cfg.size        # (n, 2)
+    t = torch.linspace(0, 1, cfg.frames)[None]  # (1, T)
+    start = (torch.rand(n, 2, generator=g) * 0.4 + 0.3) * cfg.size  # (n, 2)
     angle = torch.rand(n, 1, generator=g) * 2 * math.pi
     jump = 0.3 + 0.4 * torch.rand(n, 1, generator=g)
-    paths = torch.stack([0.25 * t.expand(n, -1), 0.9 * t.expand(n, -1),
-                         0.3 * torch.sin(4 * math.pi * t).expand(n, -1),
-                         0.7 * torch.sigmoid((t - jump) * 60)])            # (motions, n, T)
+    paths = torch.stack(
+        [
+            0.25 * t.expand(n, -1),
+            0.9 * t.expand(n, -1),
+            0.3 * torch.sin(4 * math.pi * t).expand(n, -1),
+            0.7 * torch.sigmoid((t - jump) * 60),
+        ]
+    )  # (motions, n, T)
     path = paths[labels % len(MOTIONS), torch.arange(n)] * cfg.size * 0.5  # (n, T)
     ys = start[:, :1] + path * torch.sin(angle)
     xs = start[:, 1:] + path * torch.cos(angle)
     grid = torch.arange(cfg.size).float()
-    blob = torch.exp(-((grid[None, None, :, None] - ys[..., None, None]) ** 2 +
-                       (grid[None, None, None, :] - xs[..., None, None]) ** 2) / (2 * (cfg.size / 12) ** 2))
+    blob = torch.exp(
+        -(
+            (grid[None, None, :, None] - ys[..., None, None]) ** 2
+            + (grid[None, None, None, :] - xs[..., None, None]) ** 2
+        )
+        / (2 * (cfg.size / 12) ** 2)
+    )
     noise = 0.1 * torch.randn(n, cfg.frames, cfg.channels, cfg.size, cfg.size, generator=g)
-    return blob[:, :, None] + noise, labels                               # (n, T, C, H, W), (n,)
+    return blob[:, :, None] + noise, labels  # (n, T, C, H, W), (n,)
 
 
 def batch(size="small", batch_size=8, seed=0):

@@ -10,6 +10,7 @@ Checkpointing is selectable separately for the encoder and the predictor
 ("encoder OR predictor"): `create_jepa(cfg, gradient_checkpointing=
 {"encoder": "blocks", "predictor": False})`.
 """
+
 from __future__ import annotations
 
 import copy
@@ -32,14 +33,15 @@ class JEPAConfig:
     pred_depth: int = 4
     pred_heads: int = 3
     mlp_ratio: float = 4.0
-    mask_ratio: float = 0.25    # fraction of patches to predict
+    mask_ratio: float = 0.25  # fraction of patches to predict
 
 
 SIZES = {
     "tiny": JEPAConfig(img_size=16, embed_dim=32, depth=3, num_heads=2, pred_dim=16, pred_depth=2, pred_heads=2),
     "small": JEPAConfig(),
-    "base": JEPAConfig(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, pred_dim=384,
-                       pred_depth=6, pred_heads=12),
+    "base": JEPAConfig(
+        img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, pred_dim=384, pred_depth=6, pred_heads=12
+    ),
 }
 
 
@@ -55,10 +57,10 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
 
-    def forward(self, x):                                                  # (B, N, D)
+    def forward(self, x):  # (B, N, D)
         B, N, D = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v)                        # (B, heads, N, D/heads)
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, D/heads)
         x = x + self.proj(y.transpose(1, 2).reshape(B, N, D))
         return x + self.mlp(self.norm2(x))
 
@@ -72,10 +74,10 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
         self.norm = nn.LayerNorm(cfg.embed_dim)
 
-    def forward(self, images, keep=None):                                  # images (B, C, H, W)
-        x = self.patch_embed(images).flatten(2).transpose(1, 2) + self.pos_embed   # (B, N, D)
+    def forward(self, images, keep=None):  # images (B, C, H, W)
+        x = self.patch_embed(images).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, D)
         if keep is not None:
-            x = x[:, keep]                                                 # (B, Nc, D)
+            x = x[:, keep]  # (B, Nc, D)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
@@ -88,19 +90,18 @@ class Predictor(nn.Module):
         self.embed = nn.Linear(cfg.embed_dim, cfg.pred_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.pred_dim))
         self.pos_embed = nn.Parameter(torch.randn(1, n, cfg.pred_dim) * 0.02)
-        self.blocks = nn.ModuleList([Block(cfg.pred_dim, cfg.pred_heads, cfg.mlp_ratio)
-                                     for _ in range(cfg.pred_depth)])
+        self.blocks = nn.ModuleList([Block(cfg.pred_dim, cfg.pred_heads, cfg.mlp_ratio) for _ in range(cfg.pred_depth)])
         self.norm = nn.LayerNorm(cfg.pred_dim)
         self.proj = nn.Linear(cfg.pred_dim, cfg.embed_dim)
 
-    def forward(self, context, keep, targets):                             # context (B, Nc, D)
+    def forward(self, context, keep, targets):  # context (B, Nc, D)
         B = context.shape[0]
-        x = self.embed(context) + self.pos_embed[:, keep]                  # (B, Nc, Dp)
-        m = self.mask_token.expand(B, len(targets), -1) + self.pos_embed[:, targets]   # (B, Nt, Dp)
+        x = self.embed(context) + self.pos_embed[:, keep]  # (B, Nc, Dp)
+        m = self.mask_token.expand(B, len(targets), -1) + self.pos_embed[:, targets]  # (B, Nt, Dp)
         x = torch.cat([x, m], dim=1)
         for block in self.blocks:
             x = block(x)
-        return self.proj(self.norm(x[:, -len(targets):]))                  # (B, Nt, D)
+        return self.proj(self.norm(x[:, -len(targets) :]))  # (B, Nt, D)
 
 
 class JEPA(nn.Module):
@@ -168,6 +169,7 @@ def create_jepa(cfg: JEPAConfig | dict, gradient_checkpointing=False) -> JEPA:
     unknown = set(parts) - {"encoder", "predictor"}
     if unknown:
         from memfit.errors import MemfitError
+
         raise MemfitError(f"gradient_checkpointing parts {sorted(unknown)} are unknown; use encoder and predictor.")
     return checkpointing(model, {f"{part}.blocks": value for part, value in parts.items()})  # one apply
 

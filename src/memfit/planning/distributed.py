@@ -31,6 +31,7 @@ be reduce-scattered). In the optimizer step all but buffers and batch is
 sharded. The planner solves on these per-rank numbers and checks its plan
 with them, so budgets and peaks are per rank.
 """
+
 from __future__ import annotations
 
 import os

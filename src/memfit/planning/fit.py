@@ -8,6 +8,7 @@ batch. On CUDA the batch found is then confirmed with real steps, stepping
 down after an out-of-memory error (the failed step's tensors are released
 and the allocator's cache emptied, so nothing leaks).
 """
+
 from __future__ import annotations
 
 import gc
@@ -24,8 +25,9 @@ STRATEGIES = ("none", "blocks", "sqrt", "selective", "plan")
 LIMIT = 1 << 20
 
 
-def largest_batch(model, make_batch, loss_fn, strategy, budget: int, *, blocks=None, optimizer=None, at_least=1,
-                  distributed=None):
+def largest_batch(
+    model, make_batch, loss_fn, strategy, budget: int, *, blocks=None, optimizer=None, at_least=1, distributed=None
+):
     """(largest batch size whose peak fits `budget`, its peak bytes); (0, peak
     at batch 1) if not even one sample fits. `strategy` "plan" plans for the
     budget at each batch size tried; None keeps the model as it is wrapped.
@@ -38,13 +40,35 @@ def largest_batch(model, make_batch, loss_fn, strategy, budget: int, *, blocks=N
     def peak(b):
         if b not in cache:
             if strategy == "plan":  # plans are made on real batches
-                p = plan_or_none(model, make_batch(b), loss_fn, budget, blocks=blocks, cost="flops",
-                                 optimizer=optimizer, distributed=distributed)
+                p = plan_or_none(
+                    model,
+                    make_batch(b),
+                    loss_fn,
+                    budget,
+                    blocks=blocks,
+                    cost="flops",
+                    optimizer=optimizer,
+                    distributed=distributed,
+                )
                 cache[b] = p.predicted_peak_bytes if p is not None else float("inf")
-            else:                   # other strategies on a batch of b fake rows: no data is made
-                cache[b] = simulate(model, template, loss_fn, strategy, blocks=blocks, optimizer=optimizer,
-                                    resize=(b, dims), distributed=distributed).peak_bytes
+            else:  # other strategies on a batch of b fake rows: no data is made
+                cache[b] = simulate(
+                    model,
+                    template,
+                    loss_fn,
+                    strategy,
+                    blocks=blocks,
+                    optimizer=optimizer,
+                    resize=(b, dims),
+                    distributed=distributed,
+                ).peak_bytes
         return cache[b]
+
+    return _search(peak, budget, at_least)
+
+
+def _search(peak, budget: int, at_least: int):
+    """(largest batch b with peak(b) <= budget, its peak): a gallop from an estimate, then a bisection."""
 
     def fits(b):
         return peak(b) <= budget
@@ -56,9 +80,9 @@ def largest_batch(model, make_batch, loss_fn, strategy, budget: int, *, blocks=N
     else:
         slope = (peak(8) - peak(1)) / 7 if fits(8) else 0
         guess = int(1 + (budget - peak(1)) / slope) if slope > 0 else 8
-    lo, hi, step = 1, None, 1               # lo fits; hi, once known, does not
+    lo, hi, step = 1, None, 1  # lo fits; hi, once known, does not
     probe = max(1, min(guess, LIMIT))
-    if fits(probe):                         # gallop up from the estimate
+    if fits(probe):  # gallop up from the estimate
         lo = probe
         while hi is None and lo < LIMIT:
             nxt = min(LIMIT, lo + step)
@@ -66,7 +90,7 @@ def largest_batch(model, make_batch, loss_fn, strategy, budget: int, *, blocks=N
             step *= 2
         if hi is None:
             return lo, peak(lo)
-    else:                                   # gallop down from the estimate
+    else:  # gallop down from the estimate
         hi = probe
         while hi - step > lo and not fits(hi - step):
             hi -= step
@@ -82,9 +106,14 @@ def _confirm_on_cuda(model, make_batch, loss_fn, strategy, size, budget, blocks)
     """Real steps at `size`, stepping down 5% after each out-of-memory error."""
     while size > 0:
         try:
-            return size, measure(model, make_batch(size), loss_fn, _strategy(model, make_batch(size), loss_fn,
-                                                                             strategy, budget, blocks),
-                                 blocks=blocks, timed_steps=1)
+            return size, measure(
+                model,
+                make_batch(size),
+                loss_fn,
+                _strategy(model, make_batch(size), loss_fn, strategy, budget, blocks),
+                blocks=blocks,
+                timed_steps=1,
+            )
         except torch.cuda.OutOfMemoryError:
             gc.collect()
             torch.cuda.empty_cache()
@@ -106,25 +135,48 @@ def fit(model, make_batch, loss_fn, budget: int, strategies=STRATEGIES, *, block
     smallest = float("inf")  # the peak of a batch of 1, where no batch fits
     for s in strategies:
         best = max((r["batch_size"] for r in rows), default=1)  # a plan fits at least what a strategy fits
-        size, peak = largest_batch(model, make_batch, loss_fn, s, budget, blocks=blocks,
-                                   at_least=best if s == "plan" else 1)
+        size, peak = largest_batch(
+            model, make_batch, loss_fn, s, budget, blocks=blocks, at_least=best if s == "plan" else 1
+        )
         if not size:
             smallest = min(smallest, peak)
-        row = {"strategy": s, "batch_size": size, "peak_bytes": peak if size else None,
-               "time_per_sample_s": None, "memory_source": "simulated storage-tracker"}
+        row = {
+            "strategy": s,
+            "batch_size": size,
+            "peak_bytes": peak if size else None,
+            "time_per_sample_s": None,
+            "memory_source": "simulated storage-tracker",
+        }
         if size and device.type == "cuda":
             size, measured = _confirm_on_cuda(model, make_batch, loss_fn, s, size, budget, blocks)
-            row.update(batch_size=size, peak_bytes=measured and measured["peak_bytes"],
-                       time_per_sample_s=measured and measured["step_time_s"] / size, memory_source="cuda-allocator")
+            row.update(
+                batch_size=size,
+                peak_bytes=measured and measured["peak_bytes"],
+                time_per_sample_s=measured and measured["step_time_s"] / size,
+                memory_source="cuda-allocator",
+            )
         elif size and timing:
             batch = make_batch(size)
-            timed = measure(model, batch, loss_fn, _strategy(model, batch, loss_fn, s, budget, blocks), blocks=blocks,
-                            timed_steps=1, memory=False, flops=False)
+            timed = measure(
+                model,
+                batch,
+                loss_fn,
+                _strategy(model, batch, loss_fn, s, budget, blocks),
+                blocks=blocks,
+                timed_steps=1,
+                memory=False,
+                flops=False,
+            )
             row["time_per_sample_s"] = timed["step_time_s"] / size
         rows.append(row)
     if rows and not any(r["batch_size"] for r in rows):
-        least = f"a batch of 1 peaks at {fmt_bytes(smallest)} at the least" if smallest != float("inf") else \
-            "no plan fits a batch of 1"
-        raise MemfitError(f"a budget of {fmt_bytes(budget)} fits no batch with any of {', '.join(strategies)}: "
-                          f"{least}; give a larger budget.")
+        least = (
+            f"a batch of 1 peaks at {fmt_bytes(smallest)} at the least"
+            if smallest != float("inf")
+            else "no plan fits a batch of 1"
+        )
+        raise MemfitError(
+            f"a budget of {fmt_bytes(budget)} fits no batch with any of {', '.join(strategies)}: "
+            f"{least}; give a larger budget."
+        )
     return rows

@@ -7,6 +7,7 @@ recomputes; in time, what the device's time model (memfit.planning.timemodel) sa
 those ops take, plus a policy's cost on each op for the selective modes. No
 step is run on the model itself.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,12 +34,12 @@ class Op:
     sees it (NOTE [op-level modes] in memfit.core.strategies)."""
 
     name: str
-    flops: int           # matmul, convolution and attention FLOPs (the FLOP counter's)
-    elements: int        # elements it produces, if it does no matrix work and is no view: the FLOP cost's 1 each
-    moved: int           # bytes it reads and writes (0 for a view)
-    new_bytes: int       # bytes of the storages it creates
-    random: bool         # it draws random numbers (NOTE [random ops])
-    presets: frozenset   # the preset modes that save its output
+    flops: int  # matmul, convolution and attention FLOPs (the FLOP counter's)
+    elements: int  # elements it produces, if it does no matrix work and is no view: the FLOP cost's 1 each
+    moved: int  # bytes it reads and writes (0 for a view)
+    new_bytes: int  # bytes of the storages it creates
+    random: bool  # it draws random numbers (NOTE [random ops])
+    presets: frozenset  # the preset modes that save its output
     saveable: bool = True  # its output can be saved: a new storage that no later op of the block writes in place
 
 
@@ -82,8 +83,18 @@ class _OpRecorder(TorchDispatchMode):
         new = {} if view else {id(s): s for t in outs if id(s := t.untyped_storage()) not in inputs}
         elements = 0 if view or func in strategies.MATRIX_OPS else sum(t.numel() for t in outs)
         presets = frozenset(m for m, decide in strategies.PRESETS.items() if decide(len(ops), func, args))
-        ops.append(Op(strategies.op_name(func), flops, elements, moved, sum(st.nbytes() for st in new.values()),
-                      strategies.draws_random(func, args, kwargs), presets, saveable=bool(new)))
+        ops.append(
+            Op(
+                strategies.op_name(func),
+                flops,
+                elements,
+                moved,
+                sum(st.nbytes() for st in new.values()),
+                strategies.draws_random(func, args, kwargs),
+                presets,
+                saveable=bool(new),
+            )
+        )
         return out
 
 
@@ -103,6 +114,7 @@ def record_ops(model, batch, loss_fn, *, blocks=None, real=False, seed=None) -> 
 
     def leave(i, out):
         rec.block = None
+
     handles = each_call(chain, enter, leave)
     with mode, rec, torch.autograd.graph.saved_tensors_hooks(rec.saved, lambda t: t):
         loss = loss_fn(fmodel, fbatch)
@@ -143,7 +155,7 @@ def recomputed_ops(mode, ops, flow) -> list:
     skip = set()
     if mode not in (KEEP, RECOMPUTE) and not flow.opaque:
         skip = pruning.skipped(flow.ops, flow.roots, flow.last, saved)
-    return [op for k, op in enumerate(ops[:flow.last + 1]) if k not in saved and k not in skip]
+    return [op for k, op in enumerate(ops[: flow.last + 1]) if k not in saved and k not in skip]
 
 
 def block_cost(mode, ops, flow, kind, model) -> float:
@@ -185,15 +197,18 @@ def block_cost(mode, ops, flow, kind, model) -> float:
 # Ops that cannot be saved: views and in-place ops (no storage of their own),
 # outputs written in place later (torch's cache refuses them), random ops
 # (NOTE [random ops]: saving them would force saving later ones).
-FRONTIER = tuple(0.6 * 0.7 ** k for k in range(15))  # 0.6 down to 0.004
+FRONTIER = tuple(0.6 * 0.7**k for k in range(15))  # 0.6 down to 0.004
 
 
 def frontier(ops: list, flow, kind: str, model=None, shares=FRONTIER) -> list[Mode]:
     """The distinct `ops:...` modes of a block that leave these shares of its recompute cost, fewest bytes
     first; `flow` is the block's `memfit.core.pruning.Dataflow`."""
     last, price = flow.last, [op_cost(op, kind, model) for op in ops]
-    items = [(k, op.new_bytes, price[k]) for k, op in enumerate(ops[:last + 1])
-             if op.saveable and not op.random and op.new_bytes > 0 and price[k] > 0]
+    items = [
+        (k, op.new_bytes, price[k])
+        for k, op in enumerate(ops[: last + 1])
+        if op.saveable and not op.random and op.new_bytes > 0 and price[k] > 0
+    ]
     names = {k: op.name for k, op in enumerate(ops)}
     # (bytes, cost avoided, ops saved), bytes ascending, cost strictly rising
     pareto: list[tuple[int, float, frozenset]] = [(0, 0.0, frozenset())]

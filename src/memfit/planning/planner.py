@@ -19,6 +19,7 @@ exceeds the budget, the planner solves again with the budget lowered by the
 excess, until the simulated peak fits. The predicted peak it reports is the
 simulated one: on CPU it is what the step will measure, to the byte.
 """
+
 from __future__ import annotations
 
 import functools
@@ -55,7 +56,7 @@ class _Candidate:
     stop: int
     mode: Mode
     kept: float
-    need: float       # bytes above `start` + kept-before that the unit's peak needs
+    need: float  # bytes above `start` + kept-before that the unit's peak needs
     cost: float
 
 
@@ -108,15 +109,15 @@ def solve(prof: Profile, budget: float, kind: str = "time", bins: int = BINS):
         if limit < 0 or kb > bins:
             continue
         limit = min(limit, bins - kb)
-        src = best[c.start][:limit + 1] + c.cost
-        dst = best[c.stop][kb:kb + limit + 1]
+        src = best[c.start][: limit + 1] + c.cost
+        dst = best[c.stop][kb : kb + limit + 1]
         better = src < dst
         dst[better] = src[better]
-        came[c.stop][kb:kb + limit + 1][better] = idx
+        came[c.stop][kb : kb + limit + 1][better] = idx
     last = math.floor((avail - prof.head) / step)
     if last < 0:
         return None
-    final = best[n][:min(last, bins) + 1]
+    final = best[n][: min(last, bins) + 1]
     k = int(torch.argmin(final))
     if final[k] == inf:
         return None
@@ -133,20 +134,23 @@ def _sources(prof: Profile, cost: str) -> dict:
     """Where the plan's numbers come from: memory and FLOPs simulated on fake
     tensors or measured on real steps (and why), cost timed or counted."""
     memory = prof.memory_source + (f": {prof.real_steps_because}" if prof.real_steps_because else "")
-    return {"memory": memory,
-            "flops": "counted on real steps on a CPU copy" if prof.memory_source == MEASURED else
-                     "counted on fake tensors",
-            "cost": _time_source(prof) if cost == "time" else "FLOPs counted",
-            "segments": "offered" if prof.segments else "not offered: this chain's blocks cannot form segments"}
+    return {
+        "memory": memory,
+        "flops": "counted on real steps on a CPU copy" if prof.memory_source == MEASURED else "counted on fake tensors",
+        "cost": _time_source(prof) if cost == "time" else "FLOPs counted",
+        "segments": "offered" if prof.segments else "not offered: this chain's blocks cannot form segments",
+    }
 
 
 def _time_source(prof: Profile) -> str:
     m = prof.time_model
     if m is None:
         return "no time model (cost flops)"
-    return (f"time model of {m.device} (NOTE [time model]): {m.per_flop * 1e12:.2g} ps/FLOP, "
-            f"{m.per_byte * 1e12:.2g} ps/byte, {m.per_op * 1e6:.2g} us/op, {m.per_policy_op * 1e6:.2g} us/op more "
-            f"under a policy; timings spread {m.spread:.0%}, fit within {m.error:.0%}")
+    return (
+        f"time model of {m.device} (NOTE [time model]): {m.per_flop * 1e12:.2g} ps/FLOP, "
+        f"{m.per_byte * 1e12:.2g} ps/byte, {m.per_op * 1e6:.2g} us/op, {m.per_policy_op * 1e6:.2g} us/op more "
+        f"under a policy; timings spread {m.spread:.0%}, fit within {m.error:.0%}"
+    )
 
 
 def _choices(prof: Profile, units, kind) -> list[BlockChoice]:
@@ -219,10 +223,12 @@ def _search(prof: Profile, budget_bytes: int, cost: str, peak_of):
 
 def signature(model, batch, blocks=None) -> dict:
     """What a plan depends on: the chain, the parameters' and inputs' shapes."""
-    return {"model": type(model).__name__,
-            "blocks": [n for n, _ in find_blocks(model, blocks)],
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "inputs": [[list(t.shape), str(t.dtype)] for t in tree_leaves(batch) if isinstance(t, torch.Tensor)]}
+    return {
+        "model": type(model).__name__,
+        "blocks": [n for n, _ in find_blocks(model, blocks)],
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "inputs": [[list(t.shape), str(t.dtype)] for t in tree_leaves(batch) if isinstance(t, torch.Tensor)],
+    }
 
 
 # NOTE [plan cache]
@@ -238,8 +244,10 @@ _CACHE: weakref.WeakKeyDictionary[torch.nn.Module, dict] = weakref.WeakKeyDictio
 
 
 def _cache_key(model, batch, *arguments) -> str:
-    tensors = [[n, list(t.shape), str(t.dtype), str(t.device), t.requires_grad]
-               for n, t in itertools.chain(model.named_parameters(), model.named_buffers())]
+    tensors = [
+        [n, list(t.shape), str(t.dtype), str(t.device), t.requires_grad]
+        for n, t in itertools.chain(model.named_parameters(), model.named_buffers())
+    ]
     inputs = [[list(t.shape), str(t.dtype), str(t.device)] for t in tree_leaves(batch) if isinstance(t, torch.Tensor)]
     return json.dumps([tensors, inputs, repr(model), repr(getattr(model, "config", None)), *map(str, arguments)])
 
@@ -252,8 +260,9 @@ class _NoPlan(Exception):
         self.prof, self.budget_bytes = prof, budget_bytes
 
 
-def plan(model, batch, loss_fn, budget, *, blocks=None, cost="time", optimizer=None, distributed=None,
-         compile=None) -> Plan:
+def plan(
+    model, batch, loss_fn, budget, *, blocks=None, cost="time", optimizer=None, distributed=None, compile=None
+) -> Plan:
     """The cheapest plan whose predicted peak fits `budget`: what to do to each block of `model`'s chains.
 
     Args:
@@ -275,23 +284,45 @@ def plan(model, batch, loss_fn, budget, *, blocks=None, cost="time", optimizer=N
     this every step plans once. Raises MemfitError, saying the smallest peak reachable, if no plan fits.
     """
     try:
-        return _planned(model, batch, loss_fn, budget, blocks=blocks, cost=cost, optimizer=optimizer,
-                        distributed=distributed, compile=compile)
+        return _planned(
+            model,
+            batch,
+            loss_fn,
+            budget,
+            blocks=blocks,
+            cost=cost,
+            optimizer=optimizer,
+            distributed=distributed,
+            compile=compile,
+        )
     except _NoPlan as none:
         prof, budget_bytes = none.prof, none.budget_bytes
     if compile:
-        raise MemfitError(f"no plan tried peaks at or below {fmt_bytes(budget_bytes)} once compiled with "
-                          f"{compile} (NOTE [planning for the compiled step]); give a larger budget, or plan for "
-                          f"eager mode (no compile).")
+        raise MemfitError(
+            f"no plan tried peaks at or below {fmt_bytes(budget_bytes)} once compiled with "
+            f"{compile} (NOTE [planning for the compiled step]); give a larger budget, or plan for "
+            f"eager mode (no compile)."
+        )
     minimum = _minimum_budget(prof, cost)
     solution = solve(prof, minimum, cost, bins=200)
     reachable = minimum
     if solution:
-        reachable = simulate(model, batch, loss_fn, solution[0], blocks=prof.names, optimizer=optimizer,
-                             distributed=distributed, real=prof.memory_source == MEASURED, seed=prof.seed).peak_bytes
-    raise MemfitError(f"budget {fmt_bytes(budget_bytes)} is below the smallest peak checkpointing reaches for this "
-                      f"model and batch, about {fmt_bytes(max(reachable, minimum))} (plain run: "
-                      f"{fmt_bytes(prof.baseline_peak_bytes)}); give a budget of at least that, or a smaller batch.")
+        reachable = simulate(
+            model,
+            batch,
+            loss_fn,
+            solution[0],
+            blocks=prof.names,
+            optimizer=optimizer,
+            distributed=distributed,
+            real=prof.memory_source == MEASURED,
+            seed=prof.seed,
+        ).peak_bytes
+    raise MemfitError(
+        f"budget {fmt_bytes(budget_bytes)} is below the smallest peak checkpointing reaches for this "
+        f"model and batch, about {fmt_bytes(max(reachable, minimum))} (plain run: "
+        f"{fmt_bytes(prof.baseline_peak_bytes)}); give a budget of at least that, or a smaller batch."
+    )
 
 
 def plan_or_none(model, batch, loss_fn, budget, **options) -> Plan | None:
@@ -302,17 +333,18 @@ def plan_or_none(model, batch, loss_fn, budget, **options) -> Plan | None:
         return None
 
 
-def _planned(model, batch, loss_fn, budget, *, blocks=None, cost="time", optimizer=None, distributed=None,
-             compile=None) -> Plan:
+def _planned(
+    model, batch, loss_fn, budget, *, blocks=None, cost="time", optimizer=None, distributed=None, compile=None
+) -> Plan:
     """`plan`; raises _NoPlan where no plan fits."""
     if cost not in ("time", "flops"):
         raise MemfitError(f"unknown cost {cost!r}; use time (the device's time model) or flops (deterministic).")
     if compile:
         from memfit.core.measurement import check_backend
+
         check_backend(compile)
         if distributed:
-            raise MemfitError("planning for a compiled step is for one process; give compile or distributed, "
-                              "not both.")
+            raise MemfitError("planning for a compiled step is for one process; give compile or distributed, not both.")
     budget = Budget.parse(budget)  # a bad budget fails before profiling
     key = _cache_key(model, batch, budget.text, cost, blocks, optimizer, distributed, compile)
     cached = _CACHE.get(model, {}).get(key)
@@ -321,21 +353,33 @@ def _planned(model, batch, loss_fn, budget, *, blocks=None, cost="time", optimiz
     blocks = blocks_of(model, batch, loss_fn, blocks)  # NOTE [blocks called several times] in memfit.core.blocks
     sig, device = signature(model, batch, blocks), next(model.parameters()).device
     prof = profile(model, batch, loss_fn, blocks=blocks, optimizer=optimizer, cost=cost, distributed=distributed)
-    peaks = {tuple(strategies.units_of(name, prof.chain_sizes)): peak
-             for name, peak in (prof.uniform_peaks or {}).items()}
+    peaks = {
+        tuple(strategies.units_of(name, prof.chain_sizes)): peak for name, peak in (prof.uniform_peaks or {}).items()
+    }
 
     def peak_of(units):
         key = tuple(units)
         if key not in peaks:
-            peaks[key] = simulate(model, batch, loss_fn, units, blocks=prof.names, optimizer=optimizer,
-                                  distributed=distributed, real=prof.memory_source == MEASURED,
-                                  seed=prof.seed).peak_bytes
+            peaks[key] = simulate(
+                model,
+                batch,
+                loss_fn,
+                units,
+                blocks=prof.names,
+                optimizer=optimizer,
+                distributed=distributed,
+                real=prof.memory_source == MEASURED,
+                seed=prof.seed,
+            ).peak_bytes
         return peaks[key]
+
     sources, baseline = _sources(prof, cost), prof.baseline_peak_bytes
     if compile:
         from memfit.core.measurement import compiled_step
-        measured = functools.partial(compiled_step, model, batch, loss_fn, backend=compile, blocks=prof.names,
-                                     optimizer=optimizer)
+
+        measured = functools.partial(
+            compiled_step, model, batch, loss_fn, backend=compile, blocks=prof.names, optimizer=optimizer
+        )
         found, baseline, budget_bytes = _for_compiled(prof, budget, device, cost, peak_of, measured)
         sources.update(_compiled_sources(compile, sources))
     else:
@@ -359,8 +403,19 @@ def _plan_from(prof: Profile, found, sig, budget_bytes, baseline, cost, sources)
         total = recomputed if cost == "flops" else total
     chosen = {c.name: c for c in _choices(prof, units, cost)}  # and the blocks left plain, in model order
     blocks = [chosen.get(name) or BlockChoice(name, KEEP, None, 0, 0.0) for name in sig["blocks"]]
-    return Plan(blocks, budget_bytes, peak, baseline, total / prof.step_cost(cost), cost,
-                recomputed / prof.step_flops, sig, sources, prof.coverage, prof.step_time_s)
+    return Plan(
+        blocks,
+        budget_bytes,
+        peak,
+        baseline,
+        total / prof.step_cost(cost),
+        cost,
+        recomputed / prof.step_flops,
+        sig,
+        sources,
+        prof.coverage,
+        prof.step_time_s,
+    )
 
 
 # NOTE [planning for the compiled step]
@@ -384,9 +439,11 @@ COMPILED_TRIES = 6
 
 
 def _compiled_sources(compile, sources) -> dict:
-    return {"memory": f"measured on compiled steps ({compile}), one for each plan tried (NOTE [planning for the "
-                      f"compiled step]); the blocks' terms from eager steps, {sources['memory']}",
-            "flops": f"counted on the compiled steps ({compile})"}
+    return {
+        "memory": f"measured on compiled steps ({compile}), one for each plan tried (NOTE [planning for the "
+        f"compiled step]); the blocks' terms from eager steps, {sources['memory']}",
+        "flops": f"counted on the compiled steps ({compile})",
+    }
 
 
 def _for_compiled(prof, budget, device, cost, peak_of, measured):
@@ -436,14 +493,24 @@ def resolve_plan(strategy, model, batch, loss_fn, blocks=None, cost="time", comp
     if s.budget is None:
         return s.strategy if isinstance(s.strategy, Plan) else None
     if batch is None or loss_fn is None:
-        raise MemfitError(f"checkpointing {str(s)!r} plans for a batch: give batch and loss_fn too, or a plan "
-                          f"file (plan:PATH.json).")
+        raise MemfitError(
+            f"checkpointing {str(s)!r} plans for a batch: give batch and loss_fn too, or a plan file (plan:PATH.json)."
+        )
     return plan(model, batch, loss_fn, s.budget, blocks=blocks, cost=cost, compile=compile)
 
 
-def apply(model: torch.nn.Module, strategy: object = "blocks", blocks: object = None, state_replay: bool = True, *,
-          budget: object = None, batch: object = None, loss_fn: Callable | None = None, cost: str = "time",
-          training_only: bool = True) -> torch.nn.Module:
+def apply(
+    model: torch.nn.Module,
+    strategy: object = "blocks",
+    blocks: object = None,
+    state_replay: bool = True,
+    *,
+    budget: object = None,
+    batch: object = None,
+    loss_fn: Callable | None = None,
+    cost: str = "time",
+    training_only: bool = True,
+) -> torch.nn.Module:
     """Checkpoint the blocks of `model` in place, by a strategy or a plan (`memfit.core.wrapping.wrap` does the
     wrapping); applied again, it replaces what was applied.
 
@@ -470,7 +537,11 @@ def apply(model: torch.nn.Module, strategy: object = "blocks", blocks: object = 
         blocks = blocks_of(model, batch, loss_fn, blocks)  # (a budget's plan names the calls itself)
     strategy = resolve_plan(s, model, batch, loss_fn, blocks, cost) or s.strategy
     applied = applied_strategy(model)
-    if isinstance(strategy, Plan) and applied and applied["units"] == strategy.units and \
-            applied["blocks"] == [b.name for b in strategy.blocks]:
+    if (
+        isinstance(strategy, Plan)
+        and applied
+        and applied["units"] == strategy.units
+        and applied["blocks"] == [b.name for b in strategy.blocks]
+    ):
         return model  # the same plan is already in place
     return wrap(model, strategy, blocks, state_replay, training_only=training_only)

@@ -29,6 +29,7 @@ profile and the plan's choice (`Profile.fixed`), and the plan lists them as
 How memory is simulated: NOTE [simulated steps] in memfit.planning.simulation; where costs come from:
 memfit.planning.frontier.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,14 +60,21 @@ from memfit.planning.timemodel import TimeModel, calibrate
 
 __all__ = ["profile", "simulate", "Profile", "Point", "coverage"]
 
-STRATEGY_OF = {KEEP: "none", RECOMPUTE: "blocks", SELECTIVE: "selective", SCORES: "scores", POINTWISE: "pointwise",
-               OFFLOAD: "offload"}  # the strategy that applies the mode to every block
+STRATEGY_OF = {
+    KEEP: "none",
+    RECOMPUTE: "blocks",
+    SELECTIVE: "selective",
+    SCORES: "scores",
+    POINTWISE: "pointwise",
+    OFFLOAD: "offload",
+}  # the strategy that applies the mode to every block
 HOST_MODES = tuple(m for m in MODES if m != OFFLOAD)
 
 
 def modes_for(device) -> tuple:
     """The modes worth profiling on `device`: offloading to the CPU only helps a model on CUDA."""
     return MODES if torch.device(device).type == "cuda" else HOST_MODES
+
 
 @dataclass(frozen=True)
 class Point:
@@ -116,10 +124,10 @@ class Profile:
     other: list
     kept: dict
     work: dict
-    transient: dict       # rise inside each block's forward, per mode
-    costs: dict           # kind -> mode -> per block
-    recomputed: dict      # mode -> per block: matmul FLOPs recomputed
-    step_flops: int       # FLOPs of a plain training step
+    transient: dict  # rise inside each block's forward, per mode
+    costs: dict  # kind -> mode -> per block
+    recomputed: dict  # mode -> per block: matmul FLOPs recomputed
+    step_flops: int  # FLOPs of a plain training step
     step_time_s: float | None = None  # a plain step, predicted by the time model
     modes: tuple = HOST_MODES  # the columns profiled: modes (offload only on CUDA) and op-level points
     points: dict = field(default_factory=dict)  # Point -> each block's op-level mode
@@ -127,9 +135,9 @@ class Profile:
     memory_source: str = SIMULATED  # or MEASURED: see NOTE [real steps]
     uniform_peaks: dict | None = None  # the simulated peak of each mode used for every block
     real_steps_because: str | None = None
-    seed: int | None = None        # the RNG seed of the real steps
-    segments: bool = True          # whether the chains' blocks can be recomputed as segments
-    chains: list | None = None     # the length of each chain, in the order of `names`
+    seed: int | None = None  # the RNG seed of the real steps
+    segments: bool = True  # whether the chains' blocks can be recomputed as segments
+    chains: list | None = None  # the length of each chain, in the order of `names`
     coverage: float | None = None  # share of the plain step's saved activations inside the blocks
     fixed: list = field(default_factory=list)  # blocks left plain: they have no backward (not in `names`)
 
@@ -171,13 +179,22 @@ def _costs(points: dict, reads: dict, rec, model) -> tuple:
     """(costs[kind][mode][i], recomputed matmul FLOPs[mode][i]) from the ops recorded (`block_cost`)."""
     n = len(rec.blocks)
     mode_of = lambda m, i: points[m][i] if isinstance(m, Point) else m  # noqa: E731
-    costs = {kind: {m: [block_cost(mode_of(m, i), rec.blocks[i], rec.flows[i], kind, model) for i in range(n)]
-                    for m in reads if m != OFFLOAD} for kind in (("flops", "time") if model else ("flops",))}
+    costs = {
+        kind: {
+            m: [block_cost(mode_of(m, i), rec.blocks[i], rec.flows[i], kind, model) for i in range(n)]
+            for m in reads
+            if m != OFFLOAD
+        }
+        for kind in (("flops", "time") if model else ("flops",))
+    }
     costs["flops"][OFFLOAD] = [float("inf")] * n
     if model and OFFLOAD in reads:  # to the host and back: NOTE [time model]
         costs["time"][OFFLOAD] = [2 * k * (model.per_offloaded_byte or 0) for k in reads[KEEP]["kept"]]
-    recomputed = {m: [sum(op.flops for op in recomputed_ops(mode_of(m, i), rec.blocks[i], rec.flows[i]))
-                      for i in range(n)] for m in reads if m != OFFLOAD}
+    recomputed = {
+        m: [sum(op.flops for op in recomputed_ops(mode_of(m, i), rec.blocks[i], rec.flows[i])) for i in range(n)]
+        for m in reads
+        if m != OFFLOAD
+    }
     recomputed[OFFLOAD] = [0] * n
     return costs, recomputed
 
@@ -190,11 +207,15 @@ def _estimate(points: dict, reads: dict, rec) -> dict:
     rc = reads[RECOMPUTE]
     out = {}
     for point, modes in points.items():
-        extra = [sum(rec.blocks[i][k].new_bytes for k in saved_by(m, rec.blocks[i])) if m.op_level else 0
-                 for i, m in enumerate(modes)]
-        out[point] = {"kept": [k + e for k, e in zip(rc["kept"], extra)],
-                      "work": [max(w - e, wk) for w, e, wk in zip(rc["work"], extra, reads[KEEP]["work"])],
-                      "transient": [t + e for t, e in zip(rc["transient"], extra)]}
+        extra = [
+            sum(rec.blocks[i][k].new_bytes for k in saved_by(m, rec.blocks[i])) if m.op_level else 0
+            for i, m in enumerate(modes)
+        ]
+        out[point] = {
+            "kept": [k + e for k, e in zip(rc["kept"], extra)],
+            "work": [max(w - e, wk) for w, e, wk in zip(rc["work"], extra, reads[KEEP]["work"])],
+            "transient": [t + e for t, e in zip(rc["transient"], extra)],
+        }
     return out
 
 
@@ -207,16 +228,20 @@ def _read(sim: Simulation, n: int):
     done = at["backward done"]
     b = [at.get(f"b<{i}", done) for i in range(n)]
     kept = [live[at[f"f>{i}"]] - live[at[f"f<{i}"]] for i in range(n)]
-    transient = [max(live[at[f"f<{i}"]:at[f"f>{i}"] + 1]) - live[at[f"f<{i}"]] for i in range(n)]
+    transient = [max(live[at[f"f<{i}"] : at[f"f>{i}"] + 1]) - live[at[f"f<{i}"]] for i in range(n)]
     backward_start = [live[b[i]] for i in range(n)]
     ends = [b[i - 1] if i and b[i - 1] != done else min((k for k in b if k > b[i]), default=done) for i in range(n)]
-    work = [max(live[b[i]:max(ends[i], b[i]) + 1]) - backward_start[i] for i in range(n)]
+    work = [max(live[b[i] : max(ends[i], b[i]) + 1]) - backward_start[i] for i in range(n)]
     start = live[at["f<0"]]
-    head = max(live[at[f"f>{n - 1}"]:min(b) + 1]) - live[at[f"f>{n - 1}"]] if b[n - 1] == done else \
-        max(live[at[f"f>{n - 1}"]:b[n - 1] + 1]) - live[at[f"f>{n - 1}"]]
-    tail = max(live[at["backward done"]:])
-    return dict(kept=kept, transient=transient, backward_start=backward_start, work=work, start=start,
-                head=head, tail=tail)
+    head = (
+        max(live[at[f"f>{n - 1}"] : min(b) + 1]) - live[at[f"f>{n - 1}"]]
+        if b[n - 1] == done
+        else max(live[at[f"f>{n - 1}"] : b[n - 1] + 1]) - live[at[f"f>{n - 1}"]]
+    )
+    tail = max(live[at["backward done"] :])
+    return dict(
+        kept=kept, transient=transient, backward_start=backward_start, work=work, start=start, head=head, tail=tail
+    )
 
 
 def coverage_of(sim: Simulation, n: int) -> float:
@@ -236,8 +261,9 @@ def coverage(model, batch, loss_fn, *, blocks=None) -> float | None:
     n = len(find_blocks(model, blocks))
     for real in (False, True):
         try:
-            sim = simulate(model, batch, loss_fn, "none", blocks=blocks, marks=True, real=real,
-                           seed=0 if real else None)
+            sim = simulate(
+                model, batch, loss_fn, "none", blocks=blocks, marks=True, real=real, seed=0 if real else None
+            )
         except MemfitError:
             raise
         except Exception:
@@ -257,9 +283,11 @@ COVERAGE_WARNING = 0.5  # below this share of the activations inside the blocks,
 def coverage_warning(share: float | None) -> str | None:
     if share is None or share >= COVERAGE_WARNING:
         return None
-    return (f"only {share:.0%} of the plain step's saved activations lie inside the blocks, so "
-            f"checkpointing them saves at most that much; name more blocks with blocks=..., "
-            f"e.g. 'encoder.layers|decoder.layers'")
+    return (
+        f"only {share:.0%} of the plain step's saved activations lie inside the blocks, so "
+        f"checkpointing them saves at most that much; name more blocks with blocks=..., "
+        f"e.g. 'encoder.layers|decoder.layers'"
+    )
 
 
 def _all_ran(sim: Simulation, n: int) -> bool:
@@ -279,13 +307,15 @@ def _source(model, batch, loss_fn, n, **kw) -> tuple:
         why = f"the simulation cannot run this model's step ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
     else:
         if next(model.parameters()).device.type != "cpu" or fake.peak_bytes > available_cpu_bytes() / 2:
-            return False, None, None, fake   # a real step would not fit beside the model: trust the simulation
+            return False, None, None, fake  # a real step would not fit beside the model: trust the simulation
         t0 = time.perf_counter()
         real = simulate(model, batch, loss_fn, "none", real=True, seed=0, **kw)
         real_s = time.perf_counter() - t0
         if real.peak_bytes != fake.peak_bytes or not _all_ran(fake, n):
-            why = (f"the simulated step peaks {fake.peak_bytes / real.peak_bytes - 1:+.2%} off the real one "
-                   f"(the model takes another path on fake tensors)")
+            why = (
+                f"the simulated step peaks {fake.peak_bytes / real.peak_bytes - 1:+.2%} off the real one "
+                f"(the model takes another path on fake tensors)"
+            )
             if _all_ran(real, n):
                 return True, 0, why, real
         elif real_s < fake_s and _all_ran(real, n):
@@ -296,8 +326,10 @@ def _source(model, batch, loss_fn, n, **kw) -> tuple:
         sim = simulate(model, batch, loss_fn, "none", real=True, seed=seed, **kw)
         if _all_ran(sim, n):
             return True, seed, why, sim
-    raise MemfitError(f"the model skipped some of its {n} blocks in each of 16 training steps tried, so memfit "
-                      f"cannot profile them; lower the model's layer-drop probability while planning.")
+    raise MemfitError(
+        f"the model skipped some of its {n} blocks in each of 16 training steps tried, so memfit "
+        f"cannot profile them; lower the model's layer-drop probability while planning."
+    )
 
 
 def _without_fixed(plain: Simulation, names: list) -> tuple:
@@ -313,8 +345,11 @@ def _without_fixed(plain: Simulation, names: list) -> tuple:
 def _renumbered(sim: Simulation, kept: list) -> Simulation:
     """`sim` with the marks of the blocks `kept` (their indices) numbered 0, 1, ... and the other blocks' left out."""
     new = {str(i): str(j) for j, i in enumerate(kept)}
-    timeline = [(label[:2] + new[label[2:]] if label[:2] in ("f<", "f>", "b<") else label, live)
-                for label, live in sim.timeline if label[:2] not in ("f<", "f>", "b<") or label[2:] in new]
+    timeline = [
+        (label[:2] + new[label[2:]] if label[:2] in ("f<", "f>", "b<") else label, live)
+        for label, live in sim.timeline
+        if label[:2] not in ("f<", "f>", "b<") or label[2:] in new
+    ]
     return dataclasses.replace(sim, timeline=timeline)
 
 
@@ -341,8 +376,56 @@ def _each_point(points: dict, groups: list, simulated) -> dict:
     return terms
 
 
-def profile(model: torch.nn.Module, batch: object, loss_fn: Callable, *, blocks: object = None,
-            optimizer: type | None = None, cost: str = "flops", distributed: tuple | None = None) -> Profile:
+def _points(per_block: list) -> tuple[dict, dict]:
+    """The op-level points offered to the planner, {Point: [mode of each block]}: the j-th point takes each
+    block's j-th frontier mode (its last if it has fewer); and their on-demand twins."""
+    points = {
+        Point(j + 1): [modes[min(j, len(modes) - 1)] if modes else RECOMPUTE for modes in per_block]
+        for j in range(max(map(len, per_block), default=0))
+    }
+    lazy = {Point(p.index, on_demand=True): [m.lazy() for m in modes] for p, modes in points.items()}
+    return points, lazy
+
+
+def _uniform(run: Callable, device, plain) -> dict:
+    """{mode: its simulated step} for keep (`plain`), recompute, the presets and, on CUDA, offload (left out,
+    with a warning, if its simulation fails). `run(strategy, marks=True)` simulates one."""
+    sims = {KEEP: plain}
+    for m in modes_for(device):
+        if m == KEEP:
+            continue
+        try:
+            sims[m] = run(STRATEGY_OF[m], marks=True)
+        except Exception as e:
+            if m != OFFLOAD:
+                raise
+            warnings.warn(f"memfit: offload left out of the plan, its simulation failed: {e}", stacklevel=3)
+    return sims
+
+
+def _reads(sims: dict, points: dict, lazy: dict, rec, run: Callable, n: int) -> dict:
+    """{mode or point: what its step's timeline says of each of the `n` blocks}: the uniform modes' `sims`, the
+    on-demand points simulated once per group of alike blocks, the other points estimated from them. The
+    on-demand points that could be read join `points`."""
+    reads = {m: _read(sim, n) for m, sim in sims.items()}
+    keys = alike(rec)
+    groups = [[i for i in range(n) if keys[i] == k] for k in dict.fromkeys(keys)]
+    reads.update(_each_point(lazy, groups, lambda units: run(units, marks=True)))
+    reads.update(_estimate(points, reads, rec))
+    points.update({point: modes for point, modes in lazy.items() if point in reads})
+    return reads
+
+
+def profile(
+    model: torch.nn.Module,
+    batch: object,
+    loss_fn: Callable,
+    *,
+    blocks: object = None,
+    optimizer: type | None = None,
+    cost: str = "flops",
+    distributed: tuple | None = None,
+) -> Profile:
     """Profile each block of `model`'s chains under each mode (keep, recompute, the presets, offload on CUDA,
     and the points of each block's op-level frontier for the `cost` kind): the planner's input. Memory and
     FLOPs are simulated (or measured on real steps where the simulation cannot be trusted, NOTE [real
@@ -374,39 +457,40 @@ def profile(model: torch.nn.Module, batch: object, loss_fn: Callable, *, blocks:
     chains = [len(c) for c in find_chains(model, blocks)]
     model_t = calibrate(device) if cost == "time" else None
     rec = record_ops(model, batch, loss_fn, blocks=blocks, real=real, seed=seed)
-    per_block = frontiers(rec, cost, model_t)
-    points = {Point(j + 1): [modes[min(j, len(modes) - 1)] if modes else RECOMPUTE for modes in per_block]
-              for j in range(max(map(len, per_block), default=0))}
-    lazy = {Point(p.index, on_demand=True): [m.lazy() for m in modes] for p, modes in points.items()}
-    sims = {KEEP: plain}
-    for m in modes_for("cpu" if real else device):
-        if m == KEEP:
-            continue
-        try:
-            sims[m] = simulate(model, batch, loss_fn, STRATEGY_OF[m], marks=True, real=real, seed=seed, **common)
-        except Exception as e:
-            if m != OFFLOAD:
-                raise
-            warnings.warn(f"memfit: offload left out of the plan, its simulation failed: {e}", stacklevel=2)
-    segments = max(chains) > 1 and not simulate(model, batch, loss_fn, "segments:1", real=real, seed=seed,
-                                                **common).split
-    reads = {m: _read(sim, n) for m, sim in sims.items()}
-    keys = alike(rec)
-    reads.update(_each_point(lazy, [[i for i in range(n) if keys[i] == k] for k in dict.fromkeys(keys)],
-                             lambda units: simulate(model, batch, loss_fn, units, marks=True, real=real, seed=seed,
-                                                    **common)))
-    reads.update(_estimate(points, reads, rec))
-    points.update({point: modes for point, modes in lazy.items() if point in reads})
+    points, lazy = _points(frontiers(rec, cost, model_t))
+
+    def run(strategy, **kw) -> Simulation:
+        return simulate(model, batch, loss_fn, strategy, real=real, seed=seed, **common, **kw)
+
+    sims = _uniform(run, "cpu" if real else device, plain)
+    segments = max(chains) > 1 and not run("segments:1").split
+    reads = _reads(sims, points, lazy, rec, run, n)
     keep, baseline = reads[KEEP], sims[KEEP]
-    other = [keep["backward_start"][i] - keep["start"] - sum(keep["kept"][:i + 1]) for i in range(n)]
+    other = [keep["backward_start"][i] - keep["start"] - sum(keep["kept"][: i + 1]) for i in range(n)]
     costs, recomputed = _costs(points, reads, rec, model_t)
     return Profile(
-        names=names, device=str(device), modes=tuple(reads), points=points, time_model=model_t,
-        baseline_peak_bytes=baseline.peak_bytes, static_bytes=baseline.static_bytes,
-        start=keep["start"], head=keep["head"], tail=keep["tail"], other=other,
-        kept={m: r["kept"] for m, r in reads.items()}, work={m: r["work"] for m, r in reads.items()},
-        transient={m: r["transient"] for m, r in reads.items()}, costs=costs, recomputed=recomputed,
-        step_flops=rec.flops, step_time_s=model_t.seconds(rec.flops, rec.moved, rec.count) if model_t else None,
-        memory_source=MEASURED if real else SIMULATED, real_steps_because=why, seed=seed, segments=segments,
-        chains=chains, coverage=coverage_of(plain, n), fixed=fixed,
-        uniform_peaks={STRATEGY_OF[m]: sim.peak_bytes for m, sim in sims.items() if m not in points})
+        names=names,
+        device=str(device),
+        modes=tuple(reads),
+        points=points,
+        time_model=model_t,
+        baseline_peak_bytes=baseline.peak_bytes,
+        static_bytes=baseline.static_bytes,
+        start=keep["start"],
+        head=keep["head"],
+        tail=keep["tail"],
+        other=other,
+        **{part: {m: r[part] for m, r in reads.items()} for part in ("kept", "work", "transient")},
+        costs=costs,
+        recomputed=recomputed,
+        step_flops=rec.flops,
+        step_time_s=model_t.seconds(rec.flops, rec.moved, rec.count) if model_t else None,
+        memory_source=MEASURED if real else SIMULATED,
+        real_steps_because=why,
+        seed=seed,
+        segments=segments,
+        chains=chains,
+        coverage=coverage_of(plain, n),
+        fixed=fixed,
+        uniform_peaks={STRATEGY_OF[m]: sim.peak_bytes for m, sim in sims.items() if m not in points},
+    )

@@ -11,6 +11,7 @@ the byte (tested), for a fraction of the compute, on any device, and without
 touching the device's memory. The planner predicts the peak of the plan it
 chose with the same simulation.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -70,6 +71,7 @@ def count_calls(model, batch, loss_fn) -> dict:
     def called(module, args):
         if id(module) in names:
             calls.setdefault(names[id(module)], []).append(next(sequence))
+
     fmodel.train()
     handle = torch.nn.modules.module.register_module_forward_pre_hook(called)
     try:
@@ -98,8 +100,9 @@ def batch_dims(small, larger) -> list[int]:
     """Positions of the tensors whose first dimension differs between two
     batches of different sizes: the ones that carry the batch dimension."""
     a, b = tree_leaves(small), tree_leaves(larger)
-    return [i for i, (x, y) in enumerate(zip(a, b))
-            if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] != y.shape[0]]
+    return [
+        i for i, (x, y) in enumerate(zip(a, b)) if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] != y.shape[0]
+    ]
 
 
 def each_call(chain, pre, post) -> list:
@@ -123,6 +126,7 @@ def each_call(chain, pre, post) -> list:
             i = running.pop()
             if i is not None:
                 post(i, out)
+
         handles += [m.register_forward_pre_hook(before), m.register_forward_hook(after)]
     return handles
 
@@ -171,8 +175,20 @@ def real_step(seed):
         yield
 
 
-def simulate(model, batch, loss_fn, strategy, *, blocks=None, optimizer=None, marks=False,
-             resize=None, distributed=None, real=False, seed=None) -> Simulation:
+def simulate(
+    model,
+    batch,
+    loss_fn,
+    strategy,
+    *,
+    blocks=None,
+    optimizer=None,
+    marks=False,
+    resize=None,
+    distributed=None,
+    real=False,
+    seed=None,
+) -> Simulation:
     """Peak memory of one training step with `strategy` applied (None: as the
     model is wrapped now), with the optimizer state in place as after a first
     step, computed on fake tensors, or with `real=True` by a real step on a
@@ -200,6 +216,7 @@ def simulate(model, batch, loss_fn, strategy, *, blocks=None, optimizer=None, ma
 
             def arrived(p):
                 grads.setdefault(id(p), (len(mem.timeline), p.grad.numel() * p.grad.element_size()))
+
             for p in fmodel.parameters() if distributed else ():
                 p.register_post_accumulate_grad_hook(arrived)
             loss = scalar_loss(loss_fn, fmodel, fbatch)
@@ -217,8 +234,10 @@ def simulate(model, batch, loss_fn, strategy, *, blocks=None, optimizer=None, ma
         timeline = [(label, live - unused) for label, live in mem.timeline]
         return Simulation(mem.peak_bytes - unused, mem.static_bytes - unused, timeline, split)
     from memfit.planning.distributed import rank_timeline
-    state = sum(t.numel() * t.element_size() for t in tree_leaves(list(opt.state.values()))
-                if isinstance(t, torch.Tensor))
+
+    state = sum(
+        t.numel() * t.element_size() for t in tree_leaves(list(opt.state.values())) if isinstance(t, torch.Tensor)
+    )
     # the copy, with the strategy simulated applied: its units are the FSDP groups (NOTE [order with FSDP2])
     kind, world = distributed
     timeline = rank_timeline(fmodel, kind, world, mem.timeline, list(grads.values()), mem.static_bytes, state)
@@ -231,5 +250,9 @@ def _state_bytes(opt, params) -> int:
     for those that got a gradient, so the state of a parameter the step never
     reaches (a head the loss does not use, a layer LayerDrop skipped) is left
     out of the simulated step's numbers."""
-    return sum(t.numel() * t.element_size() for p in params for t in tree_leaves(opt.state.get(p, {}))
-               if isinstance(t, torch.Tensor))
+    return sum(
+        t.numel() * t.element_size()
+        for p in params
+        for t in tree_leaves(opt.state.get(p, {}))
+        if isinstance(t, torch.Tensor)
+    )

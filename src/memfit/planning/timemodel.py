@@ -35,6 +35,7 @@ memfit used to split the measured extra time of a few whole steps between the
 blocks instead; on a loaded machine those steps were noise (a plan at 60% of
 the peak recomputing 4x the FLOPs of a uniform strategy that fit).
 """
+
 from __future__ import annotations
 
 import statistics
@@ -52,8 +53,8 @@ class TimeModel:
     per_flop: float
     per_byte: float
     per_op: float
-    spread: float        # median interquartile range / median of the timed ops
-    error: float         # median |fit / measured - 1| over the timed ops
+    spread: float  # median interquartile range / median of the timed ops
+    error: float  # median |fit / measured - 1| over the timed ops
     per_offloaded_byte: float | None = None  # a byte to the host and back (CUDA only)
     per_policy_op: float = 0.0  # what a selective-checkpoint policy adds to each op of its block
 
@@ -79,8 +80,8 @@ def _probes(device):
     out = []
     for n in (32, 96, 192, 384):
         a, b = _leaf((n, n), 0.5, device), _leaf((n, n), 2.0, device)
-        out.append((f"mm {n}", lambda a=a, b=b: torch.mm(a, b), 2 * n ** 3, 3 * n * n * 4))
-    for n in (2 ** 10, 2 ** 14, 2 ** 18, 2 ** 21):
+        out.append((f"mm {n}", lambda a=a, b=b: torch.mm(a, b), 2 * n**3, 3 * n * n * 4))
+    for n in (2**10, 2**14, 2**18, 2**21):
         a, b = _leaf((n,), 0.5, device), _leaf((n,), 2.0, device)
         out.append((f"mul {n}", lambda a=a, b=b: torch.mul(a, b), 0, 3 * n * 4))
     a = _leaf((64, 64), 0.0, device)
@@ -111,8 +112,9 @@ def _fit(device, repeats) -> TimeModel:
         for k, (_, fn, _, _) in enumerate(probes):
             times[k].append(_time(fn, sync, calls[k]))
     medians, fastest = [statistics.median(t) for t in times], [min(t) for t in times]
-    spread = statistics.median((q[2] - q[0]) / m for q, m in
-                               ((statistics.quantiles(t, n=4), m) for t, m in zip(times, medians)))
+    spread = statistics.median(
+        (q[2] - q[0]) / m for q, m in ((statistics.quantiles(t, n=4), m) for t, m in zip(times, medians))
+    )
     x = torch.tensor([[f, b, 1.0] for _, _, f, b in probes], dtype=torch.float64)
     y = torch.tensor(fastest, dtype=torch.float64)
     coef = _nonnegative_fit(x / y[:, None], torch.ones_like(y))  # relative error: each row divided by its time
@@ -120,9 +122,16 @@ def _fit(device, repeats) -> TimeModel:
     fitted = x @ torch.tensor(coef, dtype=torch.float64)
     error = statistics.median((fitted / y - 1).abs().tolist())
     per_flop, per_byte, per_op = coef
-    return TimeModel(str(device), per_flop, per_byte, per_op, spread=spread, error=error,
-                     per_offloaded_byte=_offload_seconds_per_byte(device, sync) if device.type == "cuda" else None,
-                     per_policy_op=float(f"{_policy_seconds_per_op(device, sync, repeats):.2g}"))
+    return TimeModel(
+        str(device),
+        per_flop,
+        per_byte,
+        per_op,
+        spread=spread,
+        error=error,
+        per_offloaded_byte=_offload_seconds_per_byte(device, sync) if device.type == "cuda" else None,
+        per_policy_op=float(f"{_policy_seconds_per_op(device, sync, repeats):.2g}"),
+    )
 
 
 def _nonnegative_fit(a, b):
@@ -144,15 +153,19 @@ def _policy_seconds_per_op(device, sync, repeats) -> float:
     recompute): a chain of small ops, checkpointed with and without one."""
     from memfit.core import strategies
     from memfit.core.checkpointing import run
+
     x, n = _leaf((64,), 1.0, device), 32
 
     def chain(x):
         for _ in range(n):
             x = x * 1.0001
         return x.sum()
+
     policy = strategies.policy(strategies.Mode.parse("ops:mul.Tensor@0"))
-    timed = {"plain": lambda: run(chain, (x,), {}).backward(),
-             "policy": lambda: run(chain, (x,), {}, policy=policy).backward()}
+    timed = {
+        "plain": lambda: run(chain, (x,), {}).backward(),
+        "policy": lambda: run(chain, (x,), {}, policy=policy).backward(),
+    }
     times: dict[str, list[float]] = {k: [] for k in timed}
     for _ in range(repeats):
         for k, fn in timed.items():
@@ -162,8 +175,9 @@ def _policy_seconds_per_op(device, sync, repeats) -> float:
 
 def _offload_seconds_per_byte(device, sync) -> float:
     """A byte copied to pinned host memory and back (`save_on_cpu`'s path)."""
-    x = torch.empty(2 ** 24, device=device)
+    x = torch.empty(2**24, device=device)
     host = torch.empty(x.shape, pin_memory=True)
-    t = statistics.median(_time(lambda: (host.copy_(x, non_blocking=True), x.copy_(host, non_blocking=True)),
-                                sync, 5) for _ in range(5))
+    t = statistics.median(
+        _time(lambda: (host.copy_(x, non_blocking=True), x.copy_(host, non_blocking=True)), sync, 5) for _ in range(5)
+    )
     return t / x.nbytes

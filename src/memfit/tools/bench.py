@@ -1,5 +1,6 @@
 """The memory/time frontier of a model: planned runs at a sweep of budgets
 next to every uniform strategy, each measured."""
+
 from __future__ import annotations
 
 from memfit.core.measurement import measure
@@ -20,10 +21,16 @@ def sweep(model, batch, loss_fn, budgets=(20, 30, 40, 50, 60, 70, 80, 90, 100), 
 
     def row(strategy, predicted, budget=None):
         m = measure(model, batch, loss_fn, strategy, blocks=blocks, timed_steps=3)
-        return {"strategy": strategy if isinstance(strategy, str) else f"plan:{budget}%",
-                "budget_bytes": None, "predicted_peak_bytes": predicted, "peak_bytes": m["peak_bytes"],
-                "step_time_s": m["step_time_s"], "flops": m["flops"], "feasible": True,
-                "memory_source": m["memory_source"]}
+        return {
+            "strategy": strategy if isinstance(strategy, str) else f"plan:{budget}%",
+            "budget_bytes": None,
+            "predicted_peak_bytes": predicted,
+            "peak_bytes": m["peak_bytes"],
+            "step_time_s": m["step_time_s"],
+            "flops": m["flops"],
+            "feasible": True,
+            "memory_source": m["memory_source"],
+        }
 
     for s in UNIFORM:
         rows.append(row(s, simulate(model, batch, loss_fn, s, blocks=blocks).peak_bytes))
@@ -31,9 +38,18 @@ def sweep(model, batch, loss_fn, budgets=(20, 30, 40, 50, 60, 70, 80, 90, 100), 
         try:
             p = plan(model, batch, loss_fn, f"{pct}%", blocks=blocks, cost=cost)
         except MemfitError as e:
-            rows.append({"strategy": f"plan:{pct}%", "budget_bytes": None, "predicted_peak_bytes": None,
-                         "peak_bytes": None, "step_time_s": None, "flops": None, "feasible": False,
-                         "reason": str(e)})
+            rows.append(
+                {
+                    "strategy": f"plan:{pct}%",
+                    "budget_bytes": None,
+                    "predicted_peak_bytes": None,
+                    "peak_bytes": None,
+                    "step_time_s": None,
+                    "flops": None,
+                    "feasible": False,
+                    "reason": str(e),
+                }
+            )
             continue
         r = row(p, p.predicted_peak_bytes, pct)
         r["budget_bytes"] = p.budget_bytes

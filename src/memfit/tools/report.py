@@ -1,4 +1,5 @@
 """Tables and files made from what the library returns. Nothing here measures."""
+
 from __future__ import annotations
 
 import contextlib
@@ -24,8 +25,9 @@ def check_writable(path: str | os.PathLike) -> Path:
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
-        raise MemfitError(f"cannot write {path} ({e.strerror}); choose a path in an existing, writable "
-                          f"directory.") from None
+        raise MemfitError(
+            f"cannot write {path} ({e.strerror}); choose a path in an existing, writable directory."
+        ) from None
     return path
 
 
@@ -78,45 +80,84 @@ def write_json(path: str | os.PathLike, data) -> None:
 
 def verify_table(r: dict) -> Table:
     b, c = r["baseline"], r["checkpointed"]
-    t = Table(title=f"memfit verify: {r['model']}, strategy {r['strategy']} "
-                    f"({r['blocks']['checkpointed']} of {r['blocks']['found']} blocks), {r['device']}"
-                    + (f", both compiled ({r['compile']})" if r.get("compile") else ""))
+    t = Table(
+        title=f"memfit verify: {r['model']}, strategy {r['strategy']} "
+        f"({r['blocks']['checkpointed']} of {r['blocks']['found']} blocks), {r['device']}"
+        + (f", both compiled ({r['compile']})" if r.get("compile") else "")
+    )
     t.add_column("")
     t.add_column("baseline", justify="right")
     t.add_column("checkpointed", justify="right")
     t.add_column("change", justify="right")
-    t.add_row(f"peak memory ({r['memory_source']})", fmt_bytes(b["peak_bytes"]), fmt_bytes(c["peak_bytes"]),
-              f"{-r['memory_reduction']:+.1%}")
+    t.add_row(
+        f"peak memory ({r['memory_source']})",
+        fmt_bytes(b["peak_bytes"]),
+        fmt_bytes(c["peak_bytes"]),
+        f"{-r['memory_reduction']:+.1%}",
+    )
     if "predicted_peak_bytes" in c:
-        t.add_row("  predicted by the plan", "", fmt_bytes(c["predicted_peak_bytes"]),
-                  f"budget {fmt_bytes(c['budget_bytes'])}")
-    t.add_row("  static (params, optimizer state, batch)", fmt_bytes(b["static_bytes"]), fmt_bytes(c["static_bytes"]),
-              "")
+        t.add_row(
+            "  predicted by the plan",
+            "",
+            fmt_bytes(c["predicted_peak_bytes"]),
+            f"budget {fmt_bytes(c['budget_bytes'])}",
+        )
+    t.add_row(
+        "  static (params, optimizer state, batch)", fmt_bytes(b["static_bytes"]), fmt_bytes(c["static_bytes"]), ""
+    )
     if b["activation_bytes"] is not None:  # allocator events do not show the end of the forward
-        t.add_row("  kept for backward at end of forward", fmt_bytes(b["activation_bytes"]),
-                  fmt_bytes(c["activation_bytes"]),
-                  f"{c['activation_bytes'] / b['activation_bytes'] - 1:+.1%}" if b["activation_bytes"] else "")
+        t.add_row(
+            "  kept for backward at end of forward",
+            fmt_bytes(b["activation_bytes"]),
+            fmt_bytes(c["activation_bytes"]),
+            f"{c['activation_bytes'] / b['activation_bytes'] - 1:+.1%}" if b["activation_bytes"] else "",
+        )
         if r.get("coverage") is not None:
             t.add_row("    of it inside the blocks (coverage)", f"{r['coverage']:.0%}", "", "")
-    t.add_row(f"time per step (median of {r['steps']})", f"{b['step_time_s'] * 1e3:.1f} ms",
-              f"{c['step_time_s'] * 1e3:.1f} ms", f"{r['slowdown']:+.1%}")
+    t.add_row(
+        f"time per step (median of {r['steps']})",
+        f"{b['step_time_s'] * 1e3:.1f} ms",
+        f"{c['step_time_s'] * 1e3:.1f} ms",
+        f"{r['slowdown']:+.1%}",
+    )
     if "predicted_slowdown" in c:
         t.add_row("  predicted (time model)", "", "", f"{c['predicted_slowdown']:+.1%}")
-    t.add_row("FLOPs per step", f"{b['flops'] / 1e9:.2f} G", f"{c['flops'] / 1e9:.2f} G",
-              f"{r['recompute_flops']:+.1%}")
+    t.add_row(
+        "FLOPs per step", f"{b['flops'] / 1e9:.2f} G", f"{c['flops'] / 1e9:.2f} G", f"{r['recompute_flops']:+.1%}"
+    )
     if "compile_budget_at_this_peak" in r:
         c_b = r["compile_budget_at_this_peak"]
-        t.add_row("  torch.compile's own budget at this peak", "", "none reaches it" if c_b is None else
-                  f"{c_b['budget']}: {fmt_bytes(c_b['peak_bytes'])}", "" if c_b is None else
-                  f"{c_b['recompute_flops']:+.1%}")
-    t.add_row("gradients", "", "bitwise equal" if r["grads_bitwise_equal"] else
-              f"max rel diff {r['grads_max_rel_diff']:.2g}", "")
-    t.add_row("buffers (BatchNorm statistics)", "", "bitwise equal" if r["buffers_equal"] else
-              f"max rel diff {r['buffers_max_rel_diff']:.2g}", "")
-    t.add_row("losses", "", "equal" if r["losses_equal"] else f"max diff {r['loss_max_abs_diff']:.2g}", "")
-    t.add_row("parameters after training", "", "bitwise equal" if r["params_equal"] else
-              f"max rel diff {r['params_max_rel_diff']:.2g}", "")
+        t.add_row(
+            "  torch.compile's own budget at this peak",
+            "",
+            "none reaches it" if c_b is None else f"{c_b['budget']}: {fmt_bytes(c_b['peak_bytes'])}",
+            "" if c_b is None else f"{c_b['recompute_flops']:+.1%}",
+        )
+    _agreement_rows(t, r)
     return t
+
+
+def _agreement_rows(t: Table, r: dict) -> None:
+    """`verify`'s rows for what must be equal with and without checkpointing."""
+    t.add_row(
+        "gradients",
+        "",
+        "bitwise equal" if r["grads_bitwise_equal"] else f"max rel diff {r['grads_max_rel_diff']:.2g}",
+        "",
+    )
+    t.add_row(
+        "buffers (BatchNorm statistics)",
+        "",
+        "bitwise equal" if r["buffers_equal"] else f"max rel diff {r['buffers_max_rel_diff']:.2g}",
+        "",
+    )
+    t.add_row("losses", "", "equal" if r["losses_equal"] else f"max diff {r['loss_max_abs_diff']:.2g}", "")
+    t.add_row(
+        "parameters after training",
+        "",
+        "bitwise equal" if r["params_equal"] else f"max rel diff {r['params_max_rel_diff']:.2g}",
+        "",
+    )
 
 
 def plan_table(plan, measured: dict | None) -> Table:
@@ -127,19 +168,35 @@ def plan_table(plan, measured: dict | None) -> Table:
     t.add_column("error", justify="right")
     if measured:
         err = measured["peak_bytes"] / plan.predicted_peak_bytes - 1
-        t.add_row(f"peak memory ({measured['memory_source']})", fmt_bytes(plan.predicted_peak_bytes),
-                  fmt_bytes(measured["peak_bytes"]), f"{err:+.2%}")
-        t.add_row("recomputed FLOPs (of a plain step)", f"{plan.predicted_recompute_flops:+.1%}",
-                  f"{measured['recompute_flops']:+.1%}", "")
+        t.add_row(
+            f"peak memory ({measured['memory_source']})",
+            fmt_bytes(plan.predicted_peak_bytes),
+            fmt_bytes(measured["peak_bytes"]),
+            f"{err:+.2%}",
+        )
+        t.add_row(
+            "recomputed FLOPs (of a plain step)",
+            f"{plan.predicted_recompute_flops:+.1%}",
+            f"{measured['recompute_flops']:+.1%}",
+            "",
+        )
         if measured.get("slowdown") is not None:
             predicted = f"{plan.predicted_overhead:+.1%}" if plan.cost == "time" else ""
             t.add_row("slowdown (interleaved with the plain step)", predicted, f"{measured['slowdown']:+.1%}", "")
         if plan.predicted_step_time_s and measured.get("step_time_s"):
             step = plan.predicted_step_time_s * (1 + plan.predicted_overhead)
-            t.add_row("step time (time model)", f"{step * 1e3:.1f} ms", f"{measured['step_time_s'] * 1e3:.1f} ms",
-                      f"{measured['step_time_s'] / step - 1:+.0%}")
-        t.add_row("budget", fmt_bytes(plan.budget_bytes), "fits" if measured["peak_bytes"] <= plan.budget_bytes
-                  else "EXCEEDED", "")
+            t.add_row(
+                "step time (time model)",
+                f"{step * 1e3:.1f} ms",
+                f"{measured['step_time_s'] * 1e3:.1f} ms",
+                f"{measured['step_time_s'] / step - 1:+.0%}",
+            )
+        t.add_row(
+            "budget",
+            fmt_bytes(plan.budget_bytes),
+            "fits" if measured["peak_bytes"] <= plan.budget_bytes else "EXCEEDED",
+            "",
+        )
     else:
         t.add_row("peak memory", fmt_bytes(plan.predicted_peak_bytes), "", "")
     return t
@@ -147,16 +204,21 @@ def plan_table(plan, measured: dict | None) -> Table:
 
 def bench_table(rows) -> Table:
     t = Table(title="memory / time frontier")
-    for col in ("strategy", "budget", "predicted peak", "measured peak", "step time", "slowdown",
-                "recomputed FLOPs"):
+    for col in ("strategy", "budget", "predicted peak", "measured peak", "step time", "slowdown", "recomputed FLOPs"):
         t.add_column(col, justify="left" if col == "strategy" else "right")
     for r in rows:
         if not r["feasible"]:
             t.add_row(r["strategy"], "", "", "infeasible", "", "", "")
             continue
-        t.add_row(r["strategy"], fmt_bytes(r["budget_bytes"]) if r["budget_bytes"] else "",
-                  fmt_bytes(r["predicted_peak_bytes"]), fmt_bytes(r["peak_bytes"]),
-                  f"{r['step_time_s'] * 1e3:.0f} ms", f"{r['slowdown']:+.1%}", f"{r['recompute_flops']:+.1%}")
+        t.add_row(
+            r["strategy"],
+            fmt_bytes(r["budget_bytes"]) if r["budget_bytes"] else "",
+            fmt_bytes(r["predicted_peak_bytes"]),
+            fmt_bytes(r["peak_bytes"]),
+            f"{r['step_time_s'] * 1e3:.0f} ms",
+            f"{r['slowdown']:+.1%}",
+            f"{r['recompute_flops']:+.1%}",
+        )
     return t
 
 
@@ -172,14 +234,20 @@ def plot_frontier(rows, path, title="") -> None:
     """Peak memory against slowdown: planned runs as a line, uniform
     strategies as labelled points."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    planned = sorted((r for r in rows if r["feasible"] and r["strategy"].startswith("plan:")),
-                     key=lambda r: r["peak_bytes"])
-    ax.plot([r["peak_bytes"] / 2**20 for r in planned], [100 * r["slowdown"] for r in planned], "o-",
-            label="memfit plan at each budget")
+    planned = sorted(
+        (r for r in rows if r["feasible"] and r["strategy"].startswith("plan:")), key=lambda r: r["peak_bytes"]
+    )
+    ax.plot(
+        [r["peak_bytes"] / 2**20 for r in planned],
+        [100 * r["slowdown"] for r in planned],
+        "o-",
+        label="memfit plan at each budget",
+    )
     for r in rows:
         if r["feasible"] and not r["strategy"].startswith("plan:"):
             x, y = r["peak_bytes"] / 2**20, 100 * r["slowdown"]
@@ -201,8 +269,12 @@ def fit_table(rows: list[dict], title: str) -> Table:
     for col in ("strategy", "batch size", "peak", "time per sample"):
         t.add_column(col, justify="left" if col == "strategy" else "right")
     for r in rows:
-        t.add_row(r["strategy"], str(r["batch_size"]), fmt_bytes(r["peak_bytes"]) if r["peak_bytes"] else "-",
-                  f"{r['time_per_sample_s'] * 1e3:.2f} ms" if r["time_per_sample_s"] else "-")
+        t.add_row(
+            r["strategy"],
+            str(r["batch_size"]),
+            fmt_bytes(r["peak_bytes"]) if r["peak_bytes"] else "-",
+            f"{r['time_per_sample_s'] * 1e3:.2f} ms" if r["time_per_sample_s"] else "-",
+        )
     return t
 
 
@@ -217,6 +289,10 @@ def compare_tables(report: dict, n_videos: int) -> list[Table]:
     for col in ("a vs b", "max relative error", "Pearson", "top-5 agreement"):
         c.add_column(col, justify="left" if col == "a vs b" else "right")
     for row in report["comparisons"]:
-        c.add_row(f"{row['a']} vs {row['b']}", f"{row['max_rel_error']:.3g}", f"{row['pearson']:.4f}",
-                  f"{row['top_k_agreement']:.0%}")
+        c.add_row(
+            f"{row['a']} vs {row['b']}",
+            f"{row['max_rel_error']:.3g}",
+            f"{row['pearson']:.4f}",
+            f"{row['top_k_agreement']:.0%}",
+        )
     return [t, c]

@@ -12,6 +12,7 @@ interleaved, and compares:
 * sameness: gradients after every step, losses, and at the end the buffers
   (BatchNorm running statistics) and parameters.
 """
+
 from __future__ import annotations
 
 import copy
@@ -51,13 +52,19 @@ def _max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _summary(run) -> dict:
-    return {"peak_bytes": run.mem.peak_bytes, "static_bytes": run.mem.static_bytes,
-            "activation_bytes": run.mem.activation_bytes,
-            "step_time_s": statistics.median(run.times), "step_times_s": run.times, "flops": run.flops}
+    return {
+        "peak_bytes": run.mem.peak_bytes,
+        "static_bytes": run.mem.static_bytes,
+        "activation_bytes": run.mem.activation_bytes,
+        "step_time_s": statistics.median(run.times),
+        "step_times_s": run.times,
+        "flops": run.flops,
+    }
 
 
-def _failures(reduction, is_none, expect_reduction, grad_rel, buffer_diff, param_diff, loss_diff, grad_tol,
-              first_loss) -> list:
+def _failures(
+    reduction, is_none, expect_reduction, grad_rel, buffer_diff, param_diff, loss_diff, grad_tol, first_loss
+) -> list:
     """Why the checkpointed run is not the same training (or not the saving expected); empty if it is."""
     failures = []
     if expect_reduction is not None:
@@ -71,8 +78,10 @@ def _failures(reduction, is_none, expect_reduction, grad_rel, buffer_diff, param
     if buffer_diff > grad_tol:
         failures.append(f"buffers differ (max relative difference {buffer_diff:.3g})")
     if param_diff > 0 and grad_rel == 0:  # with equal gradients, the optimizer cannot explain any difference
-        failures.append(f"parameters differ after training although every gradient was equal (max relative "
-                        f"difference {param_diff:.3g}): the forward or its recompute writes them")
+        failures.append(
+            f"parameters differ after training although every gradient was equal (max relative "
+            f"difference {param_diff:.3g}): the forward or its recompute writes them"
+        )
     if loss_diff > grad_tol * max(1.0, abs(first_loss)):
         failures.append(f"losses differ (max difference {loss_diff:.3g})")
 
@@ -87,6 +96,12 @@ def _check_arguments(steps, grad_tol, compile) -> None:
     check_backend(compile)
 
 
+def _default_tolerance(device: torch.device, compile: str | None) -> float:
+    """0 (bitwise) for eager CPU steps; compiled with decompositions and a partitioner (or inductor's kernels),
+    or on an accelerator, the plain and the checkpointed steps may sum in other orders: 1e-4."""
+    return 0.0 if device.type == "cpu" and compile in (None, "eager", "aot_eager") else 1e-4
+
+
 def _plan_and_units(strategy, model, batch, loss_fn, blocks, device, compile=None):
     """(the plan or None, the units) of a strategy, checked against the model and device; a budget is planned
     for the step compiled with `compile`, if given (NOTE [planning for the compiled step] in
@@ -94,8 +109,10 @@ def _plan_and_units(strategy, model, batch, loss_fn, blocks, device, compile=Non
     the_plan = resolve_plan(strategy, model, batch, loss_fn, blocks, compile=compile)
     _, units, _ = resolve_units(model, the_plan or strategy, blocks)  # as `wrap` will apply them
     if device.type != "cuda" and any(u.mode == strategies.OFFLOAD for u in units):
-        raise MemfitError(f"offload moves saved tensors from a CUDA device to CPU memory, so on {device.type} it "
-                          f"saves nothing; use the cuda device, or a strategy that recomputes.")
+        raise MemfitError(
+            f"offload moves saved tensors from a CUDA device to CPU memory, so on {device.type} it "
+            f"saves nothing; use the cuda device, or a strategy that recomputes."
+        )
     return the_plan, units
 
 
@@ -110,8 +127,11 @@ def _compile_budget_at(model, base, peak, batch, loss_fn, compile, device, block
             run.step(batch, loss_fn, seed)  # compiles now, under this budget
         runs[budget] = run
     run_steps(list(runs.values()), batch, loss_fn, seed=seed, timed=0)
-    fits = [{"budget": b, "peak_bytes": r.mem.peak_bytes, "recompute_flops": r.flops / base.flops - 1}
-            for b, r in runs.items() if r.mem.peak_bytes <= peak and all(r.graphs_per_step)]
+    fits = [
+        {"budget": b, "peak_bytes": r.mem.peak_bytes, "recompute_flops": r.flops / base.flops - 1}
+        for b, r in runs.items()
+        if r.mem.peak_bytes <= peak and all(r.graphs_per_step)
+    ]
     return min(fits, key=lambda f: f["recompute_flops"], default=None)
 
 
@@ -155,6 +175,16 @@ class _Comparison:
     expect_reduction: tuple | None
 
 
+def _checkpointed(c: _Comparison) -> dict:
+    """The checkpointed run's summary, with a plan's predicted peak, budget and (time cost) slowdown."""
+    summary = _summary(c.ckpt)
+    if c.the_plan:
+        summary.update(predicted_peak_bytes=c.the_plan.predicted_peak_bytes, budget_bytes=c.the_plan.budget_bytes)
+        if c.the_plan.cost == "time":  # the time model's slowdown, beside the measured one
+            summary["predicted_slowdown"] = c.the_plan.predicted_overhead
+    return summary
+
+
 def _report(c: _Comparison) -> dict:
     """The report of two runs side by side (see `verify`)."""
     loss_diff = max((a - b).abs().item() for a, b in zip(c.base.losses, c.ckpt.losses))
@@ -165,14 +195,19 @@ def _report(c: _Comparison) -> dict:
     reduction = 1 - c.ckpt.mem.peak_bytes / c.base.mem.peak_bytes
     slowdown = statistics.median(c.ckpt.times) / statistics.median(c.base.times) - 1
     is_none = all(u.mode == strategies.KEEP for u in c.units)
-    failures = _failures(reduction, is_none, c.expect_reduction, c.grad_rel, buffer_diff, param_diff, loss_diff,
-                         c.grad_tol, c.base.losses[0].item())
+    failures = _failures(
+        reduction,
+        is_none,
+        c.expect_reduction,
+        c.grad_rel,
+        buffer_diff,
+        param_diff,
+        loss_diff,
+        c.grad_tol,
+        c.base.losses[0].item(),
+    )
     if c.compile and any(0 in run.graphs_per_step[1:3] for run in (c.base, c.ckpt)):  # the memory and FLOPs steps
         failures.append("the compiled graph did not run in a measured step, so its numbers are eager code's")
-    checkpointed = {**_summary(c.ckpt), **({"predicted_peak_bytes": c.the_plan.predicted_peak_bytes,
-                                         "budget_bytes": c.the_plan.budget_bytes} if c.the_plan else {})}
-    if c.the_plan and c.the_plan.cost == "time":  # the time model's slowdown, beside the measured one
-        checkpointed["predicted_slowdown"] = c.the_plan.predicted_overhead
     return {
         "model": c.name,
         "strategy": c.strategy if isinstance(c.strategy, str) else "plan" if c.the_plan else "custom",
@@ -184,10 +219,11 @@ def _report(c: _Comparison) -> dict:
         "coverage": c.share,
         "state_replay": c.state_replay,
         "compile": c.compile,
-        "compiled_graph_runs": {"baseline": c.base.graphs_per_step, "checkpointed": c.ckpt.graphs_per_step} if c.compile
+        "compiled_graph_runs": {"baseline": c.base.graphs_per_step, "checkpointed": c.ckpt.graphs_per_step}
+        if c.compile
         else None,
         "baseline": _summary(c.base),
-        "checkpointed": checkpointed,
+        "checkpointed": _checkpointed(c),
         "memory_reduction": reduction,
         "slowdown": slowdown,
         "recompute_flops": c.ckpt.flops / c.base.flops - 1 if c.base.flops else 0.0,
@@ -206,10 +242,22 @@ def _report(c: _Comparison) -> dict:
     }
 
 
-def verify(model: torch.nn.Module, batch: object, loss_fn: Callable, strategy: object = "blocks", *, steps: int = 5,
-           device: str | torch.device = "cpu", seed: int = 0, blocks: object = None,
-           expect_reduction: tuple[float, float] | None = None, grad_tol: float | None = None,
-           state_replay: bool = True, name: str | None = None, compile: str | None = None) -> dict:
+def verify(
+    model: torch.nn.Module,
+    batch: object,
+    loss_fn: Callable,
+    strategy: object = "blocks",
+    *,
+    steps: int = 5,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    blocks: object = None,
+    expect_reduction: tuple[float, float] | None = None,
+    grad_tol: float | None = None,
+    state_replay: bool = True,
+    name: str | None = None,
+    compile: str | None = None,
+) -> dict:
     """Train a plain copy of `model` and a checkpointed one side by side; return the report (JSON-ready).
 
     Args:
@@ -250,15 +298,14 @@ def verify(model: torch.nn.Module, batch: object, loss_fn: Callable, strategy: o
     blocks = blocks_of(model, batch, loss_fn, blocks)  # NOTE [blocks called several times] in memfit.core.blocks
     n_blocks = len(find_blocks(model, blocks))
     the_plan, units = _plan_and_units(strategy, model, batch, loss_fn, blocks, device, compile)
-    if grad_tol is None:
-        # compiled with decompositions and a partitioner (or inductor's kernels), the plain and the checkpointed
-        # graphs sum in other orders: not bitwise equal
-        grad_tol = 0.0 if device.type == "cpu" and compile in (None, "eager", "aot_eager") else 1e-4
+    grad_tol = _default_tolerance(device, compile) if grad_tol is None else grad_tol
 
     # the baseline gets wrap(none): no block is wrapped, but a Hugging Face KV cache is off in both runs
     # (NOTE [no KV cache] in memfit.core.wrapping)
-    base, ckpt = (run_of(wrap(copy.deepcopy(model), s, blocks=blocks, state_replay=state_replay), compile, device)
-                  for s in ("none", the_plan or units))
+    base, ckpt = (
+        run_of(wrap(copy.deepcopy(model), s, blocks=blocks, state_replay=state_replay), compile, device)
+        for s in ("none", the_plan or units)
+    )
     grad_rel, grads_bitwise = _run_both(base, ckpt, batch, loss_fn, seed, steps)
     share = coverage(model, batch, loss_fn, blocks=blocks)
     if (warning := coverage_warning(share)) is not None:

@@ -7,6 +7,7 @@ false, true (every block), a strategy string (`selective`, `every:2`, ...),
 `budget:60%` / `budget:8GiB` (planned for the first batch), or, for vit-jepa,
 a mapping {encoder: ..., predictor: ...}.
 """
+
 from __future__ import annotations
 
 import copy
@@ -20,12 +21,22 @@ from memfit.core import schedule
 from memfit.errors import MemfitError
 
 TRAINING = {
-    "batch_size": 32, "max_iters": 300, "learning_rate": 1e-3, "weight_decay": 0.0,
-    "gradient_checkpointing": False, "precision": "fp32", "log_interval": 10, "eval_interval": 100,
-    "eval_iters": 10, "device": "auto", "seed": 0, "memory_budget": None, "ema_momentum": 0.996,
+    "batch_size": 32,
+    "max_iters": 300,
+    "learning_rate": 1e-3,
+    "weight_decay": 0.0,
+    "gradient_checkpointing": False,
+    "precision": "fp32",
+    "log_interval": 10,
+    "eval_interval": 100,
+    "eval_iters": 10,
+    "device": "auto",
+    "seed": 0,
+    "memory_budget": None,
+    "ema_momentum": 0.996,
     "distributed": "none",
 }
-FLEXIBLE = {"gradient_checkpointing", "memory_budget"}   # several types allowed
+FLEXIBLE = {"gradient_checkpointing", "memory_budget"}  # several types allowed
 PRECISIONS = ("fp32", "bf16", "fp16")
 DISTRIBUTED = ("none", "ddp", "fsdp")
 
@@ -48,11 +59,13 @@ def read(path: str | None) -> dict:
     try:
         data = yaml.safe_load(Path(path).read_text())
     except OSError as e:
-        raise MemfitError(f"cannot read config {path}: {e.strerror}; give a YAML file such as "
-                          f"configs/gpt-char.yaml.") from None
+        raise MemfitError(
+            f"cannot read config {path}: {e.strerror}; give a YAML file such as configs/gpt-char.yaml."
+        ) from None
     except UnicodeDecodeError:
-        raise MemfitError(f"config {path} is not a text file; give a YAML file such as configs/gpt-char.yaml.") \
-            from None
+        raise MemfitError(
+            f"config {path} is not a text file; give a YAML file such as configs/gpt-char.yaml."
+        ) from None
     except yaml.YAMLError as e:
         raise MemfitError(f"config {path} is not valid YAML ({str(e).splitlines()[0]}); fix the file.") from None
     if not isinstance(data, dict):
@@ -67,8 +80,11 @@ def _coerce(key: str, value, default):
             value = yaml.safe_load(value)
         except yaml.YAMLError:
             pass
-    if default is None or isinstance(value, type(default)) and not (isinstance(value, bool) and
-                                                                     not isinstance(default, bool)):
+    if (
+        default is None
+        or isinstance(value, type(default))
+        and not (isinstance(value, bool) and not isinstance(default, bool))
+    ):
         return value
     if isinstance(default, bool):
         kind = "true or false"
@@ -93,8 +109,11 @@ def resolve(path: str | None, overrides: dict) -> dict:
     ({"training.batch_size": "64", ...}); checked key by key."""
     raw = read(path)
     name = overrides["model.name"] if "model.name" in overrides else (raw.get("model") or {}).get("name") or "gpt"
-    defaults = {"model": {"name": "gpt", **model_keys(name)}, "data": {"path": None},
-                "training": copy.deepcopy(TRAINING)}
+    defaults = {
+        "model": {"name": "gpt", **model_keys(name)},
+        "data": {"path": None},
+        "training": copy.deepcopy(TRAINING),
+    }
     cfg = copy.deepcopy(defaults)
     for section, values in raw.items():
         if values is not None and not isinstance(values, dict):
@@ -114,8 +133,10 @@ def resolve(path: str | None, overrides: dict) -> dict:
         if t[key] < 1:
             raise MemfitError(f"training.{key} must be at least 1, got {t[key]}.")
     if t["distributed"] not in DISTRIBUTED:
-        raise MemfitError(f"training.distributed {t['distributed']!r} is not one of {', '.join(DISTRIBUTED)}; "
-                          f"ddp and fsdp run under torchrun.")
+        raise MemfitError(
+            f"training.distributed {t['distributed']!r} is not one of {', '.join(DISTRIBUTED)}; "
+            f"ddp and fsdp run under torchrun."
+        )
     for key, parse in (("gradient_checkpointing", schedule.parse), ("memory_budget", schedule.Budget.parse)):
         if t[key] is not None:
             try:

@@ -18,6 +18,7 @@ written under a temporary name in `--out` and renamed into place at the end:
 whole files, but a kill between those renames leaves a mix. A `--metrics`
 file outside `--out` is one file of its own, renamed into place.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -59,11 +60,12 @@ def autocast_loss(loss_fn, device, precision):
     def loss(model, batch):
         with torch.autocast(device.type, dtype=DTYPES[precision]):
             return loss_fn(model, batch)
+
     return loss
 
 
 def checkpointing_status(model) -> str:
-    """"ENABLED (blocks: 12 of 12)", "ENABLED (selective: 5, recompute: 1 of 6)" or "DISABLED"."""
+    """ "ENABLED (blocks: 12 of 12)", "ENABLED (selective: 5, recompute: 1 of 6)" or "DISABLED"."""
     wrapped = wrapped_blocks(model)
     if not wrapped:
         return "DISABLED"
@@ -84,9 +86,11 @@ def _memory(device, model, opt, batch, step):
     """Run `step()`; return the memory monitor's metrics (GB) for it."""
     if device.type == "cuda":
         step()
-        return {"memory/allocated": torch.cuda.memory_allocated(device) / GB,
-                "memory/reserved": torch.cuda.memory_reserved(device) / GB,
-                "memory/max_allocated": torch.cuda.max_memory_allocated(device) / GB}
+        return {
+            "memory/allocated": torch.cuda.memory_allocated(device) / GB,
+            "memory/reserved": torch.cuda.memory_reserved(device) / GB,
+            "memory/max_allocated": torch.cuda.max_memory_allocated(device) / GB,
+        }
     with track_memory(model, opt, batch, device=device) as mem:
         step()
     return {"memory/live": mem.end_bytes / GB, "memory/peak": mem.peak_bytes / GB}
@@ -103,23 +107,35 @@ def train(cfg: dict, *, callback=lambda event, data: None, out_dir=None, metrics
     recipe = RECIPES[name]
     device = resolve_device(t["device"])
     if t["precision"] == "fp16" and device.type != "cuda":
-        raise MemfitError("fp16 training needs CUDA (a gradient scaler against underflow); set training.precision "
-                          "to bf16 or fp32 on this device.")
+        raise MemfitError(
+            "fp16 training needs CUDA (a gradient scaler against underflow); set training.precision "
+            "to bf16 or fp32 on this device."
+        )
     ranks = distributed.setup(t["distributed"], device)
     try:
-        summary = _train(cfg, recipe, ranks, callback if ranks.main else lambda event, data: None,
-                         out_dir if ranks.main else None, metrics_path if ranks.main else None)
+        summary = _train(
+            cfg,
+            recipe,
+            ranks,
+            callback if ranks.main else lambda event, data: None,
+            out_dir if ranks.main else None,
+            metrics_path if ranks.main else None,
+        )
         distributed.barrier(ranks)  # no rank leaves while another still writes or communicates
         return summary
     finally:
         distributed.teardown(ranks)
 
 
-def _train(cfg, recipe, ranks, callback, out_dir, metrics_path):
+def _build(cfg, recipe, ranks):
+    """The recipe's model on this rank's device, checkpointed as the config says (a budget is planned once,
+    on rank 0, and sent to every rank); its data, loss and first batch: (model, data, loss_fn, first)."""
     t, device = cfg["training"], ranks.device
     if t["batch_size"] % ranks.world:
-        raise MemfitError(f"training.batch_size {t['batch_size']} (the global batch) must divide evenly between "
-                          f"{ranks.world} processes; use a multiple of {ranks.world}.")
+        raise MemfitError(
+            f"training.batch_size {t['batch_size']} (the global batch) must divide evenly between "
+            f"{ranks.world} processes; use a multiple of {ranks.world}."
+        )
     torch.manual_seed(t["seed"])
     arch = {k: v for k, v in cfg["model"].items() if k != "name"}
     data = recipe.data(arch, cfg["data"], t["seed"])
@@ -133,12 +149,21 @@ def _train(cfg, recipe, ranks, callback, out_dir, metrics_path):
     loss_fn = autocast_loss(recipe.loss_fn, device, t["precision"])
     first = _to(data.batch("train", t["batch_size"]), device)
     if budget:  # planned once, on rank 0, and sent to every rank
+
         def make_plan():
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                return plan(model, distributed.local(first, ranks), loss_fn, budget, cost="flops",
-                            distributed=ranks.spec).to_json()
+                return plan(
+                    model, distributed.local(first, ranks), loss_fn, budget, cost="flops", distributed=ranks.spec
+                ).to_json()
+
         wrap(model, Plan.from_json(distributed.on_main(make_plan, ranks)))
 
+    return model, data, loss_fn, first
+
+
+def _train(cfg, recipe, ranks, callback, out_dir, metrics_path):
+    t = cfg["training"]
+    model, data, loss_fn, first = _build(cfg, recipe, ranks)
     report = distributed.on_main(lambda: _report(cfg, model, data, loss_fn, ranks), ranks)
     callback("start", report)
     model_ = distributed.parallelize(model, ranks)  # after memfit (NOTE [order with FSDP2])
@@ -154,8 +179,12 @@ def _train(cfg, recipe, ranks, callback, out_dir, metrics_path):
     state = distributed.full_state_dict(model_, ranks)
     if not ranks.main:
         return None
-    summary = {"report": report, "final_loss": history[-1]["loss"], "val_loss": val_loss,
-               "peak_gb": max(m.get("memory/peak", m.get("memory/max_allocated", 0)) for m in history)}
+    summary = {
+        "report": report,
+        "final_loss": history[-1]["loss"],
+        "val_loss": val_loss,
+        "peak_gb": max(m.get("memory/peak", m.get("memory/max_allocated", 0)) for m in history),
+    }
     try:
         if out_dir:
             out = Path(out_dir)

@@ -6,6 +6,7 @@ Every data source draws from its own generators, one per split
 probe batches for the startup report: the batches a run trains on do not
 depend on what was probed.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,11 +33,15 @@ class CharData:
                 with open(path, encoding="utf-8") as f:
                     text = f.read()
             except (OSError, UnicodeDecodeError) as e:
-                raise MemfitError(f"cannot read data file {path}: {getattr(e, 'strerror', None) or e}; "
-                                  f"give a UTF-8 text file as data.path.") from None
+                raise MemfitError(
+                    f"cannot read data file {path}: {getattr(e, 'strerror', None) or e}; "
+                    f"give a UTF-8 text file as data.path."
+                ) from None
         if len(text) < 10 * (block_size + 1):
-            raise MemfitError(f"data file {path} has {len(text)} characters; the GPT recipe needs at least "
-                              f"{10 * (block_size + 1)} for sequences of {block_size}.")
+            raise MemfitError(
+                f"data file {path} has {len(text)} characters; the GPT recipe needs at least "
+                f"{10 * (block_size + 1)} for sequences of {block_size}."
+            )
         self.chars = sorted(set(text))
         index = {c: i for i, c in enumerate(self.chars)}
         data = torch.tensor([index[c] for c in text], dtype=torch.long)
@@ -51,8 +56,8 @@ class CharData:
     def batch(self, split, batch_size):
         data = self.splits[split]
         starts = torch.randint(len(data) - self.block_size - 1, (batch_size,), generator=self.generators[split])
-        x = torch.stack([data[i:i + self.block_size] for i in starts.tolist()])
-        y = torch.stack([data[i + 1:i + 1 + self.block_size] for i in starts.tolist()])
+        x = torch.stack([data[i : i + self.block_size] for i in starts.tolist()])
+        y = torch.stack([data[i + 1 : i + 1 + self.block_size] for i in starts.tolist()])
         return x, y
 
 
@@ -90,28 +95,44 @@ def _mlp_data(arch, data_cfg, seed):
         g = torch.Generator().manual_seed(s)
         y = torch.randint(arch["n_out"], (batch_size,), generator=g)
         return centres[y] + torch.randn(batch_size, arch["n_in"], generator=g), y
+
     return Generated(make, seed)
 
 
 @dataclass
 class Recipe:
-    architecture: type | Callable          # a config dataclass, or a model class whose arguments are the keys
-    create: Callable                       # (architecture dict, gradient_checkpointing) -> model
+    architecture: type | Callable  # a config dataclass, or a model class whose arguments are the keys
+    create: Callable  # (architecture dict, gradient_checkpointing) -> model
     loss_fn: Callable
-    data: Callable                         # (architecture dict, data config, seed) -> data with .batch(split, n)
+    data: Callable  # (architecture dict, data config, seed) -> data with .batch(split, n)
     after_step: Callable = field(default=lambda model, training: None)
 
 
 RECIPES = {
-    "gpt": Recipe(gpt.GPTConfig, gpt.create_gpt, gpt.loss_fn,
-                  lambda arch, data, seed: CharData(data["path"], arch["block_size"], seed)),
+    "gpt": Recipe(
+        gpt.GPTConfig,
+        gpt.create_gpt,
+        gpt.loss_fn,
+        lambda arch, data, seed: CharData(data["path"], arch["block_size"], seed),
+    ),
     "mlp": Recipe(mlp.MLP, mlp.create_mlp, mlp.loss_fn, _mlp_data),
-    "resnet-se": Recipe(resnet_se.ResNetSE, resnet_se.create_resnet_se, resnet_se.loss_fn,
-                        lambda arch, data, seed: Generated(lambda n, s: resnet_se.batch("small", n, s), seed)),
-    "vit-jepa": Recipe(vit_jepa.JEPAConfig, vit_jepa.create_jepa, vit_jepa.loss_fn,
-                       lambda arch, data, seed: Generated(
-                           lambda n, s: vit_jepa.batch(vit_jepa.JEPAConfig(**arch), n, s), seed),
-                       lambda model, training: model.update_target(training["ema_momentum"])),
-    "video": Recipe(video.VideoConfig, video.create_video, video.loss_fn,
-                    lambda arch, data, seed: Clips(video.VideoConfig(**arch), seed)),
+    "resnet-se": Recipe(
+        resnet_se.ResNetSE,
+        resnet_se.create_resnet_se,
+        resnet_se.loss_fn,
+        lambda arch, data, seed: Generated(lambda n, s: resnet_se.batch("small", n, s), seed),
+    ),
+    "vit-jepa": Recipe(
+        vit_jepa.JEPAConfig,
+        vit_jepa.create_jepa,
+        vit_jepa.loss_fn,
+        lambda arch, data, seed: Generated(lambda n, s: vit_jepa.batch(vit_jepa.JEPAConfig(**arch), n, s), seed),
+        lambda model, training: model.update_target(training["ema_momentum"]),
+    ),
+    "video": Recipe(
+        video.VideoConfig,
+        video.create_video,
+        video.loss_fn,
+        lambda arch, data, seed: Clips(video.VideoConfig(**arch), seed),
+    ),
 }

@@ -115,7 +115,8 @@ def test_torchrun_fsdp_with_a_budget(tmp_path):
 def test_torchrun_errors_on_rank_0_stop_every_rank(tmp_path, args, message):
     run = torchrun(tmp_path, "--distributed", "fsdp", *args)
     assert run.returncode != 0
-    assert run.stderr.count(message) == 2, run.stderr[-2000:]
+    # the message once or from both ranks: torchrun stops the other rank when the first exits with code 2
+    assert message in run.stderr, run.stderr[-2000:]
     assert not [line for line in run.stderr.splitlines() if 'File "' in line and "memfit" in line]  # torchrun's only
 
 

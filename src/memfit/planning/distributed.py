@@ -19,17 +19,11 @@ and FSDP's forward hooks would hand each block a new tensor where the
 segment expects the previous block's output.
 
 NOTE [per-rank memory]
-The planner and the startup report simulate one process's step on the
-rank's share of the batch (see `memfit.planning.simulation`), and turn its timeline of
-live bytes into one rank's (`rank_timeline`). With DDP every point gains the
-gradient buckets (one more copy of the gradients). With FSDP2 every point
-loses the share of parameters, optimizer state and finished gradients that
-the other ranks hold, and gains the parameters gathered at once: the
-root's, which FSDP keeps gathered through the step, and three units' worth
-(the one running, the one prefetched, and one unit's gradients waiting to
-be reduce-scattered). In the optimizer step all but buffers and batch is
-sharded. The planner solves on these per-rank numbers and checks its plan
-with them, so budgets and peaks are per rank.
+The planner and the startup report simulate one rank's step on the rank's
+share of the batch, with FSDP2 itself on torch's fake process group (NOTE
+[one rank simulated] in memfit.planning.sharding), at the world size of the
+run. The planner solves on these per-rank numbers and checks its plan with
+them, so budgets and peaks are per rank.
 """
 
 from __future__ import annotations
@@ -137,14 +131,17 @@ def parallelize(model: nn.Module, ranks: Ranks) -> nn.Module:
     return model
 
 
-def shard(model: nn.Module, mesh) -> nn.Module:
-    """FSDP2 over `mesh`, after memfit is applied: one group per memfit unit (a segment of
-    blocks is one group, NOTE [order with FSDP2]), then the root."""
-    from torch.distributed.fsdp import fully_shard
+def shard(model: nn.Module, mesh, *, param_dtype=None, reshard_after_forward: bool = True) -> nn.Module:
+    """FSDP2 over `mesh`, after memfit is applied: one group per memfit unit (a segment of blocks is one
+    group, NOTE [order with FSDP2]), then the root. `param_dtype`: mixed precision as torchtitan trains
+    (parameters gathered and computed in it; shards, gradient reduction and optimizer state in fp32)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    options = dict(mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     for group in _groups(model):
-        fully_shard(group if len(group) > 1 else group[0], mesh=mesh)
-    return fully_shard(model, mesh=mesh)
+        fully_shard(group if len(group) > 1 else group[0], **options)
+    return fully_shard(model, **options)
 
 
 def _groups(model: nn.Module) -> list[list[nn.Module]]:
@@ -159,45 +156,6 @@ def _groups(model: nn.Module) -> list[list[nn.Module]]:
         for u in applied["units"]
         for g in ([[b] for b in chain[u.start : u.stop]] if u.mode == KEEP else [chain[u.start : u.stop]])
     ]
-
-
-def _bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def rank_timeline(
-    model: nn.Module, kind: str, world: int, timeline, grads, static_bytes: int, state_bytes: int
-) -> list:
-    """One rank's live bytes through a step, from a single process's simulated
-    step on the rank's share of the batch (see NOTE [per-rank memory]).
-    `grads`: (timeline position, bytes) where each gradient appeared;
-    `static_bytes`: parameters, buffers, optimizer state and batch;
-    `state_bytes`: the optimizer state."""
-    if kind == "ddp":
-        buckets = _bytes(p for p in model.parameters() if p.requires_grad)
-        return [(label, live + buckets) for label, live in timeline]
-    if kind != "fsdp":
-        return list(timeline)
-    share = 1 - 1 / world  # what the other ranks hold
-    sharded = _bytes(model.parameters()) + state_bytes
-    unsharded = static_bytes - sharded  # buffers and the batch
-    groups = _groups(model)
-    in_groups = {id(p) for group in groups for b in group for p in b.parameters()}
-    root = _bytes(p for p in model.parameters() if id(p) not in in_groups)
-    largest = max((_bytes(p for b in group for p in b.parameters()) for group in groups), default=0)
-    gathered = root + 3 * largest
-    step = max(k for k, (label, _) in enumerate(timeline) if label == "backward done")
-    grads = sorted(grads)
-    out, g, done = [], 0, 0
-    for k, (label, live) in enumerate(timeline):
-        while g < len(grads) and grads[g][0] <= k:
-            done += grads[g][1]
-            g += 1
-        if k < step:  # forward and backward: sharded parameters, state and finished gradients, some gathered
-            out.append((label, int(live - share * (sharded + done)) + gathered))
-        else:  # the optimizer step: everything but buffers and batch is sharded
-            out.append((label, int(live - share * (live - unsharded))))
-    return out
 
 
 def broadcast(obj, ranks: Ranks):

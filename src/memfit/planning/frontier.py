@@ -23,7 +23,7 @@ from memfit.core.blocks import find_blocks
 from memfit.core.flops import op_flops
 from memfit.core.strategies import KEEP, RECOMPUTE, Mode
 from memfit.core.wrapping import wrap
-from memfit.planning.simulation import copy_with, each_call, on_cpu, real_step
+from memfit.planning.simulation import copy_with, device_of, each_call, faking, on_cpu, real_step
 
 __all__ = ["Op", "record_ops", "saved_by", "recomputed_ops", "block_cost", "frontier", "frontiers", "alike"]
 
@@ -103,7 +103,7 @@ def record_ops(model, batch, loss_fn, *, blocks=None, real=False, seed=None) -> 
     deterministic and cheap, or on a real step (see NOTE [real steps] in memfit.planning.profiling)."""
     fake = None if real else FakeTensorMode(allow_non_fake_inputs=True)
     mode = real_step(seed) if fake is None else fake
-    fmodel, fbatch = copy_with(model, batch, on_cpu if fake is None else fake.from_tensor)
+    fmodel, fbatch = copy_with(model, batch, on_cpu if fake is None else faking(fake, device_of(model)))
     wrap(fmodel, "none", blocks=blocks)  # as every step memfit runs: no KV cache (NOTE [no KV cache])
     fmodel.train()
     chain = [m for _, m in find_blocks(fmodel, blocks)]

@@ -42,7 +42,8 @@ from memfit.core.strategies import KEEP, OFFLOAD, RECOMPUTE, Mode, Unit
 from memfit.core.wrapping import applied_strategy, wrap
 from memfit.errors import MemfitError
 from memfit.planning.profiling import CoverageWarning, Profile, coverage_warning, profile
-from memfit.planning.simulation import MEASURED, blocks_of, simulate
+from memfit.planning.sharding import Layout
+from memfit.planning.simulation import MEASURED, blocks_of, device_of, simulate
 
 __all__ = ["plan", "solve", "resolve_plan", "apply"]
 
@@ -261,7 +262,19 @@ class _NoPlan(Exception):
 
 
 def plan(
-    model, batch, loss_fn, budget, *, blocks=None, cost="time", optimizer=None, distributed=None, compile=None
+    model,
+    batch,
+    loss_fn,
+    budget,
+    *,
+    blocks=None,
+    cost="time",
+    optimizer=None,
+    distributed=None,
+    world_size: int | None = None,
+    tp: int = 1,
+    parallelize=None,
+    compile=None,
 ) -> Plan:
     """The cheapest plan whose predicted peak fits `budget`: what to do to each block of `model`'s chains.
 
@@ -274,8 +287,14 @@ def plan(
         blocks: the blocks to checkpoint (names, a container's name, or None: found, `memfit.find_chains`).
         cost: 'time' (the device's time model, memfit.planning.timemodel; the default) or 'flops' (deterministic).
         optimizer: the optimizer class whose state counts (default AdamW).
-        distributed: ("ddp" | "fsdp", world size) plans for one rank of that run, `batch` being the rank's
-            share (see `memfit.planning.distributed.rank_timeline`); budgets and peaks are then per rank.
+        distributed: 'ddp' or 'fsdp' (FSDP2) with `world_size`, or a `memfit.planning.sharding.Layout` (mixed
+            precision, resharding): plans for one rank of that run, simulated with FSDP2 itself on torch's fake
+            process group at any world size (NOTE [one rank simulated]), `batch` being the rank's share;
+            budgets and peaks are then per rank. The model may be on the meta device (too big for this machine).
+        world_size: the ranks of the run, data-parallel × tensor-parallel.
+        tp: tensor-parallel degree, with `parallelize(model, tp_mesh)` applying it (as torchtitan's
+            `parallelize_module` plans do) before memfit checkpoints and FSDP2 shards the model.
+        parallelize: see `tp`.
         compile: a torch.compile backend the model will be trained under: the plan is made for the compiled
             step, whose peak is measured (NOTE [planning for the compiled step]); '60%' is then of the compiled
             plain step.
@@ -283,6 +302,9 @@ def plan(
     Plans are cached per model object and everything else they depend on (NOTE [plan cache]), so calling
     this every step plans once. Raises MemfitError, saying the smallest peak reachable, if no plan fits.
     """
+    distributed = Layout.of(
+        distributed, **({"world_size": world_size} if world_size else {}), tp=tp, parallelize=parallelize
+    )
     try:
         return _planned(
             model,
@@ -346,12 +368,13 @@ def _planned(
         if distributed:
             raise MemfitError("planning for a compiled step is for one process; give compile or distributed, not both.")
     budget = Budget.parse(budget)  # a bad budget fails before profiling
-    key = _cache_key(model, batch, budget.text, cost, blocks, optimizer, distributed, compile)
+    distributed = Layout.of(distributed)
+    key = _cache_key(model, batch, budget.text, cost, blocks, optimizer, repr(distributed), compile)
     cached = _CACHE.get(model, {}).get(key)
     if cached is not None and cached[0] is loss_fn:  # NOTE [plan cache]
         return cached[1]
     blocks = blocks_of(model, batch, loss_fn, blocks)  # NOTE [blocks called several times] in memfit.core.blocks
-    sig, device = signature(model, batch, blocks), next(model.parameters()).device
+    sig, device = signature(model, batch, blocks), device_of(model)
     prof = profile(model, batch, loss_fn, blocks=blocks, optimizer=optimizer, cost=cost, distributed=distributed)
     peaks = {
         tuple(strategies.units_of(name, prof.chain_sizes)): peak for name, peak in (prof.uniform_peaks or {}).items()

@@ -55,7 +55,7 @@ from memfit.core.strategies import (
 )
 from memfit.errors import MemfitError
 from memfit.planning.frontier import alike, block_cost, frontiers, recomputed_ops, record_ops, saved_by
-from memfit.planning.simulation import MEASURED, SIMULATED, Simulation, blocks_of, simulate
+from memfit.planning.simulation import MEASURED, SIMULATED, Simulation, blocks_of, device_of, simulate
 from memfit.planning.timemodel import TimeModel, calibrate
 
 __all__ = ["profile", "simulate", "Profile", "Point", "coverage"]
@@ -424,7 +424,7 @@ def profile(
     blocks: object = None,
     optimizer: type | None = None,
     cost: str = "flops",
-    distributed: tuple | None = None,
+    distributed: object = None,
 ) -> Profile:
     """Profile each block of `model`'s chains under each mode (keep, recompute, the presets, offload on CUDA,
     and the points of each block's op-level frontier for the `cost` kind): the planner's input. Memory and
@@ -439,7 +439,7 @@ def profile(
         optimizer: the optimizer class whose state counts (default AdamW).
         cost: 'flops' (matmul FLOPs plus one per element of the other ops recomputed) or 'time' (the time
             model of the model's device, memfit.planning.timemodel).
-        distributed: ("ddp" | "fsdp", world size): profile one rank of that run (see `simulate`).
+        distributed: a `memfit.planning.sharding.Layout`: profile one rank of that run (see `simulate`).
 
     Returns:
         A `Profile`: per block and mode the bytes kept, the backward's rise and the recompute cost.
@@ -447,7 +447,7 @@ def profile(
     blocks = blocks_of(model, batch, loss_fn, blocks)  # NOTE [blocks called several times]
     names = [n for n, _ in find_blocks(model, blocks)]
     n = len(names)
-    device = next(model.parameters()).device
+    device = device_of(model)
     common = dict(blocks=blocks, optimizer=optimizer, distributed=distributed)
     real, seed, why, plain = _source(model, batch, loss_fn, n, marks=True, **common)
     plain, names, fixed = _without_fixed(plain, names)  # NOTE [blocks without a backward]

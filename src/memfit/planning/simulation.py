@@ -29,20 +29,29 @@ from memfit.core.memory import track_memory
 from memfit.core.wrapping import SegmentWarning, wrap
 from memfit.errors import scalar_loss
 
-__all__ = ["simulate", "Simulation", "blocks_of", "count_calls", "each_call", "batch_dims"]
+__all__ = ["simulate", "Simulation", "blocks_of", "count_calls", "each_call", "batch_dims", "device_of", "faking"]
 
 
 def copy_with(model, batch, convert, resize=None):
-    """A copy of `model` and `batch` whose tensors are `convert(tensor)`:
-    fake tensors (no real memory) or real CPU copies. `resize` = (batch
-    size, positions of the batch's tensors whose first dimension is the
-    batch): those get that many rows (for real copies, the batch's rows repeated)."""
+    """A copy of `model` and `batch` whose tensors are `convert(tensor)`: fake tensors (no real memory) or
+    real CPU copies (`copy_model`, `copy_batch`)."""
+    return copy_model(model, convert), copy_batch(batch, convert, resize)
+
+
+def copy_model(model, convert):
+    """A copy of `model` whose parameters and buffers are `convert(tensor)` (ties kept)."""
     memo = {}
     for p in model.parameters():
         memo[id(p)] = torch.nn.Parameter(convert(p.detach()), requires_grad=p.requires_grad)
     for b in model.buffers():
         memo[id(b)] = convert(b)
-    new_model = copy.deepcopy(model, memo)
+    return copy.deepcopy(model, memo)
+
+
+def copy_batch(batch, convert, resize=None):
+    """`batch` with its tensors `convert(tensor)`. `resize` = (batch size, positions of the batch's tensors
+    whose first dimension is the batch): those get that many rows (for real copies, the batch's rows
+    repeated)."""
     leaves, spec = tree_flatten(batch)
     new = [convert(t) if isinstance(t, torch.Tensor) else t for t in leaves]
     if resize:
@@ -54,7 +63,7 @@ def copy_with(model, batch, convert, resize=None):
                     new[i] = torch.empty((size, *t.shape[1:]), dtype=t.dtype, device=t.device)
             else:
                 new[i] = t[torch.arange(size) % t.shape[0]]
-    return new_model, tree_unflatten(new, spec)
+    return tree_unflatten(new, spec)
 
 
 def count_calls(model, batch, loss_fn) -> dict:
@@ -194,14 +203,64 @@ def simulate(
     step, computed on fake tensors, or with `real=True` by a real step on a
     CPU copy (see NOTE [real steps] in memfit.planning.profiling). The model itself is not touched.
     `resize`: see `copy_with` (a batch of any size, without making one).
-    `distributed`: ("ddp" | "fsdp", world size): the step of one rank of that
-    run, `batch` being its share (see `memfit.planning.distributed.rank_timeline`)."""
+    `distributed`: a `memfit.planning.sharding.Layout` (or what `Layout.of` takes): the step of one rank of
+    that run, `batch` being its share (NOTE [one rank simulated] in memfit.planning.sharding)."""
+    from memfit.planning.sharding import Layout, ddp_timeline, fake_world
+
+    layout = Layout.of(distributed)
     fake = None if real else FakeTensorMode(allow_non_fake_inputs=True)
-    mode = real_step(seed) if fake is None else fake
-    fmodel, fbatch = copy_with(model, batch, on_cpu if fake is None else fake.from_tensor, resize)
-    fmodel.train()
-    if strategy is not None:
-        wrap(fmodel, strategy, blocks=blocks)
+    sharded = layout is not None and layout.kind == "fsdp"
+    with fake_world(layout.world_size) if layout is not None and sharded else contextlib.nullcontext():
+        fmodel, fbatch = _rank_copy(model, batch, fake, resize, layout, strategy, blocks)
+        mem, opt, split = _step(fmodel, fbatch, loss_fn, optimizer, fake or real_step(seed), blocks, marks)
+    unused = _state_bytes(opt, [p for p in fmodel.parameters() if p.requires_grad and p.grad is None])
+    timeline = [(label, live - unused) for label, live in mem.timeline]
+    if layout is not None and layout.kind == "ddp":
+        timeline = ddp_timeline(fmodel, timeline)
+    return Simulation(max(v for _, v in timeline), mem.static_bytes - unused, timeline, split)
+
+
+def _rank_copy(model, batch, fake, resize, layout, strategy, blocks) -> tuple:
+    """The copy of `model` and `batch` a simulated step runs (fake tensors, or real CPU tensors without
+    `fake`), `strategy` applied; for FSDP, rank 0's shards (NOTE [one rank simulated])."""
+    device = device_of(model)
+    convert = on_cpu if fake is None else faking(fake, device)
+    if layout is None or layout.kind != "fsdp":
+        fmodel, fbatch = copy_with(model, batch, convert, resize)
+        if strategy is not None:
+            wrap(fmodel, strategy, blocks=blocks)
+        return fmodel.train(), fbatch
+    from memfit.planning.sharding import one_rank
+
+    fbatch = copy_batch(batch, convert, resize)
+    meta = copy_model(model, lambda t: t.to("meta")).train()
+    fmodel = one_rank(meta, layout, strategy, blocks, device if fake else torch.device("cpu"))
+    with fake or contextlib.nullcontext():
+        fmodel.to_empty(device=device if fake else "cpu")
+    return fmodel, fbatch
+
+
+def device_of(model) -> torch.device:
+    """Where the model trains: its parameters' device (a model on the meta device is simulated on the CPU)."""
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    return torch.device("cpu") if device.type == "meta" else device
+
+
+def faking(fake: FakeTensorMode, device: torch.device):
+    """A tensor's fake twin; a meta tensor's is made on `device` (a model too big for this machine)."""
+
+    def convert(t):
+        if t.device.type != "meta":
+            return fake.from_tensor(t)
+        with fake:
+            return torch.empty(t.shape, dtype=t.dtype, device=device)
+
+    return convert
+
+
+def _step(fmodel, fbatch, loss_fn, optimizer, mode, blocks, marks) -> tuple:
+    """One tracked training step of a copy, with the optimizer state made first (as after a first step):
+    (the tracker, the optimizer, whether a segment was recomputed in parts)."""
     opt = (optimizer or torch.optim.AdamW)(fmodel.parameters())
     with mode, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SegmentWarning)
@@ -212,36 +271,16 @@ def simulate(
         opt.zero_grad(set_to_none=True)
         with track_memory(fmodel, opt, fbatch, storage_tracker=True) as mem:
             hooks = _Marks([m for _, m in find_blocks(fmodel, blocks)], mem) if marks else None
-            grads: dict = {}  # parameter -> (timeline position where its gradient appeared, its bytes)
-
-            def arrived(p):
-                grads.setdefault(id(p), (len(mem.timeline), p.grad.numel() * p.grad.element_size()))
-
-            for p in fmodel.parameters() if distributed else ():
-                p.register_post_accumulate_grad_hook(arrived)
             loss = scalar_loss(loss_fn, fmodel, fbatch)
             if hooks:
                 hooks.remove()
             loss.backward()
             mem.mark("backward done")
             opt.step()
-        unused = _state_bytes(opt, [p for p in fmodel.parameters() if p.requires_grad and p.grad is None])
     for w in caught:
         if not issubclass(w.category, SegmentWarning):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    split = any(issubclass(w.category, SegmentWarning) for w in caught)
-    if not distributed:
-        timeline = [(label, live - unused) for label, live in mem.timeline]
-        return Simulation(mem.peak_bytes - unused, mem.static_bytes - unused, timeline, split)
-    from memfit.planning.distributed import rank_timeline
-
-    state = sum(
-        t.numel() * t.element_size() for t in tree_leaves(list(opt.state.values())) if isinstance(t, torch.Tensor)
-    )
-    # the copy, with the strategy simulated applied: its units are the FSDP groups (NOTE [order with FSDP2])
-    kind, world = distributed
-    timeline = rank_timeline(fmodel, kind, world, mem.timeline, list(grads.values()), mem.static_bytes, state)
-    return Simulation(max(v for _, v in timeline), timeline[0][1], timeline, split)
+    return mem, opt, any(issubclass(w.category, SegmentWarning) for w in caught)
 
 
 def _state_bytes(opt, params) -> int:

@@ -88,9 +88,9 @@ def test_torchrun_matches_one_process(tmp_path, one_process, kind, strategy):
         torch.testing.assert_close(got[name], p, rtol=1e-4, atol=1e-5, msg=name)
     summary = json.loads((tmp_path / "summary.json").read_text())
     predicted, measured = summary["report"]["predicted_peak_bytes"], summary["peak_gb"] * 1e9
-    # FSDP2's memory is a hand model here (memfit.planning.distributed.rank_timeline), which over-predicts:
-    # measured peaks were 95.7-97.8% of it on 2 gloo ranks. Every single-process prediction is exact to the byte.
-    assert 0.95 * predicted <= measured <= predicted * 1.01, (predicted, measured)
+    # the fullest rank's peak (rank 0's: FSDP2 pads the last ranks' shards), simulated with FSDP2 itself
+    # (NOTE [one rank simulated]); DDP's rank is the one-process step plus its gradient buckets
+    assert measured == pytest.approx(predicted, rel=1e-12), (predicted, measured)
 
 
 @pytest.mark.slow
@@ -187,9 +187,9 @@ def test_plan_is_made_once_and_fits_every_fsdp_rank(tmp_path):
     torch.multiprocessing.spawn(plan_worker, args=(free_port(), str(out)), nprocs=2)
     r0, r1 = (torch.load(f"{out}.{r}", weights_only=True) for r in (0, 1))
     assert r0["units"] == r1["units"] and any(mode != "keep" for _, _, mode in r0["units"])
-    for r in (r0, r1):  # per rank: the prediction counts FSDP's sharded parameters, gradients and state
-        assert r["predicted"] <= r["budget"]
-        assert 0.95 * r["predicted"] <= r["peak"] <= 1.01 * r["predicted"], r  # see test_torchrun_matches_one_process
+    # per rank, simulated with FSDP2 itself: rank 0 to the byte, rank 1 (its shards padded) at most as high
+    assert r0["predicted"] <= r0["budget"] and r0["peak"] == r0["predicted"], r0
+    assert r1["peak"] <= r1["predicted"] == r0["predicted"], r1
 
 
 def test_a_segment_plans_per_rank_prediction_counts_the_segment_as_one_fsdp_group():

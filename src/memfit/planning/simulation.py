@@ -102,7 +102,12 @@ def blocks_of(model, batch, loss_fn, blocks=None):
 
 
 def on_cpu(t):
-    return t.detach().to("cpu", copy=True)
+    """A real CPU copy of `t`; a view is copied with the whole tensor it views (as a fake tensor keeps it), so
+    that the copy holds the bytes the step holds: a rank's slice of the global batch holds all of it."""
+    if t._base is None:
+        return t.detach().to("cpu", copy=True)
+    base = t._base.detach().to("cpu", copy=True)
+    return base.as_strided(t.shape, t.stride(), t.storage_offset())
 
 
 def batch_dims(small, larger) -> list[int]:

@@ -333,11 +333,10 @@ def _report(cfg, model, data, loss_fn, ranks) -> dict:
     Its probes run on set-aside RNG and data generators, so the report does not change the training."""
     t, device = cfg["training"], ranks.device
     saved = {k: g.get_state() for k, g in data.generators.items()}
-    n = t["batch_size"] // ranks.world
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        predicted = simulate(
-            model, _to(data.batch("train", n), device), loss_fn, None, distributed=ranks.spec
-        ).peak_bytes
+        # the rank's share as the steps take it: a slice, which holds the global batch
+        share = distributed.local(_to(data.batch("train", t["batch_size"]), device), ranks)
+        predicted = simulate(model, share, loss_fn, None, distributed=ranks.spec).peak_bytes
         memory_budget = Budget.parse(t["memory_budget"] or "auto").bytes(predicted, device)
         recommended, _ = largest_batch(
             model, lambda b: _to(data.batch("train", b), device), loss_fn, None, memory_budget, distributed=ranks.spec

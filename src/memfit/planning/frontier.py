@@ -23,7 +23,7 @@ from memfit.core.blocks import find_blocks
 from memfit.core.flops import op_flops
 from memfit.core.strategies import KEEP, RECOMPUTE, Mode
 from memfit.core.wrapping import wrap
-from memfit.planning.simulation import copy_with, device_of, each_call, faking, on_cpu, real_step
+from memfit.planning.simulation import copy_with, device_of, each_call, faking, on_cpu, real_paths, real_step
 
 __all__ = ["Op", "record_ops", "saved_by", "recomputed_ops", "block_cost", "frontier", "frontiers", "alike"]
 
@@ -116,7 +116,7 @@ def record_ops(model, batch, loss_fn, *, blocks=None, real=False, seed=None) -> 
         rec.block = None
 
     handles = each_call(chain, enter, leave)
-    with mode, rec, torch.autograd.graph.saved_tensors_hooks(rec.saved, lambda t: t):
+    with mode, real_paths(fbatch), rec, torch.autograd.graph.saved_tensors_hooks(rec.saved, lambda t: t):
         loss = loss_fn(fmodel, fbatch)
         for h in handles:
             h.remove()

@@ -10,6 +10,18 @@ allocates, so a simulated step's peak equals the real step's peak on CPU, to
 the byte (tested), for a fraction of the compute, on any device, and without
 touching the device's memory. The planner predicts the peak of the plan it
 chose with the same simulation.
+
+NOTE [the real path on fake tensors]
+A library may branch on whether a tensor is fake, as it does for tracing:
+transformers (5.x) does not read data it cannot read under torch.compile or
+on fake tensors, so its check for packed sequences in the position ids
+keeps a mask the real step drops (the tiny Llama's simulated peak was
++4.36% off). While a simulated step runs, `real_paths` answers that check
+as the real step does for position ids the model makes itself from
+`arange` (never packed). Position ids given in the batch keep the answer
+on fake tensors, and where the simulation can be checked against a real
+step (NOTE [real steps] in memfit.planning.profiling), a difference sends
+memfit to real steps, and says so.
 """
 
 from __future__ import annotations
@@ -17,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -29,7 +42,17 @@ from memfit.core.memory import track_memory
 from memfit.core.wrapping import SegmentWarning, wrap
 from memfit.errors import scalar_loss
 
-__all__ = ["simulate", "Simulation", "blocks_of", "count_calls", "each_call", "batch_dims", "device_of", "faking"]
+__all__ = [
+    "simulate",
+    "Simulation",
+    "blocks_of",
+    "count_calls",
+    "each_call",
+    "batch_dims",
+    "device_of",
+    "faking",
+    "real_paths",
+]
 
 
 def copy_with(model, batch, convert, resize=None):
@@ -263,11 +286,35 @@ def faking(fake: FakeTensorMode, device: torch.device):
     return convert
 
 
+@contextlib.contextmanager
+def real_paths(fbatch):
+    """NOTE [the real path on fake tensors]: while a simulated step runs, transformers' check for packed
+    sequences answers as on real tensors for position ids the model makes itself (from `arange`: not
+    packed). Position ids that come from the batch keep transformers' answer on fake tensors."""
+    masking = sys.modules.get("transformers.masking_utils")
+    if masking is None or not hasattr(masking, "find_packed_sequence_indices"):
+        yield
+        return
+    original = masking.find_packed_sequence_indices
+    from_batch = {id(t) for t in tree_leaves(fbatch) if isinstance(t, torch.Tensor)}
+
+    def find_packed_sequence_indices(position_ids):
+        found = original(position_ids)  # its ops run, as in the real step
+        made_here = id(position_ids) not in from_batch and id(position_ids._base) not in from_batch
+        return None if isinstance(position_ids, FakeTensor) and made_here else found
+
+    masking.find_packed_sequence_indices = find_packed_sequence_indices
+    try:
+        yield
+    finally:
+        masking.find_packed_sequence_indices = original
+
+
 def _step(fmodel, fbatch, loss_fn, optimizer, mode, blocks, marks) -> tuple:
     """One tracked training step of a copy, with the optimizer state made first (as after a first step):
     (the tracker, the optimizer, whether a segment was recomputed in parts)."""
     opt = (optimizer or torch.optim.AdamW)(fmodel.parameters())
-    with mode, warnings.catch_warnings(record=True) as caught:
+    with mode, real_paths(fbatch), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SegmentWarning)
         for p in fmodel.parameters():  # create the optimizer state without a warm-up step
             if p.requires_grad:

@@ -158,3 +158,57 @@ def test_checkpointing_under_fsdp_and_tp_gives_the_plain_gradients(measured, nam
         assert got["grads"].keys() == want["grads"].keys()
         for k in want["grads"]:
             assert torch.equal(got["grads"][k], want["grads"][k]), k
+
+
+def test_memfit_plan_for_the_cluster_prints_a_row_per_world_size_and_strategy(tmp_path):
+    """`memfit plan --distributed`: each world size, each strategy and the plan, simulated for one rank; the
+    JSON holds the rows the table shows, and each equals the library's simulation."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "rows.json"
+    args = ["--model", "gpt", "--size", "tiny", "--batch-size", "4", "--budget", "80%", "--cost", "flops"]
+    cluster = ["--distributed", "fsdp", "--world-size", "2,16", "--tp", "2", "--json", str(out)]
+    run = subprocess.run([sys.executable, "-m", "memfit", "plan", *args, *cluster], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["world_size"], r["strategy"]) for r in rows] == [
+        (w, s) for w in (2, 16) for s in ("none", "blocks", "selective", "plan")
+    ]
+    model, batch, loss_fn = gpt.build("tiny", batch_size=4)
+    for r in rows[:3]:
+        lay = Layout("fsdp", r["world_size"], tp=2, parallelize=gpt.parallelize)
+        assert r["predicted_peak_bytes"] == simulate(model, batch, loss_fn, r["strategy"], distributed=lay).peak_bytes
+    assert all(r["fits"] == (r["predicted_peak_bytes"] <= r["budget_bytes"]) for r in rows)
+    assert "FSDP 8 × TP 2" in run.stdout
+
+
+def test_a_config_file_plans_a_model_never_allocated(tmp_path):
+    """`hf:PATH/config.json` builds the model on the meta device; its rank simulates as the same model with
+    weights does, to the byte."""
+    pytest.importorskip("transformers")
+    import json
+
+    from memfit.models import hf, load
+
+    config = {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 128,
+        "max_position_embeddings": 64,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    meta, batch, loss_fn = load(f"hf:{tmp_path / 'config.json'}", batch_size=2, seq_len=32)
+    assert next(meta.parameters()).is_meta
+    with torch.device("cpu"):
+        real = type(meta)(meta.config)
+    lay = Layout("fsdp", 64, tp=2, parallelize=hf.parallelize, param_dtype=torch.bfloat16)
+    for strategy in ("none", "blocks"):
+        want = simulate(real, batch, loss_fn, strategy, distributed=lay).peak_bytes
+        assert simulate(meta, batch, loss_fn, strategy, distributed=lay).peak_bytes == want
+    assert next(meta.parameters()).is_meta  # never materialized

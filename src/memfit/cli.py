@@ -10,7 +10,7 @@ import warnings
 
 import torch
 from rich.console import Console
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 from memfit import models
 from memfit.errors import MemfitError
@@ -21,8 +21,14 @@ def _load(args):
     from memfit.core.measurement import resolve_device
 
     device = resolve_device(args.device)
-    model, batch, loss_fn = models.load(args.model, args.size, args.batch_size, args.seed)
+    model, batch, loss_fn = models.load(
+        args.model, args.size, args.batch_size, args.seed, getattr(args, "seq_len", None)
+    )
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    if getattr(args, "distributed", None) == "fsdp":
+        dtype = torch.float32  # bf16: FSDP2's mixed precision, fp32 shards (NOTE [one rank simulated])
+    if next(model.parameters()).device.type == "meta":  # too big for this machine: it stays unallocated
+        return device, model.to(dtype).train(), batch, loss_fn
     model = model.to(device, dtype).train()
     batch = tree_map(
         lambda t: t.to(device, dtype if t.is_floating_point() else t.dtype) if isinstance(t, torch.Tensor) else t, batch
@@ -101,6 +107,8 @@ def _plan(args, out: Console) -> int:
 
     budget = Budget.parse(args.budget)  # a bad budget fails before any work
     json_path = check_writable(args.json) if args.json else None
+    if args.distributed:
+        return _plan_cluster(args, out, budget, json_path)
     device, model, batch, loss_fn = _load(args)
     p = plan(model, batch, loss_fn, budget, blocks=args.blocks, cost=args.cost, compile=args.compile)
     out.print(str(p), markup=False, highlight=False)
@@ -116,6 +124,61 @@ def _plan(args, out: Console) -> int:
             lambda: write_json(json_path, {**p.to_dict(), "measured_peak_bytes": measured and measured["peak_bytes"]}),
         )
         out.print(f"apply it with memfit.apply(model, memfit.Plan.load(path)) or --strategy plan:{json_path}")
+    return 0
+
+
+def _layouts(args) -> list:
+    """The layouts `--distributed`, `--world-size 8,128`, `--tp K` and `--dtype` ask for."""
+    from memfit.planning.sharding import Layout
+
+    try:
+        worlds = [int(w) for w in (args.world_size or "").split(",") if w.strip()]
+    except ValueError:
+        worlds = []
+    if not worlds:
+        raise MemfitError(f"--world-size {args.world_size!r} must be numbers of ranks separated by commas, like 8,128.")
+    parallelize = None
+    if args.tp > 1:
+        parallelize = _parallelize_of(args)
+    mixed = torch.bfloat16 if args.dtype == "bf16" and args.distributed == "fsdp" else None
+    return [Layout(args.distributed, w, tp=args.tp, parallelize=parallelize, param_dtype=mixed) for w in worlds]
+
+
+def _parallelize_of(args):
+    """The tensor parallelism of `--tp`: `--parallelize package.module:fn`, or the built-in model's own."""
+    import importlib
+
+    if args.parallelize:
+        module, _, name = args.parallelize.partition(":")
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError) as e:
+            raise MemfitError(
+                f"cannot load --parallelize {args.parallelize!r} ({e}); give package.module:fn."
+            ) from None
+    if args.model == "gpt":
+        return models.gpt.parallelize
+    if args.model.startswith("hf:"):
+        from memfit.models import hf
+
+        return hf.parallelize
+    raise MemfitError(f"--tp needs --parallelize package.module:fn for {args.model} (fn(model, tp_mesh) applies it).")
+
+
+def _plan_cluster(args, out: Console, budget, json_path) -> int:
+    """`memfit plan --distributed ...`: one rank's peak at each world size asked, per strategy and planned."""
+    from memfit.tools.cluster import cluster_rows
+    from memfit.tools.report import cluster_table, write_json
+
+    if args.compile:
+        raise MemfitError("planning for a compiled step is for one process; give --compile or --distributed, not both.")
+    layouts = _layouts(args)
+    device, model, batch, loss_fn = _load(args)
+    rows = cluster_rows(model, batch, loss_fn, budget, layouts, blocks=args.blocks, cost=args.cost)
+    size = next(t for t in tree_leaves(batch) if isinstance(t, torch.Tensor)).shape[0]
+    out.print(cluster_table(rows, f"one rank of {args.model}, batch {size} per data-parallel rank"))
+    if json_path:
+        _save(out, json_path, "rows", lambda: write_json(json_path, {"rows": rows}))
     return 0
 
 
@@ -562,7 +625,8 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default=models.DEFAULT,
-        help=f"{', '.join(models.REGISTRY)}, or package.module:factory (default: {models.DEFAULT})",
+        help=f"{', '.join(models.REGISTRY)}, hf:gpt2|llama|bert, hf:PATH/config.json (built on the meta device, "
+        f"never allocated), or package.module:factory (default: {models.DEFAULT})",
     )
     p.add_argument(
         "--size",
@@ -677,6 +741,16 @@ def _plan_command(sub) -> None:
         help="plan for the step compiled with torch.compile (default backend inductor): each plan tried "
         "is compiled and its peak measured; 60%% is then of the compiled plain step",
     )
+    pl.add_argument(
+        "--distributed",
+        choices=["ddp", "fsdp"],
+        help="plan one rank of a DDP or FSDP2 run, simulated in this process at each --world-size (no cluster "
+        "needed); --batch-size is then one data-parallel rank's, and --dtype bf16 means FSDP2's mixed precision",
+    )
+    pl.add_argument("--world-size", metavar="N,N,...", help="the runs' numbers of ranks, like 8,128")
+    pl.add_argument("--tp", type=int, default=1, help="tensor-parallel degree within --world-size (FSDP × TP)")
+    pl.add_argument("--parallelize", metavar="MODULE:FN", help="fn(model, tp_mesh) applying tensor parallelism")
+    pl.add_argument("--seq-len", type=int, help="tokens per sequence for --model hf:PATH/config.json")
     pl.add_argument("--json", metavar="PATH", help="write the plan as JSON")
     pl.set_defaults(run=_plan)
 

@@ -23,10 +23,15 @@ REGISTRY = {"gpt": gpt, "mlp": mlp, "resnet-se": resnet_se, "vit-jepa": vit_jepa
 DEFAULT = "gpt"
 
 
-def load(name: str, size: str | None = None, batch_size: int | None = None, seed: int = 0):
-    """(model, batch, loss_fn) for a built-in name or `package.module:factory`."""
+def load(name: str, size: str | None = None, batch_size: int | None = None, seed: int = 0, seq_len: int | None = None):
+    """(model, batch, loss_fn) for a built-in name, `hf:PATH/config.json` (on the meta device, `seq_len` tokens)
+    or `package.module:factory`."""
     if batch_size is not None and batch_size < 1:
         raise MemfitError(f"batch size must be a positive integer, got {batch_size}.")
+    if name.startswith("hf:") and name.endswith(".json"):
+        from memfit.models import hf
+
+        return hf.from_config(name[3:], batch_size or 1, seq_len, seed)
     options = {"size": size, "batch_size": batch_size, "seed": seed}
     if name in REGISTRY:
         module = REGISTRY[name]

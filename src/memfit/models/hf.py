@@ -1,6 +1,8 @@
 """Hugging Face transformers models from small configs with random weights
-(no downloads): `--model hf:gpt2`, `hf:llama`, `hf:bert`. Needs the `hf`
-extra (`pip install memfit[hf]`).
+(no downloads): `--model hf:gpt2`, `hf:llama`, `hf:bert`; or any causal LM
+from its `config.json` (`hf:PATH/config.json`), built on the meta device:
+no weights, nothing downloaded, nothing allocated, for planning a model
+too big for this machine. Needs the `hf` extra (`pip install memfit[hf]`).
 
 Batches are random token ids; the loss is the model's own (causal LM for
 gpt2 and llama, masked LM for bert, with every token as its own label).
@@ -73,3 +75,52 @@ def build(kind: str, size: str = "tiny", batch_size: int = 4, seed: int = 0):
     model, seq, vocab = create(kind, size)
     g = torch.Generator().manual_seed(seed + 1)
     return model, torch.randint(vocab, (batch_size, seq), generator=g), loss_fn
+
+
+def _transformers():
+    try:
+        import transformers as tf
+    except ImportError:
+        raise MemfitError(
+            'hf: models need transformers; install memfit with `pip install torch==2.13.0 -e ".[hf]"`.'
+        ) from None
+    tf.logging.set_verbosity_error()
+    return tf
+
+
+def from_config(path: str, batch_size: int = 1, seq_len: int | None = None, seed: int = 0):
+    """A causal LM from a transformers `config.json` (or a directory holding one), on the meta device (NOTE
+    [one rank simulated] in memfit.planning.sharding), with a real batch of `batch_size` random sequences of
+    `seq_len` tokens (default: the config's context, at most 2048)."""
+    import os
+
+    tf = _transformers()
+    if not os.path.exists(path):
+        raise MemfitError(f"no file {path!r}; give hf:PATH/config.json, a transformers config file.")
+    try:
+        cfg = tf.AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise MemfitError(f"cannot read {path} as a transformers config ({e}); give a model's config.json.") from None
+    seq = seq_len or min(getattr(cfg, "max_position_embeddings", 2048), 2048)
+    with torch.device("meta"):
+        model = tf.AutoModelForCausalLM.from_config(cfg)
+    g = torch.Generator().manual_seed(seed + 1)
+    return model, torch.randint(cfg.vocab_size, (batch_size, seq), generator=g), loss_fn
+
+
+def parallelize(model, mesh):
+    """Tensor parallelism over the 1-D `mesh` for Llama-style decoders (Llama, Mistral, Qwen2), as torchtitan
+    writes it for Llama: in each layer, the query, key, value, gate and up projections split by columns, the
+    output and down projections by rows; embeddings, norms and the head replicated."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    plan = {
+        **{f"self_attn.{p}_proj": ColwiseParallel() for p in "qkv"},
+        "self_attn.o_proj": RowwiseParallel(),
+        "mlp.gate_proj": ColwiseParallel(),
+        "mlp.up_proj": ColwiseParallel(),
+        "mlp.down_proj": RowwiseParallel(),
+    }
+    for layer in model.model.layers:
+        parallelize_module(layer, mesh, plan)
+    return model

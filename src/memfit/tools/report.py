@@ -263,6 +263,24 @@ def plot_frontier(rows, path, title="") -> None:
     plt.close(fig)
 
 
+def cluster_table(rows: list[dict], title: str) -> Table:
+    """`memfit plan --distributed`: one rank's predicted peak per layout and strategy, against the budget."""
+    t = Table(title=title)
+    for col in ("layout", "strategy", "static (shards, state, batch)", "peak per rank", "budget", "fits"):
+        t.add_column(col, justify="left" if col in ("layout", "strategy") else "right")
+    for r in rows:
+        peak = r["predicted_peak_bytes"]
+        t.add_row(
+            r["layout"],
+            r["strategy"] + (f" (+{r['predicted_recompute_flops']:.1%} FLOPs)" if "plan" in r else ""),
+            fmt_bytes(r["static_bytes"]),
+            "no plan fits" if peak is None else fmt_bytes(peak),
+            fmt_bytes(r["budget_bytes"]),
+            "yes" if r["fits"] else "no",
+        )
+    return t
+
+
 def fit_table(rows: list[dict], title: str) -> Table:
     """`memfit fit`: the largest batch that fits, per strategy."""
     t = Table(title=title)

@@ -212,3 +212,24 @@ def test_a_config_file_plans_a_model_never_allocated(tmp_path):
         want = simulate(real, batch, loss_fn, strategy, distributed=lay).peak_bytes
         assert simulate(meta, batch, loss_fn, strategy, distributed=lay).peak_bytes == want
     assert next(meta.parameters()).is_meta  # never materialized
+
+
+def test_a_meta_model_whose_step_reads_its_data_is_refused_in_one_sentence():
+    """A step that reads its data (here a data-dependent branch) cannot run on fake tensors, and a model on the
+    meta device has no real step to stand in: memfit refuses rather than guess."""
+    from torch import nn
+
+    class Reads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = b(x) if x.sum() > 0 else b(x).relu()
+            return x
+
+    with torch.device("meta"):
+        model = Reads()
+    with pytest.raises(MemfitError, match="meta device, so no real step"):
+        memfit.plan(model, torch.randn(4, 8), lambda m, b: m(b).sum(), "50%", distributed="fsdp", world_size=8)

@@ -305,6 +305,8 @@ def _source(model, batch, loss_fn, n, **kw) -> tuple:
         raise
     except Exception as e:
         why = f"the simulation cannot run this model's step ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+        if next(model.parameters()).is_meta:  # NOTE [the real path on fake tensors]: no real step to stand in
+            raise MemfitError(f"{why}, and the model is on the meta device, so no real step can stand in.") from None
     else:
         if next(model.parameters()).device.type != "cpu" or fake.peak_bytes > available_cpu_bytes() / 2:
             return False, None, None, fake  # a real step would not fit beside the model: trust the simulation

@@ -4,7 +4,7 @@
 
 Llama-3.1-8B-shaped (benchmarks/configs/llama-3.1-8b.json) at sequence 8192, local batch 2, FSDP2 on 8 and
 128 ranks, and Llama-3.1-70B-shaped on FSDP 32 × TP 8 (torchtitan's tensor-parallel plan for Llama,
-`memfit.models.hf.parallelize`), both with bf16 mixed precision as torchtitan trains and AdamW, budget 80 GiB
+`memfit.models.hf.tensor_parallel`), both with bf16 mixed precision as torchtitan trains and AdamW, budget 80 GiB
 per rank: one rank's peak with no checkpointing, `blocks`, `selective` and a FLOP-cost plan, each simulated by
 FSDP2 and DTensor themselves on torch's fake process group (NOTE [one rank simulated]). The models are built
 on the meta device from their configs: no weights, nothing allocated. Each case's wall time and this
@@ -33,7 +33,7 @@ CASES = {
     "8b": ("llama-3.1-8b.json", [Layout("fsdp", w, param_dtype=torch.bfloat16) for w in (8, 128)]),
     "70b": (
         "llama-3.1-70b.json",
-        [Layout("fsdp", 256, tp=8, parallelize=hf.parallelize, param_dtype=torch.bfloat16)],
+        [Layout("fsdp", 256, tp=8, parallelize=hf.tensor_parallel, param_dtype=torch.bfloat16)],
     ),
 }
 

@@ -107,3 +107,20 @@ def test_fit_with_a_plan_finds_a_batch_at_least_as_large_as_without_checkpointin
     assert measure(model, make(size), loss_fn, p, timed_steps=0)["peak_bytes"] == p.predicted_peak_bytes == peak
     with pytest.raises(memfit.MemfitError, match="below the smallest peak"):
         memfit.plan(model, make(size + 1), loss_fn, budget, cost="flops")
+
+
+def test_the_plan_row_checks_the_simulation_against_a_real_step_once(monkeypatch):
+    """The `plan` row plans at each batch size it tries; the simulated step is checked against a real step at
+    the first batch only, and trusted at the larger ones (a real step at a batch of thousands costs minutes)."""
+    from memfit.planning import profiling
+
+    source, seen = profiling._source, []
+
+    def spy(model, batch, loss_fn, n, checked=False, **kw):
+        seen.append(checked)
+        return source(model, batch, loss_fn, n, checked, **kw)
+
+    monkeypatch.setattr(profiling, "_source", spy)
+    model, _, loss_fn = models.load("mlp", "tiny")
+    size, _ = largest_batch(model, lambda b: models.mlp.batch("tiny", b), loss_fn, "plan", 2**20)
+    assert size > 1 and len(seen) > 2 and seen[0] is False and all(seen[1:]), seen

@@ -28,9 +28,9 @@ def test_the_private_torch_api_it_rests_on_is_there():
     [
         (dict(kind="zero3", world_size=8), "unknown distributed kind"),
         (dict(kind="fsdp", world_size=0), "at least 1"),
-        (dict(kind="fsdp", world_size=8, tp=3, parallelize=gpt.parallelize), "must divide"),
+        (dict(kind="fsdp", world_size=8, tp=3, parallelize=gpt.tensor_parallel), "must divide"),
         (dict(kind="fsdp", world_size=8, tp=2), "parallelize=fn"),
-        (dict(kind="ddp", world_size=8, tp=2, parallelize=gpt.parallelize), "distributed='fsdp'"),
+        (dict(kind="ddp", world_size=8, tp=2, parallelize=gpt.tensor_parallel), "distributed='fsdp'"),
     ],
 )
 def test_a_layout_that_cannot_be_says_what_would_work(kwargs, message):
@@ -62,7 +62,7 @@ def layout(world, tp, bf16):
         "fsdp",
         world,
         tp=tp,
-        parallelize=gpt.parallelize if tp > 1 else None,
+        parallelize=gpt.tensor_parallel if tp > 1 else None,
         param_dtype=torch.bfloat16 if bf16 else None,
     )
 
@@ -86,12 +86,12 @@ def rank_worker(rank, port, world, cases, out):
             model = gpt_no_dropout()
             mesh = init_device_mesh("cpu", (lay.dp, tp), mesh_dim_names=("dp", "tp"))
             if tp > 1:
-                gpt.parallelize(model, mesh["tp"])
+                gpt.tensor_parallel(model, mesh["tp"])
             memfit.apply(model, strategy)
             distributed.shard(model, mesh["dp"], param_dtype=lay.param_dtype)
             opt = torch.optim.AdamW(model.parameters())
             peaks, grads = [], None
-            for batch in batches(rank // tp, lay.dp):
+            for batch in batches(rank // tp, lay.dp) * 2:  # five steady-state steps after the first
                 with track_memory(model, opt, batch) as mem:
                     opt.zero_grad(set_to_none=True)
                     gpt.loss_fn(model, batch).backward()
@@ -99,7 +99,7 @@ def rank_worker(rank, port, world, cases, out):
                 peaks.append(mem.peak_bytes)
                 if grads is None:  # gathered after the measured step, which keeps its gradients until the next
                     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
-            results[name] = {"peak": max(peaks), "grads": grads}
+            results[name] = {"peaks": peaks[1:], "grads": grads}  # the first step makes the optimizer state
         torch.save(results, f"{out}.{rank}")
         dist.barrier()
     finally:
@@ -137,14 +137,20 @@ def measured(tmp_path_factory):
 
 @pytest.mark.parametrize("name", [c[0] for c in CASES])
 def test_the_simulated_rank_peaks_as_the_real_ranks_do(measured, name):
-    """Rank 0's simulated peak equals rank 0's measured peak to the byte. The other ranks peak at most as
-    high: FSDP2 pads a parameter that does not divide evenly into the world's shards at the end, so the last
-    ranks hold fewer real elements (512 bytes less here for FSDP 2 × TP 2)."""
+    """Rank 0's simulated peak is rank 0's measured peak to the byte. The other ranks peak at most as high:
+    FSDP2 pads a parameter that does not divide evenly into the world's shards at the end, so the last ranks
+    hold fewer real elements (512 bytes less here for FSDP 2 × TP 2). A real step may peak higher than its
+    steady state by a collective's buffer: gloo's thread holds the tensors of a finished collective until it
+    lets go, which the simulation (no thread) does at once; on a loaded machine one step in the first suite
+    run peaked 3 KiB higher. So the steady state, the least of five steps, is compared, and any excess is
+    bounded by the largest gradient reduce-scattered (one block's)."""
     results, plans = measured
     (name, world, tp, bf16, strategy), ranks = results[name]
     want = predicted(name, world, tp, bf16, strategy)
-    assert ranks[0]["peak"] == want
-    assert all(r["peak"] <= want for r in ranks)
+    assert min(ranks[0]["peaks"]) == want
+    assert all(min(r["peaks"]) <= want for r in ranks)
+    largest = max(p.numel() * 4 for p in gpt_no_dropout().transformer.h[0].parameters())
+    assert max(max(r["peaks"]) for r in ranks) - want <= largest
     if name in plans:
         assert plans[name].predicted_peak_bytes == want <= plans[name].budget_bytes
 
@@ -164,13 +170,17 @@ def test_memfit_plan_for_the_cluster_prints_a_row_per_world_size_and_strategy(tm
     """`memfit plan --distributed`: each world size, each strategy and the plan, simulated for one rank; the
     JSON holds the rows the table shows, and each equals the library's simulation."""
     import json
+    import os
     import subprocess
     import sys
 
     out = tmp_path / "rows.json"
     args = ["--model", "gpt", "--size", "tiny", "--batch-size", "4", "--budget", "80%", "--cost", "flops"]
     cluster = ["--distributed", "fsdp", "--world-size", "2,16", "--tp", "2", "--json", str(out)]
-    run = subprocess.run([sys.executable, "-m", "memfit", "plan", *args, *cluster], capture_output=True, text=True)
+    env = {**os.environ, "COLUMNS": "200"}  # the table on one line per row
+    run = subprocess.run(
+        [sys.executable, "-m", "memfit", "plan", *args, *cluster], capture_output=True, text=True, env=env
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert [(r["world_size"], r["strategy"]) for r in rows] == [
@@ -178,9 +188,12 @@ def test_memfit_plan_for_the_cluster_prints_a_row_per_world_size_and_strategy(tm
     ]
     model, batch, loss_fn = gpt.build("tiny", batch_size=4)
     for r in rows[:3]:
-        lay = Layout("fsdp", r["world_size"], tp=2, parallelize=gpt.parallelize)
+        lay = Layout("fsdp", r["world_size"], tp=2, parallelize=gpt.tensor_parallel)
         assert r["predicted_peak_bytes"] == simulate(model, batch, loss_fn, r["strategy"], distributed=lay).peak_bytes
     assert all(r["fits"] == (r["predicted_peak_bytes"] <= r["budget_bytes"]) for r in rows)
+    for r in rows:  # the rank's parts: fp32 shards and their gradients, AdamW's two moments (and steps)
+        assert r["gradients_bytes"] == r["parameters_bytes"] and r["optimizer_state_bytes"] >= 2 * r["parameters_bytes"]
+    assert rows[4]["parameters_bytes"] < rows[0]["parameters_bytes"] / 4  # 8 data-parallel ranks, not 1
     assert "FSDP 8 × TP 2" in run.stdout
 
 
@@ -207,7 +220,7 @@ def test_a_config_file_plans_a_model_never_allocated(tmp_path):
     assert next(meta.parameters()).is_meta
     with torch.device("cpu"):
         real = type(meta)(meta.config)
-    lay = Layout("fsdp", 64, tp=2, parallelize=hf.parallelize, param_dtype=torch.bfloat16)
+    lay = Layout("fsdp", 64, tp=2, parallelize=hf.tensor_parallel, param_dtype=torch.bfloat16)
     for strategy in ("none", "blocks"):
         want = simulate(real, batch, loss_fn, strategy, distributed=lay).peak_bytes
         assert simulate(meta, batch, loss_fn, strategy, distributed=lay).peak_bytes == want

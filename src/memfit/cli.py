@@ -157,11 +157,11 @@ def _parallelize_of(args):
                 f"cannot load --parallelize {args.parallelize!r} ({e}); give package.module:fn."
             ) from None
     if args.model == "gpt":
-        return models.gpt.parallelize
+        return models.gpt.tensor_parallel
     if args.model.startswith("hf:"):
         from memfit.models import hf
 
-        return hf.parallelize
+        return hf.tensor_parallel
     raise MemfitError(f"--tp needs --parallelize package.module:fn for {args.model} (fn(model, tp_mesh) applies it).")
 
 

@@ -142,7 +142,7 @@ def build(size="small", batch_size=8, seed=0, gradient_checkpointing=False):
     return create_gpt(SIZES[size], gradient_checkpointing), batch(size, batch_size, seed + 1), loss_fn
 
 
-def parallelize(model: GPT, mesh) -> GPT:
+def tensor_parallel(model: GPT, mesh) -> GPT:
     """Tensor parallelism over the 1-D `mesh`, Megatron style in each block's MLP: the first linear split by
     columns, the second by rows (its output all-reduced). The attention stays replicated (its fused
     query-key-value projection is split by `split(C)`, which a column shard would break)."""

@@ -102,13 +102,13 @@ def from_config(path: str, batch_size: int = 1, seq_len: int | None = None, seed
     except (OSError, ValueError, KeyError) as e:
         raise MemfitError(f"cannot read {path} as a transformers config ({e}); give a model's config.json.") from None
     seq = seq_len or min(getattr(cfg, "max_position_embeddings", 2048), 2048)
-    with torch.device("meta"):
-        model = tf.AutoModelForCausalLM.from_config(cfg)
+    with torch.device("meta"):  # fp32 whatever the config's torch_dtype: the dtype is the caller's choice
+        model = tf.AutoModelForCausalLM.from_config(cfg).float()
     g = torch.Generator().manual_seed(seed + 1)
     return model, torch.randint(cfg.vocab_size, (batch_size, seq), generator=g), loss_fn
 
 
-def parallelize(model, mesh):
+def tensor_parallel(model, mesh):
     """Tensor parallelism over the 1-D `mesh` for Llama-style decoders (Llama, Mistral, Qwen2), as torchtitan
     writes it for Llama: in each layer, the query, key, value, gate and up projections split by columns, the
     output and down projections by rows; embeddings, norms and the head replicated."""

@@ -19,7 +19,8 @@ from memfit.core.measurement import measure
 from memfit.core.memory import fmt_bytes
 from memfit.errors import MemfitError
 from memfit.planning.planner import plan, plan_or_none
-from memfit.planning.simulation import batch_dims, simulate
+from memfit.planning.profiling import FASTER
+from memfit.planning.simulation import SIMULATED, batch_dims, simulate
 
 STRATEGIES = ("none", "blocks", "sqrt", "selective", "plan")
 LIMIT = 1 << 20
@@ -36,10 +37,12 @@ def largest_batch(
     cache = {}
     template = make_batch(1)
     dims = batch_dims(template, make_batch(2))
+    checked = False  # the simulated step was found to be the real one, at the first batch planned
 
     def peak(b):
+        nonlocal checked
         if b not in cache:
-            if strategy == "plan":  # plans are made on real batches
+            if strategy == "plan":  # plans are made on real batches; their real step is checked once
                 p = plan_or_none(
                     model,
                     make_batch(b),
@@ -49,7 +52,10 @@ def largest_batch(
                     cost="flops",
                     optimizer=optimizer,
                     distributed=distributed,
+                    checked=checked,
                 )
+                memory = p.sources["memory"] if p is not None else ""
+                checked = checked or memory.startswith(SIMULATED) or FASTER in memory  # equal to the real step
                 cache[b] = p.predicted_peak_bytes if p is not None else float("inf")
             else:  # other strategies on a batch of b fake rows: no data is made
                 cache[b] = simulate(

@@ -355,10 +355,8 @@ def plan_or_none(model, batch, loss_fn, budget, **options) -> Plan | None:
         return None
 
 
-def _planned(
-    model, batch, loss_fn, budget, *, blocks=None, cost="time", optimizer=None, distributed=None, compile=None
-) -> Plan:
-    """`plan`; raises _NoPlan where no plan fits."""
+def _check(cost, compile, distributed) -> None:
+    """The options `plan` cannot take, in one sentence each, before any work."""
     if cost not in ("time", "flops"):
         raise MemfitError(f"unknown cost {cost!r}; use time (the device's time model) or flops (deterministic).")
     if compile:
@@ -367,15 +365,11 @@ def _planned(
         check_backend(compile)
         if distributed:
             raise MemfitError("planning for a compiled step is for one process; give compile or distributed, not both.")
-    budget = Budget.parse(budget)  # a bad budget fails before profiling
-    distributed = Layout.of(distributed)
-    key = _cache_key(model, batch, budget.text, cost, blocks, optimizer, repr(distributed), compile)
-    cached = _CACHE.get(model, {}).get(key)
-    if cached is not None and cached[0] is loss_fn:  # NOTE [plan cache]
-        return cached[1]
-    blocks = blocks_of(model, batch, loss_fn, blocks)  # NOTE [blocks called several times] in memfit.core.blocks
-    sig, device = signature(model, batch, blocks), device_of(model)
-    prof = profile(model, batch, loss_fn, blocks=blocks, optimizer=optimizer, cost=cost, distributed=distributed)
+
+
+def _peaks(prof: Profile, model, batch, loss_fn, optimizer, distributed):
+    """`peak_of(units)`: the simulated peak of the step with `units` applied, each simulated once (the uniform
+    strategies' peaks come from the profile)."""
     peaks = {
         tuple(strategies.units_of(name, prof.chain_sizes)): peak for name, peak in (prof.uniform_peaks or {}).items()
     }
@@ -395,6 +389,37 @@ def _planned(
                 seed=prof.seed,
             ).peak_bytes
         return peaks[key]
+
+    return peak_of
+
+
+def _planned(
+    model,
+    batch,
+    loss_fn,
+    budget,
+    *,
+    blocks=None,
+    cost="time",
+    optimizer=None,
+    distributed=None,
+    compile=None,
+    checked=False,
+) -> Plan:
+    """`plan`; raises _NoPlan where no plan fits. `checked`: see `profile`."""
+    _check(cost, compile, distributed)
+    budget = Budget.parse(budget)  # a bad budget fails before profiling
+    distributed = Layout.of(distributed)
+    key = _cache_key(model, batch, budget.text, cost, blocks, optimizer, repr(distributed), compile)
+    cached = _CACHE.get(model, {}).get(key)
+    if cached is not None and cached[0] is loss_fn:  # NOTE [plan cache]
+        return cached[1]
+    blocks = blocks_of(model, batch, loss_fn, blocks)  # NOTE [blocks called several times] in memfit.core.blocks
+    sig, device = signature(model, batch, blocks), device_of(model)
+    prof = profile(
+        model, batch, loss_fn, blocks=blocks, optimizer=optimizer, cost=cost, distributed=distributed, checked=checked
+    )
+    peak_of = _peaks(prof, model, batch, loss_fn, optimizer, distributed)
 
     sources, baseline = _sources(prof, cost), prof.baseline_peak_bytes
     if compile:

@@ -58,7 +58,10 @@ from memfit.planning.frontier import alike, block_cost, frontiers, recomputed_op
 from memfit.planning.simulation import MEASURED, SIMULATED, Simulation, blocks_of, device_of, simulate
 from memfit.planning.timemodel import TimeModel, calibrate
 
-__all__ = ["profile", "simulate", "Profile", "Point", "coverage"]
+__all__ = ["profile", "simulate", "Profile", "Point", "coverage", "FASTER"]
+
+# why a profile ran real steps although its simulated step was found equal to the real one
+FASTER = "a real step of this model takes"
 
 STRATEGY_OF = {
     KEEP: "none",
@@ -295,8 +298,9 @@ def _all_ran(sim: Simulation, n: int) -> bool:
     return all(f"f<{i}" in labels for i in range(n))
 
 
-def _source(model, batch, loss_fn, n, **kw) -> tuple:
-    """How to profile: (real, seed, why, the plain step's simulation). See NOTE [real steps]."""
+def _source(model, batch, loss_fn, n, checked=False, **kw) -> tuple:
+    """How to profile: (real, seed, why, the plain step's simulation). See NOTE [real steps]. `checked`: the
+    simulation of this model was found equal to its real step at a smaller batch; no real step again."""
     try:
         t0 = time.perf_counter()
         fake = simulate(model, batch, loss_fn, "none", **kw)
@@ -308,7 +312,7 @@ def _source(model, batch, loss_fn, n, **kw) -> tuple:
         if next(model.parameters()).is_meta:  # NOTE [the real path on fake tensors]: no real step to stand in
             raise MemfitError(f"{why}, and the model is on the meta device, so no real step can stand in.") from None
     else:
-        if next(model.parameters()).device.type != "cpu" or fake.peak_bytes > available_cpu_bytes() / 2:
+        if checked or next(model.parameters()).device.type != "cpu" or fake.peak_bytes > available_cpu_bytes() / 2:
             return False, None, None, fake  # a real step would not fit beside the model: trust the simulation
         t0 = time.perf_counter()
         real = simulate(model, batch, loss_fn, "none", real=True, seed=0, **kw)
@@ -321,7 +325,7 @@ def _source(model, batch, loss_fn, n, **kw) -> tuple:
             if _all_ran(real, n):
                 return True, 0, why, real
         elif real_s < fake_s and _all_ran(real, n):
-            return True, 0, f"a real step of this model takes {real_s:.2f} s, simulating it {fake_s:.2f} s", real
+            return True, 0, f"{FASTER} {real_s:.2f} s, simulating it {fake_s:.2f} s", real
         else:
             return False, None, None, fake
     for seed in range(16):
@@ -427,6 +431,7 @@ def profile(
     optimizer: type | None = None,
     cost: str = "flops",
     distributed: object = None,
+    checked: bool = False,
 ) -> Profile:
     """Profile each block of `model`'s chains under each mode (keep, recompute, the presets, offload on CUDA,
     and the points of each block's op-level frontier for the `cost` kind): the planner's input. Memory and
@@ -442,6 +447,8 @@ def profile(
         cost: 'flops' (matmul FLOPs plus one per element of the other ops recomputed) or 'time' (the time
             model of the model's device, memfit.planning.timemodel).
         distributed: a `memfit.planning.sharding.Layout`: profile one rank of that run (see `simulate`).
+        checked: the caller found this model's simulated step equal to its real step at a smaller batch (as
+            `memfit fit` does once): the simulation is trusted without another real step.
 
     Returns:
         A `Profile`: per block and mode the bytes kept, the backward's rise and the recompute cost.
@@ -451,11 +458,10 @@ def profile(
     n = len(names)
     device = device_of(model)
     common = dict(blocks=blocks, optimizer=optimizer, distributed=distributed)
-    real, seed, why, plain = _source(model, batch, loss_fn, n, marks=True, **common)
+    real, seed, why, plain = _source(model, batch, loss_fn, n, checked, marks=True, **common)
     plain, names, fixed = _without_fixed(plain, names)  # NOTE [blocks without a backward]
     if fixed:
-        n, blocks = len(names), names
-        common["blocks"] = names
+        n, blocks, common["blocks"] = len(names), names, names
     chains = [len(c) for c in find_chains(model, blocks)]
     model_t = calibrate(device) if cost == "time" else None
     rec = record_ops(model, batch, loss_fn, blocks=blocks, real=real, seed=seed)

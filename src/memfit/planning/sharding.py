@@ -47,7 +47,7 @@ from memfit.errors import MemfitError
 __all__ = ["Layout", "fake_world", "one_rank", "ddp_timeline"]
 
 _REGISTRY = ("_pg_map", "_pg_names", "_pg_group_ranks", "_pg_backend_config", "_tags_to_pg", "_pg_to_tag")
-KINDS = ("ddp", "fsdp")
+DATA_PARALLEL = ("ddp", "fsdp")
 
 
 def private_api():
@@ -92,7 +92,7 @@ class Layout:
     reshard_after_forward: bool = True
 
     def __post_init__(self):
-        if self.kind not in KINDS:
+        if self.kind not in DATA_PARALLEL:
             raise MemfitError(f"unknown distributed kind {self.kind!r}; use ddp or fsdp.")
         if not (isinstance(self.world_size, int) and self.world_size >= 1):
             raise MemfitError(f"world size {self.world_size!r} must be a whole number of ranks, at least 1.")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import itertools
 import sys
 import warnings
@@ -201,6 +202,9 @@ class Simulation:
     static_bytes: int
     timeline: list  # (label, live bytes)
     split: bool = False  # a segment was recomputed in parts (its blocks cannot form segments)
+    # what the rank holds, in bytes: parameters (its shards), gradients (after backward), optimizer state, and
+    # the activations kept for backward (live at the end of the forward beyond the static bytes)
+    parts: dict = dataclasses.field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -245,7 +249,23 @@ def simulate(
     timeline = [(label, live - unused) for label, live in mem.timeline]
     if layout is not None and layout.kind == "ddp":
         timeline = ddp_timeline(fmodel, timeline)
-    return Simulation(max(v for _, v in timeline), mem.static_bytes - unused, timeline, split)
+    parts = {
+        "parameters": _storage_bytes(fmodel.parameters()),
+        "gradients": _storage_bytes(p.grad for p in fmodel.parameters() if p.grad is not None),
+        "optimizer_state": _storage_bytes(tree_leaves(list(opt.state.values()))) - unused,
+        "activations": mem.activation_bytes,
+    }
+    return Simulation(max(v for _, v in timeline), mem.static_bytes - unused, timeline, split, parts)
+
+
+def _storage_bytes(tensors) -> int:
+    """Bytes of the storages `tensors` use, each once; of a DTensor, the local shard's."""
+    seen: dict = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            t = t.to_local() if hasattr(t, "to_local") else t
+            seen[id(t.untyped_storage())] = t.untyped_storage().nbytes()
+    return sum(seen.values())
 
 
 def _rank_copy(model, batch, fake, resize, layout, strategy, blocks) -> tuple:

@@ -9,13 +9,14 @@ from memfit.planning.planner import plan_or_none
 from memfit.planning.sharding import Layout
 from memfit.planning.simulation import simulate
 
-__all__ = ["STRATEGIES", "cluster_rows"]
+__all__ = ["COMPARED", "cluster_rows"]
 
-STRATEGIES = ("none", "blocks", "selective")
+COMPARED = ("none", "blocks", "selective")
 
 
-def _row(layout: Layout, strategy: str, peak: int | None, static: int | None, budget: int) -> dict:
+def _row(layout: Layout, strategy: str, peak: int | None, static: int | None, budget: int, parts: dict) -> dict:
     return {
+        **{f"{name}_bytes": n for name, n in parts.items()},
         "world_size": layout.world_size,
         "tp": layout.tp,
         "dp": layout.dp,
@@ -29,20 +30,23 @@ def _row(layout: Layout, strategy: str, peak: int | None, static: int | None, bu
 
 
 def cluster_rows(model, batch, loss_fn, budget, layouts: list[Layout], *, blocks=None, cost="flops") -> list[dict]:
-    """For each layout: one rank's simulated peak with each of `STRATEGIES`, and the plan for `budget` (its
+    """For each layout: one rank's simulated peak with each of `COMPARED`, and the plan for `budget` (its
     peak None where none fits). `batch` is one data-parallel rank's share; '60%' budgets are of each layout's
     plain rank."""
     budget = Budget.parse(budget)
     rows = []
     for layout in layouts:
-        for strategy in STRATEGIES:
+        for strategy in COMPARED:
             sim = simulate(model, batch, loss_fn, strategy, blocks=blocks, distributed=layout)
             if strategy == "none":
                 budget_bytes = budget.bytes(sim.peak_bytes)
-            rows.append(_row(layout, strategy, sim.peak_bytes, sim.static_bytes, budget_bytes))
+            rows.append(_row(layout, strategy, sim.peak_bytes, sim.static_bytes, budget_bytes, sim.parts))
         p = plan_or_none(model, batch, loss_fn, budget_bytes, blocks=blocks, cost=cost, distributed=layout)
-        peak = p.predicted_peak_bytes if p is not None else None
-        row = _row(layout, "plan", peak, rows[-1]["static_bytes"], budget_bytes)
+        peak, parts = None, {}
+        if p is not None:  # the plan's rank simulated once more for its parts (its peak is the plan's)
+            sim = simulate(model, batch, loss_fn, p, blocks=blocks, distributed=layout)
+            peak, parts = p.predicted_peak_bytes, sim.parts
+        row = _row(layout, "plan", peak, rows[-1]["static_bytes"], budget_bytes, parts)
         if p is not None:
             row["plan"] = str(p)
             row["predicted_recompute_flops"] = p.predicted_recompute_flops

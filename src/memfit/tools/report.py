@@ -266,14 +266,16 @@ def plot_frontier(rows, path, title="") -> None:
 def cluster_table(rows: list[dict], title: str) -> Table:
     """`memfit plan --distributed`: one rank's predicted peak per layout and strategy, against the budget."""
     t = Table(title=title)
-    for col in ("layout", "strategy", "static (shards, state, batch)", "peak per rank", "budget", "fits"):
+    parts = ("parameters", "gradients", "optimizer_state", "activations")
+    columns = ("layout", "strategy", "parameter shards", "gradients", "optimizer state", "activations kept")
+    for col in (*columns, "peak per rank", "budget", "fits"):
         t.add_column(col, justify="left" if col in ("layout", "strategy") else "right")
     for r in rows:
         peak = r["predicted_peak_bytes"]
         t.add_row(
             r["layout"],
             r["strategy"] + (f" (+{r['predicted_recompute_flops']:.1%} FLOPs)" if "plan" in r else ""),
-            fmt_bytes(r["static_bytes"]),
+            *(fmt_bytes(r[f"{p}_bytes"]) if f"{p}_bytes" in r else "" for p in parts),
             "no plan fits" if peak is None else fmt_bytes(peak),
             fmt_bytes(r["budget_bytes"]),
             "yes" if r["fits"] else "no",

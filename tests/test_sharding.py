@@ -246,3 +246,61 @@ def test_a_meta_model_whose_step_reads_its_data_is_refused_in_one_sentence():
         model = Reads()
     with pytest.raises(MemfitError, match="meta device, so no real step"):
         memfit.plan(model, torch.randn(4, 8), lambda m, b: m(b).sum(), "50%", distributed="fsdp", world_size=8)
+
+
+def llama():
+    from memfit.models import hf
+
+    torch.manual_seed(0)
+    model, _, loss_fn = hf.build("llama", "tiny", 2)
+    return model, loss_fn
+
+
+def llama_worker(rank, port, world, tp, strategies, out):
+    """The tiny Hugging Face Llama on real gloo processes: torchtitan's tensor-parallel plan, memfit, FSDP2."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from memfit.models import hf
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        peaks = {}
+        for strategy in strategies:
+            model, loss_fn = llama()
+            mesh = init_device_mesh("cpu", (world // tp, tp), mesh_dim_names=("dp", "tp"))
+            if tp > 1:
+                hf.tensor_parallel(model, mesh["tp"])
+            memfit.apply(model, strategy)
+            distributed.shard(model, mesh["dp"])
+            opt = torch.optim.AdamW(model.parameters())
+            batch = torch.randint(128, (2, 32), generator=torch.Generator().manual_seed(rank // tp))
+            peaks[strategy] = []
+            for _ in range(4):
+                with track_memory(model, opt, batch) as mem:
+                    opt.zero_grad(set_to_none=True)
+                    loss_fn(model, batch).backward()
+                    opt.step()
+                peaks[strategy].append(mem.peak_bytes)
+        torch.save(peaks, f"{out}.{rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world, tp", [(2, 1), (4, 2)])
+def test_a_hugging_face_llama_rank_is_simulated_as_it_runs(tmp_path, world, tp):
+    """transformers' Llama under FSDP2 (and FSDP 2 × TP 2 with torchtitan's plan for Llama): rank 0's steady
+    peak equals its simulation to the byte (see test_the_simulated_rank_peaks_as_the_real_ranks_do)."""
+    pytest.importorskip("transformers")
+    from memfit.models import hf
+
+    strategies = ["none", "blocks"]
+    out = tmp_path / "rank"
+    torch.multiprocessing.spawn(llama_worker, args=(free_port(), world, tp, strategies, str(out)), nprocs=world)
+    measured = torch.load(f"{out}.0", weights_only=False)
+    lay = Layout("fsdp", world, tp=tp, parallelize=hf.tensor_parallel if tp > 1 else None)
+    batch = torch.randint(128, (2, 32), generator=torch.Generator().manual_seed(0))
+    for strategy in strategies:
+        model, loss_fn = llama()
+        assert min(measured[strategy][1:]) == simulate(model, batch, loss_fn, strategy, distributed=lay).peak_bytes

@@ -43,7 +43,7 @@ def main():
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--only", choices=list(CASES))
     args = ap.parse_args()
-    console, results = Console(), []
+    console, results = Console(width=160), []
     for name, (config, layouts) in CASES.items():
         if args.only and name != args.only:
             continue

@@ -304,3 +304,15 @@ def test_a_hugging_face_llama_rank_is_simulated_as_it_runs(tmp_path, world, tp):
     for strategy in strategies:
         model, loss_fn = llama()
         assert min(measured[strategy][1:]) == simulate(model, batch, loss_fn, strategy, distributed=lay).peak_bytes
+
+
+def test_without_resharding_a_rank_keeps_every_units_gathered_parameters():
+    """FSDP2's reshard_after_forward=False keeps each unit's gathered parameters from its forward to its
+    backward: the rank peaks higher by at least all but one unit's gathered parameters less their shards."""
+    model, batch, loss_fn = gpt.build("tiny", batch_size=4)
+    peaks = {
+        r: simulate(model, batch, loss_fn, "none", distributed=Layout("fsdp", 4, reshard_after_forward=r))
+        for r in (True, False)
+    }
+    block = sum(p.numel() * 4 for p in model.transformer.h[0].parameters())
+    assert peaks[False].peak_bytes - peaks[True].peak_bytes >= (len(model.transformer.h) - 1) * block * 3 // 4

@@ -141,7 +141,8 @@ def _layouts(args) -> list:
     if args.tp > 1:
         parallelize = _parallelize_of(args)
     mixed = torch.bfloat16 if args.dtype == "bf16" and args.distributed == "fsdp" else None
-    return [Layout(args.distributed, w, tp=args.tp, parallelize=parallelize, param_dtype=mixed) for w in worlds]
+    options = dict(tp=args.tp, parallelize=parallelize, param_dtype=mixed, reshard_after_forward=not args.no_reshard)
+    return [Layout(args.distributed, w, **options) for w in worlds]
 
 
 def _parallelize_of(args):
@@ -750,6 +751,11 @@ def _plan_command(sub) -> None:
     pl.add_argument("--world-size", metavar="N,N,...", help="the runs' numbers of ranks, like 8,128")
     pl.add_argument("--tp", type=int, default=1, help="tensor-parallel degree within --world-size (FSDP × TP)")
     pl.add_argument("--parallelize", metavar="MODULE:FN", help="fn(model, tp_mesh) applying tensor parallelism")
+    pl.add_argument(
+        "--no-reshard",
+        action="store_true",
+        help="FSDP2's reshard_after_forward=False: each unit keeps its gathered parameters from forward to backward",
+    )
     pl.add_argument("--seq-len", type=int, help="tokens per sequence for --model hf:PATH/config.json")
     pl.add_argument("--json", metavar="PATH", help="write the plan as JSON")
     pl.set_defaults(run=_plan)

@@ -193,3 +193,15 @@ def test_a_write_that_fails_at_the_end_keeps_the_results_on_screen(workdir, caps
     assert shown in captured.out, captured.out
     assert "the results are above, but writing the" in captured.err and "No space left on device" in captured.err
     assert captured.err.count("\n") == 1 and not (workdir / path).exists() and not list(workdir.glob(".r.json*"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the simulated CUDA step is for machines without one")
+def test_plan_for_cuda_without_one_simulates_and_says_what_may_differ(capsys):
+    """`--device cuda` here: simulated with this torch's kernels, the differences said; a measured plan needs the
+    device, and says how to plan without it (exit 2)."""
+    args = ["plan", "--model", "gpt", "--size", "tiny", "--device", "cuda", "--budget", "70%", "--cost", "flops"]
+    assert main([*args, "--no-measure"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "no CUDA device here" in printed and "fused attention" in printed and "caching allocator" in printed
+    assert main(args) == 2
+    assert "add --no-measure" in capsys.readouterr().err

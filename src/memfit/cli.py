@@ -107,6 +107,8 @@ def _plan(args, out: Console) -> int:
 
     budget = Budget.parse(args.budget)  # a bad budget fails before any work
     json_path = check_writable(args.json) if args.json else None
+    if args.device == "cuda" and not torch.cuda.is_available():
+        _simulated_cuda(args, out)
     if args.distributed:
         return _plan_cluster(args, out, budget, json_path)
     device, model, batch, loss_fn = _load(args)
@@ -125,6 +127,22 @@ def _plan(args, out: Console) -> int:
         )
         out.print(f"apply it with memfit.apply(model, memfit.Plan.load(path)) or --strategy plan:{json_path}")
     return 0
+
+
+def _simulated_cuda(args, out: Console) -> None:
+    """`--device cuda` on a machine without one: the step simulated with this torch's CPU kernels, and what may
+    differ on CUDA said (NOTE [simulated steps] in memfit.planning.simulation)."""
+    if not (args.no_measure or args.distributed):
+        raise MemfitError("no CUDA device here to measure on; add --no-measure to plan on a simulated CUDA step.")
+    args.device = "cpu"
+    out.print(
+        "no CUDA device here: the step is simulated with this torch's CPU kernels. On CUDA, the fused attention "
+        "kernels (flash, memory-efficient) save other tensors (log-sum-exp statistics, dropout's random state), "
+        "so peaks with attention may differ by those. The numbers are allocated bytes: the CUDA caching allocator "
+        "reserves more (it rounds each block up to 512 bytes, packs small ones in 2 MiB segments and rounds large "
+        "ones to 2 MiB, c10/cuda/CUDACachingAllocator.cpp, and fragments); torch.cuda.memory_reserved() shows it.",
+        highlight=False,
+    )
 
 
 def _layouts(args) -> list:
